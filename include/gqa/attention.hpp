@@ -1,0 +1,110 @@
+// gqa/attention.hpp — multi-head, grouped-query and multi-query attention (MHA / GQA / MQA) on Eigen tensors.
+//
+//   Q   [B, Sq, H, D]   queries, H query heads
+//   K,V [B, Sk, G, D]   keys and values, G key/value heads (G divides H); or head-major [B, G, Sk, D]
+//   out [B, Sq, H, D]
+//
+// Query head j attends with KV head j / (H/G). G = H is MHA, G = 1 is MQA; both are the same kernel. The H/G query
+// heads of a group are computed together against their shared K/V head, which is read in place and once per
+// group: K/V are never copied or repeated into H heads. Masks, window, soft-cap, bias and their order are defined
+// in gqa/options.hpp.
+//
+// Accepted tensors: gqa::Tensor4<T> (Eigen::Tensor<T, 4, Eigen::RowMajor>), Eigen::TensorMap over a user's buffer
+// (zero copy), or gqa::TensorRef<T> for arbitrary strides (slices, KV caches with spare capacity). Element types:
+// float, double, gqa::bfloat16, gqa::half for Q/out and independently for K/V; arithmetic is in float (double if
+// Q or K/V is double).
+//
+// Threads: OpenMP, options.num_threads (0 = omp_get_max_threads()); called inside a parallel region it runs
+// single-threaded instead of nesting. The work split depends only on the shapes, so results are bitwise
+// identical for every thread count.
+//
+// Errors: gqa::shape_error / gqa::invalid_argument (see gqa/errors.hpp), thrown before anything is written.
+#pragma once
+
+#include "gqa/detail/flash.hpp"
+#include "gqa/detail/params.hpp"
+#include "gqa/options.hpp"
+#include "gqa/types.hpp"
+
+#include <type_traits>
+#include <utility>
+
+namespace gqa {
+namespace detail {
+
+template <typename T>
+struct is_tensor_ref : std::false_type {};
+template <typename T>
+struct is_tensor_ref<TensorRef<T>> : std::true_type {};
+
+/// A TensorRef for any accepted argument: TensorRefs pass through, Eigen tensors are viewed with `layout`.
+template <typename X>
+auto as_ref(X& x, KVLayout layout) {
+  if constexpr (is_tensor_ref<std::remove_const_t<X>>::value) {
+    return x;
+  } else {
+    return make_ref(x, layout);
+  }
+}
+
+template <typename R>
+using ref_elem_t = std::remove_const_t<std::remove_pointer_t<decltype(std::declval<R>().data)>>;
+
+template <int GroupSize, typename T, typename KVT>
+void attention_impl(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<const KVT> v, TensorRef<T> out,
+                    const AttentionOptions& options) {
+  static_assert(is_storage_type_v<T> && is_storage_type_v<KVT>,
+                "gqa: element types must be float, double, bfloat16 or half");
+  static_assert(GroupSize == Dynamic || GroupSize >= 1, "gqa: GroupSize must be Dynamic or >= 1");
+  const auto p = make_params<T, KVT>(q, k, v, out, options);
+  if constexpr (GroupSize != Dynamic)
+    require<shape_error>(p.group_size == GroupSize, "shape", "attention<", GroupSize, ">: group size H/G = ",
+                         p.heads, "/", p.kv_heads, " = ", p.group_size, " but the template asks for ", GroupSize);
+  flash_attention(p);
+}
+
+}  // namespace detail
+
+/// Attention of q against k/v into `out` (all shapes in the header comment). `GroupSize` = H/G may be fixed at
+/// compile time, like an Eigen fixed size; it is then checked against the tensors. MHA: GroupSize 1.
+template <int GroupSize = Dynamic, typename Q, typename K, typename V, typename O,
+          typename = std::enable_if_t<!std::is_same_v<std::decay_t<O>, AttentionOptions>>>
+void attention(const Q& q, const K& k, const V& v, O&& out, const AttentionOptions& options = {}) {
+  auto qr = detail::as_ref(q, KVLayout::TokenMajor);
+  auto kr = detail::as_ref(k, options.kv_layout);
+  auto vr = detail::as_ref(v, options.kv_layout);
+  auto orf = detail::as_ref(out, KVLayout::TokenMajor);
+  using T = detail::ref_elem_t<decltype(qr)>;
+  using KVT = detail::ref_elem_t<decltype(kr)>;
+  static_assert(std::is_same_v<KVT, detail::ref_elem_t<decltype(vr)>>, "gqa: k and v must have the same element type");
+  static_assert(std::is_same_v<T, detail::ref_elem_t<decltype(orf)>>, "gqa: out must have q's element type");
+  static_assert(!std::is_const_v<std::remove_pointer_t<decltype(orf.data)>>, "gqa: out must be writable");
+  detail::attention_impl<GroupSize, T, KVT>(TensorRef<const T>(qr), TensorRef<const KVT>(kr),
+                                            TensorRef<const KVT>(vr), orf, options);
+}
+
+/// Attention returning a new tensor [B, Sq, H, D] of q's element type.
+template <int GroupSize = Dynamic, typename Q, typename K, typename V>
+auto attention(const Q& q, const K& k, const V& v, const AttentionOptions& options = {}) {
+  auto qr = detail::as_ref(q, KVLayout::TokenMajor);
+  using T = detail::ref_elem_t<decltype(qr)>;
+  Tensor4<T> out(qr.dims[0], qr.dims[1], qr.dims[2], qr.dims[3]);
+  attention<GroupSize>(q, k, v, out, options);
+  return out;
+}
+
+/// Multi-head attention: requires G == H (every query head has its own K/V head).
+template <typename Q, typename K, typename V, typename O>
+void mha(const Q& q, const K& k, const V& v, O&& out, const AttentionOptions& options = {}) {
+  attention<1>(q, k, v, std::forward<O>(out), options);
+}
+
+/// Multi-query attention: requires G == 1 (all query heads share one K/V head).
+template <typename Q, typename K, typename V, typename O>
+void mqa(const Q& q, const K& k, const V& v, O&& out, const AttentionOptions& options = {}) {
+  const auto kr = detail::as_ref(k, options.kv_layout);
+  detail::require<shape_error>(kr.dims[2] == 1, "shape", "mqa: k dim 2 (kv_heads G) = ", kr.dims[2], " but MQA needs G = 1");
+  attention(q, k, v, std::forward<O>(out), options);
+}
+
+}  // namespace gqa

@@ -1,0 +1,8 @@
+// gqa/detail/assert.hpp — debug-only invariants for kernels that trust validated params.
+#pragma once
+
+#include <cassert>
+
+#ifndef GQA_ASSERT
+#define GQA_ASSERT(x) assert(x)
+#endif

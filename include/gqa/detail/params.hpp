@@ -1,0 +1,157 @@
+// gqa/detail/params.hpp — the one params struct every attention kernel runs on, and the validation that fills it.
+//
+// make_params() is the only place shapes and options are checked; kernels trust what it returns (debug asserts
+// only). Strides are in elements; the head_dim (D) stride is always 1.
+#pragma once
+
+#include "gqa/detail/assert.hpp"
+#include "gqa/errors.hpp"
+#include "gqa/options.hpp"
+#include "gqa/types.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace gqa {
+namespace detail {
+
+template <typename T, typename KVT>
+struct AttentionParams {
+  using Scalar = std::remove_const_t<T>;     // Q and output storage
+  using KVScalar = std::remove_const_t<KVT>;  // K and V storage
+  using Acc = std::conditional_t<std::is_same_v<Scalar, double> || std::is_same_v<KVScalar, double>, double, float>;
+
+  const Scalar* q = nullptr;  // [B, Sq, H, D]
+  const KVScalar* k = nullptr;  // [B, Sk, G, D] via strides
+  const KVScalar* v = nullptr;  // [B, Sk, G, D] via strides
+  Scalar* o = nullptr;          // [B, Sq, H, D]
+
+  Index batch = 0;       // B
+  Index q_len = 0;       // Sq
+  Index k_len = 0;       // Sk
+  Index heads = 0;       // H, query heads
+  Index kv_heads = 0;    // G, key/value heads = groups
+  Index group_size = 0;  // H / G, query heads per KV head
+  Index head_dim = 0;    // D
+
+  Index q_stride_b = 0, q_stride_s = 0, q_stride_h = 0;
+  Index k_stride_b = 0, k_stride_s = 0, k_stride_h = 0;
+  Index v_stride_b = 0, v_stride_s = 0, v_stride_h = 0;
+  Index o_stride_b = 0, o_stride_s = 0, o_stride_h = 0;
+
+  double scale = 1.0;
+  double softcap = 0.0;  // 0 = off
+  bool causal = false;   // also true when window > 0 (a window implies the causal bound)
+  Index window = 0;      // 0 = none
+
+  const float* bias = nullptr;  // element (b, h, i, j) at b*bias_stride_b + h*bias_stride_h + i*bias_stride_q + j
+  Index bias_stride_b = 0, bias_stride_h = 0, bias_stride_q = 0;
+
+  const std::int32_t* key_lengths = nullptr;  // [B] or null (all Sk)
+  float* lse = nullptr;                       // [B, H, Sq] or null
+
+  int num_threads = 1;
+
+  /// Number of valid keys of sequence b.
+  Index keys_of(Index b) const noexcept { return key_lengths ? Index(key_lengths[b]) : k_len; }
+};
+
+inline void check_ref_basics(const char* name, const std::array<Index, 4>& dims, const std::array<Index, 4>& strides,
+                             const void* data) {
+  static const char* dim_names[4] = {"batch B", "sequence S", "heads", "head_dim D"};
+  for (int i = 0; i < 4; ++i)
+    require<shape_error>(dims[i] >= 0, "shape", name, ": dim ", i, " (", dim_names[i], ") = ", dims[i],
+                         " is negative");
+  require<shape_error>(strides[3] == 1, "stride", name, ": head_dim stride = ", strides[3],
+                       " but D must be contiguous (stride 1)");
+  const bool empty = dims[0] * dims[1] * dims[2] * dims[3] == 0;
+  require(empty || data != nullptr, "null", name, ": data pointer is null for a non-empty tensor");
+}
+
+/// Validates q/k/v/out and options and returns the params the kernels run on.
+/// Throws shape_error / invalid_argument naming the argument, dimension and values.
+template <typename T, typename KVT>
+AttentionParams<T, KVT> make_params(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<const KVT> v,
+                                    TensorRef<T> out, const AttentionOptions& opt) {
+  check_ref_basics("q", q.dims, q.strides, q.data);
+  check_ref_basics("k", k.dims, k.strides, k.data);
+  check_ref_basics("v", v.dims, v.strides, v.data);
+  check_ref_basics("out", out.dims, out.strides, out.data);
+
+  const Index B = q.dims[0], Sq = q.dims[1], H = q.dims[2], D = q.dims[3];
+  const Index Sk = k.dims[1], G = k.dims[2];
+  require<shape_error>(H > 0, "shape", "q: dim 2 (heads H) = ", H, " must be positive");
+  require<shape_error>(D > 0, "shape", "q: dim 3 (head_dim D) = ", D, " must be positive");
+  require<shape_error>(G > 0, "shape", "k: dim 2 (kv_heads G) = ", G, " must be positive");
+  require<shape_error>(H % G == 0, "shape", "k: dim 2 (kv_heads G) = ", G, " does not divide q dim 2 (heads H) = ", H);
+  require<shape_error>(k.dims[0] == B, "shape", "k: dim 0 (batch B) = ", k.dims[0], " but q dim 0 = ", B);
+  require<shape_error>(k.dims[3] == D, "shape", "k: dim 3 (head_dim D) = ", k.dims[3], " but q dim 3 = ", D);
+  for (int i = 0; i < 4; ++i)
+    require<shape_error>(v.dims[i] == k.dims[i], "shape", "v: dim ", i, " = ", v.dims[i], " but k dim ", i, " = ",
+                         k.dims[i], " (v must have k's shape [B, Sk, G, D])");
+  for (int i = 0; i < 4; ++i)
+    require<shape_error>(out.dims[i] == q.dims[i], "shape", "out: dim ", i, " = ", out.dims[i], " but q dim ", i,
+                         " = ", q.dims[i], " (out must have q's shape [B, Sq, H, D])");
+
+  require(opt.window >= 0, "option", "options.window = ", opt.window, " must be >= 0 (0 = no window)");
+  require(std::isfinite(opt.softcap) && opt.softcap >= 0, "option", "options.softcap = ", opt.softcap,
+          " must be finite and >= 0 (0 = off)");
+  if (opt.scale)
+    require(std::isfinite(*opt.scale), "option", "options.scale = ", *opt.scale, " must be finite");
+  require(opt.num_threads >= 0, "option", "options.num_threads = ", opt.num_threads, " must be >= 0 (0 = default)");
+
+  AttentionParams<T, KVT> p;
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.o = out.data;
+  p.batch = B;
+  p.q_len = Sq;
+  p.k_len = Sk;
+  p.heads = H;
+  p.kv_heads = G;
+  p.group_size = H / G;
+  p.head_dim = D;
+  p.q_stride_b = q.strides[0], p.q_stride_s = q.strides[1], p.q_stride_h = q.strides[2];
+  p.k_stride_b = k.strides[0], p.k_stride_s = k.strides[1], p.k_stride_h = k.strides[2];
+  p.v_stride_b = v.strides[0], p.v_stride_s = v.strides[1], p.v_stride_h = v.strides[2];
+  p.o_stride_b = out.strides[0], p.o_stride_s = out.strides[1], p.o_stride_h = out.strides[2];
+  p.scale = opt.scale ? *opt.scale : 1.0 / std::sqrt(double(D));
+  p.softcap = opt.softcap;
+  p.window = opt.window;
+  p.causal = opt.causal || opt.window > 0;
+
+  if (!opt.bias.empty()) {
+    const auto& bd = opt.bias.dims;
+    require<shape_error>(bd[0] == 1 || bd[0] == B, "shape", "options.bias: dim 0 (batch) = ", bd[0],
+                         " must be 1 or B = ", B);
+    require<shape_error>(bd[1] == 1 || bd[1] == H, "shape", "options.bias: dim 1 (heads) = ", bd[1],
+                         " must be 1 or H = ", H);
+    require<shape_error>(bd[2] == Sq, "shape", "options.bias: dim 2 (query length) = ", bd[2], " but Sq = ", Sq);
+    require<shape_error>(bd[3] == Sk, "shape", "options.bias: dim 3 (key length) = ", bd[3], " but Sk = ", Sk);
+    p.bias = opt.bias.data;
+    p.bias_stride_q = Sk;
+    p.bias_stride_h = bd[1] == 1 ? 0 : Sq * Sk;
+    p.bias_stride_b = bd[0] == 1 ? 0 : bd[1] * Sq * Sk;
+  }
+  if (!opt.key_lengths.empty() || opt.key_lengths.data() != nullptr) {
+    require<shape_error>(opt.key_lengths.size() == B, "shape", "options.key_lengths: size = ", opt.key_lengths.size(),
+                         " but B = ", B);
+    for (Index b = 0; b < B; ++b)
+      require(opt.key_lengths[b] >= 0 && opt.key_lengths[b] <= Sk, "option", "options.key_lengths[", b, "] = ",
+              opt.key_lengths[b], " must be in [0, Sk = ", Sk, "]");
+    p.key_lengths = opt.key_lengths.data();
+  }
+  if (!opt.lse.empty() || opt.lse.data() != nullptr) {
+    require<shape_error>(opt.lse.size() == B * H * Sq, "shape", "options.lse: size = ", opt.lse.size(),
+                         " but B*H*Sq = ", B * H * Sq);
+    p.lse = opt.lse.data();
+  }
+  p.num_threads = opt.num_threads;
+  return p;
+}
+
+}  // namespace detail
+}  // namespace gqa

@@ -1,0 +1,102 @@
+// gqa/reference.hpp — the naive attention, written the way the seeds and Hugging Face do it, in double.
+//
+// reference_attention() repeats K/V into H heads (`repeat_kv`, repeat_interleave order), materialises the full
+// Sq x Sk score matrix of every head, applies scale, soft-cap, bias and masks in the order of gqa/options.hpp,
+// and takes a max-subtracted softmax, all in double. It shares no code with the fast kernels (only the public
+// option types), so the tests use it as the oracle and the benchmarks as the baseline. It is O(B*H*Sq*Sk) in
+// memory and slow on purpose; never use it in a model.
+//
+// Shapes as gqa::attention: Q [B, Sq, H, D], K/V [B, Sk, G, D] (or via TensorRef strides), out [B, Sq, H, D].
+#pragma once
+
+#include "gqa/errors.hpp"
+#include "gqa/options.hpp"
+#include "gqa/types.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace gqa {
+
+/// Naive double-precision attention; returns out [B, Sq, H, D] in double. Validates only what it needs to index
+/// safely (H % G, matching B and D, k/v shapes equal).
+template <typename T, typename KVT>
+Tensor4<double> reference_attention(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<const KVT> v,
+                                    const AttentionOptions& opt = {}) {
+  const Index B = q.dims[0], Sq = q.dims[1], H = q.dims[2], D = q.dims[3];
+  const Index Sk = k.dims[1], G = k.dims[2];
+  detail::require<shape_error>(G > 0 && H % G == 0, "shape", "reference: k dim 2 (G) = ", G,
+                               " must divide q dim 2 (H) = ", H);
+  detail::require<shape_error>(k.dims[0] == B && k.dims[3] == D && v.dims == k.dims, "shape",
+                               "reference: k/v shapes disagree with q");
+  const Index n_rep = H / G;
+  const double scale = opt.scale ? *opt.scale : 1.0 / std::sqrt(double(D));
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+
+  // repeat_kv: [B, Sk, G, D] -> [B, Sk, H, D], head h taking KV head h / n_rep.
+  Tensor4<double> k_rep(B, Sk, H, D), v_rep(B, Sk, H, D);
+  for (Index b = 0; b < B; ++b)
+    for (Index s = 0; s < Sk; ++s)
+      for (Index h = 0; h < H; ++h)
+        for (Index d = 0; d < D; ++d) {
+          k_rep(b, s, h, d) = double(k(b, s, h / n_rep, d));
+          v_rep(b, s, h, d) = double(v(b, s, h / n_rep, d));
+        }
+
+  Tensor4<double> out(B, Sq, H, D);
+  out.setZero();
+  std::vector<double> scores(size_t(Sq * Sk));
+  for (Index b = 0; b < B; ++b) {
+    const Index len = opt.key_lengths.empty() ? Sk : Index(opt.key_lengths[b]);
+    for (Index h = 0; h < H; ++h) {
+      for (Index i = 0; i < Sq; ++i) {
+        const Index pos = i + (len - Sq);  // bottom-right aligned absolute position of query i
+        for (Index j = 0; j < Sk; ++j) {
+          double s = 0;
+          for (Index d = 0; d < D; ++d) s += double(q(b, i, h, d)) * k_rep(b, j, h, d);
+          s *= scale;
+          if (opt.softcap > 0) s = opt.softcap * std::tanh(s / opt.softcap);
+          if (!opt.bias.empty()) {
+            const auto& bd = opt.bias.dims;
+            const Index bb = bd[0] == 1 ? 0 : b, hb = bd[1] == 1 ? 0 : h;
+            s += double(opt.bias.data[((bb * bd[1] + hb) * bd[2] + i) * bd[3] + j]);
+          }
+          bool visible = j < len;
+          if (opt.causal || opt.window > 0) visible = visible && j <= pos;
+          if (opt.window > 0) visible = visible && j >= pos - opt.window + 1;
+          scores[size_t(i * Sk + j)] = visible ? s : neg_inf;
+        }
+      }
+      for (Index i = 0; i < Sq; ++i) {
+        double* row = &scores[size_t(i * Sk)];
+        const double m = Sk ? *std::max_element(row, row + Sk) : neg_inf;
+        if (m == neg_inf) {
+          if (!opt.lse.empty()) opt.lse[(b * H + h) * Sq + i] = -std::numeric_limits<float>::infinity();
+          continue;  // no visible key: zeros
+        }
+        double sum = 0;
+        for (Index j = 0; j < Sk; ++j) sum += (row[j] = std::exp(row[j] - m));
+        for (Index j = 0; j < Sk; ++j)
+          for (Index d = 0; d < D; ++d) out(b, i, h, d) += row[j] / sum * v_rep(b, j, h, d);
+        if (!opt.lse.empty()) opt.lse[(b * H + h) * Sq + i] = float(m + std::log(sum));
+      }
+    }
+  }
+  return out;
+}
+
+/// Overload for Eigen tensors (K/V layout from options.kv_layout).
+template <typename Q, typename K, typename V,
+          typename = std::enable_if_t<!std::is_same_v<Q, TensorRef<const float>> && Q::NumDimensions == 4>>
+Tensor4<double> reference_attention(const Q& q, const K& k, const V& v, const AttentionOptions& opt = {}) {
+  auto qr = make_ref(q, KVLayout::TokenMajor);
+  auto kr = make_ref(k, opt.kv_layout);
+  auto vr = make_ref(v, opt.kv_layout);
+  using T = std::remove_const_t<std::remove_pointer_t<decltype(qr.data)>>;
+  using KVT = std::remove_const_t<std::remove_pointer_t<decltype(kr.data)>>;
+  return reference_attention<T, KVT>(qr, kr, vr, opt);
+}
+
+}  // namespace gqa

@@ -1,0 +1,139 @@
+// gqa/types.hpp — the vocabulary types every gqa header shares.
+//
+// Offers:
+//   gqa::Index, gqa::Dynamic          sizes, and the run-time counterpart of a compile-time size (as in Eigen)
+//   gqa::Tensor4<T>, gqa::Tensor4Map<T>  row-major rank-4 Eigen tensors, the layout gqa expects
+//   gqa::span<T>                       a non-owning (pointer, size) view; C++17 has no std::span
+//   gqa::TensorRef<T>                  a non-owning strided rank-4 view with logical dims [B, S, heads, D]
+//   gqa::KVLayout                      token-major [B, S, G, D] or head-major [B, G, S, D] K/V memory
+//   gqa::bfloat16, gqa::half           Eigen's 16-bit storage types (arithmetic is always done in float)
+//
+// Symbols (the GQA paper's): B batch, Sq/Sk query/key length, H query heads, G key/value heads, D head dim.
+// All tensors are row-major (last index fastest), the memory order of PyTorch tensors and safetensors data.
+#pragma once
+
+#include <Eigen/Core>
+#include <unsupported/Eigen/CXX11/Tensor>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#define GQA_VERSION_MAJOR 0
+#define GQA_VERSION_MINOR 1
+#define GQA_VERSION_PATCH 0
+
+namespace gqa {
+
+using Index = std::ptrdiff_t;
+
+/// Run-time size marker, like Eigen::Dynamic: `attention<Dynamic>` means "group size chosen at run time".
+inline constexpr int Dynamic = -1;
+
+using bfloat16 = Eigen::bfloat16;
+using half = Eigen::half;
+
+/// Row-major rank-4 tensor, e.g. Q `[B, Sq, H, D]`.
+template <typename T>
+using Tensor4 = Eigen::Tensor<T, 4, Eigen::RowMajor, Eigen::DenseIndex>;
+/// Zero-copy view of a user's row-major rank-4 buffer.
+template <typename T>
+using Tensor4Map = Eigen::TensorMap<Eigen::Tensor<T, 4, Eigen::RowMajor, Eigen::DenseIndex>>;
+
+/// True for the element types gqa stores: float, double, bfloat16 and half.
+template <typename T>
+inline constexpr bool is_storage_type_v =
+    std::is_same_v<std::remove_const_t<T>, float> || std::is_same_v<std::remove_const_t<T>, double> ||
+    std::is_same_v<std::remove_const_t<T>, bfloat16> || std::is_same_v<std::remove_const_t<T>, half>;
+
+/// Arithmetic type for a storage type: double for double, float for everything else.
+template <typename T>
+using compute_t = std::conditional_t<std::is_same_v<std::remove_const_t<T>, double>, double, float>;
+
+/// A non-owning contiguous view (pointer, size). Converts implicitly from std::vector and std::array.
+template <typename T>
+class span {
+ public:
+  constexpr span() noexcept = default;
+  constexpr span(T* data, Index size) noexcept : data_(data), size_(size) {}
+  template <typename U, typename A,
+            typename = std::enable_if_t<std::is_convertible_v<U (*)[], T (*)[]>>>
+  span(std::vector<U, A>& v) noexcept : data_(v.data()), size_(static_cast<Index>(v.size())) {}
+  template <typename U, typename A,
+            typename = std::enable_if_t<std::is_convertible_v<const U (*)[], T (*)[]>>>
+  span(const std::vector<U, A>& v) noexcept : data_(v.data()), size_(static_cast<Index>(v.size())) {}
+  template <typename U, std::size_t N, typename = std::enable_if_t<std::is_convertible_v<U (*)[], T (*)[]>>>
+  constexpr span(std::array<U, N>& a) noexcept : data_(a.data()), size_(static_cast<Index>(N)) {}
+  template <typename U, std::size_t N,
+            typename = std::enable_if_t<std::is_convertible_v<const U (*)[], T (*)[]>>>
+  constexpr span(const std::array<U, N>& a) noexcept : data_(a.data()), size_(static_cast<Index>(N)) {}
+
+  constexpr T* data() const noexcept { return data_; }
+  constexpr Index size() const noexcept { return size_; }
+  constexpr bool empty() const noexcept { return size_ == 0; }
+  constexpr T& operator[](Index i) const noexcept { return data_[i]; }
+  constexpr T* begin() const noexcept { return data_; }
+  constexpr T* end() const noexcept { return data_ + size_; }
+
+ private:
+  T* data_ = nullptr;
+  Index size_ = 0;
+};
+
+/// Memory order of K/V tensors. The logical shape is always [B, S, G, D].
+enum class KVLayout {
+  TokenMajor,  ///< memory [B, S, G, D]: what a projection produces (PyTorch `view(B, S, G, D)`)
+  HeadMajor,   ///< memory [B, G, S, D]: one head's keys contiguous, what a KV cache wants
+};
+
+/// A non-owning strided rank-4 view. Logical dims are always [B, S, heads, D]; strides are in elements,
+/// one per logical dim, and the last (D) stride must be 1. Token-major and head-major buffers, and slices of
+/// larger buffers (a KV cache with spare capacity), are all described by choosing the strides.
+template <typename T>
+struct TensorRef {
+  T* data = nullptr;
+  std::array<Index, 4> dims{};     ///< [B, S, heads, D]
+  std::array<Index, 4> strides{};  ///< elements to step one index along each logical dim
+
+  Index batch() const noexcept { return dims[0]; }
+  Index seq_len() const noexcept { return dims[1]; }
+  Index heads() const noexcept { return dims[2]; }
+  Index head_dim() const noexcept { return dims[3]; }
+
+  /// Element (b, s, h, d).
+  T& operator()(Index b, Index s, Index h, Index d) const noexcept {
+    return data[b * strides[0] + s * strides[1] + h * strides[2] + d * strides[3]];
+  }
+  /// A const view of the same memory.
+  operator TensorRef<const T>() const noexcept { return {data, dims, strides}; }
+};
+
+/// View of a contiguous row-major buffer laid out [B, S, heads, D].
+template <typename T>
+TensorRef<T> token_major(T* data, Index batch, Index seq_len, Index heads, Index head_dim) noexcept {
+  return {data, {batch, seq_len, heads, head_dim}, {seq_len * heads * head_dim, heads * head_dim, head_dim, 1}};
+}
+
+/// View of a contiguous row-major buffer laid out [B, heads, S, D] (head-major); logical dims stay [B, S, heads, D].
+template <typename T>
+TensorRef<T> head_major(T* data, Index batch, Index heads, Index seq_len, Index head_dim) noexcept {
+  return {data, {batch, seq_len, heads, head_dim}, {heads * seq_len * head_dim, head_dim, seq_len * head_dim, 1}};
+}
+
+/// View of a row-major Eigen tensor (Tensor or TensorMap, rank 4). `layout` says whether its dims are
+/// [B, S, heads, D] (TokenMajor) or [B, heads, S, D] (HeadMajor).
+template <typename Derived>
+auto make_ref(Derived& t, KVLayout layout = KVLayout::TokenMajor) {
+  static_assert(Derived::NumDimensions == 4, "gqa: attention tensors must have rank 4");
+  static_assert(static_cast<int>(Derived::Layout) == static_cast<int>(Eigen::RowMajor),
+                "gqa: tensors must be row-major (Eigen::Tensor<T, 4, Eigen::RowMajor>, see gqa::Tensor4)");
+  using Elem = std::remove_reference_t<decltype(*t.data())>;
+  static_assert(is_storage_type_v<Elem>, "gqa: element type must be float, double, bfloat16 or half");
+  const auto& d = t.dimensions();
+  if (layout == KVLayout::TokenMajor) return token_major<Elem>(t.data(), d[0], d[1], d[2], d[3]);
+  return head_major<Elem>(t.data(), d[0], d[1], d[2], d[3]);
+}
+
+}  // namespace gqa
