@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# bench/compare_g.sh — the G comparison: builds the benchmarks (Release) if needed, runs the decode and prefill
+# subset of the issue with their baselines in the same binary runs, writes Google Benchmark JSON, prints the table
+# and the PASS/FAIL bars (bench/report.py) and, when matplotlib is there, plots time and KV bytes against G
+# (bench/plot.py).
+#
+#   bench/compare_g.sh [options]
+#     --build DIR      build directory (default: build, relative to the current directory); configured as
+#                      Release with the benchmarks on if it has no CMakeCache.txt, then the two targets are built
+#                      (a no-op when up to date)
+#     --out DIR        where the JSON, the logs and the PNG go (default: DIR/bench-results)
+#     --reps N         repetitions of each timed benchmark; the report keeps the best (default 3)
+#     --min-time SEC   --benchmark_min_time per repetition (default 0.2)
+#     --seq S          decode cache length (default 16384)
+#     --full           also prefill for all six G, and the S = 32768 prefill memory run (adds minutes)
+#     --memory         also the S = 32768 prefill memory run (~2 minutes at 2 threads)
+#     --no-build       use the binaries as they are
+#     --no-plot        skip the PNG
+#     --strict         exit 1 when a bar fails
+#
+# Output: DIR/decode.json, decode_ref.json, prefill.json, prefill_ref.json[, prefill_memory.json], *.log, and
+# DIR/decode_vs_G.png. About 3 minutes on 2 cores with the defaults.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(dirname "$here")"
+build=build out="" reps=3 min_time=0.2 seq=16384 full=0 memory=0 do_build=1 do_plot=1 strict=""
+
+usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --build) build="$2"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    --reps) reps="$2"; shift 2 ;;
+    --min-time) min_time="$2"; shift 2 ;;
+    --seq) seq="$2"; shift 2 ;;
+    --full) full=1; memory=1; shift ;;
+    --memory) memory=1; shift ;;
+    --no-build) do_build=0; shift ;;
+    --no-plot) do_plot=0; shift ;;
+    --strict) strict=--strict; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "compare_g.sh: unknown option '$1'" >&2; usage >&2; exit 2 ;;
+  esac
+done
+out="${out:-$build/bench-results}"
+
+if [[ $do_build == 1 ]]; then
+  if [[ ! -f "$build/CMakeCache.txt" ]]; then
+    echo "== configuring $build (Release, benchmarks only)"
+    cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGQA_BUILD_BENCHMARKS=ON -DGQA_BUILD_TESTS=OFF \
+      -DGQA_BUILD_EXAMPLES=OFF >/dev/null
+  elif ! grep -q '^GQA_BUILD_BENCHMARKS:BOOL=ON' "$build/CMakeCache.txt"; then
+    cmake "$build" -DGQA_BUILD_BENCHMARKS=ON >/dev/null
+  fi
+  type="$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$build/CMakeCache.txt")"
+  [[ "$type" == Release ]] || echo "WARNING: $build has CMAKE_BUILD_TYPE='$type', not Release: timings are not representative" >&2
+  echo "== building bench_decode and bench_prefill in $build"
+  cmake --build "$build" --target bench_decode bench_prefill -j "$(nproc 2>/dev/null || echo 2)" >/dev/null
+fi
+decode="$build/bench/bench_decode"
+prefill="$build/bench/bench_prefill"
+for b in "$decode" "$prefill"; do
+  [[ -x "$b" ]] || { echo "compare_g.sh: $b not found (build first, or drop --no-build)" >&2; exit 1; }
+done
+mkdir -p "$out"
+rm -f "$out"/decode.json "$out"/decode_ref.json "$out"/prefill.json "$out"/prefill_ref.json "$out"/prefill_memory.json
+
+# The stream baselines the decode floor needs: one buffer per K+V size, 2 * S * G * D * sizeof(kv).
+# Also for the fp32 decode at S = 1024 that sits next to the reference.
+sizes=""
+for g in 32 16 8 4 2 1; do
+  sizes+="$((2 * seq * g * 128 * 4))|$((2 * seq * g * 128 * 2))|$((2 * 1024 * g * 128 * 4))|"
+done
+sizes="${sizes%|}"
+
+# run BINARY JSON_NAME REPS FILTER: one binary run, JSON to $out, console to $out/NAME.log.
+run() {
+  local bin="$1" name="$2" n="$3" filter="$4" start=$SECONDS
+  printf '== %-16s %3d benchmarks x %d repetition(s) ... ' "$name" \
+    "$("$bin" --benchmark_list_tests --benchmark_filter="$filter" | wc -l)" "$n"
+  "$bin" --benchmark_filter="$filter" --benchmark_repetitions="$n" --benchmark_min_time="$min_time" \
+    --benchmark_out="$out/$name.json" --benchmark_out_format=json >"$out/$name.log" 2>&1 ||
+    { echo "failed, see $out/$name.log" >&2; tail -5 "$out/$name.log" >&2; exit 1; }
+  echo "$((SECONDS - start)) s"
+}
+
+total_start=$SECONDS
+# Decode: all six G, fp32 and bf16 caches, 1 and 2 threads, with the stream read of each K+V size and the sgemm.
+run "$decode" decode "$reps" \
+  "^(baseline/sgemm/.*|baseline/stream_read/bytes:($sizes)/threads:[12]|decode/H:32/G:[0-9]+/D:128/S:$seq/kv:(f32|bf16)/threads:[12]|decode/H:32/G:[0-9]+/D:128/S:1024/kv:f32/threads:[12])$"
+# The naive reference (double; a second per call) runs once, at S = 1024.
+run "$decode" decode_ref 1 "^reference/decode/H:32/G:[0-9]+/D:128/S:1024/kv:f32/threads:1$"
+
+pg="(8|32)"
+[[ $full == 1 ]] && pg="[0-9]+"
+run "$prefill" prefill "$reps" \
+  "^(baseline/sgemm/.*|prefill/H:32/G:$pg/D:128/S:4096/kv:f32/threads:[12]/causal:1|prefill/H:4/G:1/D:128/S:2048/kv:f32/threads:[12]/causal:1)$"
+run "$prefill" prefill_ref 1 "^reference/prefill/H:4/G:1/D:128/S:2048/kv:f32/threads:1/causal:1$"
+if [[ $memory == 1 ]]; then
+  # Its own process, so that peak_rss_mb (the process's high-water mark) is this run's.
+  run "$prefill" prefill_memory 1 "^prefill/H:32/G:8/D:128/S:32768/kv:f32/threads:2/causal:1$"
+fi
+echo "== benchmarks took $((SECONDS - total_start)) s; JSON in $out"
+echo
+
+status=0
+python3 "$here/report.py" $strict "$out"/decode.json "$out"/decode_ref.json "$out"/prefill.json \
+  "$out"/prefill_ref.json $([[ $memory == 1 ]] && echo "$out/prefill_memory.json") || status=$?
+
+if [[ $do_plot == 1 ]]; then
+  echo
+  # The first python3 that has matplotlib (a pyenv or venv python3 may not see the system's package).
+  plot_py=""
+  for py in python3 /usr/bin/python3; do
+    if command -v "$py" >/dev/null && "$py" -c "import matplotlib" 2>/dev/null; then plot_py="$py"; break; fi
+  done
+  if [[ -n "$plot_py" ]]; then
+    "$plot_py" "$here/plot.py" "$out/decode.json" -o "$out/decode_vs_G.png"
+  else
+    echo "No plot: matplotlib is not installed (pip install matplotlib, or apt-get install python3-matplotlib)," \
+      "then: python3 bench/plot.py $out/decode.json -o $out/decode_vs_G.png"
+  fi
+fi
+exit $status
