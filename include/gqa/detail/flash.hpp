@@ -14,6 +14,7 @@
 #pragma once
 
 #include "gqa/detail/assert.hpp"
+#include "gqa/detail/microkernels.hpp"
 #include "gqa/detail/params.hpp"
 
 #include <Eigen/Core>
@@ -30,14 +31,19 @@
 namespace gqa {
 namespace detail {
 
-/// Tile sizes for one call. Rows per item ~128 and keys per tile 128 keep Qg, O, the score block and one K/V tile
-/// (4 x 64 KiB at D = 128, float) inside a 512 KiB-1 MiB L2, while each GEMM is large enough for Eigen's kernel.
+/// Tile sizes for one call.
+///  * Prefill (many rows): ~128 rows per item and 128 keys per tile keep Qg, O, the score block and one K/V tile
+///    (4 x 64 KiB at D = 128, float) inside a 512 KiB-1 MiB L2, while each GEMM is large enough for Eigen's
+///    kernel to pay for packing.
+///  * Decode (rows <= 4 packets, D a multiple of the packet size): the micro-kernels read K/V in place, 64 keys
+///    per tile keep the V tile (32 KiB at D = 128) in L1 while every block of rows reuses it.
 struct TilePlan {
-  Index q_tile = 1;   // queries per item
-  Index k_tile = 128; // keys per inner step
-  Index splits = 1;   // key-range splits per (b, g, query tile)
-  Index q_tiles = 1;  // ceil(Sq / q_tile)
-  Index rows_max = 1; // q_tile * group_size
+  Index q_tile = 1;    // queries per item
+  Index k_tile = 128;  // keys per inner step
+  Index splits = 1;    // key-range splits per (b, g, query tile)
+  Index q_tiles = 1;   // ceil(Sq / q_tile)
+  Index rows_max = 1;  // q_tile * group_size
+  bool small = false;  // register-blocked micro-kernels instead of Eigen GEMM
 };
 
 /// Number of (b, g, query-tile[, split]) work items below which the key range is split (flash-decoding). Fixed,
@@ -48,12 +54,24 @@ inline constexpr Index kMinKeysPerSplit = 512;
 
 template <typename P>
 TilePlan plan_tiles(const P& p) {
+  using Acc = typename P::Acc;
   TilePlan t;
-  constexpr Index target_rows = 128;
-  t.q_tile = std::max<Index>(1, std::min<Index>(p.q_len, target_rows / p.group_size));
+  const bool vector_d = p.head_dim % mk::kLanes<Acc> == 0;
+  if (vector_d && p.q_len * p.group_size <= mk::kMaxRows<Acc>) {
+    t.small = true;
+    t.q_tile = p.q_len;
+    t.k_tile = 64;
+  } else if (vector_d && p.group_size <= mk::kMaxRows<Acc> && p.q_len <= 4) {
+    t.small = true;  // a few queries of a big group: one query per item
+    t.q_tile = std::max<Index>(1, mk::kMaxRows<Acc> / p.group_size);
+    t.k_tile = 64;
+  } else {
+    constexpr Index target_rows = 128;
+    t.q_tile = std::max<Index>(1, std::min<Index>(p.q_len, target_rows / p.group_size));
+    t.k_tile = 128;
+  }
   t.q_tiles = p.q_len == 0 ? 0 : (p.q_len + t.q_tile - 1) / t.q_tile;
   t.rows_max = t.q_tile * p.group_size;
-  t.k_tile = 128;
   const Index items = p.batch * p.kv_heads * t.q_tiles;
   if (items > 0 && items < kMinWorkItems) {
     const Index want = (kMinWorkItems + items - 1) / items;
@@ -84,21 +102,25 @@ inline void visible_keys(const P& p, Index i, Index len, Index& lo, Index& hi) {
 
 template <typename Acc>
 using RowMatrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <typename Acc>
+using RowVector = Eigen::Matrix<Acc, 1, Eigen::Dynamic>;
 
 /// Per-thread buffers, allocated once per call and reused by every item the thread runs.
 template <typename Acc>
 struct Workspace {
-  RowMatrix<Acc> qg;      // [rows_max, D]   the group's queries, pre-multiplied by scale
-  RowMatrix<Acc> out;     // [rows_max, D]   unnormalised output
-  RowMatrix<Acc> scores;  // [rows_max, k_tile]
-  RowMatrix<Acc> k_buf;   // [k_tile, D]     widened K tile (16-bit or mixed-precision K only)
+  RowMatrix<Acc> qg;      // [rows_max, D]        the group's queries, pre-multiplied by scale
+  RowMatrix<Acc> qt;      // [D, 4 packets]       qg transposed, zero-padded (outer-form micro-kernel)
+  RowMatrix<Acc> out;     // [rows_max, D]        unnormalised output
+  RowMatrix<Acc> scores;  // [k_tile, rows_max]   S^T: one row per key, one column per query row
+  RowMatrix<Acc> k_buf;   // [k_tile, D]          widened K tile (GEMM path with 16-bit or mixed K/V)
   RowMatrix<Acc> v_buf;   // [k_tile, D]
-  Eigen::Matrix<Acc, Eigen::Dynamic, 1> row_max, row_sum;  // [rows_max]
+  RowVector<Acc> row_max, row_sum, tile_max, shift, correction;  // [rows_max]
 
   Workspace(const TilePlan& t, Index head_dim, bool widen)
-      : qg(t.rows_max, head_dim), out(t.rows_max, head_dim), scores(t.rows_max, t.k_tile),
-        row_max(t.rows_max), row_sum(t.rows_max) {
-    if (widen) {
+      : qg(t.rows_max, head_dim), out(t.rows_max, head_dim), scores(t.k_tile, t.rows_max), row_max(t.rows_max),
+        row_sum(t.rows_max), tile_max(t.rows_max), shift(t.rows_max), correction(t.rows_max) {
+    if (t.small) qt.resize(head_dim, mk::kMaxRows<Acc>);
+    if (widen && !t.small) {
       k_buf.resize(t.k_tile, head_dim);
       v_buf.resize(t.k_tile, head_dim);
     }
@@ -120,6 +142,21 @@ ConstTile<Acc> load_tile(const KVScalar* src, Index stride, Index n, Index head_
                        .template cast<Acc>();
     return ConstTile<Acc>(buf.data(), n, head_dim, Eigen::OuterStride<>(buf.cols()));
   }
+}
+
+/// Software prefetch into L2 (not L1, which the current tile occupies) of n rows of `row_len` elements,
+/// `stride` apart.
+template <typename T>
+inline void prefetch_rows(const T* src, Index stride, Index n, Index row_len) {
+  constexpr Index kLine = 64 / Index(sizeof(T));
+  for (Index j = 0; j < n; ++j)
+    for (Index d = 0; d < row_len; d += kLine) {
+#if defined(__GNUC__) || defined(__clang__)
+      __builtin_prefetch(src + j * stride + d, 0, 2);
+#else
+      Eigen::internal::prefetch(src + j * stride + d);
+#endif
+    }
 }
 
 /// Partial results of key splits, merged after all items ran.
@@ -146,19 +183,87 @@ inline void store_row(const P& p, Index b, Index i, Index h, Acc m, Acc l, const
         l > Acc(0) ? float(m + std::log(l)) : -std::numeric_limits<float>::infinity();
 }
 
+/// Where one work item sits: sequence b, KV head g, queries [q0, q0 + nq), rows = nq * H/G.
+struct ItemCoords {
+  Index b, g, q0, nq, rows, len;
+};
+
+/// Turns the score tile S^T [n, rows] (keys kb .. kb+n-1) into probabilities and updates the running max, sum and
+/// output scale of every row: soft-cap, bias, masks, then the online softmax of gqa/options.hpp.
+template <typename P, typename Acc>
+void softmax_tile(const P& p, const ItemCoords& c, Index kb, Index n, bool masked, Workspace<Acc>& ws) {
+  constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+  const Index rows = c.rows, gs = p.group_size;
+  Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), n, rows);
+  auto flat = Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(ws.scores.data(), n * rows);
+
+  if (p.softcap > 0) {
+    const Acc cap = Acc(p.softcap), inv_cap = Acc(1) / cap;
+    flat = cap * (flat * inv_cap).tanh();
+  }
+  if (p.bias) {
+    for (Index r = 0; r < rows; ++r) {
+      const Index i = c.q0 + r / gs, h = c.g * gs + r % gs;
+      const float* bias = p.bias + c.b * p.bias_stride_b + h * p.bias_stride_h + i * p.bias_stride_q + kb;
+      s.col(r) += Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, 1>>(bias, n).template cast<Acc>();
+    }
+  }
+  if (masked) {
+    for (Index qi = 0; qi < c.nq; ++qi) {
+      Index klo, khi;
+      visible_keys(p, c.q0 + qi, c.len, klo, khi);
+      const Index lo = std::clamp<Index>(klo - kb, 0, n), hi = std::clamp<Index>(khi - kb, lo, n);
+      auto cols = s.middleCols(qi * gs, gs);
+      cols.topRows(lo).setConstant(kNegInf);
+      cols.bottomRows(n - hi).setConstant(kNegInf);
+    }
+  }
+
+  auto& tile_max = ws.tile_max;
+  if (rows == 1) {
+    tile_max[0] = flat.maxCoeff();
+  } else {
+    tile_max.head(rows) = s.row(0);
+    for (Index j = 1; j < n; ++j) tile_max.head(rows) = tile_max.head(rows).cwiseMax(s.row(j));
+  }
+  // New running max; rows that have seen no visible key yet keep -inf and subtract 0, so exp gives exact zeros.
+  auto m_old = ws.row_max.head(rows).array();
+  auto m_new = ws.tile_max.head(rows).array();
+  m_new = m_old.max(m_new);
+  auto shift = ws.shift.head(rows).array();
+  shift = (m_new > kNegInf).select(m_new, Acc(0));
+  ws.correction.head(rows).array() = (m_old - shift).exp();  // 0 when m_old = -inf
+  if (rows == 1) {
+    flat = (flat - shift(0)).exp();
+    ws.row_sum[0] = ws.row_sum[0] * ws.correction[0] + flat.sum();
+  } else {
+    s.array().rowwise() -= shift;
+    flat = flat.exp();
+    auto sum = ws.row_sum.head(rows);
+    sum = sum.cwiseProduct(ws.correction.head(rows));
+    for (Index j = 0; j < n; ++j) sum += s.row(j);
+  }
+  m_old = m_new;
+  auto out = ws.out.topRows(rows);
+  for (Index r = 0; r < rows; ++r)
+    if (ws.correction[r] != Acc(1)) out.row(r) *= ws.correction[r];
+}
+
 /// Runs one work item: queries [q0, q0+nq) of heads g*gs .. g*gs+gs-1 of sequence b, against keys of split `split`.
 template <typename P, typename Acc>
 void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index split, Workspace<Acc>& ws,
               SplitPartials<Acc>* partials, Index item_id) {
   const Index gs = p.group_size, D = p.head_dim;
-  const Index q0 = qt * t.q_tile, nq = std::min(t.q_tile, p.q_len - q0), rows = nq * gs;
-  const Index len = p.keys_of(b);
+  ItemCoords c;
+  c.b = b, c.g = g, c.q0 = qt * t.q_tile, c.nq = std::min(t.q_tile, p.q_len - c.q0), c.rows = c.nq * gs;
+  c.len = p.keys_of(b);
+  const Index rows = c.rows;
   constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
 
   // Keys any row of the tile can see, and the sub-range every row sees (no per-element mask there).
   Index lo_first, hi_first, lo_last, hi_last;
-  visible_keys(p, q0, len, lo_first, hi_first);
-  visible_keys(p, q0 + nq - 1, len, lo_last, hi_last);
+  visible_keys(p, c.q0, c.len, lo_first, hi_first);
+  visible_keys(p, c.q0 + c.nq - 1, c.len, lo_last, hi_last);
   const Index k_begin_all = lo_first, k_end_all = std::max(hi_last, k_begin_all);
   const Index unmasked_lo = lo_last, unmasked_hi = hi_first;
 
@@ -174,12 +279,15 @@ void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index s
   // Stack the group's queries as rows r = (i - q0) * gs + hh, scaled once here instead of per logit.
   const Acc scale = Acc(p.scale);
   for (Index r = 0; r < rows; ++r) {
-    const Index i = q0 + r / gs, h = g * gs + r % gs;
+    const Index i = c.q0 + r / gs, h = g * gs + r % gs;
     const auto* src = p.q + b * p.q_stride_b + i * p.q_stride_s + h * p.q_stride_h;
     ws.qg.row(r) =
         Eigen::Map<const Eigen::Matrix<typename P::Scalar, 1, Eigen::Dynamic>>(src, D).template cast<Acc>() * scale;
   }
-  auto qg = ws.qg.topRows(rows);
+  if (t.small && rows >= mk::kLanes<Acc>) {
+    ws.qt.setZero();
+    ws.qt.leftCols(rows) = ws.qg.topRows(rows).transpose();
+  }
   auto out = ws.out.topRows(rows);
   out.setZero();
   ws.row_max.head(rows).setConstant(kNegInf);
@@ -187,48 +295,54 @@ void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index s
 
   const auto* k_head = p.k + b * p.k_stride_b + g * p.k_stride_h;
   const auto* v_head = p.v + b * p.v_stride_b + g * p.v_stride_h;
-  const Acc cap = Acc(p.softcap), inv_cap = p.softcap > 0 ? Acc(1) / cap : Acc(0);
 
   for (Index kb = k_begin; kb < k_end; kb += t.k_tile) {
     const Index n = std::min(t.k_tile, k_end - kb);
-    auto k_tile = load_tile<Acc>(k_head + kb * p.k_stride_s, p.k_stride_s, n, D, ws.k_buf);
-    auto s = ws.scores.topLeftCorner(rows, n);
-    s.noalias() = qg * k_tile.transpose();
+    const auto* k_rows = k_head + kb * p.k_stride_s;
+    const auto* v_rows = v_head + kb * p.v_stride_s;
+    if (t.small && kb + n < k_end) {
+      // The micro-kernels walk several K rows at once; fetching the next tile now keeps them on L1/L2 hits.
+      const Index next = std::min(t.k_tile, k_end - kb - n);
+      prefetch_rows(k_rows + n * p.k_stride_s, p.k_stride_s, next, D);
+      prefetch_rows(v_rows + n * p.v_stride_s, p.v_stride_s, next, D);
+    }
+    Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), n, rows);
+    if (t.small) {
+      mk::dispatch_rows<Acc>(rows, [&](auto m_const) {
+        constexpr int M = decltype(m_const)::value;
+        if constexpr (M > 0) {
+          mk::scores_dot<M>(ws.qg.data(), k_rows, p.k_stride_s, n, D, s.data(), rows);
+        } else {
+          // Outer form writes whole packets of rows: compute into a padded row stride, then compact.
+          constexpr int NB = -M;
+          constexpr Index ld = NB * mk::kLanes<Acc>;
+          Acc* wide = ws.scores.data();
+          if (ld == rows) {
+            mk::scores_outer<NB>(ws.qt.data(), ws.qt.cols(), k_rows, p.k_stride_s, n, D, wide, ld);
+          } else {
+            EIGEN_ALIGN_MAX Acc tmp[8 * mk::kMaxRows<Acc>];
+            for (Index j0 = 0; j0 < n; j0 += 8) {
+              const Index nn = std::min<Index>(8, n - j0);
+              mk::scores_outer<NB>(ws.qt.data(), ws.qt.cols(), k_rows + j0 * p.k_stride_s, p.k_stride_s, nn, D, tmp, ld);
+              for (Index j = 0; j < nn; ++j) std::copy_n(tmp + j * ld, rows, wide + (j0 + j) * rows);
+            }
+          }
+        }
+      });
+    } else {
+      auto k_tile = load_tile<Acc>(k_rows, p.k_stride_s, n, D, ws.k_buf);
+      s.noalias() = k_tile * ws.qg.topRows(rows).transpose();
+    }
 
     const bool masked = kb < unmasked_lo || kb + n > unmasked_hi;
-    for (Index r = 0; r < rows; ++r) {
-      auto row = s.row(r).array();
-      const Index i = q0 + r / gs, h = g * gs + r % gs;
-      if (p.softcap > 0) row = cap * (row * inv_cap).tanh();
-      if (p.bias) {
-        const float* bias = p.bias + b * p.bias_stride_b + h * p.bias_stride_h + i * p.bias_stride_q + kb;
-        row += Eigen::Map<const Eigen::Array<float, 1, Eigen::Dynamic>>(bias, n).template cast<Acc>();
-      }
-      Index lo = 0, hi = n;  // visible columns of this row within the tile
-      if (masked) {
-        Index klo, khi;
-        visible_keys(p, i, len, klo, khi);
-        lo = std::clamp<Index>(klo - kb, 0, n);
-        hi = std::clamp<Index>(khi - kb, lo, n);
-      }
-      const Acc tile_max = hi > lo ? row.segment(lo, hi - lo).maxCoeff() : kNegInf;
-      if (!(tile_max > kNegInf)) {  // nothing visible in this tile (or the bias masks it all)
-        row.setZero();
-        continue;
-      }
-      const Acc m_old = ws.row_max[r], m_new = std::max(m_old, tile_max);
-      const Acc correction = std::exp(m_old - m_new);  // 0 when m_old = -inf
-      auto visible = row.segment(lo, hi - lo);
-      visible = (visible - m_new).exp();
-      if (p.bias) visible = (visible > Acc(0)).select(visible, Acc(0));  // exact zeros for -inf bias entries
-      row.head(lo).setZero();
-      row.tail(n - hi).setZero();
-      ws.row_sum[r] = ws.row_sum[r] * correction + visible.sum();
-      ws.row_max[r] = m_new;
-      if (correction != Acc(1)) out.row(r) *= correction;
+    softmax_tile(p, c, kb, n, masked, ws);
+
+    if (t.small) {
+      mk::accumulate_pv(s.data(), rows, v_rows, p.v_stride_s, n, rows, D, out.data(), D);
+    } else {
+      auto v_tile = load_tile<Acc>(v_rows, p.v_stride_s, n, D, ws.v_buf);
+      out.noalias() += s.transpose() * v_tile;
     }
-    auto v_tile = load_tile<Acc>(v_head + kb * p.v_stride_s, p.v_stride_s, n, D, ws.v_buf);
-    out.noalias() += s * v_tile;
   }
 
   if (partials) {
@@ -239,13 +353,13 @@ void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index s
     return;
   }
   for (Index r = 0; r < rows; ++r)
-    store_row(p, b, q0 + r / gs, g * gs + r % gs, ws.row_max[r], ws.row_sum[r], out.row(r));
+    store_row(p, b, c.q0 + r / gs, g * gs + r % gs, ws.row_max[r], ws.row_sum[r], out.row(r));
 }
 
 /// Merges the key splits of item group (b, g, qt) with log-sum-exp weights and writes the output.
 template <typename P, typename Acc>
 void merge_splits(const P& p, const TilePlan& t, Index b, Index g, Index qt, const SplitPartials<Acc>& parts,
-                  Eigen::Matrix<Acc, 1, Eigen::Dynamic>& acc) {
+                  RowVector<Acc>& acc) {
   const Index gs = p.group_size, D = p.head_dim;
   const Index q0 = qt * t.q_tile, nq = std::min(t.q_tile, p.q_len - q0), rows = nq * gs;
   const Index first = ((b * p.kv_heads + g) * t.q_tiles + qt) * t.splits;
@@ -306,7 +420,7 @@ void flash_attention(const P& p) {
       run_item(p, t, b, g, qt, split, ws, parts, item_id);
     }
     if (parts) {
-      Eigen::Matrix<Acc, 1, Eigen::Dynamic> acc(p.head_dim);
+      RowVector<Acc> acc(p.head_dim);
 #pragma omp for schedule(static)
       for (Index j = 0; j < p.batch * p.kv_heads * t.q_tiles; ++j) {
         const Index qt = j % t.q_tiles, bg = j / t.q_tiles;

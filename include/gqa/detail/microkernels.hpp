@@ -1,0 +1,197 @@
+// gqa/detail/microkernels.hpp — register-blocked products for small row counts (decode), on Eigen's packet layer.
+//
+// Decode has few query rows per KV head (M = (H/G) * Sq, often 1..32), too few for a packed GEMM to pay for
+// packing each K/V tile. These kernels read K and V rows in place from the cache (widening bf16/half to float in
+// registers), keep every accumulator in registers, and write scores transposed, S^T [n keys x M rows], so the
+// softmax that follows vectorises across the group's rows. Everything is written with Eigen::internal packets, so
+// it compiles to AVX2, AVX-512, SSE or NEON, whatever Eigen targets; the number of rows M is a template
+// parameter (one instantiation per row count, picked by dispatch_rows), which is what lets the accumulators live
+// in registers. Preconditions (checked by the caller): D is a multiple of the packet size.
+#pragma once
+
+#include "gqa/detail/assert.hpp"
+#include "gqa/types.hpp"
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <type_traits>
+
+namespace gqa {
+namespace detail {
+namespace mk {
+
+using Eigen::internal::padd;
+using Eigen::internal::pload;
+using Eigen::internal::ploadu;
+using Eigen::internal::pmadd;
+using Eigen::internal::predux;
+using Eigen::internal::pset1;
+using Eigen::internal::pstoreu;
+
+template <typename Acc>
+using Packet = typename Eigen::internal::packet_traits<Acc>::type;
+template <typename Acc>
+inline constexpr int kLanes = Eigen::internal::unpacket_traits<Packet<Acc>>::size;
+/// Accumulator registers a kernel may use (16 vector registers on AVX2, two left for operands and broadcasts).
+inline constexpr int kAccRegisters = 12;
+
+/// One packet of Acc from `kLanes<Acc>` consecutive Src values (widened in registers where Eigen can).
+template <typename Acc, typename Src>
+EIGEN_STRONG_INLINE Packet<Acc> load(const Src* p) {
+  if constexpr (std::is_same_v<Src, Acc>) {
+    return ploadu<Packet<Acc>>(p);
+  } else {
+    using SrcPacket = typename Eigen::internal::packet_traits<Src>::type;
+    if constexpr (Eigen::internal::type_casting_traits<Src, Acc>::VectorizedCast &&
+                  Eigen::internal::unpacket_traits<SrcPacket>::size == kLanes<Acc>) {
+      return Eigen::internal::pcast<SrcPacket, Packet<Acc>>(ploadu<SrcPacket>(p));
+    } else {
+      EIGEN_ALIGN_MAX Acc tmp[kLanes<Acc>];
+      for (int i = 0; i < kLanes<Acc>; ++i) tmp[i] = Acc(p[i]);
+      return pload<Packet<Acc>>(tmp);
+    }
+  }
+}
+
+/// Dot-product form for M < lanes rows: st[j * ld_st + r] = sum_d qg[r * D + d] * k[j * k_stride + d].
+/// KB keys are processed together so each q packet load feeds KB FMAs.
+template <int M, typename Acc, typename Src>
+void scores_dot(const Acc* qg, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index ld_st) {
+  constexpr int L = kLanes<Acc>;
+  // Enough independent accumulators (KB * M, up to 12) to cover the FMA latency, without spilling registers.
+  constexpr int KB = std::max(1, std::min(8, kAccRegisters / M));
+  Index j = 0;
+  auto block = [&](auto kb_const) {
+    constexpr int kb = decltype(kb_const)::value;
+    Packet<Acc> acc[kb][M];
+    for (int a = 0; a < kb; ++a)
+      for (int r = 0; r < M; ++r) acc[a][r] = pset1<Packet<Acc>>(Acc(0));
+    for (Index d = 0; d < D; d += L) {
+      Packet<Acc> kv[kb];
+      for (int a = 0; a < kb; ++a) kv[a] = load<Acc>(k + (j + a) * k_stride + d);
+      for (int r = 0; r < M; ++r) {
+        const Packet<Acc> qv = ploadu<Packet<Acc>>(qg + r * D + d);
+        for (int a = 0; a < kb; ++a) acc[a][r] = pmadd(kv[a], qv, acc[a][r]);
+      }
+    }
+    for (int a = 0; a < kb; ++a)
+      for (int r = 0; r < M; ++r) st[(j + a) * ld_st + r] = predux(acc[a][r]);
+  };
+  for (; j + KB <= n; j += KB) block(std::integral_constant<int, KB>{});
+  for (; j < n; ++j) block(std::integral_constant<int, 1>{});
+}
+
+/// Outer-product form for NB packets of rows (M <= NB * lanes): qt is Q^T, [D, >= NB * lanes] row-major with row
+/// stride ldq (columns past M zero). st[j * ld_st + r] = sum_d k[j][d] * qt[d][r]: each K element is broadcast once and multiplies a whole
+/// packet of rows.
+template <int NB, typename Acc, typename Src>
+void scores_outer(const Acc* qt, Index ldq, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index ld_st) {
+  constexpr int L = kLanes<Acc>;
+  constexpr int KB = std::max(1, std::min(8, kAccRegisters / NB));
+  Index j = 0;
+  auto block = [&](auto kb_const) {
+    constexpr int kb = decltype(kb_const)::value;
+    Packet<Acc> acc[kb][NB];
+    for (int a = 0; a < kb; ++a)
+      for (int c = 0; c < NB; ++c) acc[a][c] = pset1<Packet<Acc>>(Acc(0));
+    const Src* rows[kb];
+    for (int a = 0; a < kb; ++a) rows[a] = k + (j + a) * k_stride;
+    for (Index d = 0; d < D; ++d) {
+      Packet<Acc> qv[NB];
+      for (int c = 0; c < NB; ++c) qv[c] = pload<Packet<Acc>>(qt + d * ldq + c * L);
+      for (int a = 0; a < kb; ++a) {
+        const Packet<Acc> kv = pset1<Packet<Acc>>(Acc(rows[a][d]));
+        for (int c = 0; c < NB; ++c) acc[a][c] = pmadd(kv, qv[c], acc[a][c]);
+      }
+    }
+    for (int a = 0; a < kb; ++a)
+      for (int c = 0; c < NB; ++c) pstoreu(st + (j + a) * ld_st + c * L, acc[a][c]);
+  };
+  for (; j + KB <= n; j += KB) block(std::integral_constant<int, KB>{});
+  for (; j < n; ++j) block(std::integral_constant<int, 1>{});
+}
+
+/// out[r * ld_out + d] += sum_j pt[j * ld_pt + r] * v[j * v_stride + d] for r < R, d in [d0, d0 + NV * lanes).
+template <int R, int NV, typename Acc, typename Src>
+EIGEN_STRONG_INLINE void pv_block(const Acc* pt, Index ld_pt, const Src* v, Index v_stride, Index n, Acc* out,
+                                  Index ld_out, Index d0) {
+  constexpr int L = kLanes<Acc>;
+  Packet<Acc> acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = pset1<Packet<Acc>>(Acc(0));
+  for (Index j = 0; j < n; ++j) {
+    Packet<Acc> vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = load<Acc>(v + j * v_stride + d0 + c * L);
+    for (int r = 0; r < R; ++r) {
+      const Packet<Acc> p = pset1<Packet<Acc>>(pt[j * ld_pt + r]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = pmadd(p, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NV; ++c) {
+      Acc* dst = out + r * ld_out + d0 + c * L;
+      pstoreu(dst, padd(ploadu<Packet<Acc>>(dst), acc[r][c]));
+    }
+}
+
+/// O += P V for M rows: out [M, D] (row stride ld_out) += pt^T [M, n] * v [n, D]; pt is P^T, [n, M] (stride ld_pt).
+/// Blocks of R rows x NV packets keep R * NV accumulators (8-12) in registers while V rows stream from L1: 3 x 4
+/// for the bulk of the rows, 2 x 6 and 1 x 8 for the rest, so even one row has enough independent FMA chains.
+template <typename Acc, typename Src>
+void accumulate_pv(const Acc* pt, Index ld_pt, const Src* v, Index v_stride, Index n, Index M, Index D, Acc* out,
+                   Index ld_out) {
+  constexpr int L = kLanes<Acc>;
+  auto rows = [&](auto r_const, Index r0) {
+    constexpr int R = decltype(r_const)::value;
+    constexpr int NV = R == 1 ? 8 : R == 2 ? 6 : 4;
+    const Acc* p = pt + r0;
+    Acc* o = out + r0 * ld_out;
+    Index d0 = 0;
+    for (; d0 + NV * L <= D; d0 += NV * L) pv_block<R, NV>(p, ld_pt, v, v_stride, n, o, ld_out, d0);
+    if constexpr (NV > 4)
+      for (; d0 + 4 * L <= D; d0 += 4 * L) pv_block<R, 4>(p, ld_pt, v, v_stride, n, o, ld_out, d0);
+    for (; d0 + 2 * L <= D; d0 += 2 * L) pv_block<R, 2>(p, ld_pt, v, v_stride, n, o, ld_out, d0);
+    for (; d0 < D; d0 += L) pv_block<R, 1>(p, ld_pt, v, v_stride, n, o, ld_out, d0);
+  };
+  Index r0 = 0;
+  for (; r0 + 3 <= M; r0 += 3) rows(std::integral_constant<int, 3>{}, r0);
+  if (M - r0 == 2) rows(std::integral_constant<int, 2>{}, r0);
+  if (M - r0 == 1) rows(std::integral_constant<int, 1>{}, r0);
+}
+
+/// Largest row count the small-M kernels handle: 4 packets of rows (32 floats on AVX2, 64 on AVX-512).
+template <typename Acc>
+inline constexpr Index kMaxRows = 4 * kLanes<Acc>;
+
+/// Calls f(std::integral_constant<int, M>) for 1 <= rows < lanes (dot form), or
+/// f(std::integral_constant<int, -NB>) with NB = ceil(rows / lanes) packets (outer form). rows <= kMaxRows<Acc>.
+template <typename Acc, typename F>
+void dispatch_rows(Index rows, F&& f) {
+  constexpr int L = kLanes<Acc>;
+  GQA_ASSERT(rows >= 1 && rows <= kMaxRows<Acc>);
+  if (rows < L) {
+    switch (rows) {
+      case 1: return f(std::integral_constant<int, 1>{});
+      case 2: return f(std::integral_constant<int, 2>{});
+      case 3: return f(std::integral_constant<int, 3>{});
+      case 4: return f(std::integral_constant<int, 4>{});
+      case 5: if constexpr (L > 5) return f(std::integral_constant<int, 5>{}); break;
+      case 6: if constexpr (L > 6) return f(std::integral_constant<int, 6>{}); break;
+      case 7: if constexpr (L > 7) return f(std::integral_constant<int, 7>{}); break;
+      default: break;
+    }
+    // Wider packets (AVX-512: 16 lanes): round up to the next instantiated dot width or use one outer packet.
+    return f(std::integral_constant<int, -1>{});
+  }
+  switch ((rows + L - 1) / L) {
+    case 1: return f(std::integral_constant<int, -1>{});
+    case 2: return f(std::integral_constant<int, -2>{});
+    case 3: return f(std::integral_constant<int, -3>{});
+    default: return f(std::integral_constant<int, -4>{});
+  }
+}
+
+}  // namespace mk
+}  // namespace detail
+}  // namespace gqa
