@@ -161,7 +161,8 @@ class KVCache {
 
 /// Attention of the new queries q [B, Sq, H, D] against everything in `cache` (the decode / chunked-prefill
 /// step; append the new tokens' K/V first). Key lengths come from the cache; options.key_lengths must be empty.
-template <int GroupSize = Dynamic, typename T, typename Q, typename O>
+template <int GroupSize = Dynamic, typename T, typename Q, typename O,
+          typename = std::enable_if_t<!std::is_same_v<std::decay_t<O>, AttentionOptions>>>
 void attention(const Q& q, const KVCache<T>& cache, O&& out, AttentionOptions options = {}) {
   detail::require(options.key_lengths.empty(), "option",
                   "options.key_lengths must be empty when attending to a KVCache (its lengths are used)");
