@@ -8,6 +8,7 @@
 //   gqa/kv_cache.hpp     head-major KV cache and decode against it
 //   gqa/convert.hpp      MHA -> GQA/MQA checkpoint conversion (mean-pool K/V heads)
 //   gqa/safetensors.hpp  safetensors read (mmap) / write (atomic)
+//   gqa/checkpoint.hpp   convert a Hugging Face safetensors checkpoint's K/V heads (the gqa-convert tool)
 #pragma once
 
 #include "gqa/types.hpp"
@@ -23,4 +24,7 @@
 #endif
 #if __has_include("gqa/safetensors.hpp")
 #include "gqa/safetensors.hpp"
+#endif
+#if __has_include("gqa/checkpoint.hpp")
+#include "gqa/checkpoint.hpp"
 #endif

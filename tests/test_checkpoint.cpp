@@ -1,0 +1,437 @@
+// End-to-end tests of gqa/checkpoint.hpp and the gqa-convert tool: tiny Llama / Qwen2 checkpoints (bf16 and f32,
+// sharded and not) converted for G in {8, 4, 1}, read back and checked (config, shapes, pooled values, byte-identical
+// untouched tensors and files); refusals and failures that must leave no output behind.
+//
+// The tool itself is run when tests/cmake/convert_tool.cmake passes its path in GQA_CONVERT_EXE (examples built);
+// otherwise the same checks run through the library function only.
+#include "gqa/checkpoint.hpp"
+
+#include "support/checkpoint_fixtures.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <sys/wait.h>
+
+namespace {
+
+namespace fs = std::filesystem;
+namespace st = gqa::safetensors;
+using Catch::Matchers::Contains;
+using gqa::Index;
+using gqa_test::TempDir;
+using gqa_test::TinyModel;
+
+struct Run {
+  int status = -1;
+  std::string output;  // stdout and stderr
+};
+
+#ifdef GQA_CONVERT_EXE
+Run run_tool(const std::string& args) {
+  const std::string cmd = std::string("'") + GQA_CONVERT_EXE + "' " + args + " 2>&1";
+  Run r;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  REQUIRE(p != nullptr);
+  char buf[4096];
+  for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) r.output.append(buf, n);
+  const int status = ::pclose(p);
+  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+std::string q(const fs::path& p) { return "'" + p.string() + "'"; }
+#endif
+
+/// Entries of a directory, sorted.
+std::vector<std::string> listing(const fs::path& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+bool same_bytes(const st::TensorView& a, const st::TensorView& b) {
+  return a.bytes.size() == b.bytes.size() && std::memcmp(a.bytes.data(), b.bytes.data(), a.bytes.size()) == 0;
+}
+
+std::vector<double> as_doubles(const st::TensorView& t) {
+  std::vector<double> v;
+  gqa::detail::with_float_type(t.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    for (const T& x : t.to_vector<T>()) v.push_back(static_cast<double>(x));
+  });
+  return v;
+}
+
+bool is_kv(const std::string& name) {
+  return name.find("self_attn.k_proj.") != std::string::npos || name.find("self_attn.v_proj.") != std::string::npos;
+}
+
+/// Checks a converted checkpoint against its input: config, files, shapes, K/V values (mean-pooled: exactly what
+/// gqa::pool_heads gives, and within one rounding of the dtype from an independent double mean), every other tensor
+/// byte for byte, the output files' conventions and the summary.
+void check_conversion(const TinyModel& m, const fs::path& in, const fs::path& out, Index groups) {
+  const Index G = m.kv_heads, D = m.d();
+  INFO("dtype " << st::dtype_name(m.dtype) << ", sharded " << m.sharded << ", G " << G << " -> " << groups);
+
+  // config.json: only num_key_value_heads changed, key order kept.
+  auto expected_config = m.config();
+  expected_config["num_key_value_heads"] = groups;
+  CHECK(nlohmann::ordered_json::parse(gqa_test::read_text(out / "config.json")) == expected_config);
+
+  // Files: tokenizer and generation config copied byte for byte; other weight files and subdirectories not.
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "generation_config.json"})
+    CHECK(gqa_test::read_text(out / f) == gqa_test::read_text(in / f));
+  CHECK_FALSE(fs::exists(out / "pytorch_model.bin"));
+  CHECK_FALSE(fs::exists(out / "original"));
+  CHECK(fs::exists(out / (m.sharded ? st::index_file_name : st::single_file_name)));
+
+  const st::Checkpoint a = st::Checkpoint::open(in), b = st::Checkpoint::open(out);
+  REQUIRE(b.size() == a.size());
+  REQUIRE(b.file_names() == a.file_names());
+  const double rounding = m.dtype == st::Dtype::BF16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -24);
+  std::uint64_t total = 0;
+  for (std::size_t f = 0; f < a.files().size(); ++f) {
+    REQUIRE(b.files()[f].size() == a.files()[f].size());  // same tensors in the same shard
+    CHECK(b.files()[f].metadata().at("format") == "pt");
+    CHECK((8 + b.files()[f].header_size()) % 8 == 0);
+    for (const auto& t : a.files()[f].tensors()) {
+      const st::TensorView& o = b.files()[f].at(t.name);  // throws if the tensor moved shards
+      total += static_cast<std::uint64_t>(o.bytes.size());
+      CHECK(o.dtype == t.dtype);
+      if (!is_kv(t.name) || groups == G) {
+        INFO(t.name);
+        CHECK(o.shape == t.shape);
+        CHECK(same_bytes(o, t));
+        continue;
+      }
+      const bool weight = t.shape.size() == 2;
+      const Index hidden = weight ? t.shape[1] : 1;
+      CHECK(o.shape == (weight ? st::Shape{groups * D, hidden} : st::Shape{groups * D}));
+      // Exactly the library's pooling (or expansion) of the input...
+      gqa::detail::with_float_type(t.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        const auto src = t.to_vector<T>();
+        std::vector<T> expected(static_cast<std::size_t>(groups * D * hidden));
+        const gqa::ProjectionShape s{gqa::WeightLayout::linear, G, D, hidden};
+        if (groups < G) gqa::pool_heads<T>(src, s, groups, expected);
+        else gqa::expand_heads<T>(src, s, groups, expected);
+        CHECK(o.to_vector<T>() == expected);
+      });
+      // ... and, for pooling, the group means computed independently in double.
+      if (groups < G) {
+        const auto x = as_doubles(t), y = as_doubles(o);
+        const Index n = G / groups;
+        for (Index g = 0; g < groups; ++g)
+          for (Index r = 0; r < D * hidden; ++r) {
+            double mean = 0;
+            for (Index h = g * n; h < (g + 1) * n; ++h) mean += x[std::size_t(h * D * hidden + r)];
+            mean /= double(n);
+            REQUIRE_THAT(y[std::size_t(g * D * hidden + r)],
+                         Catch::Matchers::WithinAbs(mean, rounding * std::abs(mean) + 1e-6));
+          }
+      }
+    }
+  }
+  if (m.sharded) {
+    const st::ShardIndex idx = st::read_index(out / st::index_file_name);
+    CHECK(idx.total_size == total);
+    CHECK(idx.weight_map == a.index()->weight_map);  // names every tensor, in the same shard
+    CHECK(idx.weight_map.size() == a.size());
+  }
+}
+
+}  // namespace
+
+TEST_CASE("convert_checkpoint: tiny Llama, bf16 and f32, sharded and not, G in {8, 4, 1}", "[checkpoint]") {
+  for (st::Dtype dtype : {st::Dtype::BF16, st::Dtype::F32})
+    for (bool sharded : {false, true}) {
+      TempDir dir;
+      TinyModel m;
+      m.dtype = dtype;
+      m.sharded = sharded;
+      m.write(dir / "in");
+      for (Index groups : {Index(8), Index(4), Index(1)}) {
+        const fs::path out = dir / ("out" + std::to_string(groups));
+        std::vector<Index> layers_seen;
+        gqa::CheckpointOptions opt;
+        opt.groups = groups;
+        opt.on_layer = [&](const gqa::LayerProgress& p) {
+          layers_seen.push_back(p.layer);
+          CHECK(p.num_layers == 2);
+          CHECK(p.tensors.size() == 2);  // k_proj and v_proj weights
+        };
+        const gqa::CheckpointSummary s = gqa::convert_checkpoint(dir / "in", out, opt);
+        check_conversion(m, dir / "in", out, groups);
+        CHECK(layers_seen == (groups == 8 ? std::vector<Index>{} : std::vector<Index>{0, 1}));
+        CHECK(s.layers == 2);
+        CHECK(s.sharded == sharded);
+        CHECK(s.tensors_total == m.tensors().size());
+        CHECK(s.tensors_converted == (groups == 8 ? 0u : 4u));
+        CHECK(s.tensors_copied + s.tensors_converted == s.tensors_total);
+        const std::uint64_t elem = st::dtype_size(dtype);
+        CHECK(s.kv_cache_bytes_per_token_before == 2 * 2 * 8 * 4 * elem);
+        CHECK(s.kv_cache_bytes_per_token_after == 2 * 2 * std::uint64_t(groups) * 4 * elem);
+        CHECK(s.tensor_bytes_before - s.tensor_bytes_after == 2 * 2 * std::uint64_t(8 - groups) * 4 * 32 * elem);
+        CHECK(s.skipped == std::vector<std::string>{"original", "pytorch_model.bin"});
+        CHECK(s.files_copied ==
+              std::vector<std::string>{"generation_config.json", "tokenizer.json", "tokenizer_config.json"});
+      }
+      // Nothing but the outputs was created next to them (no temporary directories left).
+      CHECK(listing(dir.path()) == std::vector<std::string>{"in", "out1", "out4", "out8"});
+    }
+}
+
+TEST_CASE("convert_checkpoint: Qwen2-style biases, head_dim != hidden/H, GQA input, expansion round trip",
+          "[checkpoint]") {
+  TempDir dir;
+  TinyModel m;
+  m.arch = TinyModel::Arch::qwen2;
+  m.kv_heads = 4;
+  m.head_dim = 6;  // hidden / H = 4
+  m.dtype = st::Dtype::F32;
+  m.write(dir / "in");
+  gqa::CheckpointOptions opt;
+  for (Index groups : {Index(2), Index(1), Index(8)}) {
+    opt.groups = groups;
+    const auto out = dir / ("g" + std::to_string(groups));
+    const auto s = gqa::convert_checkpoint(dir / "in", out, opt);
+    check_conversion(m, dir / "in", out, groups);
+    CHECK(s.tensors_converted == 8);  // k/v weight and bias, 2 layers
+  }
+  // GQA (4) -> MHA (8) -> GQA (4) through the converter returns the original K/V tensors bit for bit.
+  opt.groups = 4;
+  gqa::convert_checkpoint(dir / "g8", dir / "back4", opt);
+  const st::Checkpoint a = st::Checkpoint::open(dir / "in"), b = st::Checkpoint::open(dir / "back4");
+  for (const auto& t : a.files()[0].tensors()) CHECK(same_bytes(b.at(t.name), t));
+  CHECK(gqa_test::read_text(dir / "back4" / "config.json") == gqa_test::read_text(dir / "in" / "config.json"));
+}
+
+TEST_CASE("convert_checkpoint: config without num_key_value_heads means H", "[checkpoint]") {
+  TempDir dir;
+  TinyModel m;
+  m.write_kv_heads = false;
+  m.write(dir / "in");
+  gqa::CheckpointOptions opt;
+  opt.groups = 2;
+  const auto s = gqa::convert_checkpoint(dir / "in", dir / "out", opt);
+  CHECK(s.groups_before == 8);
+  const auto cfg = nlohmann::ordered_json::parse(gqa_test::read_text(dir / "out" / "config.json"));
+  CHECK(cfg["num_key_value_heads"] == 2);
+  CHECK(st::Checkpoint::open(dir / "out").at("model.layers.1.self_attn.v_proj.weight").shape == st::Shape{8, 32});
+}
+
+TEST_CASE("convert_checkpoint: first, random and explicit assignments", "[checkpoint]") {
+  TempDir dir;
+  TinyModel m;
+  m.dtype = st::Dtype::BF16;
+  m.write(dir / "in");
+  const st::Checkpoint in = st::Checkpoint::open(dir / "in");
+  gqa::CheckpointOptions opt;
+  opt.groups = 2;
+
+  opt.convert.method = gqa::PoolMethod::first;
+  gqa::convert_checkpoint(dir / "in", dir / "first", opt);
+  {
+    const st::Checkpoint out = st::Checkpoint::open(dir / "first");
+    const auto& k = in.at("model.layers.0.self_attn.k_proj.weight");
+    const auto& k2 = out.at("model.layers.0.self_attn.k_proj.weight");
+    const std::size_t head = 4 * 32 * 2;  // bytes of one head: D rows x hidden x bf16
+    CHECK(std::memcmp(k2.bytes.data(), k.bytes.data(), head) == 0);                 // head 0
+    CHECK(std::memcmp(k2.bytes.data() + head, k.bytes.data() + 4 * head, head) == 0);  // head 4
+  }
+
+  opt.convert.method = gqa::PoolMethod::random;
+  opt.convert.seed = 5;
+  gqa::convert_checkpoint(dir / "in", dir / "random1", opt);
+  gqa::convert_checkpoint(dir / "in", dir / "random2", opt);
+  opt.convert.seed = 6;
+  gqa::convert_checkpoint(dir / "in", dir / "random3", opt);
+  {
+    const auto r1 = st::Checkpoint::open(dir / "random1"), r2 = st::Checkpoint::open(dir / "random2"),
+               r3 = st::Checkpoint::open(dir / "random3");
+    for (const char* name : {"model.layers.0.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight"}) {
+      CHECK(same_bytes(r1.at(name), r2.at(name)));      // deterministic for a seed
+      CHECK_FALSE(same_bytes(r1.at(name), r3.at(name)));  // and the seed matters
+    }
+    // Each tensor gets its own stream: K and V of a layer, and the same projection of two layers, differ.
+    CHECK_FALSE(same_bytes(r1.at("model.layers.0.self_attn.k_proj.weight"), r1.at("model.layers.0.self_attn.v_proj.weight")));
+    CHECK_FALSE(same_bytes(r1.at("model.layers.0.self_attn.k_proj.weight"), r1.at("model.layers.1.self_attn.k_proj.weight")));
+    // Scale: the input's standard deviation (0.5 in the fixture), within sampling error of 256 draws.
+    const auto v = as_doubles(r1.at("model.layers.0.self_attn.k_proj.weight"));
+    double ss = 0;
+    for (double x : v) ss += x * x;
+    CHECK_THAT(std::sqrt(ss / double(v.size())), Catch::Matchers::WithinRel(0.5, 0.15));
+  }
+
+  // A non-adjacent grouping reorders q_proj rows and o_proj columns with query_head_order.
+  opt.convert = {};
+  opt.convert.assignment = {0, 1, 0, 1, 0, 1, 0, 1};
+  const auto s = gqa::convert_checkpoint(dir / "in", dir / "strided", opt);
+  CHECK(s.tensors_converted == 8);  // q, k, v, o per layer
+  const st::Checkpoint out = st::Checkpoint::open(dir / "strided");
+  const auto order = gqa::query_head_order(8, 2, opt.convert.assignment);
+  const auto q = in.at("model.layers.1.self_attn.q_proj.weight").to_vector<gqa::bfloat16>();
+  const auto o = in.at("model.layers.1.self_attn.o_proj.weight").to_vector<gqa::bfloat16>();
+  const auto k = in.at("model.layers.1.self_attn.k_proj.weight").to_vector<gqa::bfloat16>();
+  std::vector<gqa::bfloat16> q2(q.size()), o2(o.size()), k2(2 * 4 * 32);
+  gqa::permute_heads<gqa::bfloat16>(q, {gqa::WeightLayout::linear, 8, 4, 32}, order, q2);
+  gqa::permute_heads<gqa::bfloat16>(o, {gqa::WeightLayout::hidden_first, 8, 4, 32}, order, o2);
+  gqa::pool_heads<gqa::bfloat16>(k, {gqa::WeightLayout::linear, 8, 4, 32}, 2, k2, opt.convert);
+  CHECK(out.at("model.layers.1.self_attn.q_proj.weight").to_vector<gqa::bfloat16>() == q2);
+  CHECK(out.at("model.layers.1.self_attn.o_proj.weight").to_vector<gqa::bfloat16>() == o2);
+  CHECK(out.at("model.layers.1.self_attn.k_proj.weight").to_vector<gqa::bfloat16>() == k2);
+  CHECK(q2 != q);
+}
+
+TEST_CASE("convert_checkpoint: refusals and failures leave no output behind", "[checkpoint][errors]") {
+  TempDir dir;
+  TinyModel llama;
+  llama.write(dir / "llama");
+  TinyModel gpt2;
+  gpt2.arch = TinyModel::Arch::gpt2;
+  gpt2.write(dir / "gpt2");
+  TinyModel qwen3;
+  qwen3.arch = TinyModel::Arch::qwen3;
+  qwen3.write(dir / "qwen3");
+  const auto before = listing(dir.path());
+
+  auto error_of = [&](const std::string& input, Index groups, bool force = false,
+                      std::function<void(const gqa::LayerProgress&)> cb = {}) {
+    gqa::CheckpointOptions opt;
+    opt.groups = groups;
+    opt.force = force;
+    opt.on_layer = std::move(cb);
+    try {
+      gqa::convert_checkpoint(dir / input, dir / "out", opt);
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  CHECK_THAT(error_of("gpt2", 1), Contains("[gqa.checkpoint.unsupported]") && Contains("c_attn") && Contains("fused QKV"));
+  CHECK_THAT(error_of("qwen3", 4), Contains("[gqa.checkpoint.unsupported]") && Contains("norm"));
+  CHECK_THAT(error_of("llama", 3), Contains("[gqa.checkpoint.groups]") && Contains("groups = 3"));
+  CHECK_THAT(error_of("llama", 16), Contains("[gqa.checkpoint.groups]") && Contains("H = 8"));
+  CHECK_THAT(error_of("missing", 4), Contains("not a directory"));
+  CHECK(listing(dir.path()) == before);
+
+  // Shapes that disagree with config.json.
+  auto cfg = llama.config();
+  cfg["head_dim"] = 8;
+  gqa_test::write_text(dir / "llama" / "config.json", cfg.dump());
+  CHECK_THAT(error_of("llama", 4), Contains("[gqa.checkpoint.shape]") && Contains("q_proj.weight") &&
+                                       Contains("[32, 32]") && Contains("[64, 32]"));
+  cfg.erase("head_dim");
+  cfg.erase("num_attention_heads");
+  gqa_test::write_text(dir / "llama" / "config.json", cfg.dump());
+  CHECK_THAT(error_of("llama", 4), Contains("[gqa.checkpoint.config]") && Contains("num_attention_heads"));
+  gqa_test::write_text(dir / "llama" / "config.json", "{not json");
+  CHECK_THAT(error_of("llama", 4), Contains("[gqa.checkpoint.config]"));
+  gqa_test::write_text(dir / "llama" / "config.json", llama.config().dump(2) + "\n");
+  CHECK(listing(dir.path()) == before);
+
+  // A failure after writing began (here the progress callback throws at the second layer) removes everything.
+  CHECK_THAT(error_of("llama", 4, false, [](const gqa::LayerProgress& p) {
+               if (p.layer == 1) throw std::runtime_error("interrupted");
+             }),
+             Contains("interrupted"));
+  CHECK(listing(dir.path()) == before);
+
+  // An existing output is refused without force, replaced with it, and kept if the forced run fails.
+  fs::create_directories(dir / "out");
+  gqa_test::write_text(dir / "out" / "marker", "old");
+  CHECK_THAT(error_of("llama", 4), Contains("[gqa.checkpoint.output_exists]") && Contains("force"));
+  CHECK_THAT(error_of("llama", 4, true, [](const gqa::LayerProgress&) { throw std::runtime_error("stop"); }),
+             Contains("stop"));
+  CHECK(listing(dir / "out") == std::vector<std::string>{"marker"});
+  CHECK(error_of("llama", 4, true) == "no error");
+  CHECK_FALSE(fs::exists(dir / "out" / "marker"));
+  check_conversion(llama, dir / "llama", dir / "out", 4);
+  // The input itself, or a directory containing it, is never replaced.
+  gqa::CheckpointOptions opt;
+  opt.groups = 4;
+  opt.force = true;
+  CHECK_THROWS_WITH(gqa::convert_checkpoint(dir / "llama", dir / "llama", opt), Contains("is the input"));
+  CHECK_THROWS_WITH(gqa::convert_checkpoint(dir / "llama", dir.path(), opt), Contains("contains the input"));
+  CHECK(fs::exists(dir / "llama" / "config.json"));
+}
+
+#ifdef GQA_CONVERT_EXE
+TEST_CASE("gqa-convert: converts, prints progress and a summary", "[checkpoint][tool]") {
+  for (st::Dtype dtype : {st::Dtype::BF16, st::Dtype::F32})
+    for (bool sharded : {false, true}) {
+      TempDir dir;
+      TinyModel m;
+      m.dtype = dtype;
+      m.sharded = sharded;
+      m.write(dir / "in");
+      for (Index groups : {Index(8), Index(4), Index(1)}) {
+        const auto out = dir / ("out" + std::to_string(groups));
+        const Run r = run_tool(q(dir / "in") + " " + q(out) + " --groups " + std::to_string(groups));
+        INFO(r.output);
+        REQUIRE(r.status == 0);
+        check_conversion(m, dir / "in", out, groups);
+        if (groups < 8) {
+          CHECK_THAT(r.output, Contains("layer 1/2 (" + std::string(st::dtype_name(dtype)) + "): k_proj.weight [32, 32] -> [" +
+                                        std::to_string(groups * 4) + ", 32]"));
+          CHECK_THAT(r.output, Contains("layer 2/2"));
+        }
+        CHECK_THAT(r.output, Contains("key/value heads: 8 -> " + std::to_string(groups)));
+        CHECK_THAT(r.output, Contains("tensors: 21 ("));
+        CHECK_THAT(r.output, Contains("KV cache per token (" + std::string(st::dtype_name(dtype)) + "): " +
+                                      std::to_string(2 * 2 * 8 * 4 * st::dtype_size(dtype)) + " B -> " +
+                                      std::to_string(2 * 2 * groups * 4 * st::dtype_size(dtype)) + " B"));
+      }
+    }
+}
+
+TEST_CASE("gqa-convert: refuses bad input and command lines with a clear message", "[checkpoint][tool]") {
+  TempDir dir;
+  TinyModel llama;
+  llama.write(dir / "llama");
+  TinyModel gpt2;
+  gpt2.arch = TinyModel::Arch::gpt2;
+  gpt2.write(dir / "gpt2");
+  const auto out = q(dir / "out");
+
+  Run r = run_tool(q(dir / "gpt2") + " " + out + " --groups 1");
+  CHECK(r.status == 1);
+  CHECK_THAT(r.output, Contains("gqa-convert: error:") && Contains("fused QKV"));
+  CHECK_FALSE(fs::exists(dir / "out"));
+
+  r = run_tool(q(dir / "llama") + " " + out);
+  CHECK(r.status == 2);
+  CHECK_THAT(r.output, Contains("--groups G is required") && Contains("usage:"));
+  r = run_tool(q(dir / "llama") + " " + out + " --groups 2 --method median");
+  CHECK(r.status == 2);
+  CHECK_THAT(r.output, Contains("median"));
+  r = run_tool(q(dir / "llama") + " " + out + " --groups two");
+  CHECK(r.status == 2);
+  r = run_tool(q(dir / "llama") + " --groups 2");
+  CHECK(r.status == 2);
+  CHECK_FALSE(fs::exists(dir / "out"));
+
+  r = run_tool(q(dir / "llama") + " " + out + " --groups 2 --method first --seed 3 --quiet");
+  CHECK(r.status == 0);
+  CHECK(r.output.empty());
+  r = run_tool(q(dir / "llama") + " " + out + " --groups 2");
+  CHECK(r.status == 1);
+  CHECK_THAT(r.output, Contains("exists") && Contains("--force"));
+  r = run_tool(q(dir / "llama") + " " + out + " --groups 1 --force");
+  CHECK(r.status == 0);
+  CHECK(nlohmann::json::parse(gqa_test::read_text(dir / "out" / "config.json"))["num_key_value_heads"] == 1);
+  r = run_tool(q(dir / "llama") + " " + q(dir / "strided") + " --groups 2 --assignment 0,1,0,1,0,1,0,1");
+  CHECK(r.status == 0);
+  CHECK_THAT(r.output, Contains("q_proj.weight") && Contains("o_proj.weight"));
+  r = run_tool(q(dir / "llama") + " " + q(dir / "bad") + " --groups 2 --assignment 0,0,0,1,1,1,1,1");
+  CHECK(r.status == 1);
+  CHECK_THAT(r.output, Contains("group 0 has 3 heads"));
+  CHECK(listing(dir.path()) == std::vector<std::string>{"gpt2", "llama", "out", "strided"});
+}
+#endif
