@@ -12,7 +12,8 @@ decode step reads against G. S defaults to the largest cache length in the file.
 import argparse
 import sys
 
-from report import Index, decode_floor, load_runs
+sys.dont_write_bytecode = True  # no bench/__pycache__ from importing report.py
+from report import Index, decode_floor, load_runs  # noqa: E402
 
 
 def main(argv):
