@@ -1,0 +1,540 @@
+// Tests of gqa/attention.hpp: the flash kernel against the double reference over a sweep of shapes, element
+// types, tensor kinds and layouts, split-K decode, threading, and the GQA/MHA/MQA properties.
+//
+// Tolerances (float arithmetic, O(1) inputs): Q, K, V are normal(0, 1), so logits q.k/sqrt(D) are O(1) and each
+// output is a convex combination of V values (|v| < ~5). A float dot product of length D <= 128 and a softmax
+// sum over Sk <= 4096 keys (blocked by tiles of 128, so the sums are short) err by well under 1e-6 on such
+// values; 2e-5 absolute + 2e-5 relative leaves a margin of 10-20x over the largest error measured on this sweep
+// (~1e-6), and is still 1000x below what one mis-weighted key (weight ~1/Sk ~ 2e-4 at Sk = 4096) would cause.
+#include "gqa/attention.hpp"
+#include "gqa/reference.hpp"
+
+#include "support/compare.hpp"
+#include "support/random.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+using gqa::Index;
+using gqa::Tensor4;
+using gqa_test::Shape;
+using gqa_test::Tolerance;
+
+constexpr Tolerance kFloatTol{2e-5, 2e-5};  // see the file comment
+// Double arithmetic: the same error analysis with eps = 1.1e-16 gives ~1e-14; 1e-12 keeps a 100x margin.
+constexpr Tolerance kDoubleTol{1e-12, 1e-12};
+// bfloat16 output: round-to-nearest into 8 significant bits errs by at most 2^-8 relative (half an ulp, ulp <=
+// 2^-7 |x|), on top of the float result's own error (kFloatTol).
+constexpr Tolerance kBf16OutTol{2e-5, 0x1.0p-8 + 2e-5};
+// log-sum-exp rows are O(log Sk + max logit) <= ~15, computed in float: 1e-5 relative is ~100 float ulps.
+constexpr Tolerance kLseTol{1e-5, 1e-5};
+
+/// One attention call of the sweep: shape, masks and a seed.
+struct Case {
+  Shape s;
+  bool causal = false;
+  Index window = 0;
+  bool ragged = false;  // random key lengths in [0, Sk], the last sequence at Sk
+  std::uint64_t seed = 1;
+
+  std::string name() const {
+    std::ostringstream os;
+    os << s.str() << (causal ? "/causal" : "") << (window ? "/window:" + std::to_string(window) : "")
+       << (ragged ? "/ragged" : "") << "/seed:" << seed;
+    return os.str();
+  }
+};
+
+/// Poisons K/V rows past each sequence's key length with NaN: the kernel must never read padding.
+template <typename KVT>
+void poison_padding(Tensor4<KVT>& t, const std::vector<std::int32_t>& len) {
+  const KVT nan = KVT(std::numeric_limits<float>::quiet_NaN());
+  for (Index b = 0; b < t.dimension(0); ++b)
+    for (Index j = len[size_t(b)]; j < t.dimension(1); ++j)
+      for (Index g = 0; g < t.dimension(2); ++g)
+        for (Index d = 0; d < t.dimension(3); ++d) t(b, j, g, d) = nan;
+}
+
+/// Zeroes the same rows (the reference multiplies padding values by a zero weight, so it needs finite ones).
+template <typename KVT>
+Tensor4<KVT> zero_padding(Tensor4<KVT> t, const std::vector<std::int32_t>& len) {
+  for (Index b = 0; b < t.dimension(0); ++b)
+    for (Index j = len[size_t(b)]; j < t.dimension(1); ++j)
+      for (Index g = 0; g < t.dimension(2); ++g)
+        for (Index d = 0; d < t.dimension(3); ++d) t(b, j, g, d) = KVT(0.0f);
+  return t;
+}
+
+/// Runs one case through gqa::attention and the reference and checks output and log-sum-exp.
+template <typename T, typename KVT = T>
+void check_case(const Case& c, Tolerance tol) {
+  auto in = gqa_test::random_inputs<T, KVT>(c.s, c.seed);
+  gqa::AttentionOptions opt;
+  opt.causal = c.causal;
+  opt.window = c.window;
+  std::vector<std::int32_t> len;
+  if (c.ragged) {
+    len = gqa_test::ragged_lengths(c.s.B, c.s.Sk, c.seed + 1000);
+    opt.key_lengths = len;
+  }
+  std::vector<float> lse(size_t(c.s.B * c.s.H * c.s.Sq)), lse_ref(lse.size());
+
+  gqa::AttentionOptions ref_opt = opt;
+  ref_opt.lse = lse_ref;
+  const auto ref = gqa::reference_attention(in.q, in.k, in.v, ref_opt);
+
+  if (c.ragged) {  // after the reference ran on finite padding
+    poison_padding(in.k, len);
+    poison_padding(in.v, len);
+  }
+  opt.lse = lse;
+  Tensor4<T> out(c.s.B, c.s.Sq, c.s.H, c.s.D);
+  gqa::attention(in.q, in.k, in.v, out, opt);
+  gqa_test::check_close(out, ref, tol);
+  gqa_test::check_lse_close(lse, lse_ref, kLseTol);
+}
+
+/// Every (H, G) of the issue against every D, each with one of a few small (Sq, Sk): big heads, small sequences.
+std::vector<Case> head_sweep() {
+  const std::pair<Index, Index> hg[] = {{6, 6}, {6, 3}, {9, 3}, {16, 4}, {27, 1}, {65, 5}, {32, 8}};
+  const Index dims[] = {8, 59, 64, 111, 128};
+  const std::pair<Index, Index> seq[] = {{1, 1}, {3, 17}, {13, 29}, {1, 130}, {33, 20}};
+  std::vector<Case> cases;
+  std::uint64_t seed = 1;
+  for (size_t i = 0; i < std::size(hg); ++i)
+    for (size_t j = 0; j < std::size(dims); ++j) {
+      const auto [sq, sk] = seq[(i + j) % std::size(seq)];
+      Case c;
+      c.s = Shape{Index(1 + j % 2), sq, sk, hg[i].first, hg[i].second, dims[j]};
+      c.causal = (i + j) % 2 == 1;
+      c.ragged = c.s.B > 1 && (i % 3 == 0);
+      c.seed = seed++;
+      cases.push_back(c);
+    }
+  return cases;
+}
+
+/// The long (Sq, Sk) of the issue, with few heads and small D so the O(Sq*Sk) reference stays fast.
+std::vector<Case> sequence_sweep() {
+  std::vector<Case> cases;
+  auto add = [&](Shape s, bool causal, Index window, bool ragged) {
+    cases.push_back(Case{s, causal, window, ragged, std::uint64_t(100 + cases.size())});
+  };
+  //    B  Sq    Sk    H  G  D
+  add({1, 1, 1, 2, 1, 8}, false, 0, false);
+  add({1, 1, 4096, 4, 2, 64}, false, 0, false);
+  add({2, 1, 4096, 8, 2, 59}, true, 0, true);
+  add({1, 113, 203, 6, 3, 59}, false, 0, false);
+  add({3, 113, 203, 6, 3, 64}, true, 0, true);
+  add({2, 113, 203, 9, 3, 111}, true, 50, false);
+  add({1, 1023, 1024, 2, 1, 8}, false, 0, false);
+  add({1, 1023, 1024, 2, 1, 8}, true, 0, false);
+  add({1, 1024, 1023, 2, 2, 8}, true, 0, false);  // Sq > Sk: query 0 sees no key
+  add({2, 1024, 1023, 3, 1, 9}, true, 129, true);
+  add({1, 512, 256, 4, 1, 16}, true, 0, false);   // half the rows fully masked
+  add({2, 512, 256, 4, 2, 17}, false, 0, true);
+  return cases;
+}
+
+/// Number of key splits the kernel plans for these tensors (to assert a test really covers split-K).
+template <typename T, typename KVT>
+Index planned_splits(const Tensor4<T>& q, const Tensor4<KVT>& k, const Tensor4<KVT>& v, Tensor4<T>& out,
+                     const gqa::AttentionOptions& opt) {
+  const auto p = gqa::detail::make_params<T, KVT>(gqa::make_ref(q), gqa::make_ref(k, opt.kv_layout),
+                                                  gqa::make_ref(v, opt.kv_layout), gqa::make_ref(out), opt);
+  return gqa::detail::plan_tiles(p).splits;
+}
+
+/// [B, S, G, D] -> [B, G, S, D].
+template <typename T>
+Tensor4<T> to_head_major(const Tensor4<T>& t) {
+  Tensor4<T> r(t.dimension(0), t.dimension(2), t.dimension(1), t.dimension(3));
+  for (Index b = 0; b < t.dimension(0); ++b)
+    for (Index s = 0; s < t.dimension(1); ++s)
+      for (Index g = 0; g < t.dimension(2); ++g)
+        for (Index d = 0; d < t.dimension(3); ++d) r(b, g, s, d) = t(b, s, g, d);
+  return r;
+}
+
+/// K/V [B, S, G, D] -> [B, S, H, D] with head h a copy of KV head h / (H/G) (Hugging Face repeat_kv).
+template <typename T>
+Tensor4<T> repeat_kv(const Tensor4<T>& t, Index heads) {
+  const Index G = t.dimension(2), rep = heads / G;
+  Tensor4<T> r(t.dimension(0), t.dimension(1), heads, t.dimension(3));
+  for (Index b = 0; b < t.dimension(0); ++b)
+    for (Index s = 0; s < t.dimension(1); ++s)
+      for (Index h = 0; h < heads; ++h)
+        for (Index d = 0; d < t.dimension(3); ++d) r(b, s, h, d) = t(b, s, h / rep, d);
+  return r;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// Sweeps against the reference
+// ---------------------------------------------------------------------------------------------------------------
+
+TEST_CASE("attention matches the reference: (H, G) x D sweep", "[attention][sweep]") {
+  const Case c = GENERATE(from_range(head_sweep()));
+  DYNAMIC_SECTION(c.name()) { check_case<float>(c, kFloatTol); }
+}
+
+TEST_CASE("attention matches the reference: (Sq, Sk) sweep", "[attention][sweep]") {
+  const Case c = GENERATE(from_range(sequence_sweep()));
+  DYNAMIC_SECTION(c.name()) { check_case<float>(c, kFloatTol); }
+}
+
+TEST_CASE("attention matches the reference: edge shapes", "[attention][sweep]") {
+  // S = 1, G = 1 (MQA), G = H (MHA), D not a multiple of the AVX2 width (8 floats) nor of 4, D = 1,
+  // a group larger than the kernel's 128-row target, keys spanning a tile boundary by one.
+  const Case c = GENERATE(values<Case>({
+      {{1, 1, 1, 1, 1, 1}, false, 0, false, 200},
+      {{2, 1, 1, 8, 1, 3}, true, 0, false, 201},
+      {{1, 5, 7, 4, 4, 7}, false, 0, false, 202},
+      {{1, 7, 7, 4, 4, 9}, true, 0, false, 203},
+      {{3, 1, 33, 12, 1, 17}, false, 0, true, 204},
+      {{1, 2, 129, 2, 2, 15}, true, 0, false, 205},
+      {{1, 3, 257, 130, 1, 5}, false, 0, false, 206},
+      {{2, 129, 129, 2, 1, 31}, true, 0, true, 207},
+      {{1, 4, 12, 4, 2, 1}, true, 0, false, 208},
+  }));
+  DYNAMIC_SECTION(c.name()) { check_case<float>(c, kFloatTol); }
+}
+
+TEST_CASE("attention matches the reference: split-K decode (few work items, Sk >= 1024)", "[attention][split]") {
+  // plan_tiles splits the key range when B * G * query-tiles < 16 and Sk >= 2 * 512; each case asserts that it
+  // really is split, so a change of heuristics cannot silently remove the coverage.
+  const Case c = GENERATE(values<Case>({
+      {{1, 1, 1024, 8, 8, 64}, false, 0, false, 300},   // 8 items, cap Sk/512 = 2 splits
+      {{1, 1, 1024, 32, 8, 128}, false, 0, false, 301},
+      {{2, 1, 4096, 8, 1, 64}, true, 0, true, 302},     // ragged + causal, 8 splits
+      {{3, 4, 1500, 4, 2, 40}, true, 0, true, 303},     // several queries, causal, ragged
+      {{2, 3, 3000, 6, 2, 24}, true, 700, true, 304},   // window inside the split range
+      {{1, 2, 1100, 4, 1, 8}, true, 0, false, 305},
+      {{2, 3, 1100, 32, 2, 64}, true, 0, true, 306},    // a few queries of a big group
+  }));
+  DYNAMIC_SECTION(c.name()) {
+    auto in = gqa_test::random_inputs<float>(c.s, c.seed);
+    Tensor4<float> out(c.s.B, c.s.Sq, c.s.H, c.s.D);
+    CHECK(planned_splits(in.q, in.k, in.v, out, {}) > 1);
+    check_case<float>(c, kFloatTol);
+  }
+}
+
+TEST_CASE("decode and short-query shapes: every row count of a group", "[attention][decode]") {
+  // A work item stacks Sq * H/G rows. Small row counts (decode) may take register-blocked paths specialised per
+  // row count (one to four SIMD packets of rows, or fewer rows than lanes) when D is a multiple of the SIMD width;
+  // this covers row counts 1..99 around every packet boundary (8 floats, 4 doubles on AVX2), D from one packet to
+  // eight, keys across several tiles (Sk = 200) with ragged lengths and causal masking.
+  const Index gs = GENERATE(1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 31, 32, 33);
+  const Index sq = GENERATE(1, 2, 3);
+  const Case c{{2, sq, 200, 2 * gs, 2, 8 * (1 + (gs + sq) % 8)}, true, 0, true, std::uint64_t(1000 + 7 * gs + sq)};
+  DYNAMIC_SECTION(c.name()) {
+    check_case<float>(c, kFloatTol);
+    if (sq == 1) {
+      SECTION("double") { check_case<double>(c, kDoubleTol); }
+      SECTION("float Q, bfloat16 K/V") { check_case<float, gqa::bfloat16>(c, kFloatTol); }
+      SECTION("float Q, half K/V") { check_case<float, gqa::half>(c, kFloatTol); }
+    }
+  }
+}
+
+TEST_CASE("split-K decode with a sequence shorter than one split or empty", "[attention][split]") {
+  // Sk = 3000, B = 2, G = 1: 2 items -> 5 splits of 640 keys. Sequence 0 holds 5 keys (all in split 0, the other
+  // splits are empty) or none at all; sequence 1 holds all 3000. Padding is NaN.
+  const std::int32_t short_len = GENERATE(0, 1, 5, 640, 641);
+  DYNAMIC_SECTION("len[0] = " << short_len) {
+    const Shape s{2, 1, 3000, 4, 1, 16};
+    auto in = gqa_test::random_inputs<float>(s, 400 + std::uint64_t(short_len));
+    const std::vector<std::int32_t> len{short_len, 3000};
+    gqa::AttentionOptions opt;
+    opt.key_lengths = len;
+    opt.causal = true;
+    std::vector<float> lse(size_t(s.B * s.H * s.Sq)), lse_ref(lse.size());
+    gqa::AttentionOptions ref_opt = opt;
+    ref_opt.lse = lse_ref;
+    const auto ref = gqa::reference_attention(in.q, in.k, in.v, ref_opt);
+    poison_padding(in.k, len);
+    poison_padding(in.v, len);
+    Tensor4<float> out(s.B, s.Sq, s.H, s.D);
+    CHECK(planned_splits(in.q, in.k, in.v, out, opt) > 1);
+    opt.lse = lse;
+    gqa::attention(in.q, in.k, in.v, out, opt);
+    gqa_test::check_close(out, ref, kFloatTol);
+    gqa_test::check_lse_close(lse, lse_ref, kLseTol);
+    if (short_len == 0)
+      for (Index h = 0; h < s.H; ++h) CHECK(lse[size_t(h)] == -std::numeric_limits<float>::infinity());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Element types
+// ---------------------------------------------------------------------------------------------------------------
+
+TEST_CASE("element types: double, float, 16-bit K/V, bf16 Q/out", "[attention][dtype]") {
+  const Case c = GENERATE(values<Case>({
+      {{2, 5, 37, 8, 2, 59}, true, 0, true, 500},
+      {{1, 1, 1100, 4, 1, 64}, false, 0, false, 501},  // split-K
+      {{1, 130, 140, 6, 3, 24}, true, 0, false, 502},
+  }));
+  DYNAMIC_SECTION(c.name()) {
+    // Double Q/K/V: arithmetic in double.
+    SECTION("double") { check_case<double>(c, kDoubleTol); }
+    SECTION("float") { check_case<float>(c, kFloatTol); }
+    // 16-bit K/V with float Q: the reference reads the same 16-bit values, so only float arithmetic remains.
+    SECTION("float Q, bfloat16 K/V") { check_case<float, gqa::bfloat16>(c, kFloatTol); }
+    SECTION("float Q, half K/V") { check_case<float, gqa::half>(c, kFloatTol); }
+    // bf16 everywhere: the output is rounded to bf16 at the end.
+    SECTION("bfloat16 Q/K/V/out") { check_case<gqa::bfloat16>(c, kBf16OutTol); }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Properties
+// ---------------------------------------------------------------------------------------------------------------
+
+TEST_CASE("G = H is MHA: each head is an independent single-head attention", "[attention][property]") {
+  const Shape s{2, 9, 21, 4, 4, 24};
+  auto in = gqa_test::random_inputs<double>(s, 600);
+  gqa::AttentionOptions opt;
+  opt.causal = GENERATE(false, true);
+  Tensor4<double> out(s.B, s.Sq, s.H, s.D), out_mha(s.B, s.Sq, s.H, s.D);
+  gqa::attention(in.q, in.k, in.v, out, opt);
+  gqa::mha(in.q, in.k, in.v, out_mha, opt);
+  gqa_test::check_identical(out, out_mha);
+  // Head h alone: strided H = G = 1 views of head h of q, k, v and out (no copies).
+  Tensor4<double> per_head(s.B, s.Sq, s.H, s.D);
+  for (Index h = 0; h < s.H; ++h) {
+    auto view = [&](auto& t, Index S) {
+      using E = std::remove_reference_t<decltype(*t.data())>;
+      return gqa::TensorRef<E>{t.data() + h * s.D, {s.B, S, 1, s.D}, {S * s.H * s.D, s.H * s.D, s.D, 1}};
+    };
+    gqa::attention(view(in.q, s.Sq), view(in.k, s.Sk), view(in.v, s.Sk), view(per_head, s.Sq), opt);
+  }
+  gqa_test::check_close(per_head, gqa_test::to_double(out), kDoubleTol);
+}
+
+TEST_CASE("GQA equals MHA on K/V whose heads are copies of their group's head", "[attention][property]") {
+  const Shape s = GENERATE(Shape{2, 7, 45, 8, 2, 16}, Shape{1, 1, 1500, 12, 3, 32}, Shape{1, 40, 40, 6, 1, 8});
+  const bool causal = GENERATE(false, true);
+  DYNAMIC_SECTION(s.str() << (causal ? "/causal" : "")) {
+    gqa::AttentionOptions opt;
+    opt.causal = causal;
+    SECTION("double") {
+      auto in = gqa_test::random_inputs<double>(s, 610);
+      const auto gqa_out = gqa::attention(in.q, in.k, in.v, opt);
+      const auto mha_out = gqa::attention(in.q, repeat_kv(in.k, s.H), repeat_kv(in.v, s.H), opt);
+      gqa_test::check_close(gqa_out, gqa_test::to_double(mha_out), kDoubleTol);
+    }
+    SECTION("float") {
+      auto in = gqa_test::random_inputs<float>(s, 611);
+      const auto gqa_out = gqa::attention(in.q, in.k, in.v, opt);
+      const auto mha_out = gqa::attention(in.q, repeat_kv(in.k, s.H), repeat_kv(in.v, s.H), opt);
+      gqa_test::check_close(gqa_out, gqa_test::to_double(mha_out), kFloatTol);
+    }
+  }
+}
+
+TEST_CASE("the same result through Tensor, TensorMap, TensorRef and both K/V layouts", "[attention][property]") {
+  // One kernel, one work split: only how the bytes are addressed changes, so the results are bitwise equal.
+  const Shape s{2, 5, 150, 6, 2, 20};
+  auto in = gqa_test::random_inputs<float>(s, 620);
+  gqa::AttentionOptions opt;
+  opt.causal = true;
+  const auto ref = gqa::reference_attention(in.q, in.k, in.v, opt);
+  Tensor4<float> base(s.B, s.Sq, s.H, s.D);
+  gqa::attention(in.q, in.k, in.v, base, opt);
+  gqa_test::check_close(base, ref, kFloatTol);
+
+  SECTION("TensorMap inputs and output (user buffers)") {
+    std::vector<float> out_buf(size_t(base.size()));
+    gqa::Tensor4Map<const float> q(in.q.data(), s.B, s.Sq, s.H, s.D);
+    gqa::Tensor4Map<const float> k(in.k.data(), s.B, s.Sk, s.G, s.D), v(in.v.data(), s.B, s.Sk, s.G, s.D);
+    gqa::Tensor4Map<float> out(out_buf.data(), s.B, s.Sq, s.H, s.D);
+    gqa::attention(q, k, v, out, opt);
+    Tensor4<float> copy = out;
+    gqa_test::check_identical(copy, base);
+  }
+  SECTION("head-major K/V tensors via options.kv_layout") {
+    const auto k = to_head_major(in.k), v = to_head_major(in.v);
+    gqa::AttentionOptions hm = opt;
+    hm.kv_layout = gqa::KVLayout::HeadMajor;
+    Tensor4<float> out(s.B, s.Sq, s.H, s.D);
+    gqa::attention(in.q, k, v, out, hm);
+    gqa_test::check_identical(out, base);
+    // and the reference agrees it is the same problem
+    gqa_test::check_close(out, gqa::reference_attention(in.q, k, v, hm), kFloatTol);
+  }
+  SECTION("head-major K/V through gqa::head_major TensorRefs") {
+    auto k = to_head_major(in.k), v = to_head_major(in.v);
+    Tensor4<float> out(s.B, s.Sq, s.H, s.D);
+    gqa::attention(gqa::token_major<const float>(in.q.data(), s.B, s.Sq, s.H, s.D),
+                   gqa::head_major<const float>(k.data(), s.B, s.G, s.Sk, s.D),
+                   gqa::head_major<const float>(v.data(), s.B, s.G, s.Sk, s.D),
+                   gqa::token_major(out.data(), s.B, s.Sq, s.H, s.D), opt);
+    gqa_test::check_identical(out, base);
+  }
+  SECTION("the returning overload") {
+    const Tensor4<float> out = gqa::attention(in.q, in.k, in.v, opt);
+    gqa_test::check_identical(out, base);
+  }
+}
+
+TEST_CASE("strided TensorRef views: a KV buffer with spare capacity, fused QKV, a wider output",
+          "[attention][property]") {
+  const Shape s{2, 3, 70, 8, 2, 12};
+  const Index capacity = 97;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  // K/V cache buffers [B, G, capacity, D], NaN everywhere past Sk: the kernel must read only the view.
+  Tensor4<float> k_cache(s.B, s.G, capacity, s.D), v_cache(s.B, s.G, capacity, s.D);
+  k_cache.setConstant(nan);
+  v_cache.setConstant(nan);
+  const gqa::TensorRef<float> k{k_cache.data(), {s.B, s.Sk, s.G, s.D}, {s.G * capacity * s.D, s.D, capacity * s.D, 1}};
+  const gqa::TensorRef<float> v{v_cache.data(), {s.B, s.Sk, s.G, s.D}, {s.G * capacity * s.D, s.D, capacity * s.D, 1}};
+  gqa_test::fill_normal(k, 630);
+  gqa_test::fill_normal(v, 631);
+  // Q inside a fused projection output [B, Sq, H + 2G, D] (q heads first), output inside [B, Sq, H + 1, D + 3].
+  const Index fused = s.H + 2 * s.G;
+  Tensor4<float> qkv(s.B, s.Sq, fused, s.D);
+  gqa_test::fill_normal(qkv, 632);
+  const gqa::TensorRef<const float> q{qkv.data(), {s.B, s.Sq, s.H, s.D}, {s.Sq * fused * s.D, fused * s.D, s.D, 1}};
+  Tensor4<float> wide(s.B, s.Sq, s.H + 1, s.D + 3);
+  wide.setConstant(-7.0f);
+  const gqa::TensorRef<float> out{wide.data(), {s.B, s.Sq, s.H, s.D},
+                                  {s.Sq * (s.H + 1) * (s.D + 3), (s.H + 1) * (s.D + 3), s.D + 3, 1}};
+  gqa::AttentionOptions opt;
+  opt.causal = true;
+  gqa::attention(q, gqa::TensorRef<const float>(k), gqa::TensorRef<const float>(v), out, opt);
+
+  const auto ref = gqa::reference_attention<float, float>(q, k, v, opt);
+  Tensor4<float> got(s.B, s.Sq, s.H, s.D);
+  Index touched = 0;
+  for (Index b = 0; b < s.B; ++b)
+    for (Index i = 0; i < s.Sq; ++i)
+      for (Index h = 0; h < s.H + 1; ++h)
+        for (Index d = 0; d < s.D + 3; ++d) {
+          if (h < s.H && d < s.D)
+            got(b, i, h, d) = wide(b, i, h, d);
+          else
+            touched += wide(b, i, h, d) != -7.0f;
+        }
+  gqa_test::check_close(got, ref, kFloatTol);
+  CHECK(touched == 0);  // nothing outside the output view was written
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Compile-time group size, mha, mqa
+// ---------------------------------------------------------------------------------------------------------------
+
+TEST_CASE("attention<GroupSize>, mha and mqa compute the same as the dynamic kernel", "[attention][groupsize]") {
+  gqa::AttentionOptions opt;
+  opt.causal = true;
+  SECTION("attention<4> with H/G = 8/2") {
+    auto in = gqa_test::random_inputs<float>({2, 6, 33, 8, 2, 16}, 700);
+    const auto dyn = gqa::attention(in.q, in.k, in.v, opt);
+    Tensor4<float> fixed(dyn.dimensions());
+    gqa::attention<4>(in.q, in.k, in.v, fixed, opt);
+    gqa_test::check_identical(fixed, dyn);
+    gqa_test::check_close(fixed, gqa::reference_attention(in.q, in.k, in.v, opt), kFloatTol);
+  }
+  SECTION("mha with G = H") {
+    auto in = gqa_test::random_inputs<float>({2, 6, 33, 5, 5, 16}, 701);
+    Tensor4<float> out(2, 6, 5, 16);
+    gqa::mha(in.q, in.k, in.v, out, opt);
+    gqa_test::check_identical(out, gqa::attention(in.q, in.k, in.v, opt));
+    gqa_test::check_close(out, gqa::reference_attention(in.q, in.k, in.v, opt), kFloatTol);
+  }
+  SECTION("mqa with G = 1") {
+    auto in = gqa_test::random_inputs<float>({2, 6, 33, 7, 1, 16}, 702);
+    Tensor4<float> out(2, 6, 7, 16);
+    gqa::mqa(in.q, in.k, in.v, out, opt);
+    gqa_test::check_identical(out, gqa::attention(in.q, in.k, in.v, opt));
+    gqa_test::check_close(out, gqa::reference_attention(in.q, in.k, in.v, opt), kFloatTol);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Threads
+// ---------------------------------------------------------------------------------------------------------------
+
+TEST_CASE("results are bitwise identical for every num_threads", "[attention][threads]") {
+  // Prefill (many items, dynamic schedule), split-K decode (partials merged), ragged + causal, 16-bit K/V.
+  const Case c = GENERATE(values<Case>({
+      {{2, 300, 300, 8, 2, 40}, true, 0, true, 800},
+      {{1, 1, 4096, 8, 2, 64}, false, 0, false, 801},
+      {{3, 2, 2000, 4, 1, 24}, true, 0, true, 802},
+  }));
+  DYNAMIC_SECTION(c.name()) {
+    auto in = gqa_test::random_inputs<float>(c.s, c.seed);
+    const auto len = gqa_test::ragged_lengths(c.s.B, c.s.Sk, c.seed);
+    gqa::AttentionOptions opt;
+    opt.causal = c.causal;
+    if (c.ragged) opt.key_lengths = len;
+    auto run = [&](int threads, std::vector<float>& lse) {
+      gqa::AttentionOptions o = opt;
+      o.num_threads = threads;
+      o.lse = lse;
+      return gqa::attention(in.q, in.k, in.v, o);
+    };
+    std::vector<float> lse1(size_t(c.s.B * c.s.H * c.s.Sq)), lse_n(lse1.size());
+    const auto one = run(1, lse1);
+    gqa_test::check_close(one, gqa::reference_attention(in.q, in.k, in.v, opt), kFloatTol);
+    for (int threads : {2, 3, 0}) {
+      INFO("num_threads = " << threads);
+      const auto many = run(threads, lse_n);
+      gqa_test::check_identical(many, one);
+      CHECK(std::memcmp(lse_n.data(), lse1.data(), lse1.size() * sizeof(float)) == 0);
+    }
+  }
+}
+
+#ifdef _OPENMP
+TEST_CASE("called inside an OpenMP parallel region: runs, correct, identical, no ICV leak", "[attention][threads]") {
+  const Shape s{2, 2, 1500, 8, 2, 32};  // split-K decode shape
+  auto in = gqa_test::random_inputs<float>(s, 810);
+  gqa::AttentionOptions opt;
+  opt.causal = true;
+  opt.num_threads = 1;
+  const auto serial = gqa::attention(in.q, in.k, in.v, opt);
+  gqa_test::check_close(serial, gqa::reference_attention(in.q, in.k, in.v, opt), kFloatTol);
+
+  const int max_before = omp_get_max_threads();
+  std::vector<Tensor4<float>> outs(2, Tensor4<float>(s.B, s.Sq, s.H, s.D));
+  std::vector<int> max_inside(2, -1), max_after_call(2, -1);
+  int team = 0;
+  opt.num_threads = 0;  // would be omp_get_max_threads() outside a region
+#pragma omp parallel num_threads(2)
+  {
+    const int t = omp_get_thread_num();
+#pragma omp single
+    team = omp_get_num_threads();
+    max_inside[size_t(t)] = omp_get_max_threads();
+    gqa::attention(in.q, in.k, in.v, outs[size_t(t)], opt);
+    max_after_call[size_t(t)] = omp_get_max_threads();
+  }
+  INFO("team of " << team);
+  for (int t = 0; t < team; ++t) {
+    gqa_test::check_identical(outs[size_t(t)], serial);
+    CHECK(max_after_call[size_t(t)] == max_inside[size_t(t)]);  // the caller's thread ICV is left alone
+  }
+  CHECK(omp_get_max_threads() == max_before);
+  // And after a top-level call too: the kernel's omp_set_num_threads(1) stays inside its own region.
+  opt.num_threads = 2;
+  (void)gqa::attention(in.q, in.k, in.v, opt);
+  CHECK(omp_get_max_threads() == max_before);
+}
+#endif
