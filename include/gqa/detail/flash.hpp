@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #ifdef _OPENMP
@@ -111,14 +112,16 @@ struct Workspace {
   RowMatrix<Acc> qg;      // [rows_max, D]        the group's queries, pre-multiplied by scale
   RowMatrix<Acc> qt;      // [D, 4 packets]       qg transposed, zero-padded (outer-form micro-kernel)
   RowMatrix<Acc> out;     // [rows_max, D]        unnormalised output
-  RowMatrix<Acc> scores;  // [k_tile, rows_max]   S^T: one row per key, one column per query row
+  RowMatrix<Acc> scores;  // [k_tile rounded up to 64, rows_max] S^T: a row per key, a column per query row
   RowMatrix<Acc> k_buf;   // [k_tile, D]          widened K tile (GEMM path with 16-bit or mixed K/V)
   RowMatrix<Acc> v_buf;   // [k_tile, D]
   RowVector<Acc> row_max, row_sum, tile_max, shift, correction;  // [rows_max]
+  RowVector<Acc> pattern;  // [64 * rows_max >= P] column reductions of the flat score view
 
   Workspace(const TilePlan& t, Index head_dim, bool widen)
-      : qg(t.rows_max, head_dim), out(t.rows_max, head_dim), scores(t.k_tile, t.rows_max), row_max(t.rows_max),
-        row_sum(t.rows_max), tile_max(t.rows_max), shift(t.rows_max), correction(t.rows_max) {
+      : qg(t.rows_max, head_dim), out(t.rows_max, head_dim), scores((t.k_tile + 63) / 64 * 64, t.rows_max), row_max(t.rows_max),
+        row_sum(t.rows_max), tile_max(t.rows_max), shift(t.rows_max), correction(t.rows_max),
+        pattern(64 * t.rows_max) {
     if (t.small) qt.resize(head_dim, mk::kMaxRows<Acc>);
     if (widen && !t.small) {
       k_buf.resize(t.k_tile, head_dim);
@@ -142,21 +145,6 @@ ConstTile<Acc> load_tile(const KVScalar* src, Index stride, Index n, Index head_
                        .template cast<Acc>();
     return ConstTile<Acc>(buf.data(), n, head_dim, Eigen::OuterStride<>(buf.cols()));
   }
-}
-
-/// Software prefetch into L2 (not L1, which the current tile occupies) of n rows of `row_len` elements,
-/// `stride` apart.
-template <typename T>
-inline void prefetch_rows(const T* src, Index stride, Index n, Index row_len) {
-  constexpr Index kLine = 64 / Index(sizeof(T));
-  for (Index j = 0; j < n; ++j)
-    for (Index d = 0; d < row_len; d += kLine) {
-#if defined(__GNUC__) || defined(__clang__)
-      __builtin_prefetch(src + j * stride + d, 0, 2);
-#else
-      Eigen::internal::prefetch(src + j * stride + d);
-#endif
-    }
 }
 
 /// Partial results of key splits, merged after all items ran.
@@ -190,15 +178,20 @@ struct ItemCoords {
 
 /// Turns the score tile S^T [n, rows] (keys kb .. kb+n-1) into probabilities and updates the running max, sum and
 /// output scale of every row: soft-cap, bias, masks, then the online softmax of gqa/options.hpp.
+///
+/// The reductions run on the flat buffer viewed as [n * rows / P, P] with P a multiple of lcm(rows, 8): every view
+/// row holds whole groups of `rows` scores, so column maxima/sums and the per-row shift are plain contiguous packet
+/// loops whatever the group size (a [n, 4] block would otherwise be reduced 4 scalars at a time). The tile is
+/// padded with -inf keys to a multiple of 64; they contribute exact zeros.
 template <typename P, typename Acc>
 void softmax_tile(const P& p, const ItemCoords& c, Index kb, Index n, bool masked, Workspace<Acc>& ws) {
   constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
   const Index rows = c.rows, gs = p.group_size;
   Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), n, rows);
-  auto flat = Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(ws.scores.data(), n * rows);
 
   if (p.softcap > 0) {
     const Acc cap = Acc(p.softcap), inv_cap = Acc(1) / cap;
+    auto flat = Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(ws.scores.data(), n * rows);
     flat = cap * (flat * inv_cap).tanh();
   }
   if (p.bias) {
@@ -219,32 +212,52 @@ void softmax_tile(const P& p, const ItemCoords& c, Index kb, Index n, bool maske
     }
   }
 
-  auto& tile_max = ws.tile_max;
-  if (rows == 1) {
-    tile_max[0] = flat.maxCoeff();
-  } else {
-    tile_max.head(rows) = s.row(0);
-    for (Index j = 1; j < n; ++j) tile_max.head(rows) = tile_max.head(rows).cwiseMax(s.row(j));
-  }
-  // New running max; rows that have seen no visible key yet keep -inf and subtract 0, so exp gives exact zeros.
   auto m_old = ws.row_max.head(rows).array();
   auto m_new = ws.tile_max.head(rows).array();
-  m_new = m_old.max(m_new);
   auto shift = ws.shift.head(rows).array();
+  auto sum = ws.row_sum.head(rows).array();
+  auto out = ws.out.topRows(rows);
+  if (rows == 1) {  // one row (MHA decode): the tile is one contiguous vector
+    auto flat = Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(ws.scores.data(), n);
+    m_new[0] = std::max(m_old[0], flat.maxCoeff());
+    shift[0] = m_new[0] > kNegInf ? m_new[0] : Acc(0);
+    const Acc correction = std::exp(m_old[0] - shift[0]);
+    flat = (flat - shift[0]).exp();
+    sum[0] = sum[0] * correction + flat.sum();
+    m_old[0] = m_new[0];
+    if (correction != Acc(1)) out *= correction;
+    return;
+  }
+
+  // View rows of P = lcm(rows, 8) * f >= 64 elements (f <= 8) amortise Eigen's per-row loop overhead; padding the
+  // tile to a multiple of 64 keys makes n_pad * rows a multiple of P.
+  const Index base = std::lcm(rows, Index(8));
+  Index f = 1;
+  while (f < 8 && base * f < 64) f *= 2;
+  const Index period = base * f;
+  const Index n_pad = (n + 63) / 64 * 64;
+  std::fill(ws.scores.data() + n * rows, ws.scores.data() + n_pad * rows, kNegInf);
+  Eigen::Map<RowMatrix<Acc>> view(ws.scores.data(), n_pad * rows / period, period);
+  auto pattern = ws.pattern.head(period);
+
+  pattern = view.row(0);
+  for (Index j = 1; j < view.rows(); ++j) pattern = pattern.cwiseMax(view.row(j));
+  m_new = pattern.head(rows).array();
+  for (Index k = rows; k < period; k += rows) m_new = m_new.max(pattern.segment(k, rows).array());
+  m_new = m_old.max(m_new);
+  // Rows that have seen no visible key yet keep -inf and subtract 0, so exp gives exact zeros.
   shift = (m_new > kNegInf).select(m_new, Acc(0));
   ws.correction.head(rows).array() = (m_old - shift).exp();  // 0 when m_old = -inf
-  if (rows == 1) {
-    flat = (flat - shift(0)).exp();
-    ws.row_sum[0] = ws.row_sum[0] * ws.correction[0] + flat.sum();
-  } else {
-    s.array().rowwise() -= shift;
-    flat = flat.exp();
-    auto sum = ws.row_sum.head(rows);
-    sum = sum.cwiseProduct(ws.correction.head(rows));
-    for (Index j = 0; j < n; ++j) sum += s.row(j);
-  }
+  for (Index k = 0; k < period; k += rows) pattern.segment(k, rows) = shift.matrix();
+  for (Index j = 0; j < view.rows(); ++j) view.row(j) -= pattern;
+  auto flat = Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(ws.scores.data(), n_pad * rows);
+  flat = flat.exp();
+
+  pattern = view.row(0);
+  for (Index j = 1; j < view.rows(); ++j) pattern += view.row(j);
+  sum *= ws.correction.head(rows).array();
+  for (Index k = 0; k < period; k += rows) sum += pattern.segment(k, rows).array();
   m_old = m_new;
-  auto out = ws.out.topRows(rows);
   for (Index r = 0; r < rows; ++r)
     if (ws.correction[r] != Acc(1)) out.row(r) *= ws.correction[r];
 }
@@ -300,12 +313,6 @@ void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index s
     const Index n = std::min(t.k_tile, k_end - kb);
     const auto* k_rows = k_head + kb * p.k_stride_s;
     const auto* v_rows = v_head + kb * p.v_stride_s;
-    if (t.small && kb + n < k_end) {
-      // The micro-kernels walk several K rows at once; fetching the next tile now keeps them on L1/L2 hits.
-      const Index next = std::min(t.k_tile, k_end - kb - n);
-      prefetch_rows(k_rows + n * p.k_stride_s, p.k_stride_s, next, D);
-      prefetch_rows(v_rows + n * p.v_stride_s, p.v_stride_s, next, D);
-    }
     Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), n, rows);
     if (t.small) {
       mk::dispatch_rows<Acc>(rows, [&](auto m_const) {
