@@ -33,11 +33,13 @@ namespace gqa {
 namespace detail {
 
 /// Tile sizes for one call.
-///  * Prefill (many rows): ~128 rows per item and 128 keys per tile keep Qg, O, the score block and one K/V tile
-///    (4 x 64 KiB at D = 128, float) inside a 512 KiB-1 MiB L2, while each GEMM is large enough for Eigen's
-///    kernel to pay for packing.
+///  * Prefill (many rows): T rows per item (T / (H/G) queries of the group) and T keys per tile, with the largest T
+///    in {128, 64, 32} whose working set -- Qg and O [T, D], the score block [T, T], one K and one V tile [T, D] --
+///    takes at most 3/4 of the L2 cache Eigen detects (512 KiB L2, D = 128: T = 128, 320 KiB), so the tile
+///    products run from L2 while each GEMM is still large enough for Eigen's kernel to pay for packing.
 ///  * Decode (rows <= 4 packets, D a multiple of the packet size): the micro-kernels read K/V in place, 64 keys
-///    per tile keep the V tile (32 KiB at D = 128) in L1 while every block of rows reuses it.
+///    per tile, so the V tile (32 KiB at D = 128) stays in L1/L2 while every block of rows reuses it.
+/// Tile sizes depend on the machine's cache sizes and the shapes, never on the thread count.
 struct TilePlan {
   Index q_tile = 1;    // queries per item
   Index k_tile = 128;  // keys per inner step
@@ -67,9 +69,11 @@ TilePlan plan_tiles(const P& p) {
     t.q_tile = std::max<Index>(1, mk::kMaxRows<Acc> / p.group_size);
     t.k_tile = 64;
   } else {
-    constexpr Index target_rows = 128;
-    t.q_tile = std::max<Index>(1, std::min<Index>(p.q_len, target_rows / p.group_size));
-    t.k_tile = 128;
+    const Index budget = Index(Eigen::l2CacheSize()) * 3 / 4;
+    Index tile = 128;
+    while (tile > 32 && Index(sizeof(Acc)) * (4 * tile * p.head_dim + tile * tile) > budget) tile /= 2;
+    t.q_tile = std::max<Index>(1, std::min<Index>(p.q_len, tile / p.group_size));
+    t.k_tile = tile;
   }
   t.q_tiles = p.q_len == 0 ? 0 : (p.q_len + t.q_tile - 1) / t.q_tile;
   t.rows_max = t.q_tile * p.group_size;
