@@ -136,7 +136,7 @@ int main(int argc, char** argv) {
               << "  key/value heads: " << s.groups_before << " -> " << s.groups_after << " (" << what;
     if (s.groups_after < s.groups_before) std::cout << ", method " << gqa::to_string(options.convert.method);
     std::cout << "), query heads " << s.config.heads << ", head_dim " << s.config.head_dim << ", " << s.layers
-              << " layers\n"
+              << (s.layers == 1 ? " layer\n" : " layers\n")
               << "  tensors: " << s.tensors_total << " (" << s.tensors_converted << " converted, "
               << s.tensors_copied << " copied byte for byte)" << (s.sharded ? ", sharded" : "") << "\n"
               << "  tensor bytes: " << bytes(s.tensor_bytes_before) << " -> " << bytes(s.tensor_bytes_after) << "\n"

@@ -301,7 +301,7 @@ inline CheckpointSummary convert_checkpoint(const std::filesystem::path& input_d
     require(!fs::equivalent(in, out), "checkpoint.output_exists", "output '", output_dir.string(),
             "' is the input directory");
     require(options.force, "checkpoint.output_exists", "output '", output_dir.string(),
-            "' exists; pass force (--force) to replace it");
+            "' exists; set CheckpointOptions::force (gqa-convert --force) to replace it");
     const fs::path rel = fs::weakly_canonical(in).lexically_relative(fs::weakly_canonical(out));
     require(rel.empty() || *rel.begin() == "..", "checkpoint.output_exists", "output '", output_dir.string(),
             "' contains the input directory; replacing it would delete the input");
