@@ -289,6 +289,25 @@ TEST_CASE("convert_checkpoint: first, random and explicit assignments", "[checkp
   CHECK(q2 != q);
 }
 
+TEST_CASE("convert_checkpoint: which tensor names are refused", "[checkpoint][errors]") {
+  using gqa::detail::unsupported_reason;
+  for (const char* name : {"h.0.attn.c_attn.weight", "transformer.h.3.self_attention.query_key_value.weight",
+                           "model.layers.0.self_attn.qkv_proj.weight", "blocks.1.attn.Wqkv.bias",
+                           "model.layers.0.self_attn.W_pack.weight", "encoder.layers.0.self_attn.in_proj_weight"})
+    CHECK_THAT(unsupported_reason(name).value_or(""), Contains("fused QKV"));
+  for (const char* name : {"model.layers.0.self_attn.k_norm.weight", "model.layers.0.self_attn.q_norm.weight",
+                           "model.layers.2.self_attn.k_layernorm.weight"})
+    CHECK_THAT(unsupported_reason(name).value_or(""), Contains("per-head query/key norm"));
+  for (const char* name : {"model.layers.0.self_attn.k_proj.qweight", "model.layers.0.self_attn.v_proj.weight_scale",
+                           "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight",
+                           "vision_model.encoder.layers.0.self_attn.k_proj.weight"})
+    CHECK_THAT(unsupported_reason(name).value_or(""), Contains("looks like a K/V projection"));
+  for (const char* name : {"model.layers.0.self_attn.k_proj.weight", "model.layers.11.self_attn.v_proj.bias",
+                           "model.layers.0.block_norm.weight", "model.layers.0.mlp.down_proj.weight",
+                           "model.norm.weight", "lm_head.weight", "model.layers.0.self_attn.rotary_emb.inv_freq"})
+    CHECK_FALSE(unsupported_reason(name).has_value());
+}
+
 TEST_CASE("convert_checkpoint: refusals and failures leave no output behind", "[checkpoint][errors]") {
   TempDir dir;
   TinyModel llama;

@@ -58,6 +58,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <initializer_list>
 #include <map>
 #include <optional>
 #include <set>
@@ -180,19 +181,28 @@ inline std::optional<AttentionTensorName> parse_attention_name(std::string_view 
   return AttentionTensorName{layer, std::string(proj), std::string(param)};
 }
 
-/// Why a tensor name shows an architecture the converter cannot handle honestly, or nullopt.
+/// Why a tensor name shows an architecture the converter cannot handle honestly, or nullopt. Compares whole
+/// dot-separated components, so "block_norm" is not mistaken for "k_norm".
 inline std::optional<std::string> unsupported_reason(const std::string& name) {
-  auto has = [&](std::string_view s) { return name.find(s) != std::string::npos; };
-  for (std::string_view fused : {".c_attn.", ".qkv_proj.", ".query_key_value.", ".Wqkv.", ".in_proj_weight",
-                                 ".in_proj_bias", ".qkv.", ".W_pack."})
-    if (has(fused))
-      return concat("tensor '", name, "' is a fused QKV projection (as GPT-2's c_attn); its K and V rows cannot be "
-                                      "told apart without architecture knowledge gqa does not have");
-  for (std::string_view norm : {"q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm"})
-    if (has(norm))
-      return concat("tensor '", name, "' is a per-head query/key norm; the norm of a pooled head is not the pool "
-                                      "of the normed heads, so K cannot be pooled honestly");
-  if ((has("k_proj") || has("v_proj")) && !parse_attention_name(name))
+  std::vector<std::string_view> parts;
+  for (std::size_t b = 0, e; b <= name.size(); b = e + 1) {
+    e = name.find('.', b);
+    if (e == std::string::npos) e = name.size();
+    parts.push_back(std::string_view(name).substr(b, e - b));
+  }
+  auto any = [&](std::initializer_list<std::string_view> set) {
+    for (auto p : parts)
+      for (auto s : set)
+        if (p == s) return true;
+    return false;
+  };
+  if (any({"c_attn", "qkv_proj", "query_key_value", "Wqkv", "qkv", "W_pack", "in_proj_weight", "in_proj_bias"}))
+    return concat("tensor '", name, "' is a fused QKV projection (as GPT-2's c_attn); its K and V rows cannot be "
+                                    "told apart without architecture knowledge gqa does not have");
+  if (any({"q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm"}))
+    return concat("tensor '", name, "' is a per-head query/key norm; the norm of a pooled head is not the pool "
+                                    "of the normed heads, so K cannot be pooled honestly");
+  if (any({"k_proj", "v_proj"}) && !parse_attention_name(name))
     return concat("tensor '", name, "' looks like a K/V projection but is not model.layers.<i>.self_attn."
                                     "{k_proj,v_proj}.{weight,bias} (quantised, adapter or other layout)");
   return std::nullopt;
