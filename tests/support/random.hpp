@@ -6,11 +6,12 @@
 //                                   (std::uniform_real_distribution is implementation-defined, so it is avoided)
 //   gqa_test::fill_uniform/normal   seeded fills of a Tensor4<T> or a TensorRef<T> (any element type)
 //   gqa_test::random_inputs<T,KVT>  Q [B,Sq,H,D], K/V [B,Sk,G,D] for a Shape and a seed
-//   gqa_test::ragged_lengths        key lengths in [0, Sk] with one sequence at the maximum Sk
+//   gqa_test::ragged_lengths        key lengths in [min, Sk] with one sequence at the maximum Sk
 #pragma once
 
 #include "gqa/types.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <sstream>
@@ -100,12 +101,12 @@ Inputs<T, KVT> random_inputs(const Shape& s, std::uint64_t seed) {
   return in;
 }
 
-/// Key lengths for a ragged batch: each in [0, Sk], the sequence `at_max` (default the last) exactly Sk.
-inline std::vector<std::int32_t> ragged_lengths(Index batch, Index k_len, std::uint64_t seed, Index at_max = -1) {
+/// Key lengths for a ragged batch: each in [min_len, Sk], the last sequence exactly Sk (the maximum).
+inline std::vector<std::int32_t> ragged_lengths(Index batch, Index k_len, std::uint64_t seed, Index min_len = 0) {
   Rng rng(seed);
   std::vector<std::int32_t> len(static_cast<size_t>(batch));
-  for (auto& l : len) l = std::int32_t(rng.integer(0, k_len));
-  if (batch > 0) len[size_t(at_max < 0 ? batch - 1 : at_max)] = std::int32_t(k_len);
+  for (auto& l : len) l = std::int32_t(rng.integer(std::min(min_len, k_len), k_len));
+  if (batch > 0) len.back() = std::int32_t(k_len);
   return len;
 }
 
