@@ -78,8 +78,10 @@ Tensor4<double> reference_attention(TensorRef<const T> q, TensorRef<const KVT> k
         }
         double sum = 0;
         for (Index j = 0; j < Sk; ++j) sum += (row[j] = std::exp(row[j] - m));
-        for (Index j = 0; j < Sk; ++j)
+        for (Index j = 0; j < Sk; ++j) {
+          if (row[j] == 0) continue;  // masked (or underflowed): its value, even NaN padding, is never read
           for (Index d = 0; d < D; ++d) out(b, i, h, d) += row[j] / sum * v_rep(b, j, h, d);
+        }
         if (!opt.lse.empty()) opt.lse[(b * H + h) * Sq + i] = float(m + std::log(sum));
       }
     }

@@ -226,7 +226,8 @@ void softmax_tile(const P& p, const ItemCoords& c, Index kb, Index n, bool maske
     m_new[0] = std::max(m_old[0], flat.maxCoeff());
     shift[0] = m_new[0] > kNegInf ? m_new[0] : Acc(0);
     const Acc correction = std::exp(m_old[0] - shift[0]);
-    flat = (flat - shift[0]).exp();
+    flat -= shift[0];
+    mk::exp_or_zero(flat.data(), n);
     sum[0] = sum[0] * correction + flat.sum();
     m_old[0] = m_new[0];
     if (correction != Acc(1)) out *= correction;
@@ -251,11 +252,11 @@ void softmax_tile(const P& p, const ItemCoords& c, Index kb, Index n, bool maske
   m_new = m_old.max(m_new);
   // Rows that have seen no visible key yet keep -inf and subtract 0, so exp gives exact zeros.
   shift = (m_new > kNegInf).select(m_new, Acc(0));
-  ws.correction.head(rows).array() = (m_old - shift).exp();  // 0 when m_old = -inf
+  ws.correction.head(rows).array() = m_old - shift;
+  mk::exp_or_zero(ws.correction.data(), rows);  // exactly 0 when m_old = -inf
   for (Index k = 0; k < period; k += rows) pattern.segment(k, rows) = shift.matrix();
   for (Index j = 0; j < view.rows(); ++j) view.row(j) -= pattern;
-  auto flat = Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(ws.scores.data(), n_pad * rows);
-  flat = flat.exp();
+  mk::exp_or_zero(ws.scores.data(), n_pad * rows);
 
   pattern = view.row(0);
   for (Index j = 1; j < view.rows(); ++j) pattern += view.row(j);

@@ -15,6 +15,8 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <type_traits>
 
 namespace gqa {
@@ -158,6 +160,25 @@ void accumulate_pv(const Acc* pt, Index ld_pt, const Src* v, Index v_stride, Ind
   for (; r0 + 3 <= M; r0 += 3) rows(std::integral_constant<int, 3>{}, r0);
   if (M - r0 == 2) rows(std::integral_constant<int, 2>{}, r0);
   if (M - r0 == 1) rows(std::integral_constant<int, 1>{}, r0);
+}
+
+/// x[i] = exp(x[i]) for finite x[i] and exactly 0 for -inf. Eigen's vectorised exp clamps its argument at about
+/// -88.4 and returns ~3e-39 for -inf; a masked score must contribute an exact zero (a row with no visible key
+/// returns zeros, and masked values, even NaN padding, never reach the output).
+template <typename Acc>
+void exp_or_zero(Acc* x, Index n) {
+  using Eigen::internal::pcmp_eq;
+  using Eigen::internal::pexp;
+  using Eigen::internal::pselect;
+  constexpr int L = kLanes<Acc>;
+  const Packet<Acc> neg_inf = pset1<Packet<Acc>>(-std::numeric_limits<Acc>::infinity());
+  const Packet<Acc> zero = pset1<Packet<Acc>>(Acc(0));
+  Index i = 0;
+  for (; i + L <= n; i += L) {
+    const Packet<Acc> v = ploadu<Packet<Acc>>(x + i);
+    pstoreu(x + i, pselect(pcmp_eq(v, neg_inf), zero, pexp(v)));
+  }
+  for (; i < n; ++i) x[i] = x[i] == -std::numeric_limits<Acc>::infinity() ? Acc(0) : std::exp(x[i]);
 }
 
 /// Largest row count the small-M kernels handle: 4 packets of rows (32 floats on AVX2, 64 on AVX-512).
