@@ -290,10 +290,10 @@ TEST_CASE("bias broadcasts over batch and heads (hand-computed)", "[options][bia
   }
 }
 
-TEST_CASE("rows with no visible key give zeros and lse -inf, never NaN (hand-computed)", "[options][empty][!mayfail]") {
-  // [!mayfail]: fails on the kernel of 447af04..c28d742 (Eigen 3.4's vectorised exp(-inf) is ~3e-39, not 0, so a
-  // masked-out row sharing a key tile with other rows gets a tiny nonzero sum and returns the mean of masked
-  // values, or inf/NaN); remove once fixed. Key length 0 (no key tile at all) is tested, and passes, above.
+TEST_CASE("rows with no visible key give zeros and lse -inf, never NaN (hand-computed)", "[options][empty]") {
+  // Rows that see no key while other rows of their key tile do. Regression: up to c28d742 Eigen's vectorised
+  // exp(-inf) (~3e-39, not 0) gave such rows a tiny nonzero sum, so they returned the mean of masked values, or
+  // inf/NaN. Key length 0 (no key tile at all) is tested above.
   gqa::AttentionOptions opt;
   SECTION("causal, Sq = 4 > Sk = 2: the first two queries see no key") {
     opt.causal = true;
@@ -469,8 +469,8 @@ TEST_CASE("causal with Sq != Sk and ragged lengths vs the reference", "[options]
   }
 }
 
-TEST_CASE("rows with no visible key vs the reference: Sq > Sk, Sq > len[b], -inf bias rows", "[options][empty][!mayfail]") {
-  // Rows that see no key while other rows of their key tile do. [!mayfail]: see the hand-computed test above.
+TEST_CASE("rows with no visible key vs the reference: Sq > Sk, Sq > len[b], -inf bias rows", "[options][empty]") {
+  // Rows that see no key while other rows of their key tile do (see the hand-computed test above).
   SECTION("causal with Sq > Sk") {
     const auto sq_sk = GENERATE(std::make_pair(Index(300), Index(7)), std::make_pair(Index(200), Index(129)),
                                 std::make_pair(Index(129), Index(128)));
