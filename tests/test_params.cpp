@@ -297,7 +297,7 @@ TEST_CASE("attention<GroupSize> with a group size other than H/G", "[params][gro
 }
 
 TEST_CASE("mha with G != H", "[params][groupsize]") {
-  expect_error<gqa::shape_error>(Call{}, {"12/4", "= 3", "1"},
+  expect_error<gqa::shape_error>(Call{}, {"mha", "k dim 2", "= 4", "H) = 12"},
                                  [](auto& q, auto& k, auto& v, auto& out, const auto& opt) {
                                    gqa::mha(q, k, v, out, opt);
                                  });

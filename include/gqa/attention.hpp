@@ -96,6 +96,10 @@ auto attention(const Q& q, const K& k, const V& v, const AttentionOptions& optio
 /// Multi-head attention: requires G == H (every query head has its own K/V head).
 template <typename Q, typename K, typename V, typename O>
 void mha(const Q& q, const K& k, const V& v, O&& out, const AttentionOptions& options = {}) {
+  const auto qr = detail::as_ref(q, KVLayout::TokenMajor);
+  const auto kr = detail::as_ref(k, options.kv_layout);
+  detail::require<shape_error>(kr.dims[2] == qr.dims[2], "shape", "mha: k dim 2 (kv_heads G) = ", kr.dims[2],
+                               " but MHA needs G = q dim 2 (heads H) = ", qr.dims[2]);
   attention<1>(q, k, v, std::forward<O>(out), options);
 }
 
