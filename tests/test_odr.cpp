@@ -1,6 +1,7 @@
 // ODR test: gqa/gqa.hpp included from three translation units (this one, odr/odr_a.cpp, odr/odr_b.cpp) linked
-// into one binary. Linking at all proves no header defines a non-inline function or variable; the checks below
-// prove the inline entities really are one entity per program and that exceptions cross TUs by type.
+// into one binary; the two odr/ TUs instantiate the same kernels. Linking at all proves no header defines a
+// non-inline function or variable; the checks below prove the inline entities really are one entity per program
+// and that exceptions cross TUs by type.
 #include <catch2/catch.hpp>
 
 #include <gqa/gqa.hpp>
@@ -25,12 +26,12 @@ TEST_CASE("two TUs including gqa/gqa.hpp compute the same, correct result", "[od
 TEST_CASE("inline entities of gqa have one address across TUs", "[odr]") {
   const odr_test::Result a = odr_test::run_a();
   const odr_test::Result b = odr_test::run_b();
-  const odr_test::AttentionFn here_attention = &gqa::attention<gqa::Dynamic>;
-  const odr_test::ReferenceFn here_reference = &gqa::reference_attention<float, float>;
+  // Compared between odr_a.cpp and odr_b.cpp only: taking the addresses here too would instantiate the kernel in
+  // a third TU, which costs a minute of sanitizer build time and proves nothing more.
+  REQUIRE(a.attention != nullptr);
+  REQUIRE(a.reference != nullptr);
   CHECK(a.attention == b.attention);
-  CHECK(a.attention == here_attention);
   CHECK(a.reference == b.reference);
-  CHECK(a.reference == here_reference);
   CHECK(a.dynamic == b.dynamic);
   CHECK(a.dynamic == &gqa::Dynamic);
 }
