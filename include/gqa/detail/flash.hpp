@@ -151,6 +151,20 @@ ConstTile<Acc> load_tile(const KVScalar* src, Index stride, Index n, Index head_
   }
 }
 
+/// Software prefetch into L2 of n rows of `row_len` elements, `stride` apart.
+template <typename T>
+inline void prefetch_rows(const T* src, Index stride, Index n, Index row_len) {
+  constexpr Index kLine = 64 / Index(sizeof(T));
+  for (Index j = 0; j < n; ++j)
+    for (Index d = 0; d < row_len; d += kLine) {
+#if defined(__GNUC__) || defined(__clang__)
+      __builtin_prefetch(src + j * stride + d, 0, 2);
+#else
+      Eigen::internal::prefetch(src + j * stride + d);
+#endif
+    }
+}
+
 /// Partial results of key splits, merged after all items ran.
 template <typename Acc>
 struct SplitPartials {
@@ -318,6 +332,16 @@ void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index s
     const Index n = std::min(t.k_tile, k_end - kb);
     const auto* k_rows = k_head + kb * p.k_stride_s;
     const auto* v_rows = v_head + kb * p.v_stride_s;
+    // The micro-kernels walk several K rows at once, a pattern the hardware prefetchers follow poorly from DRAM:
+    // ask for the next tile (into L2, keeping the current one in L1) while this one is computed. Measured at
+    // H=32, D=128, S=16384, 2 threads: MHA 25.1 -> 23.5 ms, GQA-8 8.2 -> 7.5 ms, GQA-4 5.3 -> 4.4 ms per token;
+    // prefetching 2 or 4 tiles ahead was no better.
+    const Index ahead = kb + t.k_tile;
+    if (t.small && ahead < k_end) {
+      const Index next = std::min(t.k_tile, k_end - ahead);
+      prefetch_rows(k_head + ahead * p.k_stride_s, p.k_stride_s, next, D);
+      prefetch_rows(v_head + ahead * p.v_stride_s, p.v_stride_s, next, D);
+    }
     Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), n, rows);
     if (t.small) {
       mk::dispatch_rows<Acc>(rows, [&](auto m_const) {
