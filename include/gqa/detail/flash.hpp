@@ -4,8 +4,11 @@
 // tile of queries: they are stacked as the rows of one matrix Qg [rows = q_tile * H/G, D], so every K/V tile of
 // head g is read once and used by all rows of the group (never repeated per query head). Keys are streamed in
 // tiles of k_tile rows with the online softmax (running max m, running sum l, unnormalised output O), so memory
-// is O(tile), never Sq x Sk. Tile products go through Eigen's GEMM on maps of the caller's memory (float K/V are
-// read in place; 16-bit and mixed-precision K/V are widened one tile at a time into a small buffer).
+// is O(tile), never Sq x Sk. Scores are kept transposed, S^T [keys, rows], so the softmax vectorises across rows.
+// Tile products: with few rows (decode, up to 4 SIMD packets) the register-blocked micro-kernels of
+// microkernels.hpp read K/V rows in place and widen 16-bit values in registers; with many rows (prefill) Eigen's
+// GEMM runs on maps of the caller's memory (16-bit and mixed-precision K/V widened one tile at a time). Key tiles
+// that no row of an item can see (causal, window, key lengths) are never visited.
 //
 // When there are few (b, g, query tile) items (decode: B * G small), the key range is also split
 // (flash-decoding): each split keeps its partial (m, l, O), and the splits are merged with log-sum-exp weights.
