@@ -154,20 +154,6 @@ ConstTile<Acc> load_tile(const KVScalar* src, Index stride, Index n, Index head_
   }
 }
 
-/// Software prefetch into L2 of n rows of `row_len` elements, `stride` apart.
-template <typename T>
-inline void prefetch_rows(const T* src, Index stride, Index n, Index row_len) {
-  constexpr Index kLine = 64 / Index(sizeof(T));
-  for (Index j = 0; j < n; ++j)
-    for (Index d = 0; d < row_len; d += kLine) {
-#if defined(__GNUC__) || defined(__clang__)
-      __builtin_prefetch(src + j * stride + d, 0, 2);
-#else
-      Eigen::internal::prefetch(src + j * stride + d);
-#endif
-    }
-}
-
 /// Partial results of key splits, merged after all items ran.
 template <typename Acc>
 struct SplitPartials {
@@ -335,35 +321,29 @@ void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index s
     const Index n = std::min(t.k_tile, k_end - kb);
     const auto* k_rows = k_head + kb * p.k_stride_s;
     const auto* v_rows = v_head + kb * p.v_stride_s;
-    // The micro-kernels walk several K rows at once, a pattern the hardware prefetchers follow poorly from DRAM:
-    // ask for the next tile (into L2, keeping the current one in L1) while this one is computed. Measured at
-    // H=32, D=128, S=16384, 2 threads: MHA 25.1 -> 23.5 ms, GQA-8 8.2 -> 7.5 ms, GQA-4 5.3 -> 4.4 ms per token;
-    // prefetching 2 or 4 tiles ahead was no better. For 16-bit K/V it cost ~10% (MHA 14.3 -> 15.8 ms), so only
-    // 4- and 8-byte storage prefetches.
-    const Index ahead = kb + t.k_tile;
-    if (sizeof(typename P::KVScalar) >= 4 && t.small && ahead < k_end) {
-      const Index next = std::min(t.k_tile, k_end - ahead);
-      prefetch_rows(k_head + ahead * p.k_stride_s, p.k_stride_s, next, D);
-      prefetch_rows(v_head + ahead * p.v_stride_s, p.v_stride_s, next, D);
-    }
+    const Index avail = k_end - kb;  // rows the micro-kernels may prefetch from k_rows / v_rows
     Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), n, rows);
     if (t.small) {
       mk::dispatch_rows<Acc>(rows, [&](auto m_const) {
         constexpr int M = decltype(m_const)::value;
         if constexpr (M > 0) {
-          mk::scores_dot<M>(ws.qg.data(), k_rows, p.k_stride_s, n, D, s.data(), rows);
+          if constexpr (mk::kLanes<Acc> % M == 0)
+            mk::scores_dot_packed<M>(ws.qg.data(), k_rows, p.k_stride_s, n, D, s.data(), avail);
+          else
+            mk::scores_dot<M>(ws.qg.data(), k_rows, p.k_stride_s, n, D, s.data(), rows, avail);
         } else {
           // Outer form writes whole packets of rows: compute into a padded row stride, then compact.
           constexpr int NB = -M;
           constexpr Index ld = NB * mk::kLanes<Acc>;
           Acc* wide = ws.scores.data();
           if (ld == rows) {
-            mk::scores_outer<NB>(ws.qt.data(), ws.qt.cols(), k_rows, p.k_stride_s, n, D, wide, ld);
+            mk::scores_outer<NB>(ws.qt.data(), ws.qt.cols(), k_rows, p.k_stride_s, n, D, wide, ld, avail);
           } else {
             EIGEN_ALIGN_MAX Acc tmp[8 * mk::kMaxRows<Acc>];
             for (Index j0 = 0; j0 < n; j0 += 8) {
               const Index nn = std::min<Index>(8, n - j0);
-              mk::scores_outer<NB>(ws.qt.data(), ws.qt.cols(), k_rows + j0 * p.k_stride_s, p.k_stride_s, nn, D, tmp, ld);
+              mk::scores_outer<NB>(ws.qt.data(), ws.qt.cols(), k_rows + j0 * p.k_stride_s, p.k_stride_s, nn, D, tmp,
+                                   ld, avail - j0);
               for (Index j = 0; j < nn; ++j) std::copy_n(tmp + j * ld, rows, wide + (j0 + j) * rows);
             }
           }
@@ -378,7 +358,7 @@ void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index s
     softmax_tile(p, c, kb, n, masked, ws);
 
     if (t.small) {
-      mk::accumulate_pv(s.data(), rows, v_rows, p.v_stride_s, n, rows, D, out.data(), D);
+      mk::accumulate_pv(s.data(), rows, v_rows, p.v_stride_s, n, rows, D, out.data(), D, avail);
     } else {
       auto v_tile = load_tile<Acc>(v_rows, p.v_stride_s, n, D, ws.v_buf);
       out.noalias() += s.transpose() * v_tile;
