@@ -119,7 +119,7 @@ EIGEN_STRONG_INLINE P predux_transposed(const P* acc) {
 /// st[j * M + r] = sum_d qg[r * D + d] * k[j * k_stride + d]. The KB * M = lanes accumulators are reduced together
 /// into one packet, which is KB consecutive rows of S^T (the score buffer's row stride is M).
 template <int M, typename Acc, typename Src>
-void scores_dot_packed(const Acc* qg, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index avail) {
+void scores_dot_packed(const Acc* qg, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index avail, Index ld_st = M) {
   constexpr int L = kLanes<Acc>;
   constexpr int KB = L / M;
   static_assert(KB * M == L, "M must divide the packet size");
@@ -136,10 +136,10 @@ void scores_dot_packed(const Acc* qg, const Src* k, Index k_stride, Index n, Ind
         for (int r = 0; r < M; ++r) acc[a * M + r] = pmadd(kv, qv[r], acc[a * M + r]);
       }
     }
-    pstoreu(st + j * M, predux_transposed(acc));
+    pstoreu(st + j * ld_st, predux_transposed(acc));
     for (int a = 0; a < KB; ++a) prefetch_ahead(k, k_stride, j + a, avail, D);
   }
-  if (j < n) scores_dot<M>(qg, k + j * k_stride, k_stride, n - j, D, st + j * M, M, 0);
+  if (j < n) scores_dot<M>(qg, k + j * k_stride, k_stride, n - j, D, st + j * ld_st, ld_st, 0);
 }
 
 /// Outer-product form for NB packets of rows (M <= NB * lanes): qt is Q^T, [D, >= NB * lanes] row-major with row
@@ -258,7 +258,7 @@ template <typename Acc>
 inline constexpr Index kMaxRows = 4 * kLanes<Acc>;
 
 /// Calls f(std::integral_constant<int, M>) for 1 <= rows < lanes (dot form), or
-/// f(std::integral_constant<int, -NB>) with NB = ceil(rows / lanes) packets (outer form). rows <= kMaxRows<Acc>.
+/// f(std::integral_constant<int, -NB>) with NB = ceil(rows / lanes) packets of rows. rows <= kMaxRows<Acc>.
 template <typename Acc, typename F>
 void dispatch_rows(Index rows, F&& f) {
   constexpr int L = kLanes<Acc>;
