@@ -294,4 +294,15 @@ inline void register_sgemm_baselines() {
     }
 }
 
+/// The body of each benchmark binary's main: registers its benchmarks (register_all), then runs Google Benchmark
+/// with the command line.
+inline int run_main(int argc, char** argv, void (*register_all)()) {
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
+
 }  // namespace gqa_bench

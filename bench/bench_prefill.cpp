@@ -136,11 +136,4 @@ void register_all() {
 }  // namespace
 }  // namespace gqa_bench
 
-int main(int argc, char** argv) {
-  gqa_bench::register_all();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return gqa_bench::run_main(argc, argv, gqa_bench::register_all); }

@@ -305,8 +305,7 @@ void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index s
     ws.qg.row(r) =
         Eigen::Map<const Eigen::Matrix<typename P::Scalar, 1, Eigen::Dynamic>>(src, D).template cast<Acc>() * scale;
   }
-  // The outer form (rows from 8 up that are not whole packets, see dispatch_rows) multiplies by Q^T.
-  if (t.small && rows >= std::min(8, mk::kLanes<Acc>) && rows % mk::kLanes<Acc> != 0) {
+  if (t.small && mk::uses_outer_form<Acc>(rows)) {
     ws.qt.setZero();
     ws.qt.leftCols(rows) = ws.qg.topRows(rows).transpose();
   }

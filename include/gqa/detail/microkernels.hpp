@@ -116,10 +116,12 @@ EIGEN_STRONG_INLINE P predux_transposed(const P* acc) {
 }
 
 /// Dot-product form for M rows where M divides the packet size, KB = lanes / M keys at a time:
-/// st[j * M + r] = sum_d qg[r * D + d] * k[j * k_stride + d]. The KB * M = lanes accumulators are reduced together
-/// into one packet, which is KB consecutive rows of S^T (the score buffer's row stride is M).
+/// st[j * ld_st + r] = sum_d qg[r * D + d] * k[j * k_stride + d]. The KB * M = lanes accumulators are reduced
+/// together into one packet, stored at st + j * ld_st: KB consecutive rows of S^T when ld_st == M, or (M = lanes)
+/// one packet of the rows of a wider S^T.
 template <int M, typename Acc, typename Src>
-void scores_dot_packed(const Acc* qg, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index avail, Index ld_st = M) {
+void scores_dot_packed(const Acc* qg, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index avail,
+                       Index ld_st = M) {
   constexpr int L = kLanes<Acc>;
   constexpr int KB = L / M;
   static_assert(KB * M == L, "M must divide the packet size");
@@ -175,6 +177,8 @@ void scores_outer(const Acc* qt, Index ldq, const Src* k, Index k_stride, Index 
 }
 
 /// out[r * ld_out + d] += sum_j pt[j * ld_pt + r] * v[j * v_stride + d] for r < R, d in [d0, d0 + NV * lanes).
+/// The block at d0 = 0 also prefetches ahead among the `avail` rows (0: none), one row per key: issued at the start
+/// of each chunk instead, the same prefetches made decode 2-7% slower.
 template <int R, int NV, typename Acc, typename Src>
 EIGEN_STRONG_INLINE void pv_block(const Acc* pt, Index ld_pt, const Src* v, Index v_stride, Index n, Acc* out,
                                   Index ld_out, Index d0, Index avail, Index D) {
@@ -199,8 +203,9 @@ EIGEN_STRONG_INLINE void pv_block(const Acc* pt, Index ld_pt, const Src* v, Inde
 }
 
 /// O += P V for M rows: out [M, D] (row stride ld_out) += pt^T [M, n] * v [n, D]; pt is P^T, [n, M] (stride ld_pt).
-/// Blocks of R rows x NV packets keep R * NV accumulators (8-12) in registers while V rows stream from L1: 3 x 4
-/// for the bulk of the rows, 2 x 6 and 1 x 8 for the rest, so even one row has enough independent FMA chains.
+/// V is taken in chunks of keys; within a chunk, blocks of R rows x NV packets keep R * NV accumulators (8-12) in
+/// registers while the chunk's V rows come from L1: 3 x 4 for the bulk of the rows, 2 x 6 and 1 x 8 for the rest, so
+/// even one row has enough independent FMA chains. The first block of rows prefetches V.
 template <typename Acc, typename Src>
 void accumulate_pv(const Acc* pt, Index ld_pt, const Src* v, Index v_stride, Index n, Index M, Index D, Acc* out,
                    Index ld_out, Index avail) {
@@ -256,6 +261,13 @@ void exp_or_zero(Acc* x, Index n) {
 /// Largest row count the small-M kernels handle: 4 packets of rows (32 floats on AVX2, 64 on AVX-512).
 template <typename Acc>
 inline constexpr Index kMaxRows = 4 * kLanes<Acc>;
+
+/// Whether `rows` go to the outer-product form (which multiplies by Q^T): from 8 rows up, when they are not whole
+/// packets (dispatch_rows instantiates the dot form below 8 rows, and whole packets take the packed dot form).
+template <typename Acc>
+constexpr bool uses_outer_form(Index rows) {
+  return rows >= std::min(8, kLanes<Acc>) && rows % kLanes<Acc> != 0;
+}
 
 /// Calls f(std::integral_constant<int, M>) for 1 <= rows < lanes (dot form), or
 /// f(std::integral_constant<int, -NB>) with NB = ceil(rows / lanes) packets of rows. rows <= kMaxRows<Acc>.
