@@ -123,12 +123,12 @@ struct Workspace {
   RowMatrix<Acc> k_buf;   // [k_tile, D]          widened K tile (GEMM path with 16-bit or mixed K/V)
   RowMatrix<Acc> v_buf;   // [k_tile, D]
   RowVector<Acc> row_max, row_sum, tile_max, shift, correction;  // [rows_max]
-  RowVector<Acc> pattern;  // [64 * rows_max >= P] column reductions of the flat score view
+  RowVector<Acc> pattern;  // [2 * rows_max * lanes >= 2 P] column reductions and shifts of the flat score view
 
   Workspace(const TilePlan& t, Index head_dim, bool widen)
       : qg(t.rows_max, head_dim), out(t.rows_max, head_dim), scores((t.k_tile + 63) / 64 * 64, t.rows_max), row_max(t.rows_max),
         row_sum(t.rows_max), tile_max(t.rows_max), shift(t.rows_max), correction(t.rows_max),
-        pattern(64 * t.rows_max) {
+        pattern(2 * t.rows_max * mk::kLanes<Acc>) {
     if (t.small) qt.resize(head_dim, mk::kMaxRows<Acc>);
     if (widen && !t.small) {
       k_buf.resize(t.k_tile, head_dim);
@@ -186,10 +186,10 @@ struct ItemCoords {
 /// Turns the score tile S^T [n, rows] (keys kb .. kb+n-1) into probabilities and updates the running max, sum and
 /// output scale of every row: soft-cap, bias, masks, then the online softmax of gqa/options.hpp.
 ///
-/// The reductions run on the flat buffer viewed as [n * rows / P, P] with P a multiple of lcm(rows, 8): every view
-/// row holds whole groups of `rows` scores, so column maxima/sums and the per-row shift are plain contiguous packet
-/// loops whatever the group size (a [n, 4] block would otherwise be reduced 4 scalars at a time). The tile is
-/// padded with -inf keys to a multiple of 64; they contribute exact zeros.
+/// The reductions run on the flat buffer viewed as [n_pad * rows / P, P] with P = lcm(rows, lanes): every view row
+/// holds whole groups of `rows` scores, so column maxima, the shift, exp and column sums are contiguous packet loops
+/// whatever the group size (a [n, 2] block would otherwise be reduced 2 scalars at a time), and exp and the sum
+/// share one pass. The tile is padded with -inf keys to n_pad, a multiple of 64; they contribute exact zeros.
 template <typename P, typename Acc>
 void softmax_tile(const P& p, const ItemCoords& c, Index kb, Index n, bool masked, Workspace<Acc>& ws) {
   constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
@@ -219,53 +219,32 @@ void softmax_tile(const P& p, const ItemCoords& c, Index kb, Index n, bool maske
     }
   }
 
+  constexpr Index L = mk::kLanes<Acc>;
+  const Index period = std::lcm(rows, L);
+  const Index n_pad = (n + 63) / 64 * 64;
+  const Index len = n_pad * rows;
+  std::fill(ws.scores.data() + n * rows, ws.scores.data() + len, kNegInf);
+  Acc* pattern = ws.pattern.data();
   auto m_old = ws.row_max.head(rows).array();
   auto m_new = ws.tile_max.head(rows).array();
   auto shift = ws.shift.head(rows).array();
   auto sum = ws.row_sum.head(rows).array();
-  auto out = ws.out.topRows(rows);
-  if (rows == 1) {  // one row (MHA decode): the tile is one contiguous vector
-    auto flat = Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(ws.scores.data(), n);
-    m_new[0] = std::max(m_old[0], flat.maxCoeff());
-    shift[0] = m_new[0] > kNegInf ? m_new[0] : Acc(0);
-    const Acc correction = std::exp(m_old[0] - shift[0]);
-    flat -= shift[0];
-    mk::exp_or_zero(flat.data(), n);
-    sum[0] = sum[0] * correction + flat.sum();
-    m_old[0] = m_new[0];
-    if (correction != Acc(1)) out *= correction;
-    return;
-  }
 
-  // View rows of P = lcm(rows, 8) * f >= 64 elements (f <= 8) amortise Eigen's per-row loop overhead; padding the
-  // tile to a multiple of 64 keys makes n_pad * rows a multiple of P.
-  const Index base = std::lcm(rows, Index(8));
-  Index f = 1;
-  while (f < 8 && base * f < 64) f *= 2;
-  const Index period = base * f;
-  const Index n_pad = (n + 63) / 64 * 64;
-  std::fill(ws.scores.data() + n * rows, ws.scores.data() + n_pad * rows, kNegInf);
-  Eigen::Map<RowMatrix<Acc>> view(ws.scores.data(), n_pad * rows / period, period);
-  auto pattern = ws.pattern.head(period);
-
-  pattern = view.row(0);
-  for (Index j = 1; j < view.rows(); ++j) pattern = pattern.cwiseMax(view.row(j));
-  m_new = pattern.head(rows).array();
-  for (Index k = rows; k < period; k += rows) m_new = m_new.max(pattern.segment(k, rows).array());
-  m_new = m_old.max(m_new);
+  mk::periodic_max(ws.scores.data(), len, period, pattern);
+  m_new = m_old;
+  for (Index k = 0; k < period; k += rows)
+    for (Index r = 0; r < rows; ++r) m_new[r] = std::max(m_new[r], pattern[k + r]);
   // Rows that have seen no visible key yet keep -inf and subtract 0, so exp gives exact zeros.
   shift = (m_new > kNegInf).select(m_new, Acc(0));
   ws.correction.head(rows).array() = m_old - shift;
   mk::exp_or_zero(ws.correction.data(), rows);  // exactly 0 when m_old = -inf
-  for (Index k = 0; k < period; k += rows) pattern.segment(k, rows) = shift.matrix();
-  for (Index j = 0; j < view.rows(); ++j) view.row(j) -= pattern;
-  mk::exp_or_zero(ws.scores.data(), n_pad * rows);
-
-  pattern = view.row(0);
-  for (Index j = 1; j < view.rows(); ++j) pattern += view.row(j);
+  Acc* shift_pattern = pattern + period;
+  for (Index k = 0; k < period; k += rows) std::copy_n(ws.shift.data(), rows, shift_pattern + k);
+  mk::periodic_exp_sum(ws.scores.data(), len, shift_pattern, period, pattern);
   sum *= ws.correction.head(rows).array();
-  for (Index k = 0; k < period; k += rows) sum += pattern.segment(k, rows).array();
+  for (Index k = 0; k < period; k += rows) sum += Eigen::Map<const Eigen::Array<Acc, Eigen::Dynamic, 1>>(pattern + k, rows);
   m_old = m_new;
+  auto out = ws.out.topRows(rows);
   for (Index r = 0; r < rows; ++r)
     if (ws.correction[r] != Acc(1)) out.row(r) *= ws.correction[r];
 }
@@ -324,13 +303,16 @@ void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index s
     const Index avail = k_end - kb;  // rows the micro-kernels may prefetch from k_rows / v_rows
     Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), n, rows);
     if (t.small) {
+      // K rows kPrefetchRows ahead are prefetched evenly over the passes the kernels make over the tile.
+      auto k_prefetch = mk::LinePrefetcher<typename P::KVScalar>::ahead(k_rows, p.k_stride_s, n, avail, D);
       mk::dispatch_rows<Acc>(rows, [&](auto m_const) {
         constexpr int M = decltype(m_const)::value;
         if constexpr (M > 0) {
+          const Index per_key = k_prefetch.per_step(n);
           if constexpr (mk::kLanes<Acc> % M == 0)
-            mk::scores_dot_packed<M>(ws.qg.data(), k_rows, p.k_stride_s, n, D, s.data(), avail);
+            mk::scores_dot_packed<M>(ws.qg.data(), k_rows, p.k_stride_s, n, D, s.data(), M, k_prefetch, per_key);
           else
-            mk::scores_dot<M>(ws.qg.data(), k_rows, p.k_stride_s, n, D, s.data(), rows, avail);
+            mk::scores_dot<M>(ws.qg.data(), k_rows, p.k_stride_s, n, D, s.data(), rows, k_prefetch, per_key);
         } else {
           constexpr int NB = -M;
           constexpr Index ld = NB * mk::kLanes<Acc>;
@@ -339,16 +321,18 @@ void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index s
             // Whole packets of rows: the dot form, one packet of rows at a time, reads K in row order (the outer
             // form's 8 rows at once streamed ~10% slower at 8 rows, ~4% at 16).
             constexpr int L = mk::kLanes<Acc>;
+            const Index per_key = k_prefetch.per_step(NB * n);
             for (int c = 0; c < NB; ++c)
-              mk::scores_dot_packed<L>(ws.qg.data() + c * L * D, k_rows, p.k_stride_s, n, D, wide + c * L,
-                                       c == 0 ? avail : 0, ld);
+              mk::scores_dot_packed<L>(ws.qg.data() + c * L * D, k_rows, p.k_stride_s, n, D, wide + c * L, ld,
+                                       k_prefetch, per_key);
           } else {
             // Outer form, whole packets of rows: compute into a padded row stride, then compact.
             EIGEN_ALIGN_MAX Acc tmp[8 * mk::kMaxRows<Acc>];
+            const Index per_key = k_prefetch.per_step(n);
             for (Index j0 = 0; j0 < n; j0 += 8) {
               const Index nn = std::min<Index>(8, n - j0);
               mk::scores_outer<NB>(ws.qt.data(), ws.qt.cols(), k_rows + j0 * p.k_stride_s, p.k_stride_s, nn, D, tmp,
-                                   ld, avail - j0);
+                                   ld, k_prefetch, per_key);
               for (Index j = 0; j < nn; ++j) std::copy_n(tmp + j * ld, rows, wide + (j0 + j) * rows);
             }
           }

@@ -6,9 +6,9 @@
 // softmax that follows vectorises across the group's rows. Everything is written with Eigen::internal packets, so
 // it compiles to AVX2, AVX-512, SSE or NEON, whatever Eigen targets; the number of rows M is a template
 // parameter (one instantiation per row count, picked by dispatch_rows), which is what lets the accumulators live
-// in registers. Every kernel takes `avail`, the number of rows readable from its K or V pointer (its n plus the
-// rest of the key range), and prefetches kPrefetchRows ahead within it. Preconditions (checked by the caller): D is
-// a multiple of the packet size.
+// in registers. The score kernels take a LinePrefetcher for the K rows ahead of the tile and issue a share of its
+// lines with every block of keys; accumulate_pv prefetches V the same way (see LinePrefetcher). Preconditions
+// (checked by the caller): D is a multiple of the packet size.
 #pragma once
 
 #include "gqa/detail/assert.hpp"
@@ -59,31 +59,75 @@ EIGEN_STRONG_INLINE Packet<Acc> load(const Src* p) {
 }
 
 /// Rows ahead of the one being read that the kernels prefetch. The kernels walk several K rows at once, or V rows
-/// half a row at a time, orders the hardware prefetchers follow poorly from DRAM; fetching each row this far ahead
+/// a column block at a time, orders the hardware prefetchers follow poorly from DRAM; fetching rows this far ahead
 /// (8 KiB at D = 128, f32) keeps the stream going. Measured at H=32, D=128, S=16384, 2 threads, against a tile-wide
 /// prefetch of the next tile: GQA-8 8.2 -> 6.5 ms, GQA-4 5.3 -> 4.5 ms, GQA-2 3.4 -> 2.8 ms per token; 8 and
-/// 24-32 rows ahead were no better, and 16-bit caches gain too (bf16 MHA 14.6 -> 10.4 ms).
+/// 24-64 rows ahead were no better, and 16-bit caches gain too (bf16 MHA 14.6 -> 10.4 ms).
 inline constexpr Index kPrefetchRows = 16;
 
-/// Prefetches row j + kPrefetchRows of a K/V head (its D elements) if it is one of the `avail` readable rows.
+/// Software prefetch of a run of K/V rows, a given number of cache lines at a time. A kernel that passes over a
+/// block of rows several times (one column block or one packet of query rows per pass) spreads the next block's
+/// lines evenly over all of its passes: issued all in the first pass, they exceed the core's outstanding-miss
+/// slots, the excess is lost, and DRAM idles during the later passes (measured at H=32, D=128, S=16384, 2 threads:
+/// GQA-4 3.7 -> 2.7 ms, GQA-8 6.3 -> 5.4 ms per token). Rows are `stride` elements apart; a contiguous run (the
+/// head-major KV cache) is prefetched as one range.
 template <typename Src>
-EIGEN_STRONG_INLINE void prefetch_ahead(const Src* rows, Index stride, Index j, Index avail, Index D) {
-  if (j + kPrefetchRows >= avail) return;
-  const Src* row = rows + (j + kPrefetchRows) * stride;
-  constexpr Index kLine = 64 / Index(sizeof(Src));
-  for (Index d = 0; d < D; d += kLine) Eigen::internal::prefetch(row + d);
-}
+class LinePrefetcher {
+ public:
+  /// `rows` rows of D elements starting at `first`, `stride` elements apart (none when rows <= 0).
+  LinePrefetcher(const Src* first, Index stride, Index rows, Index D)
+      : next_(reinterpret_cast<const char*>(first)), stride_bytes_(stride * Index(sizeof(Src))),
+        row_bytes_(D * Index(sizeof(Src))) {
+    if (rows <= 0) {
+      end_ = next_;
+    } else if (stride_bytes_ == row_bytes_) {  // contiguous rows (the KV cache): one run
+      end_ = next_ + rows * row_bytes_;
+    } else {
+      end_ = next_ + row_bytes_;
+      rows_after_ = rows - 1;
+    }
+    lines_ = rows <= 0 ? 0 : rows * ((row_bytes_ + 63) / 64);
+  }
+  /// The rows [ahead, ahead + n) of `rows` that lie within its first `avail` rows.
+  static LinePrefetcher ahead(const Src* rows, Index stride, Index n, Index avail, Index D, Index ahead = kPrefetchRows) {
+    return LinePrefetcher(rows + ahead * stride, stride, std::min(n, avail - ahead), D);
+  }
+  /// Lines per step that spread all of them evenly over `steps` steps.
+  Index per_step(Index steps) const { return steps > 0 ? (lines_ + steps - 1) / steps : 0; }
+  /// Prefetches the next `count` lines (fewer at the end).
+  EIGEN_STRONG_INLINE void issue(Index count) {
+    while (count > 0) {
+      if (next_ >= end_) {
+        if (rows_after_ == 0) return;
+        next_ = end_ - row_bytes_ + stride_bytes_;
+        end_ = next_ + row_bytes_;
+        --rows_after_;
+      }
+      const Index n = std::min<Index>(count, (end_ - next_ + 63) / 64);
+      for (Index i = 0; i < n; ++i) Eigen::internal::prefetch(next_ + 64 * i);
+      next_ += 64 * n;
+      count -= n;
+    }
+  }
+
+ private:
+  const char* next_;  // next line to prefetch, in the current run [.., end_)
+  const char* end_;
+  Index stride_bytes_, row_bytes_, rows_after_ = 0, lines_ = 0;
+};
 
 /// Dot-product form for M < lanes rows: st[j * ld_st + r] = sum_d qg[r * D + d] * k[j * k_stride + d].
 /// KB keys are processed together so each q packet load feeds KB FMAs.
 template <int M, typename Acc, typename Src>
-void scores_dot(const Acc* qg, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index ld_st, Index avail) {
+void scores_dot(const Acc* qg, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index ld_st,
+                LinePrefetcher<Src>& pf, Index prefetch_per_key) {
   constexpr int L = kLanes<Acc>;
   // Enough independent accumulators (KB * M, up to 12) to cover the FMA latency, without spilling registers.
   constexpr int KB = std::max(1, std::min(8, kAccRegisters / M));
   Index j = 0;
   auto block = [&](auto kb_const) {
     constexpr int kb = decltype(kb_const)::value;
+    pf.issue(kb * prefetch_per_key);
     Packet<Acc> acc[kb][M];
     for (int a = 0; a < kb; ++a)
       for (int r = 0; r < M; ++r) acc[a][r] = pset1<Packet<Acc>>(Acc(0));
@@ -97,7 +141,6 @@ void scores_dot(const Acc* qg, const Src* k, Index k_stride, Index n, Index D, A
     }
     for (int a = 0; a < kb; ++a)
       for (int r = 0; r < M; ++r) st[(j + a) * ld_st + r] = predux(acc[a][r]);
-    for (int a = 0; a < kb; ++a) prefetch_ahead(k, k_stride, j + a, avail, D);
   };
   for (; j + KB <= n; j += KB) block(std::integral_constant<int, KB>{});
   for (; j < n; ++j) block(std::integral_constant<int, 1>{});
@@ -120,13 +163,14 @@ EIGEN_STRONG_INLINE P predux_transposed(const P* acc) {
 /// together into one packet, stored at st + j * ld_st: KB consecutive rows of S^T when ld_st == M, or (M = lanes)
 /// one packet of the rows of a wider S^T.
 template <int M, typename Acc, typename Src>
-void scores_dot_packed(const Acc* qg, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index avail,
-                       Index ld_st = M) {
+void scores_dot_packed(const Acc* qg, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index ld_st,
+                       LinePrefetcher<Src>& pf, Index prefetch_per_key) {
   constexpr int L = kLanes<Acc>;
   constexpr int KB = L / M;
   static_assert(KB * M == L, "M must divide the packet size");
   Index j = 0;
   for (; j + KB <= n; j += KB) {
+    pf.issue(KB * prefetch_per_key);
     Packet<Acc> acc[KB * M];
     for (int i = 0; i < KB * M; ++i) acc[i] = pset1<Packet<Acc>>(Acc(0));
     const Src* rows = k + j * k_stride;
@@ -139,9 +183,8 @@ void scores_dot_packed(const Acc* qg, const Src* k, Index k_stride, Index n, Ind
       }
     }
     pstoreu(st + j * ld_st, predux_transposed(acc));
-    for (int a = 0; a < KB; ++a) prefetch_ahead(k, k_stride, j + a, avail, D);
   }
-  if (j < n) scores_dot<M>(qg, k + j * k_stride, k_stride, n - j, D, st + j * ld_st, ld_st, 0);
+  if (j < n) scores_dot<M>(qg, k + j * k_stride, k_stride, n - j, D, st + j * ld_st, ld_st, pf, prefetch_per_key);
 }
 
 /// Outer-product form for NB packets of rows (M <= NB * lanes): qt is Q^T, [D, >= NB * lanes] row-major with row
@@ -149,12 +192,13 @@ void scores_dot_packed(const Acc* qg, const Src* k, Index k_stride, Index n, Ind
 /// packet of rows.
 template <int NB, typename Acc, typename Src>
 void scores_outer(const Acc* qt, Index ldq, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index ld_st,
-                  Index avail) {
+                  LinePrefetcher<Src>& pf, Index prefetch_per_key) {
   constexpr int L = kLanes<Acc>;
   constexpr int KB = std::max(1, std::min(8, kAccRegisters / NB));
   Index j = 0;
   auto block = [&](auto kb_const) {
     constexpr int kb = decltype(kb_const)::value;
+    pf.issue(kb * prefetch_per_key);
     Packet<Acc> acc[kb][NB];
     for (int a = 0; a < kb; ++a)
       for (int c = 0; c < NB; ++c) acc[a][c] = pset1<Packet<Acc>>(Acc(0));
@@ -170,24 +214,23 @@ void scores_outer(const Acc* qt, Index ldq, const Src* k, Index k_stride, Index 
     }
     for (int a = 0; a < kb; ++a)
       for (int c = 0; c < NB; ++c) pstoreu(st + (j + a) * ld_st + c * L, acc[a][c]);
-    for (int a = 0; a < kb; ++a) prefetch_ahead(k, k_stride, j + a, avail, D);
   };
   for (; j + KB <= n; j += KB) block(std::integral_constant<int, KB>{});
   for (; j < n; ++j) block(std::integral_constant<int, 1>{});
 }
 
-/// out[r * ld_out + d] += sum_j pt[j * ld_pt + r] * v[j * v_stride + d] for r < R, d in [d0, d0 + NV * lanes).
-/// The block at d0 = 0 also prefetches ahead among the `avail` rows (0: none), one row per key: issued at the start
-/// of each chunk instead, the same prefetches made decode 2-7% slower.
+/// out[r * ld_out + d] += sum_j pt[j * ld_pt + r] * v[j * v_stride + d] for r < R, d in [d0, d0 + NV * lanes),
+/// first issuing `prefetch_per_key` lines of `pf` per key (at once: issued key by key, they measured no better, at
+/// a higher instruction cost).
 template <int R, int NV, typename Acc, typename Src>
 EIGEN_STRONG_INLINE void pv_block(const Acc* pt, Index ld_pt, const Src* v, Index v_stride, Index n, Acc* out,
-                                  Index ld_out, Index d0, Index avail, Index D) {
+                                  Index ld_out, Index d0, LinePrefetcher<Src>& pf, Index prefetch_per_key) {
   constexpr int L = kLanes<Acc>;
   Packet<Acc> acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = pset1<Packet<Acc>>(Acc(0));
+  pf.issue(prefetch_per_key * n);
   for (Index j = 0; j < n; ++j) {
-    if (d0 == 0) prefetch_ahead(v, v_stride, j, avail, D);
     Packet<Acc> vv[NV];
     for (int c = 0; c < NV; ++c) vv[c] = load<Acc>(v + j * v_stride + d0 + c * L);
     for (int r = 0; r < R; ++r) {
@@ -202,37 +245,67 @@ EIGEN_STRONG_INLINE void pv_block(const Acc* pt, Index ld_pt, const Src* v, Inde
     }
 }
 
+/// Rows per register block in the bulk of accumulate_pv, and the packets of columns per block of R rows. 6 x 2
+/// holds 12 accumulators, 2 V packets and 1 broadcast in 15 of AVX2's 16 vector registers, so each V packet is
+/// loaded once for 6 rows: 8 loads per 12 FMAs. A 3 x 4 block needs 17 registers, and GCC then reloads V as a
+/// memory operand of every FMA (15 loads per 12 FMAs, load-bound): measured 22.4 -> 20.6 cycles per (key, row) at
+/// 8 rows, 19.9 -> 18.4 at 32, L2-resident. The 1-3 leftover rows take blocks as wide as 12 accumulators allow.
+inline constexpr int kPvRows = 6;
+constexpr int pv_columns(int R) { return R == 1 ? 8 : R == 2 ? 6 : R == 3 ? 4 : 2; }
+/// Bytes of V per chunk in accumulate_pv: a chunk's rows are re-read by every register block, so they must stay in
+/// L1 next to P^T and the output (rows D * 4 bytes apart also share few L1 sets).
+inline constexpr Index kPvChunkBytes = 16 * 1024;
+
+/// Register blocks accumulate_pv makes per chunk for R rows: NV packets of columns at a time, then tails.
+template <typename Acc>
+constexpr Index pv_column_blocks(Index NV, Index D) {
+  constexpr Index L = kLanes<Acc>;
+  Index blocks = D / (NV * L), rest = D % (NV * L);
+  if (NV > 4) blocks += rest / (4 * L), rest %= 4 * L;
+  if (NV > 2) blocks += rest / (2 * L), rest %= 2 * L;
+  return blocks + rest / L;
+}
+
 /// O += P V for M rows: out [M, D] (row stride ld_out) += pt^T [M, n] * v [n, D]; pt is P^T, [n, M] (stride ld_pt).
 /// V is taken in chunks of keys; within a chunk, blocks of R rows x NV packets keep R * NV accumulators (8-12) in
-/// registers while the chunk's V rows come from L1: 3 x 4 for the bulk of the rows, 2 x 6 and 1 x 8 for the rest, so
-/// even one row has enough independent FMA chains. The first block of rows prefetches V.
+/// registers while the chunk's V rows come from L1: 6 x 2 for the bulk of the rows, then 3 x 4, 2 x 6 or 1 x 8, so
+/// even one row has enough independent FMA chains. While one chunk is multiplied, the rows max(kPrefetchRows, chunk)
+/// ahead are prefetched, spread evenly over the chunk's register blocks.
 template <typename Acc, typename Src>
 void accumulate_pv(const Acc* pt, Index ld_pt, const Src* v, Index v_stride, Index n, Index M, Index D, Acc* out,
                    Index ld_out, Index avail) {
   constexpr int L = kLanes<Acc>;
-  // V is consumed in chunks of keys, each chunk passing over all row and column blocks, so the rows are read from
-  // DRAM nearly in order (two half-row passes over a 64-key tile read them ~10% slower). Many rows make the
-  // kernel compute-bound, where longer chunks save accumulator loads and stores.
-  const Index chunk = std::max<Index>(8, 2 * M);
+  // Chunks of 2M keys (at least 8, at most kPvChunkBytes of V): long enough to amortise loading and storing the
+  // accumulators, short enough that the rows are read from DRAM nearly in order and stay in L1.
+  const Index chunk = std::clamp<Index>(2 * M, 8, std::max<Index>(8, kPvChunkBytes / (D * Index(sizeof(Src)))));
+  const Index rest_rows = M % kPvRows;
+  const Index blocks = M / kPvRows * pv_column_blocks<Acc>(pv_columns(kPvRows), D) +
+                       rest_rows / 3 * pv_column_blocks<Acc>(pv_columns(3), D) +
+                       (rest_rows % 3 ? pv_column_blocks<Acc>(pv_columns(int(rest_rows % 3)), D) : 0);
   for (Index j0 = 0; j0 < n; j0 += chunk) {
     const Index nn = std::min(chunk, n - j0);
     const Acc* ptj = pt + j0 * ld_pt;
     const Src* vj = v + j0 * v_stride;
-    const Index av = avail - j0;
+    auto pf = LinePrefetcher<Src>::ahead(vj, v_stride, nn, avail - j0, D, std::max(kPrefetchRows, chunk));
+    const Index per_key = pf.per_step(blocks * nn);
     auto rows = [&](auto r_const, Index r0) {
       constexpr int R = decltype(r_const)::value;
-      constexpr int NV = R == 1 ? 8 : R == 2 ? 6 : 4;
+      constexpr int NV = pv_columns(R);
       const Acc* p = ptj + r0;
       Acc* o = out + r0 * ld_out;
-      const Index pf = r0 == 0 ? av : 0;
+      auto block = [&](auto nv_const, Index d0) {
+        pv_block<R, decltype(nv_const)::value>(p, ld_pt, vj, v_stride, nn, o, ld_out, d0, pf, per_key);
+      };
       Index d0 = 0;
-      for (; d0 + NV * L <= D; d0 += NV * L) pv_block<R, NV>(p, ld_pt, vj, v_stride, nn, o, ld_out, d0, pf, D);
+      for (; d0 + NV * L <= D; d0 += NV * L) block(std::integral_constant<int, NV>{}, d0);
       if constexpr (NV > 4)
-        for (; d0 + 4 * L <= D; d0 += 4 * L) pv_block<R, 4>(p, ld_pt, vj, v_stride, nn, o, ld_out, d0, pf, D);
-      for (; d0 + 2 * L <= D; d0 += 2 * L) pv_block<R, 2>(p, ld_pt, vj, v_stride, nn, o, ld_out, d0, pf, D);
-      for (; d0 < D; d0 += L) pv_block<R, 1>(p, ld_pt, vj, v_stride, nn, o, ld_out, d0, pf, D);
+        for (; d0 + 4 * L <= D; d0 += 4 * L) block(std::integral_constant<int, 4>{}, d0);
+      if constexpr (NV > 2)
+        for (; d0 + 2 * L <= D; d0 += 2 * L) block(std::integral_constant<int, 2>{}, d0);
+      for (; d0 < D; d0 += L) block(std::integral_constant<int, 1>{}, d0);
     };
     Index r0 = 0;
+    for (; r0 + kPvRows <= M; r0 += kPvRows) rows(std::integral_constant<int, kPvRows>{}, r0);
     for (; r0 + 3 <= M; r0 += 3) rows(std::integral_constant<int, 3>{}, r0);
     if (M - r0 == 2) rows(std::integral_constant<int, 2>{}, r0);
     if (M - r0 == 1) rows(std::integral_constant<int, 1>{}, r0);
@@ -256,6 +329,63 @@ void exp_or_zero(Acc* x, Index n) {
     pstoreu(x + i, pselect(pcmp_eq(v, neg_inf), zero, pexp(v)));
   }
   for (; i < n; ++i) x[i] = x[i] == -std::numeric_limits<Acc>::infinity() ? Acc(0) : std::exp(x[i]);
+}
+
+/// Column maxima of x viewed as [len / period, period] (row-major): colmax[i] = max_k x[k * period + i]. period is a
+/// multiple of the packet size and divides len > 0.
+template <typename Acc>
+void periodic_max(const Acc* x, Index len, Index period, Acc* colmax) {
+  using Eigen::internal::pmax;
+  constexpr int L = kLanes<Acc>;
+  GQA_ASSERT(period % L == 0 && len % period == 0 && len > 0);
+  if (period == L) {  // the group divides the packet: reduce in registers, four chains
+    Packet<Acc> m[4];
+    for (int a = 0; a < 4; ++a) m[a] = ploadu<Packet<Acc>>(x);
+    Index i = L;
+    for (; i + 4 * L <= len; i += 4 * L)
+      for (int a = 0; a < 4; ++a) m[a] = pmax(m[a], ploadu<Packet<Acc>>(x + i + a * L));
+    for (; i < len; i += L) m[0] = pmax(m[0], ploadu<Packet<Acc>>(x + i));
+    pstoreu(colmax, pmax(pmax(m[0], m[1]), pmax(m[2], m[3])));
+    return;
+  }
+  std::copy_n(x, period, colmax);
+  for (Index k = period; k < len; k += period)
+    for (Index i = 0; i < period; i += L)
+      pstoreu(colmax + i, pmax(ploadu<Packet<Acc>>(colmax + i), ploadu<Packet<Acc>>(x + k + i)));
+}
+
+/// x[i] = exp(x[i] - shift[i % period]), exactly 0 where that difference is -inf (see exp_or_zero), and colsum the
+/// column sums of the result viewed as [len / period, period]. period is a multiple of the packet size, divides len.
+template <typename Acc>
+void periodic_exp_sum(Acc* x, Index len, const Acc* shift, Index period, Acc* colsum) {
+  using Eigen::internal::pcmp_eq;
+  using Eigen::internal::pexp;
+  using Eigen::internal::pselect;
+  using Eigen::internal::psub;
+  constexpr int L = kLanes<Acc>;
+  GQA_ASSERT(period % L == 0 && len % period == 0);
+  const Packet<Acc> neg_inf = pset1<Packet<Acc>>(-std::numeric_limits<Acc>::infinity());
+  const Packet<Acc> zero = pset1<Packet<Acc>>(Acc(0));
+  auto step = [&](Acc* p, const Packet<Acc>& s) {
+    const Packet<Acc> v = psub(ploadu<Packet<Acc>>(p), s);
+    const Packet<Acc> e = pselect(pcmp_eq(v, neg_inf), zero, pexp(v));
+    pstoreu(p, e);
+    return e;
+  };
+  if (period == L) {
+    const Packet<Acc> s = ploadu<Packet<Acc>>(shift);
+    Packet<Acc> sum[2] = {zero, zero};
+    Index i = 0;
+    for (; i + 2 * L <= len; i += 2 * L)
+      for (int a = 0; a < 2; ++a) sum[a] = padd(sum[a], step(x + i + a * L, s));
+    for (; i < len; i += L) sum[0] = padd(sum[0], step(x + i, s));
+    pstoreu(colsum, padd(sum[0], sum[1]));
+    return;
+  }
+  std::fill_n(colsum, period, Acc(0));
+  for (Index k = 0; k < len; k += period)
+    for (Index i = 0; i < period; i += L)
+      pstoreu(colsum + i, padd(ploadu<Packet<Acc>>(colsum + i), step(x + k + i, ploadu<Packet<Acc>>(shift + i))));
 }
 
 /// Largest row count the small-M kernels handle: 4 packets of rows (32 floats on AVX2, 64 on AVX-512).
