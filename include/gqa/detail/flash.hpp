@@ -116,12 +116,13 @@ using RowVector = Eigen::Matrix<Acc, 1, Eigen::Dynamic>;
 /// Per-thread buffers, allocated once per call and reused by every item the thread runs.
 template <typename Acc>
 struct Workspace {
-  RowMatrix<Acc> qg;      // [rows_max, D]        the group's queries, pre-multiplied by scale
-  RowMatrix<Acc> qt;      // [D, 4 packets]       qg transposed, zero-padded (outer-form micro-kernel)
-  RowMatrix<Acc> out;     // [rows_max, D]        unnormalised output
-  RowMatrix<Acc> scores;  // [k_tile rounded up to 64, rows_max] S^T: a row per key, a column per query row
-  RowMatrix<Acc> k_buf;   // [k_tile, D]          widened K tile (GEMM path with 16-bit or mixed K/V)
-  RowMatrix<Acc> v_buf;   // [k_tile, D]
+  RowMatrix<Acc> qg;       // [rows_max, D]       the group's queries, pre-multiplied by scale
+  RowMatrix<Acc> q_small;  // [D, 4 packets]      qg as the micro-kernels read it: packed by mk::pack_rows, or
+                           //                     transposed and zero-padded (outer form)
+  RowMatrix<Acc> out;      // [rows_max, D]       unnormalised output
+  RowMatrix<Acc> scores;   // [k_tile rounded up to 64, rows_max] S^T: a row per key, a column per query row
+  RowMatrix<Acc> k_buf;    // [k_tile, D]         widened K tile (GEMM path with 16-bit or mixed K/V)
+  RowMatrix<Acc> v_buf;    // [k_tile, D]
   RowVector<Acc> row_max, row_sum, tile_max, shift, correction;  // [rows_max]
   RowVector<Acc> pattern;  // [2 * rows_max * lanes >= 2 P] column reductions and shifts of the flat score view
 
@@ -129,7 +130,7 @@ struct Workspace {
       : qg(t.rows_max, head_dim), out(t.rows_max, head_dim), scores((t.k_tile + 63) / 64 * 64, t.rows_max), row_max(t.rows_max),
         row_sum(t.rows_max), tile_max(t.rows_max), shift(t.rows_max), correction(t.rows_max),
         pattern(2 * t.rows_max * mk::kLanes<Acc>) {
-    if (t.small) qt.resize(head_dim, mk::kMaxRows<Acc>);
+    if (t.small) q_small.resize(head_dim, mk::kMaxRows<Acc>);
     if (widen && !t.small) {
       k_buf.resize(t.k_tile, head_dim);
       v_buf.resize(t.k_tile, head_dim);
@@ -242,7 +243,8 @@ void softmax_tile(const P& p, const ItemCoords& c, Index kb, Index n, bool maske
   for (Index k = 0; k < period; k += rows) std::copy_n(ws.shift.data(), rows, shift_pattern + k);
   mk::periodic_exp_sum(ws.scores.data(), len, shift_pattern, period, pattern);
   sum *= ws.correction.head(rows).array();
-  for (Index k = 0; k < period; k += rows) sum += Eigen::Map<const Eigen::Array<Acc, Eigen::Dynamic, 1>>(pattern + k, rows);
+  for (Index k = 0; k < period; k += rows)
+    sum += Eigen::Map<const Eigen::Array<Acc, Eigen::Dynamic, 1>>(pattern + k, rows);
   m_old = m_new;
   auto out = ws.out.topRows(rows);
   for (Index r = 0; r < rows; ++r)
@@ -285,8 +287,10 @@ void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index s
         Eigen::Map<const Eigen::Matrix<typename P::Scalar, 1, Eigen::Dynamic>>(src, D).template cast<Acc>() * scale;
   }
   if (t.small && mk::uses_outer_form<Acc>(rows)) {
-    ws.qt.setZero();
-    ws.qt.leftCols(rows) = ws.qg.topRows(rows).transpose();
+    ws.q_small.setZero();
+    ws.q_small.leftCols(rows) = ws.qg.topRows(rows).transpose();
+  } else if (t.small) {
+    mk::pack_rows(ws.qg.data(), rows, D, std::min<Index>(rows, mk::kLanes<Acc>), ws.q_small.data());
   }
   auto out = ws.out.topRows(rows);
   out.setZero();
@@ -310,29 +314,39 @@ void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index s
         if constexpr (M > 0) {
           const Index per_key = k_prefetch.per_step(n);
           if constexpr (mk::kLanes<Acc> % M == 0)
-            mk::scores_dot_packed<M>(ws.qg.data(), k_rows, p.k_stride_s, n, D, s.data(), M, k_prefetch, per_key);
+            mk::scores_dot_packed<M>(ws.q_small.data(), k_rows, p.k_stride_s, n, D, s.data(), M, k_prefetch,
+                                     per_key);
           else
-            mk::scores_dot<M>(ws.qg.data(), k_rows, p.k_stride_s, n, D, s.data(), rows, k_prefetch, per_key);
+            mk::scores_dot<M>(ws.q_small.data(), k_rows, p.k_stride_s, n, D, s.data(), rows, k_prefetch, per_key);
         } else {
           constexpr int NB = -M;
           constexpr Index ld = NB * mk::kLanes<Acc>;
           Acc* wide = ws.scores.data();
           if (ld == rows) {
             // Whole packets of rows: the dot form, one packet of rows at a time, reads K in row order (the outer
-            // form's 8 rows at once streamed ~10% slower at 8 rows, ~4% at 16).
+            // form's 8 rows at once streamed ~10% slower at 8 rows, ~4% at 16). Keys go in chunks that stay in L1
+            // for all the packets; the next chunk is prefetched over all of them (16 rows ahead, prefetched over
+            // the packets of one tile, fell behind the first packet's reads: 2 packets ~20% slower from DRAM).
             constexpr int L = mk::kLanes<Acc>;
-            const Index per_key = k_prefetch.per_step(NB * n);
-            for (int c = 0; c < NB; ++c)
-              mk::scores_dot_packed<L>(ws.qg.data() + c * L * D, k_rows, p.k_stride_s, n, D, wide + c * L, ld,
-                                       k_prefetch, per_key);
+            constexpr Index kChunk = 16;
+            for (Index j0 = 0; j0 < n; j0 += kChunk) {
+              const Index nn = std::min(kChunk, n - j0);
+              const auto* k_chunk = k_rows + j0 * p.k_stride_s;
+              auto chunk_prefetch = mk::LinePrefetcher<typename P::KVScalar>::ahead(
+                  k_chunk, p.k_stride_s, nn, avail - j0, D, std::max(kChunk, mk::kPrefetchRows));
+              const Index per_key = chunk_prefetch.per_step(NB * nn);
+              for (int c = 0; c < NB; ++c)
+                mk::scores_dot_packed<L>(ws.q_small.data() + c * L * D, k_chunk, p.k_stride_s, nn, D,
+                                         wide + j0 * ld + c * L, ld, chunk_prefetch, per_key);
+            }
           } else {
             // Outer form, whole packets of rows: compute into a padded row stride, then compact.
             EIGEN_ALIGN_MAX Acc tmp[8 * mk::kMaxRows<Acc>];
             const Index per_key = k_prefetch.per_step(n);
             for (Index j0 = 0; j0 < n; j0 += 8) {
               const Index nn = std::min<Index>(8, n - j0);
-              mk::scores_outer<NB>(ws.qt.data(), ws.qt.cols(), k_rows + j0 * p.k_stride_s, p.k_stride_s, nn, D, tmp,
-                                   ld, k_prefetch, per_key);
+              mk::scores_outer<NB>(ws.q_small.data(), ws.q_small.cols(), k_rows + j0 * p.k_stride_s, p.k_stride_s,
+                                   nn, D, tmp, ld, k_prefetch, per_key);
               for (Index j = 0; j < nn; ++j) std::copy_n(tmp + j * ld, rows, wide + (j0 + j) * rows);
             }
           }

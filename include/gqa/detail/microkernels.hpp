@@ -89,7 +89,8 @@ class LinePrefetcher {
     lines_ = rows <= 0 ? 0 : rows * ((row_bytes_ + 63) / 64);
   }
   /// The rows [ahead, ahead + n) of `rows` that lie within its first `avail` rows.
-  static LinePrefetcher ahead(const Src* rows, Index stride, Index n, Index avail, Index D, Index ahead = kPrefetchRows) {
+  static LinePrefetcher ahead(const Src* rows, Index stride, Index n, Index avail, Index D,
+                              Index ahead = kPrefetchRows) {
     return LinePrefetcher(rows + ahead * stride, stride, std::min(n, avail - ahead), D);
   }
   /// Lines per step that spread all of them evenly over `steps` steps.
@@ -116,10 +117,23 @@ class LinePrefetcher {
   Index stride_bytes_, row_bytes_, rows_after_ = 0, lines_ = 0;
 };
 
-/// Dot-product form for M < lanes rows: st[j * ld_st + r] = sum_d qg[r * D + d] * k[j * k_stride + d].
-/// KB keys are processed together so each q packet load feeds KB FMAs.
+/// Query rows in the layout the dot kernels read: q [rows, D] (row stride D) in groups of `group` rows (the last
+/// may be smaller), each group [D / lanes][group][lanes], so the packets of one column block of all the group's rows
+/// sit at fixed offsets from one pointer. D is a multiple of the packet size.
+template <typename Acc>
+void pack_rows(const Acc* q, Index rows, Index D, Index group, Acc* out) {
+  constexpr Index L = kLanes<Acc>;
+  for (Index g0 = 0; g0 < rows; g0 += group) {
+    const Index size = std::min(group, rows - g0);
+    for (Index d = 0; d < D; d += L)
+      for (Index r = 0; r < size; ++r) std::copy_n(q + (g0 + r) * D + d, L, out + g0 * D + d * size + r * L);
+  }
+}
+
+/// Dot-product form for M < lanes rows: st[j * ld_st + r] = sum_d q[r][d] * k[j * k_stride + d], q packed by
+/// pack_rows (one group of M rows). KB keys are processed together so each q packet load feeds KB FMAs.
 template <int M, typename Acc, typename Src>
-void scores_dot(const Acc* qg, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index ld_st,
+void scores_dot(const Acc* qp, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index ld_st,
                 LinePrefetcher<Src>& pf, Index prefetch_per_key) {
   constexpr int L = kLanes<Acc>;
   // Enough independent accumulators (KB * M, up to 12) to cover the FMA latency, without spilling registers.
@@ -135,7 +149,7 @@ void scores_dot(const Acc* qg, const Src* k, Index k_stride, Index n, Index D, A
       Packet<Acc> kv[kb];
       for (int a = 0; a < kb; ++a) kv[a] = load<Acc>(k + (j + a) * k_stride + d);
       for (int r = 0; r < M; ++r) {
-        const Packet<Acc> qv = ploadu<Packet<Acc>>(qg + r * D + d);
+        const Packet<Acc> qv = ploadu<Packet<Acc>>(qp + d * M + r * L);
         for (int a = 0; a < kb; ++a) acc[a][r] = pmadd(kv[a], qv, acc[a][r]);
       }
     }
@@ -159,11 +173,11 @@ EIGEN_STRONG_INLINE P predux_transposed(const P* acc) {
 }
 
 /// Dot-product form for M rows where M divides the packet size, KB = lanes / M keys at a time:
-/// st[j * ld_st + r] = sum_d qg[r * D + d] * k[j * k_stride + d]. The KB * M = lanes accumulators are reduced
-/// together into one packet, stored at st + j * ld_st: KB consecutive rows of S^T when ld_st == M, or (M = lanes)
-/// one packet of the rows of a wider S^T.
+/// st[j * ld_st + r] = sum_d q[r][d] * k[j * k_stride + d], q packed by pack_rows (one group of M rows). The
+/// KB * M = lanes accumulators are reduced together into one packet, stored at st + j * ld_st: KB consecutive rows
+/// of S^T when ld_st == M, or (M = lanes) one packet of the rows of a wider S^T.
 template <int M, typename Acc, typename Src>
-void scores_dot_packed(const Acc* qg, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index ld_st,
+void scores_dot_packed(const Acc* qp, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index ld_st,
                        LinePrefetcher<Src>& pf, Index prefetch_per_key) {
   constexpr int L = kLanes<Acc>;
   constexpr int KB = L / M;
@@ -176,7 +190,7 @@ void scores_dot_packed(const Acc* qg, const Src* k, Index k_stride, Index n, Ind
     const Src* rows = k + j * k_stride;
     for (Index d = 0; d < D; d += L) {
       Packet<Acc> qv[M];
-      for (int r = 0; r < M; ++r) qv[r] = ploadu<Packet<Acc>>(qg + r * D + d);
+      for (int r = 0; r < M; ++r) qv[r] = ploadu<Packet<Acc>>(qp + d * M + r * L);
       for (int a = 0; a < KB; ++a) {
         const Packet<Acc> kv = load<Acc>(rows + a * k_stride + d);
         for (int r = 0; r < M; ++r) acc[a * M + r] = pmadd(kv, qv[r], acc[a * M + r]);
@@ -184,12 +198,12 @@ void scores_dot_packed(const Acc* qg, const Src* k, Index k_stride, Index n, Ind
     }
     pstoreu(st + j * ld_st, predux_transposed(acc));
   }
-  if (j < n) scores_dot<M>(qg, k + j * k_stride, k_stride, n - j, D, st + j * ld_st, ld_st, pf, prefetch_per_key);
+  if (j < n) scores_dot<M>(qp, k + j * k_stride, k_stride, n - j, D, st + j * ld_st, ld_st, pf, prefetch_per_key);
 }
 
 /// Outer-product form for NB packets of rows (M <= NB * lanes): qt is Q^T, [D, >= NB * lanes] row-major with row
-/// stride ldq (columns past M zero). st[j * ld_st + r] = sum_d k[j][d] * qt[d][r]: each K element is broadcast once and multiplies a whole
-/// packet of rows.
+/// stride ldq (columns past M zero). st[j * ld_st + r] = sum_d k[j][d] * qt[d][r]: each K element is broadcast once
+/// and multiplies a whole packet of rows.
 template <int NB, typename Acc, typename Src>
 void scores_outer(const Acc* qt, Index ldq, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index ld_st,
                   LinePrefetcher<Src>& pf, Index prefetch_per_key) {
