@@ -5,7 +5,7 @@
 //   decode/H:32/G:8/D:128/S:16384/kv:f32/threads:2
 //   prefill/H:32/G:8/D:128/S:4096/kv:f32/threads:2/causal:1
 //   reference/decode/...  reference/prefill/...          (gqa::reference_attention, double, one thread)
-//   baseline/stream_read/bytes:<N>/threads:<t>
+//   baseline/stream_read/H:32/G:8/D:128/S:16384/kv:f32/threads:2   (reads the bytes of that decode's KV cache)
 //   baseline/sgemm/M:<m>/N:<n>/K:<k>/threads:<t>
 // Google Benchmark appends `/real_time`, `/iterations:N` or `/repeats:N` to a name when UseRealTime(),
 // Iterations() or Repetitions() are set on it, so none of them is used: names stay exactly as above. Timing:
@@ -13,7 +13,7 @@
 // wall clock around the timed loop. Its "CPU" column is the main thread's CPU time only, meaningless at threads:2.
 //
 // Counters (all per iteration, from wall-clock time):
-//   kv_bytes     bytes of K+V read per step: 2 * B * S * G * D * sizeof(kv type) (stream_read: the buffer size)
+//   kv_bytes     bytes of K+V read per step: 2 * B * S * G * D * sizeof(kv type) (stream_read: the same bytes)
 //   GBps         kv_bytes / time / 1e9
 //   GFLOPs       useful flops / time / 1e9 (decode 4*S*D*H; prefill 4*S*S*D*H, or 2*S*S*D*H when causal;
 //                sgemm 2*M*N*K per product, summed over threads)
@@ -150,7 +150,7 @@ void fill_uniform(T* p, std::size_t n, std::uint64_t seed) {
   }
 }
 
-/// Set-ups (a filled KV cache, Q/K/V tensors, a stream buffer) are expensive at GiB sizes, and Google Benchmark
+/// Set-ups (a filled KV cache, Q/K/V tensors) are expensive at GiB sizes, and Google Benchmark
 /// calls a benchmark function once per trial iteration count and once per repetition. A slot keeps the last
 /// set-up under its key, so consecutive benchmarks of one shape (threads 1 and 2, causal 0 and 1) share it;
 /// the previous one is freed before the next is built, so at most one set-up per slot is alive.
@@ -158,7 +158,7 @@ struct Reusable {
   virtual ~Reusable() = default;
 };
 
-enum Slot { kProblemSlot = 0, kStreamSlot = 1, kNumSlots = 2 };
+enum Slot { kProblemSlot = 0, kNumSlots = 1 };
 
 template <typename Setup, typename Make>
 Setup& reuse(Slot slot, const std::string& key, Make&& make) {
@@ -177,25 +177,18 @@ Setup& reuse(Slot slot, const std::string& key, Make&& make) {
 
 // --------------------------------------------------------------------------------- baseline: stream read
 
-/// The buffer a stream_read baseline reads, first touched by the threads that will read it.
-struct StreamBuffer : Reusable {
-  float* data = nullptr;
-  std::size_t n = 0;
-  explicit StreamBuffer(std::size_t bytes) : n(bytes / sizeof(float)) {
-    data = static_cast<float*>(Eigen::internal::aligned_malloc(n * sizeof(float)));
-#pragma omp parallel for schedule(static)
-    for (std::ptrdiff_t i = 0; i < std::ptrdiff_t(n); ++i) data[i] = 1.0f + float(i & 7) * 0.125f;
-  }
-  ~StreamBuffer() override { Eigen::internal::aligned_free(data); }
-  StreamBuffer(const StreamBuffer&) = delete;
-  StreamBuffer& operator=(const StreamBuffer&) = delete;
+/// A run of bytes a stream_read reads.
+struct ByteRange {
+  const void* data = nullptr;
+  std::size_t bytes = 0;
 };
 
-/// Sum of n floats read by `threads` threads, each over one contiguous part. 64 independent partial sums (eight
-/// 8-float vectors under AVX2) hide the add latency, so the loop runs at the memory system's rate, not at one
-/// add chain's; GCC and Clang vectorize the inner loop at -O3.
-inline float stream_read(const float* p, std::size_t n, int threads) {
-  float total = 0;
+/// Reads every byte of `ranges` once with `threads` threads, each thread a contiguous part of every range in turn,
+/// as 32-bit words summed into 64 independent partial sums (eight 8-lane vectors under AVX2), so the loop runs at
+/// the memory system's rate whatever the bytes hold (bf16 or half bit patterns too); GCC and Clang vectorise the
+/// inner loop at -O3. Returns the sum, for DoNotOptimize.
+inline std::uint32_t stream_read(const std::vector<ByteRange>& ranges, int threads) {
+  std::uint32_t total = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : total) if (threads > 1)
   {
     int t = 0, nt = 1;
@@ -204,33 +197,32 @@ inline float stream_read(const float* p, std::size_t n, int threads) {
     nt = omp_get_num_threads();
 #endif
     constexpr std::size_t kLanes = 64;
-    const std::size_t per = (n / std::size_t(nt)) / kLanes * kLanes;
-    const std::size_t begin = std::size_t(t) * per, end = t == nt - 1 ? n : begin + per;
-    float acc[kLanes] = {};
-    std::size_t i = begin;
-    for (; i + kLanes <= end; i += kLanes)
-      for (std::size_t j = 0; j < kLanes; ++j) acc[j] += p[i + j];
-    for (; i < end; ++i) acc[0] += p[i];
-    float s = 0;
+    std::uint32_t acc[kLanes] = {};
+    for (const ByteRange& range : ranges) {
+      const auto* p = static_cast<const std::uint32_t*>(range.data);
+      const std::size_t n = range.bytes / sizeof(std::uint32_t);
+      const std::size_t per = (n / std::size_t(nt)) / kLanes * kLanes;
+      const std::size_t begin = std::size_t(t) * per, end = t == nt - 1 ? n : begin + per;
+      std::size_t i = begin;
+      for (; i + kLanes <= end; i += kLanes)
+        for (std::size_t j = 0; j < kLanes; ++j) acc[j] += p[i + j];
+      for (; i < end; ++i) acc[0] += p[i];
+    }
+    std::uint32_t s = 0;
     for (std::size_t j = 0; j < kLanes; ++j) s += acc[j];
     total += s;
   }
   return total;
 }
 
-inline void bm_stream_read(benchmark::State& state, std::size_t bytes, int threads) {
-  auto& buf = reuse<StreamBuffer>(kStreamSlot, std::to_string(bytes),
-                                  [&] { return std::make_unique<StreamBuffer>(bytes); });
-  benchmark::DoNotOptimize(stream_read(buf.data, buf.n, threads));  // warm: same state as the timed reads
+/// Times stream_read over `ranges` (kv_bytes: their total size).
+inline void bm_stream_read(benchmark::State& state, const std::vector<ByteRange>& ranges, int threads) {
+  std::size_t bytes = 0;
+  for (const ByteRange& r : ranges) bytes += r.bytes;
+  benchmark::DoNotOptimize(stream_read(ranges, threads));  // warm: same state as the timed reads
   WallClock clock;
-  for (auto _ : state) benchmark::DoNotOptimize(stream_read(buf.data, buf.n, threads));
-  set_counters(state, Work{double(buf.n * sizeof(float)), 0, 0}, clock.seconds());
-}
-
-/// `baseline/stream_read/bytes:<bytes>/threads:<t>`, registered once per (bytes, t).
-inline void register_stream_read(std::size_t bytes, int threads) {
-  register_once("baseline/stream_read/bytes:" + std::to_string(bytes) + "/threads:" + std::to_string(threads),
-                [bytes, threads](benchmark::State& st) { bm_stream_read(st, bytes, threads); });
+  for (auto _ : state) benchmark::DoNotOptimize(stream_read(ranges, threads));
+  set_counters(state, Work{double(bytes), 0, 0}, clock.seconds());
 }
 
 // ---------------------------------------------------------------------------------------- baseline: SGEMM

@@ -91,9 +91,12 @@ class Index:
     def all(self, kind):
         return [r for r in self.runs if r.kind == kind]
 
-    def stream_gbps(self, nbytes, threads, source):
-        r = self.find("baseline/stream_read", source, bytes=nbytes, threads=threads)
-        return (r.counters.get("GBps"), r) if r else (None, None)
+    def stream_gbps(self, decode_run):
+        """The stream read of the decode run's own cache (same shape, kv type and threads, same file first)."""
+        r = decode_run
+        s = self.find("baseline/stream_read", r.source, B=r.get("B"), H=r.get("H"), G=r.get("G"), D=r.get("D"),
+                      S=r.get("S"), kv=r.get("kv"), threads=r.get("threads"))
+        return (s.counters.get("GBps"), s) if s else (None, None)
 
     def sgemm_gflops(self, threads, source):
         """The machine's compute rate at `threads`: the best sgemm shape measured (the strictest floor)."""
@@ -143,7 +146,7 @@ def decode_floor(ix, r):
     """(T_floor seconds, 'mem' or 'flop', stream GBps, sgemm GFLOPs) for a decode run, same file and threads."""
     t = r.get("threads")
     kv_bytes = r.counters.get("kv_bytes")
-    gbps, _ = ix.stream_gbps(int(kv_bytes), t, r.source) if kv_bytes else (None, None)
+    gbps, _ = ix.stream_gbps(r) if kv_bytes else (None, None)
     gflops, _ = ix.sgemm_gflops(t, r.source)
     flops = 4.0 * r.get("S") * r.get("D") * r.get("H") * r.get("B", 1)
     t_mem = kv_bytes / (gbps * 1e9) if gbps else None
@@ -338,14 +341,16 @@ def baseline_section(ix, out):
     streams = ix.all("baseline/stream_read")
     gemms = ix.all("baseline/sgemm")
     if streams:
-        by_bytes = defaultdict(dict)
+        by_cache = defaultdict(dict)
         for r in streams:
-            by_bytes[r.get("bytes")][r.get("threads")] = max(by_bytes[r.get("bytes")].get(r.get("threads"), 0),
-                                                             r.counters.get("GBps", 0))
-        rows = [[fmt_bytes(b)] + [f"{by_bytes[b][t]:.1f}" if t in by_bytes[b] else "-" for t in (1, 2)]
-                for b in sorted(by_bytes)]
-        out.append("\nBaseline: STREAM-style read, GB/s (one buffer the size of each KV cache)")
-        out.append(table(["bytes", "1 thread", "2 threads"], rows))
+            key = (r.get("S"), r.get("kv"), r.get("G"), int(r.counters.get("kv_bytes", 0)))
+            by_cache[key][r.get("threads")] = max(by_cache[key].get(r.get("threads"), 0), r.counters.get("GBps", 0))
+        kv_order = {"f32": 0, "bf16": 1, "f16": 2}
+        keys = sorted(by_cache, key=lambda k: (k[0], kv_order.get(k[1], 9), -k[2]))
+        rows = [[S, kv, G, fmt_bytes(b)] + [f"{by_cache[k][t]:.1f}" if t in by_cache[k] else "-" for t in (1, 2)]
+                for k in keys for (S, kv, G, b) in [k]]
+        out.append("\nBaseline: STREAM-style read of each decode's own KV cache, GB/s")
+        out.append(table(["S", "kv", "G", "bytes", "1 thread", "2 threads"], rows))
     if gemms:
         rows = [[r.name.split("/threads")[0].replace("baseline/sgemm/", ""), r.get("threads"),
                  f"{r.counters.get('GFLOPs', 0):.1f}", os.path.basename(r.source)]
