@@ -315,9 +315,10 @@ TEST_CASE("attention: masked-out rows are exact zeros with lse -inf (sweep cases
 }
 
 TEST_CASE("split-K decode with a sequence shorter than one split or empty", "[attention][split]") {
-  // Sk = 3000, B = 2, G = 1: 2 items -> 5 splits of 640 keys. Sequence 0 holds 5 keys (all in split 0, the other
-  // splits are empty) or none at all; sequence 1 holds all 3000. Padding is NaN.
-  const std::int32_t short_len = GENERATE(0, 1, 5, 640, 641);
+  // Sk = 3000, B = 2, G = 1: 2 items -> 5 splits of 768 keys (600 rounded up to whole 256-key decode tiles; the
+  // last split is empty). Sequence 0 holds a few keys (all in split 0, the other splits are empty), none at all,
+  // or ends at a split boundary; sequence 1 holds all 3000. Padding is NaN.
+  const std::int32_t short_len = GENERATE(0, 1, 5, 767, 768, 769);
   DYNAMIC_SECTION("len[0] = " << short_len) {
     const Shape s{2, 1, 3000, 4, 1, 16};
     auto in = gqa_test::random_inputs<float>(s, 400 + std::uint64_t(short_len));
