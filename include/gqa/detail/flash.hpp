@@ -288,7 +288,7 @@ void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index s
     ws.qg.row(r) =
         Eigen::Map<const Eigen::Matrix<typename P::Scalar, 1, Eigen::Dynamic>>(src, D).template cast<Acc>() * scale;
   }
-  if (t.small && mk::uses_outer_form<Acc>(rows)) {
+  if (t.small && mk::uses_outer_form<Acc, typename P::KVScalar>(rows)) {
     ws.q_small.setZero();
     ws.q_small.leftCols(rows) = ws.qg.topRows(rows).transpose();
   } else if (t.small) {
@@ -309,48 +309,48 @@ void run_item(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index s
     const Index avail = k_end - kb;  // rows the micro-kernels may prefetch from k_rows / v_rows
     Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), n, rows);
     if (t.small) {
-      // K rows kPrefetchRows ahead are prefetched evenly over the passes the kernels make over the tile.
+      // Single-pass forms prefetch the K rows kPrefetchRows ahead, a share per key.
       auto k_prefetch = mk::LinePrefetcher<typename P::KVScalar>::ahead(k_rows, p.k_stride_s, n, avail, D);
+      const Index per_key = k_prefetch.per_step(n);
       mk::dispatch_rows<Acc>(rows, [&](auto m_const) {
         constexpr int M = decltype(m_const)::value;
+        constexpr int L = mk::kLanes<Acc>;
         if constexpr (M > 0) {
-          const Index per_key = k_prefetch.per_step(n);
-          if constexpr (mk::kLanes<Acc> % M == 0)
+          if constexpr (L % M == 0)
             mk::scores_dot_packed<M>(ws.q_small.data(), k_rows, p.k_stride_s, n, D, s.data(), M, k_prefetch,
                                      per_key);
           else
             mk::scores_dot<M>(ws.q_small.data(), k_rows, p.k_stride_s, n, D, s.data(), rows, k_prefetch, per_key);
-        } else {
+        } else if (!mk::uses_outer_form<Acc, typename P::KVScalar>(rows)) {
+          // Whole packets of rows in the dot form, one packet at a time, in chunks of keys that stay in L1 for all
+          // the packets; each chunk prefetches the next over all of them (16 rows ahead over all the packets of a
+          // tile fell behind the first packet's reads: 2 packets ~20% slower from DRAM).
           constexpr int NB = -M;
-          constexpr Index ld = NB * mk::kLanes<Acc>;
-          Acc* wide = ws.scores.data();
-          if (ld == rows) {
-            // Whole packets of rows: the dot form, one packet of rows at a time, reads K in row order (the outer
-            // form's 8 rows at once streamed ~10% slower at 8 rows, ~4% at 16). Keys go in chunks that stay in L1
-            // for all the packets; the next chunk is prefetched over all of them (16 rows ahead, prefetched over
-            // the packets of one tile, fell behind the first packet's reads: 2 packets ~20% slower from DRAM).
-            constexpr int L = mk::kLanes<Acc>;
-            constexpr Index kChunk = 16;
-            for (Index j0 = 0; j0 < n; j0 += kChunk) {
-              const Index nn = std::min(kChunk, n - j0);
-              const auto* k_chunk = k_rows + j0 * p.k_stride_s;
-              auto chunk_prefetch = mk::LinePrefetcher<typename P::KVScalar>::ahead(
-                  k_chunk, p.k_stride_s, nn, avail - j0, D, std::max(kChunk, mk::kPrefetchRows));
-              const Index per_key = chunk_prefetch.per_step(NB * nn);
-              for (int c = 0; c < NB; ++c)
-                mk::scores_dot_packed<L>(ws.q_small.data() + c * L * D, k_chunk, p.k_stride_s, nn, D,
-                                         wide + j0 * ld + c * L, ld, chunk_prefetch, per_key);
-            }
-          } else {
-            // Outer form, whole packets of rows: compute into a padded row stride, then compact.
-            EIGEN_ALIGN_MAX Acc tmp[8 * mk::kMaxRows<Acc>];
-            const Index per_key = k_prefetch.per_step(n);
-            for (Index j0 = 0; j0 < n; j0 += 8) {
-              const Index nn = std::min<Index>(8, n - j0);
-              mk::scores_outer<NB>(ws.q_small.data(), ws.q_small.cols(), k_rows + j0 * p.k_stride_s, p.k_stride_s,
-                                   nn, D, tmp, ld, k_prefetch, per_key);
-              for (Index j = 0; j < nn; ++j) std::copy_n(tmp + j * ld, rows, wide + (j0 + j) * rows);
-            }
+          constexpr Index ld = NB * L, kChunk = 16;
+          for (Index j0 = 0; j0 < n; j0 += kChunk) {
+            const Index nn = std::min(kChunk, n - j0);
+            const auto* k_chunk = k_rows + j0 * p.k_stride_s;
+            auto chunk_prefetch = mk::LinePrefetcher<typename P::KVScalar>::ahead(
+                k_chunk, p.k_stride_s, nn, avail - j0, D, std::max(kChunk, mk::kPrefetchRows));
+            const Index chunk_per_key = chunk_prefetch.per_step(NB * nn);
+            for (int c = 0; c < NB; ++c)
+              mk::scores_dot_packed<L>(ws.q_small.data() + c * L * D, k_chunk, p.k_stride_s, nn, D,
+                                       s.data() + j0 * ld + c * L, ld, chunk_prefetch, chunk_per_key);
+          }
+        } else {
+          // Outer form: NB packets of rows at once, keys in chunks that are whole register blocks (KB = 3, 4, 6
+          // or 8 keys), written straight into S^T when the rows are whole packets, else into a padded row stride
+          // and compacted.
+          constexpr int NB = -M;
+          constexpr Index ld = NB * L, kChunk = 24;
+          EIGEN_ALIGN_MAX Acc tmp[kChunk * mk::kMaxRows<Acc>];
+          for (Index j0 = 0; j0 < n; j0 += kChunk) {
+            const Index nn = std::min(kChunk, n - j0);
+            Acc* dst = ld == rows ? s.data() + j0 * ld : tmp;
+            mk::scores_outer<NB>(ws.q_small.data(), ws.q_small.cols(), k_rows + j0 * p.k_stride_s, p.k_stride_s, nn,
+                                 D, dst, ld, k_prefetch, per_key);
+            if (ld != rows)
+              for (Index j = 0; j < nn; ++j) std::copy_n(tmp + j * ld, rows, s.data() + (j0 + j) * rows);
           }
         }
       });
