@@ -150,27 +150,25 @@ void fill_uniform(T* p, std::size_t n, std::uint64_t seed) {
   }
 }
 
-/// Set-ups (a filled KV cache, Q/K/V tensors) are expensive at GiB sizes, and Google Benchmark
-/// calls a benchmark function once per trial iteration count and once per repetition. A slot keeps the last
-/// set-up under its key, so consecutive benchmarks of one shape (threads 1 and 2, causal 0 and 1) share it;
-/// the previous one is freed before the next is built, so at most one set-up per slot is alive.
+/// Set-ups (a filled KV cache, Q/K/V tensors) are expensive at GiB sizes, and Google Benchmark calls a benchmark
+/// function once per trial iteration count and once per repetition. reuse keeps the last set-up under its key, so
+/// consecutive benchmarks of one shape (the stream read of a cache and its decodes, threads 1 and 2, causal 0 and 1)
+/// share it; the previous one is freed before the next is built, so at most one set-up is alive.
 struct Reusable {
   virtual ~Reusable() = default;
 };
 
-enum Slot { kProblemSlot = 0, kNumSlots = 1 };
-
 template <typename Setup, typename Make>
-Setup& reuse(Slot slot, const std::string& key, Make&& make) {
-  static std::unique_ptr<Reusable> held[kNumSlots];
-  static std::string keys[kNumSlots];
-  Setup* setup = held[slot] ? dynamic_cast<Setup*>(held[slot].get()) : nullptr;
-  if (!setup || keys[slot] != key) {
-    held[slot].reset();  // free first: two GiB-sized set-ups never coexist
-    keys[slot] = key;
+Setup& reuse(const std::string& key, Make&& make) {
+  static std::unique_ptr<Reusable> held;
+  static std::string held_key;
+  Setup* setup = held ? dynamic_cast<Setup*>(held.get()) : nullptr;
+  if (!setup || held_key != key) {
+    held.reset();  // free first: two GiB-sized set-ups never coexist
+    held_key = key;
     std::unique_ptr<Setup> made = make();
     setup = made.get();
-    held[slot] = std::move(made);
+    held = std::move(made);
   }
   return *setup;
 }

@@ -49,7 +49,7 @@ struct DecodeSetup : Reusable {
 
 template <typename T>
 DecodeSetup<T>& decode_setup(const Shape& s) {
-  return reuse<DecodeSetup<T>>(kProblemSlot, attn_name("decode-setup", s, kv_name<T>(), 0),
+  return reuse<DecodeSetup<T>>(attn_name("decode-setup", s, kv_name<T>(), 0),
                                [&] { return std::make_unique<DecodeSetup<T>>(s); });
 }
 

@@ -52,7 +52,7 @@ struct PrefillSetup : Reusable {
 
 template <typename T>
 PrefillSetup<T>& prefill_setup(const Shape& s) {
-  return reuse<PrefillSetup<T>>(kProblemSlot, attn_name("prefill-setup", s, kv_name<T>(), 0),
+  return reuse<PrefillSetup<T>>(attn_name("prefill-setup", s, kv_name<T>(), 0),
                                 [&] { return std::make_unique<PrefillSetup<T>>(s); });
 }
 

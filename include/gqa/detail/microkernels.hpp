@@ -88,10 +88,10 @@ class LinePrefetcher {
     }
     lines_ = rows <= 0 ? 0 : rows * ((row_bytes_ + 63) / 64);
   }
-  /// The rows [ahead, ahead + n) of `rows` that lie within its first `avail` rows.
+  /// The rows [distance, distance + n) of `rows` that lie within its first `avail` rows.
   static LinePrefetcher ahead(const Src* rows, Index stride, Index n, Index avail, Index D,
-                              Index ahead = kPrefetchRows) {
-    return LinePrefetcher(rows + ahead * stride, stride, std::min(n, avail - ahead), D);
+                              Index distance = kPrefetchRows) {
+    return LinePrefetcher(rows + distance * stride, stride, std::min(n, avail - distance), D);
   }
   /// Lines per step that spread all of them evenly over `steps` steps.
   Index per_step(Index steps) const { return steps > 0 ? (lines_ + steps - 1) / steps : 0; }
@@ -292,6 +292,7 @@ EIGEN_STRONG_INLINE void for_each_pv_row_block(Index M, F&& f) {
   if (M - r0 == 2) f(std::integral_constant<int, 2>{}, r0);
   if (M - r0 == 1) f(std::integral_constant<int, 1>{}, r0);
 }
+
 /// Bytes of V per chunk in accumulate_pv: a chunk's rows are re-read by every register block, so they must stay in
 /// L1 next to P^T and the output (rows D * 4 bytes apart also share few L1 sets).
 inline constexpr Index kPvChunkBytes = 16 * 1024;
