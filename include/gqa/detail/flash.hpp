@@ -240,7 +240,7 @@ void softmax_tile(const P& p, const ItemCoords& c, Index kb, Index n, bool maske
   // Rows that have seen no visible key yet keep -inf and subtract 0, so exp gives exact zeros.
   shift = (m_new > kNegInf).select(m_new, Acc(0));
   ws.correction.head(rows).array() = m_old - shift;
-  mk::exp_or_zero(ws.correction.data(), rows);  // exactly 0 when m_old = -inf
+  mk::exp_nonpositive(ws.correction.data(), rows);  // m_old <= m_new; exactly 0 when m_old = -inf
   Acc* shift_pattern = pattern + period;
   for (Index k = 0; k < period; k += rows) std::copy_n(ws.shift.data(), rows, shift_pattern + k);
   mk::periodic_exp_sum(ws.scores.data(), len, shift_pattern, period, pattern);

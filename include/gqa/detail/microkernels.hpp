@@ -345,23 +345,46 @@ void accumulate_pv(const Acc* pt, Index ld_pt, const Src* v, Index v_stride, Ind
   }
 }
 
-/// exp(v) lane by lane, exactly 0 where v is -inf. Eigen's vectorised exp clamps its argument at about -88.4 and
-/// returns ~3e-39 for -inf; a masked score must contribute an exact zero (a row with no visible key returns zeros,
-/// and masked values, even NaN padding, never reach the output).
+/// exp(v) lane by lane for v <= 0 (the softmax's s - max), exactly 0 where v is -inf; NaN stays NaN. A masked score
+/// must contribute an exact zero (a row with no visible key returns zeros, and masked values, even NaN padding,
+/// never reach the output); Eigen's pexp returns ~3e-39 for -inf. For float packets this is Eigen's Cephes
+/// polynomial with a cheaper range: v is clamped at -87, where exp(v) is still a normal float, so 2^m is built from
+/// exponent bits (Eigen's pldexp splits it four ways to survive any exponent), and v < -87 gives 0 (an absolute error
+/// below 1.7e-38, against a row sum >= 1). 18 operations per packet instead of about 33; L2-resident, cycles per
+/// (key, row): 8 rows 20.6 -> 20.0, 16 rows 18.3 -> 17.7. Positive v is outside the contract.
 template <typename P>
-EIGEN_STRONG_INLINE P pexp_or_zero(const P& v) {
-  using Scalar = typename Eigen::internal::unpacket_traits<P>::type;
-  const P neg_inf = pset1<P>(-std::numeric_limits<Scalar>::infinity());
-  return Eigen::internal::pselect(Eigen::internal::pcmp_eq(v, neg_inf), pset1<P>(Scalar(0)),
-                                  Eigen::internal::pexp(v));
+EIGEN_STRONG_INLINE P pexp_nonpositive(const P& v) {
+  using namespace Eigen::internal;
+  using Scalar = typename unpacket_traits<P>::type;
+  if constexpr (std::is_same_v<Scalar, float> && unpacket_traits<P>::size > 1) {
+    using PI = typename unpacket_traits<P>::integer_packet;
+    const P lowest = pset1<P>(-87.0f);
+    const P x = pmax(v, lowest);  // NaN in v stays NaN (Eigen's pmax returns its first argument then)
+    const P m = pfloor(pmadd(x, pset1<P>(1.44269504088896341f), pset1<P>(0.5f)));  // in [-126, 0]
+    P r = pmadd(m, pset1<P>(-0.693359375f), x);
+    r = pmadd(m, pset1<P>(2.12194440e-4f), r);  // x - m ln 2 in [-ln 2 / 2, ln 2 / 2]
+    const P r2 = pmul(r, r), r3 = pmul(r2, r);
+    P y = pmadd(pset1<P>(1.9875691500E-4f), r, pset1<P>(1.3981999507E-3f));
+    P y1 = pmadd(pset1<P>(4.1665795894E-2f), r, pset1<P>(1.6666665459E-1f));
+    const P y2 = padd(r, pset1<P>(1.0f));
+    y = pmadd(y, r, pset1<P>(8.3334519073E-3f));
+    y1 = pmadd(y1, r, pset1<P>(5.0000001201E-1f));
+    y = pmadd(y, r3, y1);
+    y = pmadd(y, r2, y2);  // exp(r)
+    const P scale = preinterpret<P>(plogical_shift_left<23>(padd(pcast<P, PI>(m), pset1<PI>(127))));  // 2^m
+    return pselect(pcmp_lt(v, lowest), pset1<P>(0.0f), pmul(y, scale));
+  } else {
+    const P neg_inf = pset1<P>(-std::numeric_limits<Scalar>::infinity());
+    return pselect(pcmp_eq(v, neg_inf), pset1<P>(Scalar(0)), pexp(v));
+  }
 }
 
-/// x[i] = exp(x[i]) for finite x[i] and exactly 0 for -inf (see pexp_or_zero).
+/// x[i] = exp(x[i]) for x[i] <= 0, exactly 0 for -inf (see pexp_nonpositive).
 template <typename Acc>
-void exp_or_zero(Acc* x, Index n) {
+void exp_nonpositive(Acc* x, Index n) {
   constexpr int L = kLanes<Acc>;
   Index i = 0;
-  for (; i + L <= n; i += L) pstoreu(x + i, pexp_or_zero(ploadu<Packet<Acc>>(x + i)));
+  for (; i + L <= n; i += L) pstoreu(x + i, pexp_nonpositive(ploadu<Packet<Acc>>(x + i)));
   for (; i < n; ++i) x[i] = x[i] == -std::numeric_limits<Acc>::infinity() ? Acc(0) : std::exp(x[i]);
 }
 
@@ -388,15 +411,16 @@ void periodic_max(const Acc* x, Index len, Index period, Acc* colmax) {
       pstoreu(colmax + i, pmax(ploadu<Packet<Acc>>(colmax + i), ploadu<Packet<Acc>>(x + k + i)));
 }
 
-/// x[i] = exp(x[i] - shift[i % period]), exactly 0 where that difference is -inf (see pexp_or_zero), and colsum the
-/// column sums of the result viewed as [len / period, period]. period is a multiple of the packet size, divides len.
+/// x[i] = exp(x[i] - shift[i % period]), exactly 0 where that difference is -inf (see pexp_nonpositive; the shift is
+/// at least every x of its column), and colsum the column sums of the result viewed as [len / period, period].
+/// period is a multiple of the packet size and divides len.
 template <typename Acc>
 void periodic_exp_sum(Acc* x, Index len, const Acc* shift, Index period, Acc* colsum) {
   constexpr int L = kLanes<Acc>;
   GQA_ASSERT(period % L == 0 && len % period == 0);
   const Packet<Acc> zero = pset1<Packet<Acc>>(Acc(0));
   auto step = [](Acc* p, const Packet<Acc>& s) {
-    const Packet<Acc> e = pexp_or_zero(Eigen::internal::psub(ploadu<Packet<Acc>>(p), s));
+    const Packet<Acc> e = pexp_nonpositive(Eigen::internal::psub(ploadu<Packet<Acc>>(p), s));
     pstoreu(p, e);
     return e;
   };
