@@ -351,7 +351,7 @@ void accumulate_pv(const Acc* pt, Index ld_pt, const Src* v, Index v_stride, Ind
 /// polynomial with a cheaper range: v is clamped at -87, where exp(v) is still a normal float, so 2^m is built from
 /// exponent bits (Eigen's pldexp splits it four ways to survive any exponent), and v < -87 gives 0 (an absolute error
 /// below 1.7e-38, against a row sum >= 1). 18 operations per packet instead of about 33; L2-resident, cycles per
-/// (key, row): 8 rows 20.6 -> 20.0, 16 rows 18.3 -> 17.7. Positive v is outside the contract.
+/// (key, row): 8 rows 20.4 -> 19.4, 16 rows 18.3 -> 17.5, 32 rows 18.4 -> 17.7. Positive v is outside the contract.
 template <typename P>
 EIGEN_STRONG_INLINE P pexp_nonpositive(const P& v) {
   using namespace Eigen::internal;
