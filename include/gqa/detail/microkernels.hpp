@@ -272,8 +272,9 @@ EIGEN_STRONG_INLINE void pv_block(const Acc* pt, Index ld_pt, const Src* v, Inde
 /// Rows per register block in the bulk of accumulate_pv, and the packets of columns per block of R rows. 6 x 2
 /// holds 12 accumulators, 2 V packets and 1 broadcast in 15 of AVX2's 16 vector registers, so each V packet is
 /// loaded once for 6 rows: 8 loads per 12 FMAs. A 3 x 4 block needs 17 registers, and GCC then reloads V as a
-/// memory operand of every FMA (15 loads per 12 FMAs, load-bound): measured 22.4 -> 20.6 cycles per (key, row) at
-/// 8 rows, 19.9 -> 18.4 at 32, L2-resident. Leftover rows: see for_each_pv_row_block.
+/// memory operand of every FMA (15 loads per 12 FMAs). Against 3 x 4, L2-resident: 22.4 -> 20.6 cycles per (key,
+/// row) at 8 rows, 19.9 -> 18.4 at 32. (In isolation, on 32-byte-aligned V, both blocks reach 1.8-2 FMAs per cycle;
+/// split-line loads of unaligned V would hurt the folded form more.) Leftover rows: see for_each_pv_row_block.
 inline constexpr int kPvRows = 6;
 constexpr int pv_columns(int R) { return R == 1 ? 8 : R == 2 ? 6 : R == 3 ? 4 : R == 4 ? 3 : 2; }
 
