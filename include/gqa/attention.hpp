@@ -21,6 +21,7 @@
 // Errors: gqa::shape_error / gqa::invalid_argument (see gqa/errors.hpp), thrown before anything is written.
 #pragma once
 
+#define GQA_DETAIL_ALLOWED  // the detail headers below check it (gqa/detail/internal_header_check.hpp)
 #include "gqa/detail/flash.hpp"
 #include "gqa/detail/params.hpp"
 #include "gqa/options.hpp"

@@ -66,7 +66,7 @@
 // holding it) lives; moving a File keeps them valid.
 #pragma once
 
-#define GQA_SAFETENSORS_INTERNAL
+#define GQA_DETAIL_ALLOWED  // the detail headers below check it (gqa/detail/internal_header_check.hpp)
 #include "gqa/detail/safetensors_io.hpp"
 #include "gqa/errors.hpp"
 #include "gqa/types.hpp"

@@ -21,9 +21,7 @@
 #include <type_traits>
 #include <vector>
 
-#define GQA_VERSION_MAJOR 0
-#define GQA_VERSION_MINOR 1
-#define GQA_VERSION_PATCH 0
+#include "gqa/version.hpp"  // GQA_VERSION_MAJOR/MINOR/PATCH, which users have always got from here
 
 namespace gqa {
 

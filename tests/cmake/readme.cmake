@@ -1,34 +1,71 @@
-# Documentation code is compiled and run, so it cannot rot:
-#   readme_example           the first ```cpp block of README.md, extracted at configure time into the build dir
+# Documentation code is compiled (and run, where it is a program), so it cannot rot (the readme_block_* part only
+# with GQA_COMPILE_CHECKS, which the sanitizer build turns off: the tests run the same code there):
+#   readme_block_<n>         the n-th ```cpp block of README.md (1-based), extracted at configure time. A block with
+#                            `int main(` is a program, built and run as ctest readme_block_<n>. Any other block is
+#                            a fragment: its #include lines go to the top and the rest becomes the body of a
+#                            function, compiled (not run: fragments name files and data that do not exist here).
 #   example_basic_attention  examples/basic_attention.cpp (built by examples/CMakeLists.txt), run as a test
 # Included from tests/CMakeLists.txt.
 
 set(GQA_README "${PROJECT_SOURCE_DIR}/README.md")
-set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${GQA_README}")  # re-extract when it changes
-file(READ "${GQA_README}" gqa_readme_text)
-string(FIND "${gqa_readme_text}" "\n```cpp\n" gqa_readme_begin)
-if(gqa_readme_begin EQUAL -1)
-  message(FATAL_ERROR "README.md has no ```cpp block for the readme_example test")
-endif()
-math(EXPR gqa_readme_begin "${gqa_readme_begin} + 8")  # skip "\n```cpp\n"
-string(SUBSTRING "${gqa_readme_text}" ${gqa_readme_begin} -1 gqa_readme_rest)
-string(FIND "${gqa_readme_rest}" "\n```" gqa_readme_end)
-if(gqa_readme_end EQUAL -1)
-  message(FATAL_ERROR "README.md: the first ```cpp block is not closed")
-endif()
-math(EXPR gqa_readme_end "${gqa_readme_end} + 1")  # keep the block's last newline
-string(SUBSTRING "${gqa_readme_rest}" 0 ${gqa_readme_end} gqa_readme_code)
+if(GQA_COMPILE_CHECKS)
+  set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${GQA_README}")  # re-extract when it changes
+  file(READ "${GQA_README}" gqa_readme_rest)
 
-# Written through configure_file so the file (and the binary) only change when the block does.
-file(WRITE "${CMAKE_CURRENT_BINARY_DIR}/readme_example.cpp.in"
-  "// Extracted from README.md (first ```cpp block) by tests/cmake/readme.cmake. Do not edit.\n${gqa_readme_code}")
-configure_file("${CMAKE_CURRENT_BINARY_DIR}/readme_example.cpp.in" "${CMAKE_CURRENT_BINARY_DIR}/readme_example.cpp"
-  COPYONLY)
+  set(gqa_block 0)
+  set(gqa_fragment_sources)
+  while(TRUE)
+    string(FIND "${gqa_readme_rest}" "\n```cpp\n" gqa_begin)
+    if(gqa_begin EQUAL -1)
+      break()
+    endif()
+    math(EXPR gqa_block "${gqa_block} + 1")
+    math(EXPR gqa_begin "${gqa_begin} + 8")  # skip "\n```cpp\n"
+    string(SUBSTRING "${gqa_readme_rest}" ${gqa_begin} -1 gqa_readme_rest)
+    string(FIND "${gqa_readme_rest}" "\n```" gqa_end)
+    if(gqa_end EQUAL -1)
+      message(FATAL_ERROR "README.md: ```cpp block ${gqa_block} is not closed")
+    endif()
+    math(EXPR gqa_end "${gqa_end} + 1")  # keep the block's last newline
+    string(SUBSTRING "${gqa_readme_rest}" 0 ${gqa_end} gqa_code)
+    string(SUBSTRING "${gqa_readme_rest}" ${gqa_end} -1 gqa_readme_rest)
 
-add_executable(readme_example "${CMAKE_CURRENT_BINARY_DIR}/readme_example.cpp")
-target_link_libraries(readme_example PRIVATE gqa::gqa gqa_dev_flags)
-add_test(NAME readme_example COMMAND readme_example)
-set_tests_properties(readme_example PROPERTIES LABELS docs TIMEOUT 300)
+    set(gqa_header
+        "// Extracted from README.md (```cpp block ${gqa_block}) by tests/cmake/readme.cmake. Do not edit.\n")
+    if(gqa_code MATCHES "int main\\(")
+      set(gqa_tu_code "${gqa_header}${gqa_code}")
+    else()
+      # Fragment: includes first, then the code as a function body; <cstdio>, <string> and <vector> are common
+      # enough in snippets that the wrapper provides them.
+      string(REGEX MATCHALL "#include[^\n]*\n" gqa_includes "${gqa_code}")
+      string(REGEX REPLACE "#include[^\n]*\n" "" gqa_body "${gqa_code}")
+      string(REPLACE ";" "" gqa_includes "${gqa_includes}")
+      set(gqa_tu_code "${gqa_header}${gqa_includes}\n#include <cstdio>\n#include <string>\n#include <vector>\n\n"
+                      "void readme_block_${gqa_block}() {\n${gqa_body}}\n")
+    endif()
+    # Through configure_file so the file (and its object) only change when the block does.
+    set(gqa_tu "${CMAKE_CURRENT_BINARY_DIR}/readme/readme_block_${gqa_block}.cpp")
+    file(WRITE "${gqa_tu}.in" "${gqa_tu_code}")
+    configure_file("${gqa_tu}.in" "${gqa_tu}" COPYONLY)
+    if(gqa_code MATCHES "int main\\(")
+      add_executable(readme_block_${gqa_block} "${gqa_tu}")
+      target_link_libraries(readme_block_${gqa_block} PRIVATE gqa::checkpoint gqa_dev_flags)
+      add_test(NAME readme_block_${gqa_block} COMMAND readme_block_${gqa_block})
+      set_tests_properties(readme_block_${gqa_block} PROPERTIES LABELS docs TIMEOUT 300)
+    else()
+      list(APPEND gqa_fragment_sources "${gqa_tu}")
+    endif()
+  endwhile()
+  if(gqa_block EQUAL 0)
+    message(FATAL_ERROR "README.md has no ```cpp block for the readme tests")
+  endif()
+  if(gqa_fragment_sources)
+    add_library(readme_fragments OBJECT ${gqa_fragment_sources})
+    target_link_libraries(readme_fragments PRIVATE gqa::checkpoint gqa_dev_flags)
+    # Fragments show calls whose results the reader would go on to use.
+    target_compile_options(readme_fragments PRIVATE -Wno-unused-variable -Wno-unused-but-set-variable)
+  endif()
+endif()
 
 # examples/ is added after tests/, but add_test resolves target names at generate time.
 if(GQA_BUILD_EXAMPLES AND EXISTS "${PROJECT_SOURCE_DIR}/examples/basic_attention.cpp")

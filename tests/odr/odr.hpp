@@ -1,11 +1,14 @@
 // tests/odr/odr.hpp — what the two ODR translation units (odr_a.cpp, odr_b.cpp) export to tests/test_odr.cpp.
 //
-// Both TUs include the umbrella gqa/gqa.hpp and instantiate the same templates. A header that defines a
-// non-inline function or variable makes the link fail (multiple definition); one that gives something internal
-// linkage (static, an unnamed namespace) shows up as different addresses for the "same" entity in each TU.
+// Both TUs include the umbrella gqa/gqa.hpp and the checkpoint I/O headers it leaves out (gqa::checkpoint), and
+// instantiate the same templates. A header that defines a non-inline function or variable makes the link fail
+// (multiple definition); one that gives something internal linkage (static, an unnamed namespace) shows up as
+// different addresses for the "same" entity in each TU.
 #pragma once
 
+#include <gqa/checkpoint.hpp>
 #include <gqa/gqa.hpp>
+#include <gqa/safetensors.hpp>
 
 #include <vector>
 

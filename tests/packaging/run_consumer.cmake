@@ -6,7 +6,8 @@
 #
 # find_package:     configures gqa into WORK_DIR/gqa-build with tests, benchmarks and examples OFF, installs it
 #                   into WORK_DIR/prefix, then configures, builds and runs tests/packaging/find_package against
-#                   that prefix. Also checks that the version file rejects an incompatible request (0.2).
+#                   that prefix (app: gqa::gqa, app_checkpoint: gqa::checkpoint). Also checks that the version
+#                   file rejects an incompatible request (0.2).
 # add_subdirectory: configures, builds and runs tests/packaging/add_subdirectory, which vendors gqa's source
 #                   tree (with GQA_NATIVE=ON, to prove the flag stays inside gqa), then checks the consumer's
 #                   compile command for leaked flags.
@@ -58,7 +59,9 @@ if(MODE STREQUAL "find_package")
   file(GLOB_RECURSE config_files "${prefix}/*/gqaConfig.cmake")
   file(GLOB_RECURSE version_files "${prefix}/*/gqaConfigVersion.cmake")
   file(GLOB_RECURSE target_files "${prefix}/*/gqaTargets.cmake")
-  if(NOT EXISTS "${prefix}/include/gqa/gqa.hpp" OR NOT config_files OR NOT version_files OR NOT target_files)
+  file(GLOB_RECURSE checkpoint_target_files "${prefix}/*/gqaCheckpointTargets.cmake")
+  if(NOT EXISTS "${prefix}/include/gqa/gqa.hpp" OR NOT EXISTS "${prefix}/include/gqa/version.hpp" OR
+     NOT config_files OR NOT version_files OR NOT target_files OR NOT checkpoint_target_files)
     file(GLOB_RECURSE installed RELATIVE "${prefix}" "${prefix}/*")
     message(FATAL_ERROR "[find_package] incomplete install in ${prefix}: ${installed}")
   endif()
@@ -67,6 +70,7 @@ if(MODE STREQUAL "find_package")
            "-DCMAKE_BUILD_TYPE=${BUILD_TYPE}" "-DCMAKE_PREFIX_PATH=${prefix}" "-DGQA_TEST_PREFIX=${prefix}")
   run_step("build consumer" "${CMAKE_COMMAND}" --build "${consumer_build}")
   run_step("run consumer" "${consumer_build}/app")
+  run_step("run checkpoint consumer" "${consumer_build}/app_checkpoint" "${WORK_DIR}")
 
   # gqaConfigVersion.cmake (SameMinorVersion) must refuse a request for a different minor version.
   message(STATUS "[find_package] configure consumer asking for gqa 0.2 (must fail)")
@@ -85,9 +89,10 @@ elseif(MODE STREQUAL "add_subdirectory")
            -DCMAKE_EXPORT_COMPILE_COMMANDS=ON)
   run_step("build consumer" "${CMAKE_COMMAND}" --build "${consumer_build}")
   run_step("run consumer" "${consumer_build}/app")
+  run_step("run checkpoint consumer" "${consumer_build}/app_checkpoint" "${WORK_DIR}")
 
-  # As a subproject gqa compiles nothing, so the only compile command is the consumer's main.cpp. It must carry
-  # gqa's usage requirements (OpenMP) and none of gqa's developer flags.
+  # As a subproject gqa compiles nothing, so the only compile commands are the consumer's. They must carry gqa's
+  # usage requirements (OpenMP) and none of gqa's developer flags.
   set(db "${consumer_build}/compile_commands.json")
   if(NOT EXISTS "${db}")
     message(FATAL_ERROR "[add_subdirectory] ${db} was not written (generator without compile_commands support?)")

@@ -1,6 +1,8 @@
 // gqa/detail/assert.hpp — debug-only invariants for kernels that trust validated params.
 #pragma once
 
+#include "gqa/detail/internal_header_check.hpp"
+
 #include <cassert>
 
 #ifndef GQA_ASSERT

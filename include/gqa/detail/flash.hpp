@@ -16,6 +16,8 @@
 // any num_threads.
 #pragma once
 
+#include "gqa/detail/internal_header_check.hpp"
+
 #include "gqa/detail/assert.hpp"
 #include "gqa/detail/microkernels.hpp"
 #include "gqa/detail/params.hpp"

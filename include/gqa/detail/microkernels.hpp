@@ -11,6 +11,8 @@
 // (checked by the caller): D is a multiple of the packet size.
 #pragma once
 
+#include "gqa/detail/internal_header_check.hpp"
+
 #include "gqa/detail/assert.hpp"
 #include "gqa/types.hpp"
 

@@ -4,6 +4,8 @@
 // only). Strides are in elements; the head_dim (D) stride is always 1.
 #pragma once
 
+#include "gqa/detail/internal_header_check.hpp"
+
 #include "gqa/detail/assert.hpp"
 #include "gqa/errors.hpp"
 #include "gqa/options.hpp"

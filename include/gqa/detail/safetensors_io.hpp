@@ -3,9 +3,7 @@
 // rename). Not part of the public API; include gqa/safetensors.hpp instead.
 #pragma once
 
-#ifndef GQA_SAFETENSORS_INTERNAL
-#error "gqa/detail/safetensors_io.hpp is internal; include gqa/safetensors.hpp"
-#endif
+#include "gqa/detail/internal_header_check.hpp"
 
 #include "gqa/errors.hpp"
 

@@ -2,6 +2,10 @@
 // Exit status 0 only if the kernel and the reference agree.
 #include <gqa/gqa.hpp>
 
+#ifdef NLOHMANN_JSON_VERSION_MAJOR
+#error "gqa/gqa.hpp (gqa::gqa) pulled in nlohmann_json, which only gqa::checkpoint needs"
+#endif
+
 #include <cmath>
 #include <cstdio>
 #include <exception>
