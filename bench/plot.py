@@ -1,19 +1,28 @@
 #!/usr/bin/env python3
 """Plot decode time per token and KV-cache bytes against G from bench_decode JSON (--benchmark_out).
 
-Usage: plot.py DECODE_JSON... [-o decode_vs_G.png] [--seq S]
+Usage: plot.py DECODE_JSON... [-o decode_vs_G.png] [--seq S] [--machine TEXT]
 
 Two panels: (left) time per generated token against G, one line per (kv type, threads), with the roofline floor
 T_floor = max(kv_bytes / stream GB/s, 4*S*D*H / sgemm GFLOP/s) of the same run dashed; (right) the K+V bytes a
-decode step reads against G. S defaults to the largest cache length in the file. Needs matplotlib
-(pip install matplotlib, or apt-get install python3-matplotlib); parsing is report.py's.
+decode step reads against G. S defaults to the largest cache length in the file. The log axes are labelled with
+plain numbers (1, 2, 5, 10, ...), and the title names the machine (--machine, else machine.txt next to the JSON,
+written by compare_g.sh), the date and the load average of the run. Needs matplotlib (pip install matplotlib, or
+apt-get install python3-matplotlib); parsing is report.py's.
 """
 
 import argparse
 import sys
 
 sys.dont_write_bytecode = True  # no bench/__pycache__ from importing report.py
-from report import Index, decode_floor, load_runs  # noqa: E402
+from report import Index, decode_floor, load_averages, load_runs, machine_name  # noqa: E402
+
+
+def plain_log_axis(axis, ticker):
+    """Ticks at 1, 2, 5 x 10^k written as plain numbers (0.5, 2, 20, 500), not as 10^k powers."""
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_minor_locator(ticker.NullLocator())
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def main(argv):
@@ -21,16 +30,18 @@ def main(argv):
     ap.add_argument("json", nargs="+")
     ap.add_argument("-o", "--output", default="decode_vs_G.png")
     ap.add_argument("--seq", type=int, default=None, help="cache length S to plot (default: the largest)")
+    ap.add_argument("--machine", default=None, help="machine name for the title (default: machine.txt)")
     args = ap.parse_args(argv)
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker as ticker
     except ImportError:
         print("plot.py needs matplotlib: pip install matplotlib (or apt-get install python3-matplotlib)")
         return 2
 
-    runs, _ = load_runs(args.json)
+    runs, contexts = load_runs(args.json)
     ix = Index(runs)
     decode = ix.all("decode")
     if not decode:
@@ -64,15 +75,23 @@ def main(argv):
         gs = sorted({r.get("G") for r in decode})
         ax.set_xticks(gs)
         ax.set_xticklabels([str(g) for g in gs])
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        plain_log_axis(ax.yaxis, ticker)
         ax.set_xlabel(f"G (KV heads; H = {H}: G = {H} is MHA, G = 1 is MQA)")
         ax.grid(True, which="both", alpha=0.3)
     ax_t.plot([], [], "--", color="gray", label="T_floor (dashed, same colour)")
     ax_t.legend(fontsize=8)
     ax_b.legend(fontsize=8)
-    ax_t.set_ylabel("time per token (ms)")
+    ax_t.set_ylabel("time per token (ms, log scale)")
     ax_t.set_title(f"Decode, B=1, H={H}, D={D}, cache S={S}")
-    ax_b.set_ylabel("K+V bytes read per token (MiB, one layer)")
+    ax_b.set_ylabel("K+V bytes read per token (MiB, one layer, log scale)")
     ax_b.set_title(f"KV-cache bytes, S={S}")
+    context = next(iter(contexts.values()), {})
+    loads = load_averages(contexts)
+    threads = ", ".join(str(t) for t in sorted({r.get("threads") for r in decode}))
+    machine = args.machine or machine_name(args.json) or f"{context.get('num_cpus', '?')} CPUs"
+    fig.suptitle(f"{machine}; threads {threads}; {context.get('date', '?')}; load average "
+                 f"{', '.join(f'{x:.2f}' for x in loads) if loads else '?'} at the start", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.output, dpi=110)
     print(f"wrote {args.output}")

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Turn bench_decode / bench_prefill JSON (--benchmark_out) into the G-comparison table and the PASS/FAIL bars.
+"""Turn bench_decode / bench_prefill JSON (--benchmark_out) into the G-comparison tables and the ratio checks.
 
-Usage: report.py [--strict] FILE_OR_DIR...     (a directory means every *.json in it)
+Usage: report.py [--strict] [--smoke] FILE_OR_DIR...     (a directory means every *.json in it)
 
 Python 3 standard library only. Benchmark names are `/`-separated `key:value` fields (bench/README.md), e.g.
 decode/H:32/G:8/D:128/S:16384/kv:f32/threads:2. With --benchmark_repetitions, the best (lowest) wall-clock time
 of the repetitions is used for every benchmark, baselines included. Ratios are only formed between numbers from the
 same JSON file, i.e. the same binary run (baselines are looked up in the file of the benchmark first).
---strict exits 1 when a bar fails.
+The output leads with the headline: decode at S = 16384 (or the longest cache run), f32, the most threads.
+A machine.txt next to the JSON (written by compare_g.sh) names the machine. --strict exits 1 when a ratio check
+fails; --smoke marks a compare_g.sh --smoke run, whose tiny shapes make the checks meaningless.
 """
 
 import json
@@ -16,8 +18,8 @@ import os
 import sys
 from collections import defaultdict
 
-# The bars of the issue (README "Benchmarks"); change them here only.
-DECODE_S = 16384          # cache length of the decode bars
+# The ratio checks (README "Performance" reports them); change them here only.
+DECODE_S = 16384          # the headline decode cache length
 FLOOR_MAX = 1.25          # decode time <= 1.25 x T_floor
 GQA8_OVER_MHA_MIN = 3.0   # decode G=8 vs G=32
 BF16_OVER_F32_MIN = 1.7   # bf16 cache throughput vs fp32, at G = 32 and G = 8
@@ -158,235 +160,252 @@ def decode_floor(ix, r):
     return t_flop, "flop", gbps, gflops
 
 
-class Bars:
+class Checks:
     def __init__(self):
         self.lines = []
         self.failed = 0
+        self.total = 0
 
     def check(self, label, value, ok, detail):
         if value is None:
-            self.lines.append(f"  [n/a ] {label}: not measured in this run")
+            self.lines.append(f"  n/a   {label}: not measured in this run")
             return
-        self.lines.append(f"  [{'PASS' if ok else 'FAIL'}] {label}: {detail}")
+        self.total += 1
         self.failed += 0 if ok else 1
+        self.lines.append(f"  {'ok  ' if ok else 'FAIL'}  {label}: {detail}")
 
 
-def decode_section(ix, bars, out):
+KV_ORDER = {"f32": 0, "bf16": 1, "f16": 2}
+
+
+def headline_s(runs):
+    return DECODE_S if any(r.get("S") == DECODE_S for r in runs) else max(r.get("S") for r in runs)
+
+
+def headline_section(ix, out):
+    """The README's table: one line per G at the headline shape, f32 cache, the most threads measured."""
     runs = ix.all("decode")
-    if not runs:
-        return
-    kv_order = {"f32": 0, "bf16": 1, "f16": 2}
-    keys = sorted({(r.get("S"), r.get("kv"), r.get("threads")) for r in runs},
-                  key=lambda k: (k[0], kv_order.get(k[1], 9), k[2]))
-    for S in sorted({k[0] for k in keys}):
-        shape = next(r for r in runs if r.get("S") == S)
-        out.append(f"\nDecode: B=1, Sq=1, H={shape.get('H')}, D={shape.get('D')}, cache S={S} "
-                   "(time per generated token; T_floor = max(kv_bytes / stream, 4*S*D*H / sgemm))")
-        rows = []
-        for _, kv, t in (k for k in keys if k[0] == S):
-            for r in sorted((r for r in runs if (r.get("S"), r.get("kv"), r.get("threads")) == (S, kv, t)),
-                            key=lambda r: -r.get("G")):
-                G = r.get("G")
-                floor, bound, gbps, _ = decode_floor(ix, r)
-                own_gbps = r.counters.get("GBps")
-                mha = ix.find("decode", r.source, S=S, kv=kv, threads=t, G=r.get("H"))
-                f32 = ix.find("decode", r.source, S=S, kv="f32", threads=t, G=G) if kv != "f32" else None
-                t1 = ix.find("decode", r.source, S=S, kv=kv, threads=1, G=G) if t != 1 else None
-                rows.append([
-                    kv, t, G, fmt_time(r.seconds), f"{1 / r.seconds:.1f}", fmt_bytes(r.counters.get("kv_bytes")),
-                    f"{own_gbps:.1f}" if own_gbps else "-", f"{gbps:.1f}" if gbps else "-",
-                    fmt_pct(own_gbps / gbps) if own_gbps and gbps else "-",
-                    f"{fmt_time(floor)} {bound}" if floor else "-",
-                    fmt_x(r.seconds / floor) if floor else "-",
-                    fmt_x(mha.seconds / r.seconds) if mha else "-",
-                    fmt_x(f32.seconds / r.seconds) if f32 else "-",
-                    fmt_x(t1.seconds / r.seconds) if t1 else "-",
-                ])
-        out.append(table(["kv", "thr", "G", "time/tok", "tok/s", "KV bytes", "GB/s", "stream GB/s", "%stream",
-                          "T_floor", "t/floor", "vs G=H", "vs f32", "vs 1thr"], rows))
+    S = headline_s(runs)
+    f32 = [r for r in runs if r.get("S") == S and r.get("kv") == "f32"] or [r for r in runs if r.get("S") == S]
+    t = max(r.get("threads") for r in f32)
+    kv = f32[0].get("kv")
+    rows = []
+    for r in sorted((r for r in f32 if r.get("threads") == t), key=lambda r: -r.get("G")):
+        G, H = r.get("G"), r.get("H")
+        floor, bound, _, _ = decode_floor(ix, r)
+        mha = ix.find("decode", r.source, S=S, kv=kv, threads=t, G=H)
+        kind = " (MHA)" if G == H else " (MQA)" if G == 1 else ""
+        own = r.counters.get("GBps")
+        rows.append([f"{G}{kind}", fmt_bytes(r.counters.get("kv_bytes")), fmt_time(r.seconds),
+                     fmt_x(mha.seconds / r.seconds) if mha else "-", f"{own:.1f}" if own else "-",
+                     f"{r.seconds / floor:.2f}" if floor else "-",
+                     {"mem": "memory", "flop": "flops"}.get(bound, "-")])
+    shape = f32[0]
+    out.append(f"Decode, one token: B = 1, H = {shape.get('H')}, D = {shape.get('D')}, cache S = {S}, {kv} cache, "
+               f"{t} thread{'s' * (t > 1)}")
+    out.append(table(["G", "KV bytes", "time/token", "vs MHA", "GB/s", "t/T_floor", "floor bound by"], rows))
+    out.append("T_floor = max(KV bytes / stream read of the same cache, 4*S*D*H / sgemm rate), same run and threads.")
 
-    # Bars, at the issue's cache length (or, when it was not run, the longest one that was).
-    S_bar = DECODE_S if any(r.get("S") == DECODE_S for r in runs) else max(r.get("S") for r in runs)
-    f32 = [r for r in runs if r.get("S") == S_bar and r.get("kv") == "f32"]
-    for t in sorted({r.get("threads") for r in f32}) or [1]:
-        per_g = sorted((r for r in f32 if r.get("threads") == t), key=lambda r: -r.get("G"))
+
+def decode_grid_section(ix, out):
+    """Every (kv, threads) time at the headline S in one table, with the bf16 and 2-thread speedups."""
+    runs = ix.all("decode")
+    S = headline_s(runs)
+    at_s = [r for r in runs if r.get("S") == S]
+    cols = sorted({(r.get("kv"), r.get("threads")) for r in at_s}, key=lambda k: (KV_ORDER.get(k[0], 9), k[1]))
+    if len(cols) < 2:
+        return
+    tmax = max(t for _, t in cols)
+    rows = []
+    for G in sorted({r.get("G") for r in at_s}, reverse=True):
+        cell = {(kv, t): ix.find("decode", None, S=S, kv=kv, threads=t, G=G) for kv, t in cols}
+        row = [G] + [fmt_time(cell[c].seconds) if cell[c] else "-" for c in cols]
+        a, b = cell.get(("f32", tmax)), cell.get(("bf16", tmax))
+        row.append(fmt_x(a.seconds / b.seconds) if a and b else "-")
+        for kv in ("f32", "bf16"):
+            one, many = cell.get((kv, 1)), cell.get((kv, tmax))
+            row.append(fmt_x(one.seconds / many.seconds) if one and many and tmax > 1 else "-")
+        rows.append(row)
+    out.append(f"\nDecode at S = {S}, time per token, every cache type and thread count")
+    out.append(table(["G"] + [f"{kv} {t}thr" for kv, t in cols] +
+                     [f"bf16/f32 {tmax}thr", f"f32 {tmax}/1thr", f"bf16 {tmax}/1thr"], rows))
+
+
+def decode_checks(ix, checks):
+    runs = ix.all("decode")
+    S = headline_s(runs)
+    f32 = [r for r in runs if r.get("S") == S and r.get("kv") == "f32"]
+    for t in sorted({r.get("threads") for r in f32}):
         ratios = []
-        for r in per_g:
+        for r in sorted((r for r in f32 if r.get("threads") == t), key=lambda r: -r.get("G")):
             floor = decode_floor(ix, r)[0]
             if floor:
                 ratios.append((r.seconds / floor, r.get("G")))
         worst = max(ratios) if ratios else None
-        bars.check(f"decode f32 S={S_bar} threads:{t}, every G: time <= {FLOOR_MAX} x T_floor",
-                   worst, worst is not None and worst[0] <= FLOOR_MAX,
-                   (f"worst {worst[0]:.2f}x at G={worst[1]}; " + ", ".join(f"G={g}: {x:.2f}" for x, g in ratios))
-                   if worst else "")
-    for t in sorted({r.get("threads") for r in f32}) or [1]:
-        mha = ix.find("decode", None, S=S_bar, kv="f32", threads=t, G=32)
-        g8 = ix.find("decode", mha.source if mha else None, S=S_bar, kv="f32", threads=t, G=8)
+        checks.check(f"decode f32 S={S} {t}thr, every G: time <= {FLOOR_MAX} x T_floor", worst,
+                     worst is not None and worst[0] <= FLOOR_MAX,
+                     f"worst {worst[0]:.2f} at G={worst[1]}" if worst else "")
+        mha = ix.find("decode", None, S=S, kv="f32", threads=t, G=32)
+        g8 = ix.find("decode", mha.source if mha else None, S=S, kv="f32", threads=t, G=8)
         x = mha.seconds / g8.seconds if mha and g8 else None
-        bars.check(f"decode f32 S={S_bar} threads:{t}: GQA-8 over MHA >= {GQA8_OVER_MHA_MIN:g}x", x,
-                   x is not None and x >= GQA8_OVER_MHA_MIN, fmt_x(x))
-    for t in sorted({r.get("threads") for r in runs if r.get("kv") == "bf16" and r.get("S") == S_bar}) or [1]:
+        checks.check(f"decode f32 S={S} {t}thr: G=8 over MHA >= {GQA8_OVER_MHA_MIN:g}x", x,
+                     x is not None and x >= GQA8_OVER_MHA_MIN, fmt_x(x))
+    for t in sorted({r.get("threads") for r in runs if r.get("kv") == "bf16" and r.get("S") == S}):
         for G in (32, 8):
-            a = ix.find("decode", None, S=S_bar, kv="f32", threads=t, G=G)
-            b = ix.find("decode", a.source if a else None, S=S_bar, kv="bf16", threads=t, G=G)
+            a = ix.find("decode", None, S=S, kv="f32", threads=t, G=G)
+            b = ix.find("decode", a.source if a else None, S=S, kv="bf16", threads=t, G=G)
             x = a.seconds / b.seconds if a and b else None
-            bars.check(f"decode S={S_bar} threads:{t} G={G}: bf16 >= {BF16_OVER_F32_MIN:g}x fp32 throughput", x,
-                       x is not None and x >= BF16_OVER_F32_MIN, fmt_x(x))
+            checks.check(f"decode S={S} {t}thr G={G}: bf16 >= {BF16_OVER_F32_MIN:g}x f32 throughput", x,
+                         x is not None and x >= BF16_OVER_F32_MIN, fmt_x(x))
     for kv in ("f32", "bf16"):
         pairs = []
         for r in runs:
-            if r.get("S") == S_bar and r.get("kv") == kv and r.get("threads") == 2:
-                r1 = ix.find("decode", r.source, S=S_bar, kv=kv, threads=1, G=r.get("G"))
+            if r.get("S") == S and r.get("kv") == kv and r.get("threads") == 2:
+                r1 = ix.find("decode", r.source, S=S, kv=kv, threads=1, G=r.get("G"))
                 if r1:
                     pairs.append((r1.seconds / r.seconds, r.get("G")))
         worst = min(pairs) if pairs else None
-        bars.check(f"decode {kv} S={S_bar}, every G: 2 threads >= {THREADS_SCALING_MIN}x 1 thread", worst,
-                   worst is not None and worst[0] >= THREADS_SCALING_MIN,
-                   (f"worst {worst[0]:.2f}x at G={worst[1]}; " +
-                    ", ".join(f"G={g}: {x:.2f}" for x, g in sorted(pairs, key=lambda p: -p[1]))) if worst else "")
+        checks.check(f"decode {kv} S={S}, every G: 2 threads >= {THREADS_SCALING_MIN}x 1 thread", worst,
+                     worst is not None and worst[0] >= THREADS_SCALING_MIN,
+                     f"worst {worst[0]:.2f}x at G={worst[1]}" if worst else "")
 
 
-def reference_decode_section(ix, out):
-    refs = sorted(ix.all("reference/decode"), key=lambda r: -r.get("G"))
-    if not refs:
-        return
-    rows = []
-    for ref in refs:
-        ours = [ix.find("decode", None, S=ref.get("S"), kv=ref.get("kv"), threads=t, G=ref.get("G"),
-                        H=ref.get("H"), D=ref.get("D")) for t in (1, 2)]
-        rows.append([ref.get("G"), ref.get("S"), fmt_time(ref.seconds)] +
-                    [fmt_time(o.seconds) if o else "-" for o in ours] +
-                    [fmt_x(ref.seconds / o.seconds, 0) if o else "-" for o in ours] +
-                    [fmt_bytes(ref.counters.get("kv_bytes"))])
-    out.append("\nDecode vs the naive reference (gqa::reference_attention: double, repeat_kv, 1 thread), f32 cache")
-    out.append(table(["G", "S", "reference", "ours 1thr", "ours 2thr", "speedup 1thr", "speedup 2thr", "KV bytes"],
-                     rows))
-
-
-def prefill_section(ix, bars, out):
+def prefill_section(ix, checks, out):
     runs = [r for r in ix.all("prefill") if r.get("S") != 32768]
     if runs:
         rows = []
-        for r in sorted(runs, key=lambda r: (r.get("H"), r.get("S"), -r.get("G"), r.get("kv"), -r.get("causal", 0),
-                                             r.get("threads"))):
-            t = r.get("threads")
+        for r in sorted(runs, key=lambda r: (-r.get("H"), -r.get("S"), -r.get("G"), r.get("kv"),
+                                             -r.get("causal", 0), r.get("threads"))):
             gfl = r.counters.get("GFLOPs")
-            sg, _ = ix.sgemm_gflops(t, r.source)
-            t1 = ix.find("prefill", r.source, H=r.get("H"), G=r.get("G"), S=r.get("S"), kv=r.get("kv"),
-                         causal=r.get("causal"), threads=1) if t != 1 else None
-            rows.append([r.get("H"), r.get("G"), r.get("S"), r.get("kv"), r.get("causal"), t, fmt_time(r.seconds),
-                         fmt_time(r.seconds / r.get("S")), f"{gfl:.1f}" if gfl else "-",
-                         f"{sg:.1f}" if sg else "-", fmt_pct(gfl / sg) if gfl and sg else "-",
-                         fmt_x(t1.seconds / r.seconds) if t1 else "-", fmt_bytes(r.counters.get("kv_bytes"))])
-        out.append("\nPrefill: Sq = Sk = S, B=1, D=128 (GFLOP/s of useful flops: 4*S*S*D*H, half that when causal; "
-                   "sgemm = best measured shape at the same threads)")
-        out.append(table(["H", "G", "S", "kv", "causal", "thr", "time", "time/tok", "GFLOP/s", "sgemm GFLOP/s", "%sgemm",
-                          "vs 1thr", "KV bytes"], rows))
-
-    refs = ix.all("reference/prefill")
-    if refs:
-        rows = []
-        for ref in sorted(refs, key=lambda r: (r.get("H"), -r.get("G"), r.get("S"), -r.get("causal", 0))):
-            ours = [ix.find("prefill", None, H=ref.get("H"), G=ref.get("G"), D=ref.get("D"), S=ref.get("S"),
-                            kv=ref.get("kv"), causal=ref.get("causal"), threads=t) for t in (1, 2)]
-            rows.append([ref.get("H"), ref.get("G"), ref.get("S"), ref.get("causal"), fmt_time(ref.seconds)] +
-                        [fmt_time(o.seconds) if o else "-" for o in ours] +
-                        [fmt_x(ref.seconds / o.seconds, 0) if o else "-" for o in ours] +
-                        [f"{ref.counters.get('peak_rss_mb', 0):.0f} MiB"])
-        out.append("\nPrefill vs the naive reference (double, repeat_kv, full S x S scores, 1 thread), same shape")
-        out.append(table(["H", "G", "S", "causal", "reference", "ours 1thr", "ours 2thr", "speedup 1thr",
-                          "speedup 2thr", "peak RSS"], rows))
-
+            sg, _ = ix.sgemm_gflops(r.get("threads"), r.source)
+            rows.append([r.get("H"), r.get("G"), r.get("S"), r.get("kv"), "yes" if r.get("causal") else "no",
+                         r.get("threads"), fmt_time(r.seconds), f"{gfl:.1f}" if gfl else "-",
+                         fmt_pct(gfl / sg) if gfl and sg else "-"])
+        out.append("\nPrefill, Sq = Sk = S, B = 1, D = 128 (useful flops: 4*S*S*D*H, half when causal)")
+        out.append(table(["H", "G", "S", "kv", "causal", "thr", "time", "GFLOP/s", "of sgemm"], rows))
     mem = [r for r in ix.all("prefill") if r.get("S") == 32768]
-    if mem:
-        rows = [[r.get("G"), r.get("S"), r.get("causal"), r.get("threads"), fmt_time(r.seconds),
-                 f"{r.counters.get('GFLOPs', 0):.1f}", f"{r.counters.get('peak_rss_mb', 0):.0f} MiB",
-                 f"{r.counters.get('qkvo_mb', 0):.0f} MiB", f"{r.counters.get('sxs_mb', 0):.0f} MiB"] for r in mem]
-        out.append("\nPrefill memory run (peak RSS = getrusage ru_maxrss of the whole process)")
-        out.append(table(["G", "S", "causal", "thr", "time", "GFLOP/s", "peak RSS", "Q+K+V+O", "one SxS f32"], rows))
+    for r in mem:
+        out.append(f"Prefill memory run, S = {r.get('S')}, G = {r.get('G')}, {r.get('threads')} threads: "
+                   f"{fmt_time(r.seconds)}, peak RSS {r.counters.get('peak_rss_mb', 0):.0f} MiB for "
+                   f"{r.counters.get('qkvo_mb', 0):.0f} MiB of Q, K, V, O (one S x S f32 matrix: "
+                   f"{r.counters.get('sxs_mb', 0):.0f} MiB)")
 
-    # Bars.
-    for t in sorted({r.get("threads") for r in runs if r.get("S") == PREFILL_S}) or [2]:
+    for t in sorted({r.get("threads") for r in runs if r.get("S") == PREFILL_S}):
         r = ix.find("prefill", None, H=32, G=8, S=PREFILL_S, kv="f32", causal=1, threads=t)
         sg = ix.sgemm_gflops(t, r.source)[0] if r else None
         x = r.counters.get("GFLOPs") / sg if r and sg else None
-        bars.check(f"prefill causal S={PREFILL_S} H=32 G=8 threads:{t}: >= {PREFILL_SGEMM_MIN:.0%} of sgemm GFLOP/s",
-                   x, x is not None and x >= PREFILL_SGEMM_MIN,
-                   f"{fmt_pct(x)} ({r.counters.get('GFLOPs'):.1f} of {sg:.1f} GFLOP/s)" if x else "")
-    ref = ix.find("reference/prefill", None, S=2048, causal=1)
-    if ref is None:
-        ref = ix.find("reference/prefill", None, S=2048)
-    ours = ix.find("prefill", None, H=ref.get("H"), G=ref.get("G"), S=2048, kv=ref.get("kv"),
-                   causal=ref.get("causal"), threads=1) if ref else None
-    x = ref.seconds / ours.seconds if ref and ours else None
-    bars.check(f"prefill S=2048 vs the naive reference (same reduced shape, 1 thread each) >= {REF_SPEEDUP_MIN:g}x", x,
-               x is not None and x >= REF_SPEEDUP_MIN,
-               f"{fmt_x(x, 0)} at H={ref.get('H')} G={ref.get('G')} causal:{ref.get('causal')}" if x else "")
-    for r in mem:
-        peak, tensors, sxs = (r.counters.get(k, 0) for k in ("peak_rss_mb", "qkvo_mb", "sxs_mb"))
-        bars.check(f"prefill S={r.get('S')} threads:{r.get('threads')}: no S x S buffer (peak RSS < Q+K+V+O + one "
-                   "S x S f32 matrix)", peak, peak < tensors + sxs,
-                   f"peak {peak:.0f} MiB = tensors {tensors:.0f} MiB + {peak - tensors:.0f} MiB; one S x S matrix "
-                   f"is {sxs:.0f} MiB")
+        checks.check(f"prefill causal S={PREFILL_S} H=32 G=8 {t}thr: >= {PREFILL_SGEMM_MIN:.0%} of sgemm GFLOP/s",
+                     x, x is not None and x >= PREFILL_SGEMM_MIN, fmt_pct(x) if x else "")
     for G in sorted({r.get("G") for r in runs if r.get("S") == PREFILL_S and r.get("H") == 32}, reverse=True):
         r2 = ix.find("prefill", None, H=32, G=G, S=PREFILL_S, kv="f32", causal=1, threads=2)
         r1 = ix.find("prefill", r2.source if r2 else None, H=32, G=G, S=PREFILL_S, kv="f32", causal=1, threads=1)
         x = r1.seconds / r2.seconds if r1 and r2 else None
-        bars.check(f"prefill causal S={PREFILL_S} G={G}: 2 threads >= {THREADS_SCALING_MIN}x 1 thread", x,
-                   x is not None and x >= THREADS_SCALING_MIN, fmt_x(x))
+        checks.check(f"prefill causal S={PREFILL_S} G={G}: 2 threads >= {THREADS_SCALING_MIN}x 1 thread", x,
+                     x is not None and x >= THREADS_SCALING_MIN, fmt_x(x))
+    for r in mem:
+        peak, tensors, sxs = (r.counters.get(k, 0) for k in ("peak_rss_mb", "qkvo_mb", "sxs_mb"))
+        checks.check(f"prefill S={r.get('S')}: no S x S buffer (peak RSS < Q+K+V+O + one S x S matrix)", peak,
+                     peak < tensors + sxs, f"{peak - tensors:.0f} MiB above the tensors")
+
+
+def reference_section(ix, checks, out):
+    """Our kernel against the naive double reference at the same (reduced) shapes, 1 thread each."""
+    rows = []
+    for kind in ("decode", "prefill"):
+        for ref in sorted(ix.all("reference/" + kind), key=lambda r: (-r.get("H"), -r.get("G"), r.get("S"))):
+            fields = {k: ref.get(k) for k in ("H", "G", "D", "S", "kv", "causal") if ref.get(k) is not None}
+            ours = ix.find(kind, None, threads=1, **fields)
+            if ours:
+                rows.append([kind, ref.get("H"), ref.get("G"), ref.get("S"), fmt_time(ref.seconds),
+                             fmt_time(ours.seconds), fmt_x(ref.seconds / ours.seconds, 0)])
+    if rows:
+        out.append("\nAgainst the naive reference (double, repeat_kv, full score matrix), 1 thread each")
+        out.append(table(["", "H", "G", "S", "reference", "gqa", "speedup"], rows))
+    ref = ix.find("reference/prefill", None, S=2048, causal=1) or ix.find("reference/prefill", None, S=2048)
+    ours = ix.find("prefill", None, H=ref.get("H"), G=ref.get("G"), S=2048, kv=ref.get("kv"),
+                   causal=ref.get("causal"), threads=1) if ref else None
+    x = ref.seconds / ours.seconds if ref and ours else None
+    checks.check(f"prefill S=2048 vs the naive reference, 1 thread each: >= {REF_SPEEDUP_MIN:g}x", x,
+                 x is not None and x >= REF_SPEEDUP_MIN, fmt_x(x, 0))
 
 
 def baseline_section(ix, out):
+    """One line per baseline: the range of stream-read bandwidths, and the sgemm rates."""
     streams = ix.all("baseline/stream_read")
+    for t in sorted({r.get("threads") for r in streams}):
+        gbps = [r.counters.get("GBps", 0) for r in streams if r.get("threads") == t]
+        out.append(f"Stream read of the decode caches, {t} thread{'s' * (t > 1)}: "
+                   f"{min(gbps):.1f} to {max(gbps):.1f} GB/s over {len(gbps)} caches")
     gemms = ix.all("baseline/sgemm")
-    if streams:
-        by_cache = defaultdict(dict)
-        for r in streams:
-            key = (r.get("S"), r.get("kv"), r.get("G"), int(r.counters.get("kv_bytes", 0)))
-            by_cache[key][r.get("threads")] = max(by_cache[key].get(r.get("threads"), 0), r.counters.get("GBps", 0))
-        kv_order = {"f32": 0, "bf16": 1, "f16": 2}
-        keys = sorted(by_cache, key=lambda k: (k[0], kv_order.get(k[1], 9), -k[2]))
-        rows = [[S, kv, G, fmt_bytes(b)] + [f"{by_cache[k][t]:.1f}" if t in by_cache[k] else "-" for t in (1, 2)]
-                for k in keys for (S, kv, G, b) in [k]]
-        out.append("\nBaseline: STREAM-style read of each decode's own KV cache, GB/s")
-        out.append(table(["S", "kv", "G", "bytes", "1 thread", "2 threads"], rows))
-    if gemms:
-        rows = [[r.name.split("/threads")[0].replace("baseline/sgemm/", ""), r.get("threads"),
-                 f"{r.counters.get('GFLOPs', 0):.1f}", os.path.basename(r.source)]
-                for r in sorted(gemms, key=lambda r: (r.source, r.get("M"), r.get("threads")))]
-        out.append("\nBaseline: Eigen SGEMM, GFLOP/s summed over threads (t independent products)")
-        out.append(table(["shape", "thr", "GFLOP/s", "run"], rows))
+    for t in sorted({r.get("threads") for r in gemms}):
+        best = {}
+        for r in gemms:
+            if r.get("threads") == t:
+                shape = f"{r.get('M')}x{r.get('N')}x{r.get('K')}"
+                best[shape] = max(best.get(shape, 0), r.counters.get("GFLOPs", 0))
+        out.append(f"Eigen sgemm, {t} thread{'s' * (t > 1)} (GFLOP/s summed over threads): " +
+                   ", ".join(f"{s} {g:.1f}" for s, g in sorted(best.items())))
+
+
+def load_averages(contexts):
+    return [c["load_avg"][0] for c in contexts.values() if c.get("load_avg")]
+
+
+def machine_name(paths):
+    for p in paths:
+        d = p if os.path.isdir(p) else os.path.dirname(p) or "."
+        try:
+            with open(os.path.join(d, "machine.txt")) as fh:
+                return fh.read().strip()
+        except OSError:
+            pass
+    return None
 
 
 def main(argv):
     strict = "--strict" in argv
-    paths = [a for a in argv if a != "--strict"]
+    smoke = "--smoke" in argv
+    paths = [a for a in argv if a not in ("--strict", "--smoke")]
     if not paths:
         print(__doc__.strip())
         return 2
     runs, contexts = load_runs(paths)
-    if not runs:
-        print("no benchmark results in " + " ".join(paths))
+    if not any(r.kind == "decode" for r in runs):
+        print("report.py: no decode/... benchmark results in " + " ".join(paths))
         return 2
     ix = Index(runs)
-    out, bars = [], Bars()
-    reps = max(r.reps for r in runs)
     first = next(iter(contexts.values()))
-    loads = [c.get("load_avg", [0])[0] for c in contexts.values() if c.get("load_avg")]
-    out.append(f"gqa benchmarks: {first.get('date', '?')}, {first.get('num_cpus', '?')} CPUs at "
-               f"{first.get('mhz_per_cpu', '?')} MHz, best of {reps} repetition(s) per benchmark")
-    if loads and max(loads) > 0.5:
-        out.append(f"NOTE: load average up to {max(loads):.2f} when a run started: the machine was busy, timings "
-                   "(2-thread ones most) are noisy.")
-    decode_section(ix, bars, out)
-    reference_decode_section(ix, out)
-    prefill_section(ix, bars, out)
+    loads = load_averages(contexts)
+    load = ", ".join(f"{x:.2f}" for x in loads) if loads else "?"
+    machine = machine_name(paths) or f"{first.get('num_cpus', '?')} CPUs at {first.get('mhz_per_cpu', '?')} MHz"
+    out = [f"gqa G comparison: {machine}; {first.get('date', '?')}; load average {load} when the runs started; "
+           f"best of {max(r.reps for r in runs)} repetition(s)"]
+    if smoke:
+        out.append("SMOKE RUN (compare_g.sh --smoke): tiny shapes, one repetition. It checks that the chain works; "
+                   "the numbers mean nothing.")
+    out.append("")
+    checks = Checks()
+    headline_section(ix, out)
+    decode_grid_section(ix, out)
+    decode_checks(ix, checks)
+    prefill_section(ix, checks, out)
+    reference_section(ix, checks, out)
+    out.append("")
     baseline_section(ix, out)
-    out.append("\nBars (issue 4): ratios within one binary run")
-    out += bars.lines
+    out.append("\nRatio checks, each within one binary run" + (" (informational in a smoke run)" if smoke else ""))
+    out += checks.lines
+    if checks.failed and not smoke:
+        out.append("")
+        out.append(f"!! WARNING: {checks.failed} of {checks.total} ratio checks FAILED. Load average when the runs "
+                   f"started: {load} (on {first.get('num_cpus', '?')} CPUs).")
+        out.append("!! Other work on the machine slows the 2-thread runs most; rerun on a quiet machine before "
+                   "reading anything into a failure.")
+    elif checks.failed:
+        out.append(f"{checks.failed} of {checks.total} checks failed, as tiny shapes on a smoke run may.")
+    elif checks.total:
+        out.append(f"All {checks.total} ratio checks passed.")
     print("\n".join(out))
-    return 1 if strict and bars.failed else 0
+    return 1 if strict and checks.failed else 0
 
 
 if __name__ == "__main__":
