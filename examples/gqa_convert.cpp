@@ -5,9 +5,12 @@
 //
 // A thin command line around gqa::convert_checkpoint (gqa/checkpoint.hpp, which documents what changes, what is
 // copied and what is refused). Prints one line per converted layer and a summary. Exit status: 0 done, 1 the
-// conversion failed (nothing was written), 2 bad command line.
+// conversion failed (nothing was written), 2 bad command line. On SIGINT or SIGTERM it removes its temporary
+// directory and then dies of the signal (exit status 128 + signal in a shell).
 #include "gqa/checkpoint.hpp"
 
+#include <atomic>
+#include <csignal>
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
@@ -16,6 +19,8 @@
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include <signal.h>  // sigaction
 
 namespace {
 
@@ -28,12 +33,13 @@ constexpr const char* usage =
     "larger than the checkpoint's num_key_value_heads. Every other tensor and file is copied unchanged.\n"
     "\n"
     "  --groups G        new num_key_value_heads (divides num_attention_heads)\n"
-    "  --method M        mean (default, the GQA paper's), first (first head of each group), random (seeded)\n"
-    "  --seed N          seed of --method random (default 0)\n"
+    "  --method M        mean (default, the GQA paper's), first (first head of each group), random (seeded);\n"
+    "                    used only when pooling (G smaller than the checkpoint's num_key_value_heads)\n"
+    "  --seed N          seed of --method random, 0 .. 2^64-1 (default 0); refused with other methods\n"
     "  --assignment L    group of each current K/V head, comma-separated (default: adjacent heads); query\n"
     "                    heads and o_proj columns are reordered to match\n"
-    "  --force           replace OUTPUT_DIR if it exists\n"
-    "  --quiet           print only errors\n";
+    "  --force           replace OUTPUT_DIR if it is empty or a previous gqa-convert output\n"
+    "  --quiet           print only errors and warnings\n";
 
 [[noreturn]] void usage_error(const std::string& message) {
   std::cerr << "gqa-convert: " << message << "\n\n" << usage;
@@ -47,6 +53,19 @@ std::optional<long long> parse_integer(const std::string& s) {
     const long long v = std::stoll(s, &used, 10);
     if (used != s.size()) return std::nullopt;
     return v;
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
+/// 0 .. 2^64-1 in decimal; std::stoull alone would accept "-1" as 2^64-1.
+std::optional<std::uint64_t> parse_uint64(const std::string& s) {
+  if (s.empty() || s[0] < '0' || s[0] > '9') return std::nullopt;
+  std::size_t used = 0;
+  try {
+    const unsigned long long v = std::stoull(s, &used, 10);
+    if (used != s.size()) return std::nullopt;
+    return static_cast<std::uint64_t>(v);
   } catch (const std::exception&) {
     return std::nullopt;
   }
@@ -68,12 +87,14 @@ std::string bytes(std::uint64_t n) {
   return os.str();
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+struct Command {
   std::vector<std::string> positional;
   gqa::CheckpointOptions options;
-  bool have_groups = false, quiet = false;
+  bool have_groups = false, have_method = false, have_seed = false, quiet = false;
+};
+
+Command parse_command_line(int argc, char** argv) {
+  Command c;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&]() -> std::string {
@@ -82,79 +103,125 @@ int main(int argc, char** argv) {
     };
     if (arg == "-h" || arg == "--help") {
       std::cout << usage;
-      return 0;
+      std::exit(0);
     } else if (arg == "--groups") {
       const auto g = parse_integer(value());
       if (!g || *g <= 0) usage_error("--groups needs a positive integer");
-      options.groups = static_cast<gqa::Index>(*g);
-      have_groups = true;
+      c.options.kv_heads = static_cast<gqa::Index>(*g);
+      c.have_groups = true;
     } else if (arg == "--method") {
       const std::string m = value();
       const auto method = gqa::parse_pool_method(m);
       if (!method) usage_error("--method must be mean, first or random, not '" + m + "'");
-      options.convert.method = *method;
+      c.options.convert.method = *method;
+      c.have_method = true;
     } else if (arg == "--seed") {
-      const auto s = parse_integer(value());
-      if (!s || *s < 0) usage_error("--seed needs a non-negative integer");
-      options.convert.seed = static_cast<std::uint64_t>(*s);
+      const std::string text = value();
+      const auto s = parse_uint64(text);
+      if (!s) usage_error("--seed needs an integer in 0 .. 18446744073709551615, not '" + text + "'");
+      c.options.convert.seed = *s;
+      c.have_seed = true;
     } else if (arg == "--assignment") {
       std::stringstream list(value());
       for (std::string item; std::getline(list, item, ',');) {
         const auto g = parse_integer(item);
         if (!g) usage_error("--assignment needs comma-separated integers, not '" + item + "'");
-        options.convert.assignment.push_back(static_cast<gqa::Index>(*g));
+        c.options.convert.assignment.push_back(static_cast<gqa::Index>(*g));
       }
     } else if (arg == "--force") {
-      options.force = true;
+      c.options.force = true;
     } else if (arg == "--quiet") {
-      quiet = true;
+      c.quiet = true;
     } else if (arg.size() > 1 && arg[0] == '-') {
       usage_error("unknown option '" + arg + "'");
     } else {
-      positional.push_back(arg);
+      c.positional.push_back(arg);
     }
   }
-  if (positional.size() != 2) usage_error("expected INPUT_DIR and OUTPUT_DIR");
-  if (!have_groups) usage_error("--groups G is required");
+  if (c.positional.size() != 2) usage_error("expected INPUT_DIR and OUTPUT_DIR");
+  if (!c.have_groups) usage_error("--groups G is required");
+  if (c.have_seed && c.options.convert.method != gqa::PoolMethod::random)
+    usage_error("--seed only applies to --method random (this run uses --method " +
+                std::string(gqa::to_string(c.options.convert.method)) + ")");
+  return c;
+}
 
-  if (!quiet)
-    options.on_layer = [](const gqa::LayerProgress& p) {
+void print_summary(const Command& c, const gqa::CheckpointSummary& s) {
+  const char* what = s.kv_heads_after < s.kv_heads_before   ? "pooled"
+                     : s.kv_heads_after > s.kv_heads_before ? "expanded"
+                                                            : "unchanged";
+  std::cout << "done: " << c.positional[0] << " -> " << c.positional[1] << "\n"
+            << "  key/value heads: " << s.kv_heads_before << " -> " << s.kv_heads_after << " (" << what;
+  if (s.pooled) std::cout << ", method " << gqa::to_string(c.options.convert.method);
+  if (s.pooled && c.options.convert.method == gqa::PoolMethod::random) std::cout << ", seed " << c.options.convert.seed;
+  std::cout << "), query heads " << s.config.heads << ", head_dim " << s.config.head_dim << ", " << s.layers
+            << (s.layers == 1 ? " layer\n" : " layers\n");
+  if (!s.query_order.empty()) {
+    std::cout << "  query heads reordered for --assignment (new head j is old head):";
+    for (std::size_t j = 0; j < s.query_order.size(); ++j) std::cout << (j ? "," : " ") << s.query_order[j];
+    std::cout << "\n";
+  }
+  std::cout << "  tensors: " << s.tensors_total << " (" << s.tensors_converted << " converted, " << s.tensors_copied
+            << " copied byte for byte)" << (s.sharded ? ", sharded" : "") << "\n"
+            << "  tensor bytes: " << bytes(s.tensor_bytes_before) << " -> " << bytes(s.tensor_bytes_after) << "\n"
+            << "  KV cache per token (" << gqa::safetensors::dtype_name(s.kv_dtype)
+            << "): " << bytes(s.kv_cache_bytes_per_token_before) << " -> " << bytes(s.kv_cache_bytes_per_token_after)
+            << "\n";
+  if (!s.files_copied.empty()) {
+    std::cout << "  copied:";
+    for (const auto& f : s.files_copied) std::cout << " " << f;
+    std::cout << "\n";
+  }
+  if (!s.skipped.empty()) {
+    std::cout << "  not copied (subdirectories and other weight files):";
+    for (const auto& f : s.skipped) std::cout << " " << f;
+    std::cout << "\n";
+  }
+}
+
+// Set by SIGINT/SIGTERM; the conversion checks it between tensors, removes its temporary directory and throws.
+std::atomic<int> received_signal{0};
+static_assert(std::atomic<int>::is_always_lock_free, "the signal flag must be lock-free to be set in a handler");
+
+extern "C" void on_signal(int sig) { received_signal.store(sig); }
+
+void install_signal_handlers() {
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = 0;  // no SA_RESTART: a blocked read or write returns EINTR, and the writer's loop checks the flag
+  for (int sig : {SIGINT, SIGTERM}) ::sigaction(sig, &sa, nullptr);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Command c = parse_command_line(argc, argv);
+  if (!c.quiet)
+    c.options.on_layer = [](const gqa::LayerProgress& p) {
       std::cout << "layer " << p.layer + 1 << "/" << p.num_layers << " ("
                 << gqa::safetensors::dtype_name(p.dtype) << "):";
       for (std::size_t i = 0; i < p.tensors.size(); ++i)
         std::cout << (i ? ", " : " ") << short_name(p.tensors[i].name) << " " << shape_pair(p.tensors[i]);
       std::cout << std::endl;
     };
-
+  install_signal_handlers();
+  c.options.cancel = &received_signal;
   try {
-    const gqa::CheckpointSummary s = gqa::convert_checkpoint(positional[0], positional[1], options);
-    if (quiet) return 0;
-    const char* what = s.groups_after < s.groups_before   ? "pooled"
-                       : s.groups_after > s.groups_before ? "expanded"
-                                                          : "unchanged";
-    std::cout << "done: " << positional[0] << " -> " << positional[1] << "\n"
-              << "  key/value heads: " << s.groups_before << " -> " << s.groups_after << " (" << what;
-    if (s.groups_after < s.groups_before) std::cout << ", method " << gqa::to_string(options.convert.method);
-    std::cout << "), query heads " << s.config.heads << ", head_dim " << s.config.head_dim << ", " << s.layers
-              << (s.layers == 1 ? " layer\n" : " layers\n")
-              << "  tensors: " << s.tensors_total << " (" << s.tensors_converted << " converted, "
-              << s.tensors_copied << " copied byte for byte)" << (s.sharded ? ", sharded" : "") << "\n"
-              << "  tensor bytes: " << bytes(s.tensor_bytes_before) << " -> " << bytes(s.tensor_bytes_after) << "\n"
-              << "  KV cache per token (" << gqa::safetensors::dtype_name(s.kv_dtype)
-              << "): " << bytes(s.kv_cache_bytes_per_token_before) << " -> " << bytes(s.kv_cache_bytes_per_token_after)
-              << "\n";
-    if (!s.files_copied.empty()) {
-      std::cout << "  copied:";
-      for (const auto& f : s.files_copied) std::cout << " " << f;
-      std::cout << "\n";
-    }
-    if (!s.skipped.empty()) {
-      std::cout << "  not copied (subdirectories and other weight files):";
-      for (const auto& f : s.skipped) std::cout << " " << f;
-      std::cout << "\n";
-    }
+    const gqa::CheckpointSummary s = gqa::convert_checkpoint(c.positional[0], c.positional[1], c.options);
+    if (c.have_method && !s.pooled)
+      std::cerr << "gqa-convert: warning: --method " << gqa::to_string(c.options.convert.method)
+                << " was not used: --groups " << s.kv_heads_after << (s.kv_heads_after > s.kv_heads_before
+                ? " expands the checkpoint's " : " keeps the checkpoint's ") << s.kv_heads_before
+                << " key/value heads exactly\n";
+    if (!c.quiet) print_summary(c, s);
     return 0;
   } catch (const std::exception& e) {
+    if (const int sig = received_signal.load()) {
+      std::cerr << "gqa-convert: interrupted by signal " << sig << "; nothing was written\n";
+      std::signal(sig, SIG_DFL);
+      std::raise(sig);
+    }
     std::cerr << "gqa-convert: error: " << e.what() << "\n";
     return 1;
   }

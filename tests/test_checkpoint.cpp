@@ -12,11 +12,16 @@
 
 #include <cmath>
 #include <cstdio>
+#include <atomic>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
+#include <csignal>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 namespace {
 
@@ -91,7 +96,7 @@ void check_conversion(const TinyModel& m, const fs::path& in, const fs::path& ou
   CHECK_FALSE(fs::exists(out / "original"));
   CHECK(fs::exists(out / (m.sharded ? st::index_file_name : st::single_file_name)));
 
-  const st::Checkpoint a = st::Checkpoint::open(in), b = st::Checkpoint::open(out);
+  const st::Directory a = st::Directory::open(in), b = st::Directory::open(out);
   REQUIRE(b.size() == a.size());
   REQUIRE(b.file_names() == a.file_names());
   const double rounding = m.dtype == st::Dtype::BF16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -24);
@@ -160,7 +165,7 @@ TEST_CASE("convert_checkpoint: tiny Llama, bf16 and f32, sharded and not, G in {
         const fs::path out = dir / ("out" + std::to_string(groups));
         std::vector<Index> layers_seen;
         gqa::CheckpointOptions opt;
-        opt.groups = groups;
+        opt.kv_heads = groups;
         opt.on_layer = [&](const gqa::LayerProgress& p) {
           layers_seen.push_back(p.layer);
           CHECK(p.num_layers == 2);
@@ -198,16 +203,16 @@ TEST_CASE("convert_checkpoint: Qwen2-style biases, head_dim != hidden/H, GQA inp
   m.write(dir / "in");
   gqa::CheckpointOptions opt;
   for (Index groups : {Index(2), Index(1), Index(8)}) {
-    opt.groups = groups;
+    opt.kv_heads = groups;
     const auto out = dir / ("g" + std::to_string(groups));
     const auto s = gqa::convert_checkpoint(dir / "in", out, opt);
     check_conversion(m, dir / "in", out, groups);
     CHECK(s.tensors_converted == 8);  // k/v weight and bias, 2 layers
   }
   // GQA (4) -> MHA (8) -> GQA (4) through the converter returns the original K/V tensors bit for bit.
-  opt.groups = 4;
+  opt.kv_heads = 4;
   gqa::convert_checkpoint(dir / "g8", dir / "back4", opt);
-  const st::Checkpoint a = st::Checkpoint::open(dir / "in"), b = st::Checkpoint::open(dir / "back4");
+  const st::Directory a = st::Directory::open(dir / "in"), b = st::Directory::open(dir / "back4");
   for (const auto& t : a.files()[0].tensors()) CHECK(same_bytes(b.at(t.name), t));
   CHECK(gqa_test::read_text(dir / "back4" / "config.json") == gqa_test::read_text(dir / "in" / "config.json"));
 }
@@ -218,12 +223,12 @@ TEST_CASE("convert_checkpoint: config without num_key_value_heads means H", "[ch
   m.write_kv_heads = false;
   m.write(dir / "in");
   gqa::CheckpointOptions opt;
-  opt.groups = 2;
+  opt.kv_heads = 2;
   const auto s = gqa::convert_checkpoint(dir / "in", dir / "out", opt);
-  CHECK(s.groups_before == 8);
+  CHECK(s.kv_heads_before == 8);
   const auto cfg = nlohmann::ordered_json::parse(gqa_test::read_text(dir / "out" / "config.json"));
   CHECK(cfg["num_key_value_heads"] == 2);
-  CHECK(st::Checkpoint::open(dir / "out").at("model.layers.1.self_attn.v_proj.weight").shape == st::Shape{8, 32});
+  CHECK(st::Directory::open(dir / "out").at("model.layers.1.self_attn.v_proj.weight").shape == st::Shape{8, 32});
 }
 
 TEST_CASE("convert_checkpoint: first, random and explicit assignments", "[checkpoint]") {
@@ -231,14 +236,14 @@ TEST_CASE("convert_checkpoint: first, random and explicit assignments", "[checkp
   TinyModel m;
   m.dtype = st::Dtype::BF16;
   m.write(dir / "in");
-  const st::Checkpoint in = st::Checkpoint::open(dir / "in");
+  const st::Directory in = st::Directory::open(dir / "in");
   gqa::CheckpointOptions opt;
-  opt.groups = 2;
+  opt.kv_heads = 2;
 
   opt.convert.method = gqa::PoolMethod::first;
   gqa::convert_checkpoint(dir / "in", dir / "first", opt);
   {
-    const st::Checkpoint out = st::Checkpoint::open(dir / "first");
+    const st::Directory out = st::Directory::open(dir / "first");
     const auto& k = in.at("model.layers.0.self_attn.k_proj.weight");
     const auto& k2 = out.at("model.layers.0.self_attn.k_proj.weight");
     const std::size_t head = 4 * 32 * 2;  // bytes of one head: D rows x hidden x bf16
@@ -253,8 +258,8 @@ TEST_CASE("convert_checkpoint: first, random and explicit assignments", "[checkp
   opt.convert.seed = 6;
   gqa::convert_checkpoint(dir / "in", dir / "random3", opt);
   {
-    const auto r1 = st::Checkpoint::open(dir / "random1"), r2 = st::Checkpoint::open(dir / "random2"),
-               r3 = st::Checkpoint::open(dir / "random3");
+    const auto r1 = st::Directory::open(dir / "random1"), r2 = st::Directory::open(dir / "random2"),
+               r3 = st::Directory::open(dir / "random3");
     for (const char* name : {"model.layers.0.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight"}) {
       CHECK(same_bytes(r1.at(name), r2.at(name)));      // deterministic for a seed
       CHECK_FALSE(same_bytes(r1.at(name), r3.at(name)));  // and the seed matters
@@ -274,7 +279,7 @@ TEST_CASE("convert_checkpoint: first, random and explicit assignments", "[checkp
   opt.convert.assignment = {0, 1, 0, 1, 0, 1, 0, 1};
   const auto s = gqa::convert_checkpoint(dir / "in", dir / "strided", opt);
   CHECK(s.tensors_converted == 8);  // q, k, v, o per layer
-  const st::Checkpoint out = st::Checkpoint::open(dir / "strided");
+  const st::Directory out = st::Directory::open(dir / "strided");
   const auto order = gqa::query_head_order(8, 2, opt.convert.assignment);
   const auto q = in.at("model.layers.1.self_attn.q_proj.weight").to_vector<gqa::bfloat16>();
   const auto o = in.at("model.layers.1.self_attn.o_proj.weight").to_vector<gqa::bfloat16>();
@@ -323,7 +328,7 @@ TEST_CASE("convert_checkpoint: refusals and failures leave no output behind", "[
   auto error_of = [&](const std::string& input, Index groups, bool force = false,
                       std::function<void(const gqa::LayerProgress&)> cb = {}) {
     gqa::CheckpointOptions opt;
-    opt.groups = groups;
+    opt.kv_heads = groups;
     opt.force = force;
     opt.on_layer = std::move(cb);
     try {
@@ -362,23 +367,168 @@ TEST_CASE("convert_checkpoint: refusals and failures leave no output behind", "[
              Contains("interrupted"));
   CHECK(listing(dir.path()) == before);
 
-  // An existing output is refused without force, replaced with it, and kept if the forced run fails.
+  // An existing output is refused without force. With force, only an empty directory or a previous output is
+  // replaced; anything else is refused (issue 11: "gqa-convert model . --force" wiped a working directory).
   fs::create_directories(dir / "out");
   gqa_test::write_text(dir / "out" / "marker", "old");
-  CHECK_THAT(error_of("llama", 4), Contains("[gqa.checkpoint.output_exists]") && Contains("force"));
+  CHECK_THAT(error_of("llama", 4), Contains("[gqa.checkpoint.output_exists]") && Contains("--force"));
+  CHECK_THAT(error_of("llama", 4, true), Contains("[gqa.checkpoint.output_exists]") && Contains("neither empty"));
+  CHECK(listing(dir / "out") == std::vector<std::string>{"marker"});
+  fs::remove(dir / "out" / "marker");
+  // An empty directory, and a previous output, are replaced; a forced run that fails keeps them as they were.
   CHECK_THAT(error_of("llama", 4, true, [](const gqa::LayerProgress&) { throw std::runtime_error("stop"); }),
              Contains("stop"));
-  CHECK(listing(dir / "out") == std::vector<std::string>{"marker"});
+  CHECK(fs::is_directory(dir / "out"));
+  CHECK(listing(dir / "out").empty());
+  CHECK(error_of("llama", 2, true) == "no error");
+  const std::string previous = gqa_test::read_text(dir / "out" / "config.json");
+  CHECK_THAT(error_of("llama", 4, true, [](const gqa::LayerProgress&) { throw std::runtime_error("stop"); }),
+             Contains("stop"));
+  CHECK(gqa_test::read_text(dir / "out" / "config.json") == previous);
   CHECK(error_of("llama", 4, true) == "no error");
-  CHECK_FALSE(fs::exists(dir / "out" / "marker"));
   check_conversion(llama, dir / "llama", dir / "out", 4);
+  CHECK(listing(dir.path()) == std::vector<std::string>{"gpt2", "llama", "out", "qwen3"});
   // The input itself, or a directory containing it, is never replaced.
   gqa::CheckpointOptions opt;
-  opt.groups = 4;
+  opt.kv_heads = 4;
   opt.force = true;
   CHECK_THROWS_WITH(gqa::convert_checkpoint(dir / "llama", dir / "llama", opt), Contains("is the input"));
   CHECK_THROWS_WITH(gqa::convert_checkpoint(dir / "llama", dir.path(), opt), Contains("contains the input"));
   CHECK(fs::exists(dir / "llama" / "config.json"));
+}
+
+TEST_CASE("convert_checkpoint: hostile config.json and special files are refused cleanly", "[checkpoint][errors]") {
+  TempDir dir;
+  TinyModel m;
+  m.sharded = true;
+  m.write(dir / "in");
+  const auto before = listing(dir.path());
+  gqa::CheckpointOptions opt;
+  opt.kv_heads = 4;
+  auto error_of = [&]() {
+    try {
+      gqa::convert_checkpoint(dir / "in", dir / "out", opt);
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const std::string config = gqa_test::read_text(dir / "in" / "config.json");
+  // Issue 11: a valid config.json nested 100,000 levels deep overflowed the stack when it was copied.
+  gqa_test::write_text(dir / "in" / "config.json",
+                       config.substr(0, config.size() - 2) + ", \"x\": " + std::string(100000, '[') +
+                           std::string(100000, ']') + "}\n");
+  CHECK_THAT(error_of(), Contains("[gqa.checkpoint.config]") && Contains("nests deeper than 64"));
+  gqa_test::write_text(dir / "in" / "config.json", "{\"hidden_size\": 32, \"hidden_size\": 64}");
+  CHECK_THAT(error_of(), Contains("[gqa.checkpoint.config]") && Contains("'hidden_size' appears twice"));
+  auto huge = m.config();
+  huge["head_dim"] = std::int64_t(1) << 60;
+  gqa_test::write_text(dir / "in" / "config.json", huge.dump());
+  CHECK_THAT(error_of(), Contains("[gqa.checkpoint.config]") && Contains("overflows"));
+  gqa_test::write_text(dir / "in" / "config.json", config);
+  CHECK(listing(dir.path()) == before);
+
+  // Issue 11: a FIFO in place of the config, the index or a shard hung forever.
+  for (const std::string name : {"config.json", st::index_file_name, "model-00002-of-00002.safetensors"}) {
+    INFO(name);
+    fs::rename(dir / "in" / name, dir / "saved");
+    REQUIRE(::mkfifo((dir / "in" / name).c_str(), 0600) == 0);
+    CHECK_THAT(error_of(), Contains("[gqa.io]") && Contains("FIFO"));
+    fs::remove(dir / "in" / name);
+    fs::rename(dir / "saved", dir / "in" / name);
+  }
+  // A FIFO beside the checkpoint is not a regular file: listed as skipped, never opened.
+  REQUIRE(::mkfifo((dir / "in" / "pipe").c_str(), 0600) == 0);
+  const auto s = gqa::convert_checkpoint(dir / "in", dir / "out", opt);
+  CHECK(std::find(s.skipped.begin(), s.skipped.end(), "pipe") != s.skipped.end());
+  CHECK_FALSE(fs::exists(dir / "out" / "pipe"));
+}
+
+TEST_CASE("convert_checkpoint: the input is never written, and --force replaces only a previous output",
+          "[checkpoint][errors]") {
+  TempDir dir;
+  TinyModel m;
+  m.write(dir / "in");
+  const auto input_before = listing(dir / "in");
+  const std::string shard = gqa_test::read_text(dir / "in" / "model.safetensors");
+  gqa::CheckpointOptions opt;
+  opt.kv_heads = 4;
+  for (bool force : {false, true}) {
+    opt.force = force;
+    // Issue 11: an OUTPUT_DIR naming a shard inside INPUT_DIR deleted that shard.
+    CHECK_THROWS_WITH(gqa::convert_checkpoint(dir / "in", dir / "in" / "model.safetensors", opt),
+                      Contains("[gqa.checkpoint.output_exists]") && Contains("inside the input"));
+    CHECK_THROWS_WITH(gqa::convert_checkpoint(dir / "in", dir / "in" / "new", opt), Contains("inside the input"));
+    CHECK_THROWS_WITH(gqa::convert_checkpoint(dir / "in", dir / "in" / ".", opt), Contains("is the input"));
+  }
+  CHECK(listing(dir / "in") == input_before);
+  CHECK(gqa_test::read_text(dir / "in" / "model.safetensors") == shard);
+  // Issue 11: "gqa-convert model . --force" wiped a working directory.
+  fs::create_directories(dir / "work" / "src");
+  gqa_test::write_text(dir / "work" / "notes.txt", "mine");
+  CHECK_THROWS_WITH(gqa::convert_checkpoint(dir / "in", dir / "work", opt), Contains("'src'"));
+  fs::create_directories(dir / "work2");
+  gqa_test::write_text(dir / "work2" / "config.json", "{}");
+  gqa_test::write_text(dir / "work2" / "model.safetensors", "x");
+  gqa_test::write_text(dir / "work2" / "weights.bin", "x");
+  CHECK_THROWS_WITH(gqa::convert_checkpoint(dir / "in", dir / "work2", opt), Contains("weights.bin"));
+  CHECK(gqa_test::read_text(dir / "work" / "notes.txt") == "mine");
+  // Typed errors for bad paths (issue 11: std::filesystem errors escaped untyped).
+  CHECK_THROWS_AS(gqa::convert_checkpoint(dir / "in", "", opt), gqa::invalid_argument);
+  CHECK_THROWS_AS(gqa::convert_checkpoint("", dir / "out", opt), gqa::invalid_argument);
+  gqa_test::write_text(dir / "file", "x");
+  CHECK_THROWS_WITH(gqa::convert_checkpoint(dir / "in", dir / "file" / "x", opt),
+                    Contains("[gqa.io]") && Contains("parent directory"));
+}
+
+TEST_CASE("convert_checkpoint: a Hugging Face cache snapshot (every file a link into blobs/) converts",
+          "[checkpoint]") {
+  TempDir dir;
+  TinyModel m;
+  m.write(dir / "blobs");
+  fs::create_directories(dir / "snapshot");
+  for (const auto& e : fs::directory_iterator(dir / "blobs"))
+    if (e.is_regular_file()) fs::create_symlink(e.path(), dir / "snapshot" / e.path().filename());
+  gqa::CheckpointOptions opt;
+  opt.kv_heads = 4;
+  const auto s = gqa::convert_checkpoint(dir / "snapshot", dir / "out", opt);
+  CHECK(s.files_copied == std::vector<std::string>{"generation_config.json", "tokenizer.json", "tokenizer_config.json"});
+  CHECK_FALSE(fs::is_symlink(dir / "out" / "tokenizer.json"));
+  check_conversion(m, dir / "blobs", dir / "out", 4);
+}
+
+TEST_CASE("convert_checkpoint: every file is fsynced, cancellation and stale temporaries are cleaned up",
+          "[checkpoint]") {
+  TempDir dir;
+  TinyModel m;
+  m.sharded = true;
+  m.write(dir / "in");
+  gqa::CheckpointOptions opt;
+  opt.kv_heads = 2;
+  // Issue 11: copied files (tokenizer and friends) were not fsynced before the directory was renamed into place.
+  const auto fsyncs = gqa::detail::fsync_count().load();
+  const auto s = gqa::convert_checkpoint(dir / "in", dir / "out", opt);
+  CHECK(gqa::detail::fsync_count().load() - fsyncs == s.files_written.size() + s.files_copied.size());
+
+  // A cancel flag (what gqa-convert's SIGINT/SIGTERM handler sets) stops the run and removes its temporaries.
+  std::atomic<int> cancel{0};
+  opt.cancel = &cancel;
+  opt.on_layer = [&](const gqa::LayerProgress&) { cancel = SIGINT; };
+  CHECK_THROWS_WITH(gqa::convert_checkpoint(dir / "in", dir / "out2", opt),
+                    Contains("[gqa.checkpoint.interrupted]") && Contains("signal 2"));
+  CHECK(listing(dir.path()) == std::vector<std::string>{"in", "out"});
+
+  // What a kill -9 leaves (a staging directory of a process that is gone) is removed by the next run beside it.
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  ::waitpid(child, nullptr, 0);
+  const std::string stale = gqa::detail::scratch_name("out3", false, static_cast<long>(child), "0123456789ab");
+  fs::create_directories(dir / stale);
+  gqa_test::write_text(dir / stale / "model.safetensors", "partial");
+  opt = {};
+  opt.kv_heads = 2;
+  gqa::convert_checkpoint(dir / "in", dir / "out3", opt);
+  CHECK(listing(dir.path()) == std::vector<std::string>{"in", "out", "out3"});
 }
 
 #ifdef GQA_CONVERT_EXE
@@ -436,7 +586,12 @@ TEST_CASE("gqa-convert: refuses bad input and command lines with a clear message
   CHECK(r.status == 2);
   CHECK_FALSE(fs::exists(dir / "out"));
 
+  // --seed means nothing to mean/first: refused rather than silently ignored (issue 11).
   r = run_tool(q(dir / "llama") + " " + out + " --groups 2 --method first --seed 3 --quiet");
+  CHECK(r.status == 2);
+  CHECK_THAT(r.output, Contains("--seed only applies to --method random"));
+  CHECK_FALSE(fs::exists(dir / "out"));
+  r = run_tool(q(dir / "llama") + " " + out + " --groups 2 --method first --quiet");
   CHECK(r.status == 0);
   CHECK(r.output.empty());
   r = run_tool(q(dir / "llama") + " " + out + " --groups 2");
@@ -452,5 +607,82 @@ TEST_CASE("gqa-convert: refuses bad input and command lines with a clear message
   CHECK(r.status == 1);
   CHECK_THAT(r.output, Contains("group 0 has 3 heads"));
   CHECK(listing(dir.path()) == std::vector<std::string>{"gpt2", "llama", "out", "strided"});
+}
+
+TEST_CASE("gqa-convert: says what it ignored, lists valid values, reports reorderings", "[checkpoint][tool]") {
+  // Issue 11's command-line items.
+  TempDir dir;
+  TinyModel llama;
+  llama.kv_heads = 4;
+  llama.write(dir / "in");
+  const std::string in = q(dir / "in") + " ";
+  Run r = run_tool(in + q(dir / "a") + " --groups 3");
+  CHECK(r.status == 1);
+  CHECK_THAT(r.output, Contains("--groups = 3") && Contains("one of 1, 2, 4, 8"));
+  r = run_tool(in + q(dir / "a") + " --groups 8 --method first");
+  CHECK(r.status == 0);
+  CHECK_THAT(r.output, Contains("warning: --method first was not used") && Contains("expands"));
+  CHECK_THAT(r.output, Contains("key/value heads: 4 -> 8 (expanded)"));
+  r = run_tool(in + q(dir / "b") + " --groups 2 --method random --seed 18446744073709551615");
+  CHECK(r.status == 0);
+  CHECK_THAT(r.output, Contains("method random, seed 18446744073709551615"));
+  for (const char* seed : {"18446744073709551616", "-1", "1e3", ""}) {
+    r = run_tool(in + q(dir / "c") + " --groups 2 --method random --seed '" + seed + "'");
+    INFO(seed);
+    CHECK(r.status == 2);
+    CHECK_THAT(r.output, Contains("--seed needs an integer in 0 .. 18446744073709551615"));
+  }
+  r = run_tool(in + q(dir / "d") + " --groups 2 --assignment 0,1,0,1");
+  CHECK(r.status == 0);
+  CHECK_THAT(r.output, Contains("query heads reordered for --assignment (new head j is old head): 0,1,4,5,2,3,6,7"));
+  r = run_tool(in + q(dir / "b") + " --groups 2 --force --quiet");
+  CHECK(r.status == 0);
+  CHECK(r.output.empty());
+  r = run_tool(in + q(dir / "in") + "/sub --groups 2 --force");
+  CHECK(r.status == 1);
+  CHECK_THAT(r.output, Contains("inside the input directory"));
+  CHECK(listing(dir.path()) == std::vector<std::string>{"a", "b", "d", "in"});
+}
+
+TEST_CASE("gqa-convert: SIGINT and SIGTERM remove the temporary directory", "[checkpoint][tool]") {
+  // Issue 11: an interrupted run left hidden .NAME.gqa-tmp-* directories beside OUTPUT_DIR. The tool's standard
+  // output goes to a pipe this test stops reading, so the tool blocks on its progress lines (over 64 KiB of them)
+  // with its temporary directory in place, however fast the machine: the signal always lands mid-conversion.
+  TempDir dir;
+  TinyModel m;
+  m.layers = 1500;
+  m.write(dir / "in");
+  for (int sig : {SIGTERM, SIGINT}) {
+    INFO("signal " << sig);
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    const std::string in = (dir / "in").string(), out = (dir / "out").string();
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::dup2(fds[1], 1);
+      ::close(fds[0]);
+      ::close(fds[1]);
+      ::execl(GQA_CONVERT_EXE, "gqa-convert", in.c_str(), out.c_str(), "--groups", "2", static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    ::close(fds[1]);
+    bool staging = false;
+    for (int i = 0; i < 6000 && !staging; ++i) {
+      for (const auto& name : listing(dir.path())) staging = staging || name.rfind(".out.gqa-tmp-", 0) == 0;
+      if (!staging) ::usleep(10000);
+    }
+    CHECK(staging);
+    ::kill(pid, sig);
+    char buf[4096];
+    while (::read(fds[0], buf, sizeof buf) > 0) {
+    }
+    ::close(fds[0]);
+    int status = 0;
+    REQUIRE(::waitpid(pid, &status, 0) == pid);
+    CHECK(WIFSIGNALED(status));
+    CHECK(WTERMSIG(status) == sig);
+    CHECK(listing(dir.path()) == std::vector<std::string>{"in"});
+  }
 }
 #endif

@@ -7,10 +7,17 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <random>
 #include <string>
 #include <vector>
+
+#include <sys/stat.h>
 
 namespace {
 
@@ -396,13 +403,106 @@ TEST_CASE("safetensors: OS errors are io_error", "[safetensors]") {
   CHECK_THROWS_WITH(st::File::open(dir / "empty.safetensors"), Contains("[gqa.safetensors.truncated]"));
 }
 
+TEST_CASE("safetensors: a FIFO or special file is refused, not waited on", "[safetensors][errors]") {
+  // Issue 11: opening a FIFO without O_NONBLOCK waits forever for a writer (this test would hang).
+  TempDir dir;
+  REQUIRE(::mkfifo((dir / "model.safetensors").c_str(), 0600) == 0);
+  CHECK_THROWS_WITH(st::File::open(dir / "model.safetensors"),
+                    Contains("[gqa.io]") && Contains("not a regular file") && Contains("FIFO"));
+  CHECK_THROWS_WITH(st::Directory::open(dir.path()), Contains("FIFO"));
+  REQUIRE(::mkfifo((dir / st::index_file_name).c_str(), 0600) == 0);
+  CHECK_THROWS_WITH(st::Directory::open(dir.path()), Contains("FIFO"));
+  CHECK_THROWS_WITH(st::File::open("/dev/null"), Contains("not a regular file"));
+}
+
+TEST_CASE("safetensors: OS error messages name the errno of the failing call", "[safetensors][errors]") {
+  // Issue 11: errno was read after later calls (or before the failing one: argument evaluation order is
+  // unspecified), so messages named the wrong error. Renaming a file onto a non-empty directory fails with EISDIR.
+  TempDir dir;
+  std::filesystem::create_directories(dir / "taken" / "inside");
+  st::Writer w;
+  const std::vector<float> a{1, 2};
+  w.add<float>("a", {2}, a);
+  CHECK_THROWS_WITH(w.write(dir / "taken"), Contains("[gqa.io]") && Contains("cannot rename") &&
+                                                Contains(std::strerror(EISDIR)));
+  CHECK_THROWS_WITH(st::File::open(dir / "missing"), Contains("cannot open") && Contains(std::strerror(ENOENT)));
+  // Nothing but the directory is left (the temporary file was removed).
+  CHECK(std::distance(std::filesystem::directory_iterator(dir.path()), std::filesystem::directory_iterator()) == 1);
+}
+
+TEST_CASE("safetensors: headers parse and write in linear time", "[safetensors][slow]") {
+  // Issue 11: the callback parser rescanned the top-level object after each entry, O(n^2): 35k tensors took 44 s,
+  // so 100k take minutes. Linear parsing takes well under a second on an idle machine (0.45 s for the whole File on
+  // the development machine, 4-5 times a plain json::parse of the header). The limit is 1 s, or ten plain parses
+  // where the machine is loaded or the build instrumented: either way two orders of magnitude below quadratic.
+#if defined(__SANITIZE_ADDRESS__) || !defined(NDEBUG)
+  const double base_limit_s = 10.0;
+#else
+  const double base_limit_s = 1.0;
+#endif
+  constexpr std::size_t n = 100'000;
+  std::string header = "{";
+  for (std::size_t i = 0; i < n; ++i)
+    header += (i ? "," : "") + std::string("\"t") + std::to_string(i) + "\":{\"dtype\":\"U8\",\"shape\":[1]," +
+              "\"data_offsets\":[" + std::to_string(i) + "," + std::to_string(i + 1) + "]}";
+  header += "}";
+  const auto img = image(header, n);
+  auto start = std::chrono::steady_clock::now();
+  CHECK(nlohmann::json::parse(header).size() == n);
+  const double plain_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double limit_s = std::max(base_limit_s, 10 * plain_s);
+  INFO("plain json::parse " << plain_s << " s, limit " << limit_s << " s");
+  start = std::chrono::steady_clock::now();
+  const st::File f = st::File::from_bytes(img);
+  const double parse_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK(f.size() == n);
+  CHECK(f.at("t99999").bytes[0] == static_cast<std::byte>(99999 & 0xff));
+  CHECK(parse_s < limit_s);
+  INFO("File::from_bytes " << parse_s << " s");
+
+  TempDir dir;
+  start = std::chrono::steady_clock::now();
+  st::save(dir / "many.safetensors", f.tensors());
+  const double write_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK(write_s < limit_s);
+  CHECK(st::File::open(dir / "many.safetensors").size() == n);
+  // Duplicates are still found among many keys, and nesting is still limited.
+  header.back() = ',';
+  header += "\"t5\":{}}";
+  CHECK_THAT(error_of(image(header, n)), Contains("[gqa.safetensors.duplicate]") && Contains("'t5'"));
+  CHECK_THAT(error_of(image(std::string(1000, '[') + std::string(1000, ']'), 0)),
+             Contains("[gqa.safetensors.header_json]") && Contains("nests deeper"));
+}
+
+TEST_CASE("safetensors: written files are fsynced before they are renamed", "[safetensors]") {
+  TempDir dir;
+  const auto before = gqa::detail::fsync_count().load();
+  st::Writer w;
+  const std::vector<float> a{1, 2};
+  w.add<float>("a", {2}, a);
+  w.write(dir / "x.safetensors");
+  CHECK(gqa::detail::fsync_count().load() == before + 1);
+}
+
+TEST_CASE("safetensors: a cancelled write leaves nothing behind", "[safetensors]") {
+  TempDir dir;
+  std::atomic<int> cancel{0};
+  st::Writer w;
+  const std::vector<float> a{1, 2};
+  w.add<float>("a", {2}, a);
+  w.add("b", st::Dtype::F32, {2}, [&](gqa::span<std::byte>) { cancel = 15; });
+  w.add<float>("c", {2}, a);
+  CHECK_THROWS_WITH(w.write(dir / "x.safetensors", &cancel), Contains("[gqa.checkpoint.interrupted]"));
+  CHECK(std::filesystem::is_empty(dir.path()));
+}
+
 TEST_CASE("safetensors: sharded checkpoints through model.safetensors.index.json", "[safetensors][sharded]") {
   TempDir dir;
   gqa_test::TinyModel m;
   m.sharded = true;
   m.layers = 3;
   m.write(dir.path());
-  const st::Checkpoint c = st::Checkpoint::open(dir.path());
+  const st::Directory c = st::Directory::open(dir.path());
   CHECK(c.sharded());
   CHECK(c.files().size() == 2);
   const auto names = m.tensors();
@@ -425,7 +525,7 @@ TEST_CASE("safetensors: sharded checkpoints through model.safetensors.index.json
   auto with_index = [&](const std::string& text) {
     gqa_test::write_text(idx_path, text);
     try {
-      st::Checkpoint::open(dir.path());
+      st::Directory::open(dir.path());
     } catch (const gqa::format_error& e) {
       return std::string(e.what());
     }
@@ -450,8 +550,8 @@ TEST_CASE("safetensors: sharded checkpoints through model.safetensors.index.json
   CHECK_THAT(with_index("[1, 2"), Contains("[gqa.safetensors.index]"));
   CHECK_THAT(with_index(R"({"metadata": {"total_size": -1}, "weight_map": {}})"), Contains("total_size"));
   gqa_test::write_text(idx_path, original);
-  CHECK_NOTHROW(st::Checkpoint::open(dir.path()));
+  CHECK_NOTHROW(st::Directory::open(dir.path()));
 
   TempDir empty;
-  CHECK_THROWS_AS(st::Checkpoint::open(empty.path()), gqa::io_error);
+  CHECK_THROWS_AS(st::Directory::open(empty.path()), gqa::io_error);
 }

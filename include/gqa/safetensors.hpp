@@ -58,11 +58,11 @@
 //
 // SHARDED CHECKPOINTS: model.safetensors.index.json is
 //   {"metadata": {"total_size": <sum of tensor byte sizes>, ...}, "weight_map": {"<tensor>": "<shard file>", ...}}
-// Checkpoint::open(dir) reads either that index and its shards, or a single model.safetensors; it checks that every
+// Directory::open(dir) reads either that index and its shards, or a single model.safetensors; it checks that every
 // tensor the index names is in its shard, that every shard tensor is named by the index, and that shard names are
 // plain file names inside the directory ([gqa.safetensors.index]).
 //
-// Lifetimes: a TensorView's bytes point into its File's mapping and are valid while the File (or the Checkpoint
+// Lifetimes: a TensorView's bytes point into its File's mapping and are valid while the File (or the Directory
 // holding it) lives; moving a File keeps them valid.
 #pragma once
 
@@ -75,18 +75,21 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <ostream>
 #include <memory>
 #include <optional>
 #include <set>
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -238,39 +241,106 @@ inline std::uint64_t read_u64_le(const std::byte* p) noexcept {
   return v;
 }
 
-/// Parses JSON strictly: a duplicate key in any object throws format_error [gqa.<dup_id>], nesting deeper than
-/// max_header_depth or invalid JSON throws format_error [gqa.<json_id>].
-inline nlohmann::json parse_json_strict(const char* begin, const char* end, const std::string& where,
-                                        const char* json_id, const char* dup_id) {
-  using json = nlohmann::json;
-  std::vector<std::set<std::string>> keys;  // the keys seen so far, one set per open object
-  auto callback = [&](int depth, json::parse_event_t event, json& parsed) -> bool {
-    switch (event) {
-      case json::parse_event_t::object_start:
-      case json::parse_event_t::array_start:
-        require<format_error>(depth < max_header_depth, json_id, where, ": JSON nests deeper than ",
-                              max_header_depth, " levels");
-        if (event == json::parse_event_t::object_start) keys.emplace_back();
-        break;
-      case json::parse_event_t::object_end:
-        keys.pop_back();
-        break;
-      case json::parse_event_t::key: {
-        const auto& k = parsed.get_ref<const std::string&>();
-        require<format_error>(keys.back().insert(k).second, dup_id, where, ": key '", k, "' appears twice",
-                              keys.size() == 1 ? " at the top level" : "");
-        break;
-      }
-      default:
-        break;
-    }
+/// Builds a JSON value from nlohmann's SAX events, refusing duplicate keys and deep nesting. A SAX handler rather
+/// than json::parse with a callback, because the callback parser scans the parent object for discarded values each
+/// time an object ends, which makes a header of n tensors cost O(n^2) (35k tensors took 44 s). Here each key costs
+/// one hash-set insertion and one append, so parsing is linear in the input.
+template <typename Json>
+class StrictJsonBuilder {
+ public:
+  using number_integer_t = typename Json::number_integer_t;
+  using number_unsigned_t = typename Json::number_unsigned_t;
+  using number_float_t = typename Json::number_float_t;
+  using string_t = typename Json::string_t;
+  using binary_t = typename Json::binary_t;
+
+  StrictJsonBuilder(const std::string& where, const char* json_id, const char* dup_id, int max_depth)
+      : where_(where), json_id_(json_id), dup_id_(dup_id), max_depth_(max_depth) {}
+
+  Json& result() noexcept { return root_; }
+
+  bool null() { return put(Json(nullptr)); }
+  bool boolean(bool v) { return put(Json(v)); }
+  bool number_integer(number_integer_t v) { return put(Json(v)); }
+  bool number_unsigned(number_unsigned_t v) { return put(Json(v)); }
+  bool number_float(number_float_t v, const string_t&) { return put(Json(v)); }
+  bool string(string_t& v) { return put(Json(std::move(v))); }
+  bool binary(binary_t& v) { return put(Json::binary(std::move(v))); }
+  bool start_object(std::size_t) { return open(Json::object()); }
+  bool start_array(std::size_t) { return open(Json::array()); }
+  bool end_object() {
+    keys_.pop_back();
+    stack_.pop_back();
     return true;
-  };
-  try {
-    return json::parse(begin, end, callback);
-  } catch (const json::exception& e) {
-    throw format_error(concat("[gqa.", json_id, "] ", where, ": not valid JSON: ", e.what()));
   }
+  bool end_array() {
+    stack_.pop_back();
+    return true;
+  }
+  bool key(string_t& k) {
+    require<format_error>(keys_.back().insert(k).second, dup_id_, where_, ": key '", k, "' appears twice",
+                          stack_.size() == 1 ? " at the top level" : "");
+    key_ = std::move(k);
+    return true;
+  }
+  template <typename Exception>
+  bool parse_error(std::size_t, const std::string&, const Exception& e) {
+    throw format_error(concat("[gqa.", json_id_, "] ", where_, ": not valid JSON: ", e.what()));
+  }
+
+ private:
+  /// Adds `v` to the innermost open container (or makes it the root) and returns where it now lives. Appending to a
+  /// container moves only that container's elements; the open containers are its ancestors, which do not move.
+  Json* add(Json&& v) {
+    if (stack_.empty()) {
+      root_ = std::move(v);
+      return &root_;
+    }
+    Json& parent = *stack_.back();
+    if (parent.is_array()) {
+      parent.push_back(std::move(v));
+      return &parent.back();
+    }
+    auto& object = *parent.template get_ptr<typename Json::object_t*>();
+    if constexpr (std::is_same_v<Json, nlohmann::ordered_json>) {
+      // ordered_map::emplace searches linearly for the key; keys_ has already ruled out a duplicate, so append.
+      object.emplace_back(std::move(key_), std::move(v));
+      return &object.back().second;
+    } else {
+      return &object.emplace(std::move(key_), std::move(v)).first->second;
+    }
+  }
+  bool put(Json&& v) {
+    add(std::move(v));
+    return true;
+  }
+  bool open(Json&& container) {
+    require<format_error>(static_cast<int>(stack_.size()) < max_depth_, json_id_, where_, ": JSON nests deeper than ",
+                          max_depth_, " levels");
+    const bool object = container.is_object();
+    stack_.push_back(add(std::move(container)));
+    if (object) keys_.emplace_back();
+    return true;
+  }
+
+  const std::string& where_;
+  const char* json_id_;
+  const char* dup_id_;
+  int max_depth_;
+  Json root_;
+  std::vector<Json*> stack_;                           // the open containers, outermost first
+  std::vector<std::unordered_set<std::string>> keys_;  // the keys seen so far, one set per open object
+  string_t key_;                                       // the key of the next value in the innermost object
+};
+
+/// Parses JSON strictly, in time linear in its length: a duplicate key in any object throws format_error
+/// [gqa.<dup_id>], nesting deeper than max_depth or invalid JSON throws format_error [gqa.<json_id>].
+template <typename Json = nlohmann::json>
+Json parse_json_strict(const char* begin, const char* end, const std::string& where, const char* json_id,
+                       const char* dup_id, int max_depth = max_header_depth) {
+  StrictJsonBuilder<Json> builder(where, json_id, dup_id, max_depth);
+  Json::sax_parse(begin, end, &builder);
+  return std::move(builder.result());
 }
 
 /// At most 64 characters of a JSON value, for error messages about hostile input.
@@ -285,6 +355,69 @@ inline std::optional<std::uint64_t> non_negative_integer(const nlohmann::json& v
   if (v.is_number_unsigned()) return v.get<std::uint64_t>();
   if (v.is_number_integer() && v.get<std::int64_t>() >= 0) return static_cast<std::uint64_t>(v.get<std::int64_t>());
   return std::nullopt;
+}
+
+/// "<file>: tensor '<name>'" in messages, built only when a check fails (a header may hold 100k entries).
+struct TensorWhere {
+  const std::string& where;
+  const std::string& name;
+};
+inline std::ostream& operator<<(std::ostream& os, const TensorWhere& t) {
+  return os << t.where << ": tensor '" << t.name << "'";
+}
+
+/// One tensor entry of the header, validated against the buffer: its view and its byte range.
+inline std::pair<TensorView, std::pair<std::uint64_t, std::uint64_t>> parse_entry(const std::string& name,
+                                                                                 const nlohmann::json& entry,
+                                                                                 const std::string& where,
+                                                                                 const std::byte* buffer,
+                                                                                 std::uint64_t buffer_size) {
+  const TensorWhere tensor{where, name};
+  require<format_error>(entry.is_object(), "safetensors.entry", tensor, ": entry is ", entry.type_name(),
+                        ", not an object");
+  for (const char* field : {"dtype", "shape", "data_offsets"})
+    require<format_error>(entry.contains(field), "safetensors.entry", tensor, ": missing field \"", field, "\"");
+  const auto& jd = entry["dtype"];
+  require<format_error>(jd.is_string(), "safetensors.entry", tensor, ": \"dtype\" is ", jd.type_name(),
+                        ", not a string");
+  const auto dtype = parse_dtype(jd.get_ref<const std::string&>());
+  require<format_error>(dtype.has_value(), "safetensors.dtype", tensor, ": unknown dtype \"",
+                        jd.get_ref<const std::string&>(), "\"");
+
+  const auto& js = entry["shape"];
+  require<format_error>(js.is_array(), "safetensors.shape", tensor, ": \"shape\" is ", js.type_name(),
+                        ", not an array");
+  Shape shape;
+  std::uint64_t bytes = dtype_size(*dtype);
+  for (std::size_t i = 0; i < js.size(); ++i) {
+    const auto d = non_negative_integer(js[i]);
+    require<format_error>(d.has_value(), "safetensors.shape", tensor, ": shape[", i, "] = ", short_dump(js[i]),
+                          " is not a non-negative integer");
+    require<format_error>(*d <= static_cast<std::uint64_t>(INT64_MAX) && !__builtin_mul_overflow(bytes, *d, &bytes),
+                          "safetensors.shape", tensor, ": byte size overflows at shape[", i, "] = ", *d);
+    shape.push_back(static_cast<std::int64_t>(*d));
+  }
+  require<format_error>(bytes <= static_cast<std::uint64_t>(INT64_MAX), "safetensors.shape", tensor,
+                        ": byte size of shape ", shape_string(shape), " overflows");
+
+  const auto& jo = entry["data_offsets"];
+  std::optional<std::uint64_t> begin, end;
+  if (jo.is_array() && jo.size() == 2) {
+    begin = non_negative_integer(jo[0]);
+    end = non_negative_integer(jo[1]);
+  }
+  require<format_error>(begin && end, "safetensors.offsets", tensor, ": \"data_offsets\" = ", short_dump(jo),
+                        " is not [begin, end] of non-negative integers");
+  require<format_error>(*begin <= *end, "safetensors.offsets", tensor, ": data_offsets [", *begin, ", ", *end,
+                        "] run backwards (begin > end)");
+  require<format_error>(*end - *begin == bytes, "safetensors.size_mismatch", tensor, ": shape ",
+                        shape_string(shape), " x ", dtype_size(*dtype), " bytes (", dtype_name(*dtype), ") = ",
+                        bytes, " bytes but data_offsets [", *begin, ", ", *end, "] span ", *end - *begin);
+  require<format_error>(*end <= buffer_size, "safetensors.out_of_bounds", tensor, ": data_offsets [", *begin, ", ",
+                        *end, "] end beyond the ", buffer_size, "-byte buffer");
+  return {TensorView{name, *dtype, std::move(shape),
+                     span<const std::byte>(buffer + *begin, static_cast<Index>(*end - *begin))},
+          {*begin, *end}};
 }
 
 /// Validates a whole file image (8-byte length, header, buffer) and returns its tensors sorted by data offset.
@@ -319,52 +452,9 @@ inline std::vector<TensorView> parse_file(const std::byte* data, std::size_t siz
       }
       continue;
     }
-    const std::string tensor = concat(where, ": tensor '", name, "'");
-    require<format_error>(entry.is_object(), "safetensors.entry", tensor, ": entry is ", entry.type_name(),
-                          ", not an object");
-    for (const char* field : {"dtype", "shape", "data_offsets"})
-      require<format_error>(entry.contains(field), "safetensors.entry", tensor, ": missing field \"", field, "\"");
-    const auto& jd = entry["dtype"];
-    require<format_error>(jd.is_string(), "safetensors.entry", tensor, ": \"dtype\" is ", jd.type_name(),
-                          ", not a string");
-    const auto dtype = parse_dtype(jd.get_ref<const std::string&>());
-    require<format_error>(dtype.has_value(), "safetensors.dtype", tensor, ": unknown dtype \"",
-                          jd.get_ref<const std::string&>(), "\"");
-
-    const auto& js = entry["shape"];
-    require<format_error>(js.is_array(), "safetensors.shape", tensor, ": \"shape\" is ", js.type_name(),
-                          ", not an array");
-    Shape shape;
-    std::uint64_t bytes = dtype_size(*dtype);
-    for (std::size_t i = 0; i < js.size(); ++i) {
-      const auto d = non_negative_integer(js[i]);
-      require<format_error>(d.has_value(), "safetensors.shape", tensor, ": shape[", i, "] = ", short_dump(js[i]),
-                            " is not a non-negative integer");
-      require<format_error>(*d <= static_cast<std::uint64_t>(INT64_MAX) && !__builtin_mul_overflow(bytes, *d, &bytes),
-                            "safetensors.shape", tensor, ": byte size overflows at shape[", i, "] = ", *d);
-      shape.push_back(static_cast<std::int64_t>(*d));
-    }
-    require<format_error>(bytes <= static_cast<std::uint64_t>(INT64_MAX), "safetensors.shape", tensor,
-                          ": byte size of shape ", shape_string(shape), " overflows");
-
-    const auto& jo = entry["data_offsets"];
-    std::optional<std::uint64_t> begin, end;
-    if (jo.is_array() && jo.size() == 2) {
-      begin = non_negative_integer(jo[0]);
-      end = non_negative_integer(jo[1]);
-    }
-    require<format_error>(begin && end, "safetensors.offsets", tensor, ": \"data_offsets\" = ", short_dump(jo),
-                          " is not [begin, end] of non-negative integers");
-    require<format_error>(*begin <= *end, "safetensors.offsets", tensor, ": data_offsets [", *begin, ", ", *end,
-                          "] run backwards (begin > end)");
-    require<format_error>(*end - *begin == bytes, "safetensors.size_mismatch", tensor, ": shape ",
-                          shape_string(shape), " x ", dtype_size(*dtype), " bytes (", dtype_name(*dtype), ") = ",
-                          bytes, " bytes but data_offsets [", *begin, ", ", *end, "] span ", *end - *begin);
-    require<format_error>(*end <= buffer_size, "safetensors.out_of_bounds", tensor, ": data_offsets [", *begin, ", ",
-                          *end, "] end beyond the ", buffer_size, "-byte buffer");
-    tensors.push_back({name, *dtype, std::move(shape),
-                       span<const std::byte>(buffer + *begin, static_cast<Index>(*end - *begin))});
-    ranges.emplace_back(*begin, *end);
+    auto [view, range] = parse_entry(name, entry, where, buffer, buffer_size);
+    tensors.push_back(std::move(view));
+    ranges.push_back(range);
   }
 
   // The ranges must tile [0, buffer_size) exactly.
@@ -502,25 +592,35 @@ class Writer {
   /// Lays the file out (see the header comment) and writes it to `path` atomically. Returns the file size.
   /// Throws gqa::io_error if the OS refuses; whatever a producer throws propagates. Either way nothing is left
   /// at `path` (an existing file there is untouched) and no temporary file remains.
-  std::uint64_t write(const std::filesystem::path& path) const {
+  /// With `cancel`, checked before each tensor: once it is nonzero, write() stops and throws gqa::io_error
+  /// [gqa.checkpoint.interrupted] (a signal handler sets it), leaving nothing behind as for any other failure.
+  std::uint64_t write(const std::filesystem::path& path, const std::atomic<int>* cancel = nullptr) const {
     std::vector<std::size_t> order(entries_.size());
     for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
     std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
       return dtype_size(entries_[a].dtype) > dtype_size(entries_[b].dtype);
     });
-    nlohmann::ordered_json header = nlohmann::ordered_json::object();
+    // The header text is built directly (compact JSON, the layout json::dump() gives): a JSON object per entry
+    // would cost an allocation per field, noticeable at 100k tensors. add() has already refused duplicate names.
+    std::string text = "{";
     if (!metadata_.empty()) {
-      auto& m = header["__metadata__"] = nlohmann::ordered_json::object();
+      nlohmann::ordered_json m = nlohmann::ordered_json::object();
       for (const auto& [k, v] : metadata_) m[k] = v;
+      text += "\"__metadata__\":" + m.dump();
     }
     std::uint64_t offset = 0;
     for (std::size_t i : order) {
       const Entry& e = entries_[i];
-      header[e.name] = {{"dtype", std::string(dtype_name(e.dtype))}, {"shape", e.shape},
-                        {"data_offsets", {offset, offset + e.bytes}}};
+      if (text.size() > 1) text += ',';
+      text += nlohmann::json(e.name).dump();
+      text += ":{\"dtype\":\"";
+      text += dtype_name(e.dtype);
+      text += "\",\"shape\":[";
+      for (std::size_t d = 0; d < e.shape.size(); ++d) text += (d ? "," : "") + std::to_string(e.shape[d]);
+      text += "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + e.bytes) + "]}";
       offset += e.bytes;
     }
-    std::string text = header.dump();
+    text += '}';
     text.append((8 - (text.size() % 8)) % 8, ' ');
     std::array<unsigned char, 8> length{};
     for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>((static_cast<std::uint64_t>(text.size()) >> (8 * i)) & 0xff);
@@ -531,6 +631,9 @@ class Writer {
     std::vector<std::byte> scratch;
     for (std::size_t i : order) {
       const Entry& e = entries_[i];
+      gqa::detail::require<io_error>(cancel == nullptr || cancel->load() == 0, "checkpoint.interrupted",
+                                     "interrupted (signal ", cancel ? cancel->load() : 0, ") while writing '",
+                                     path.string(), "'");
       if (e.produce) {
         scratch.assign(static_cast<std::size_t>(e.bytes), std::byte{0});
         e.produce(span<std::byte>(scratch.data(), static_cast<Index>(scratch.size())));
@@ -646,20 +749,22 @@ inline void write_index(const std::filesystem::path& path, const ShardIndex& ind
   if (index.metadata.is_object())
     for (const auto& [k, v] : index.metadata.items()) j["metadata"][k] = nlohmann::ordered_json::parse(v.dump());
   j["metadata"]["total_size"] = index.total_size;
-  auto& wm = j["weight_map"] = nlohmann::ordered_json::object();
-  for (const auto& [name, file] : index.weight_map) wm[name] = file;
+  auto& wm = *(j["weight_map"] = nlohmann::ordered_json::object()).get_ptr<nlohmann::ordered_json::object_t*>();
+  for (const auto& [name, file] : index.weight_map) wm.emplace_back(name, file);  // unique: a std::map's keys
   gqa::detail::write_file_atomically(path, j.dump(2) + "\n");
 }
 
 /// The safetensors files of a checkpoint directory: model.safetensors.index.json and its shards, or a single
 /// model.safetensors. Tensors are looked up by name across all files.
-class Checkpoint {
+class Directory {
  public:
-  static Checkpoint open(const std::filesystem::path& dir) {
-    Checkpoint c;
+  static Directory open(const std::filesystem::path& dir) {
+    Directory c;
     c.dir_ = dir;
     const auto index_path = dir / index_file_name;
-    if (std::filesystem::exists(index_path)) {
+    std::error_code ec;
+    const bool has_index = std::filesystem::exists(std::filesystem::symlink_status(index_path, ec));
+    if (has_index) {
       c.index_ = read_index(index_path);
       for (const auto& shard : c.index_->shards()) {
         c.file_names_.push_back(shard);
@@ -682,7 +787,8 @@ class Checkpoint {
                                            " names tensor '", name, "' in '", file, "' but that shard lacks it");
     } else {
       const auto single = dir / single_file_name;
-      gqa::detail::require<io_error>(std::filesystem::exists(single), "io", "'", dir.string(), "' has neither ",
+      gqa::detail::require<io_error>(std::filesystem::exists(std::filesystem::symlink_status(single, ec)), "io", "'",
+                                     dir.string(), "' has neither ",
                                      index_file_name, " nor ", single_file_name);
       c.file_names_.push_back(single_file_name);
       c.files_.push_back(File::open(single));

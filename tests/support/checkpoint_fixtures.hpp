@@ -1,7 +1,9 @@
 // Test fixtures for the safetensors and checkpoint tests: a self-removing temporary directory, and tiny
-// Hugging Face-style checkpoints (Llama / Qwen2 / GPT-2 / Qwen3 layouts) written with gqa's own safetensors writer.
+// Hugging Face-style checkpoints (Llama / Qwen2 / GPT-2 / Qwen3 layouts) written with gqa's own safetensors writer,
+// or described in memory as the inventory gqa::plan_checkpoint reads.
 #pragma once
 
+#include "gqa/checkpoint_plan.hpp"
 #include "gqa/safetensors.hpp"
 
 #include <nlohmann/json.hpp>
@@ -166,6 +168,44 @@ struct TinyModel {
     return c;
   }
 
+  std::vector<std::string> shard_files() const {
+    return sharded ? std::vector<std::string>{"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+                   : std::vector<std::string>{"model.safetensors"};
+  }
+
+  /// The shard of each tensor (parallel to tensors()). Shard 2 starts at the last layer's v_proj, so that layer's
+  /// k_proj and v_proj straddle the two shards.
+  std::vector<std::size_t> shards() const {
+    const auto all = tensors();
+    std::size_t split = all.size() / 2;
+    for (std::size_t i = 0; i < all.size(); ++i)
+      if (all[i].first == "model.layers." + std::to_string(layers - 1) + ".self_attn.v_proj.weight") split = i;
+    std::vector<std::size_t> s(all.size());
+    for (std::size_t i = 0; i < all.size(); ++i) s[i] = sharded && i >= split ? 1 : 0;
+    return s;
+  }
+
+  /// What write() would put on disk, as the inventory gqa::plan_checkpoint reads (no file is touched): the tensors
+  /// of each file in turn, and the directory's entries.
+  gqa::CheckpointInventory inventory() const {
+    gqa::CheckpointInventory inv;
+    inv.config = config();
+    inv.files = shard_files();
+    inv.sharded = sharded;
+    const auto all = tensors();
+    const auto shard_of = shards();
+    for (std::size_t f = 0; f < inv.files.size(); ++f)
+      for (std::size_t i = 0; i < all.size(); ++i)
+        if (shard_of[i] == f) inv.tensors.push_back({all[i].first, dtype, all[i].second, f});
+    for (const char* name : {"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                             "pytorch_model.bin"})
+      inv.entries.push_back({name, true});
+    inv.entries.push_back({"original", false});
+    for (const auto& f : inv.files) inv.entries.push_back({f, true});
+    if (sharded) inv.entries.push_back({st::index_file_name, true});
+    return inv;
+  }
+
   /// Writes config.json, the weights (model.safetensors, or two shards and the index), tokenizer files, and two
   /// entries the converter must not carry over: a pytorch_model.bin and an original/ directory.
   void write(const fs::path& dir) const {
@@ -182,17 +222,12 @@ struct TinyModel {
     std::vector<std::vector<std::byte>> storage;
     storage.reserve(all.size());
     st::ShardIndex index;
-    std::vector<std::string> shard_names = sharded ? std::vector<std::string>{"model-00001-of-00002.safetensors",
-                                                                             "model-00002-of-00002.safetensors"}
-                                                   : std::vector<std::string>{"model.safetensors"};
+    const std::vector<std::string> shard_names = shard_files();
+    const std::vector<std::size_t> shard_of = shards();
     std::vector<st::Writer> writers(shard_names.size());
-    // Shard 2 starts at the last layer's v_proj, so that layer's k_proj and v_proj straddle the two shards.
-    std::size_t split = all.size() / 2;
-    for (std::size_t i = 0; i < all.size(); ++i)
-      if (all[i].first == "model.layers." + std::to_string(layers - 1) + ".self_attn.v_proj.weight") split = i;
     for (std::size_t i = 0; i < all.size(); ++i) {
       const auto& [name, shape] = all[i];
-      const std::size_t shard = sharded && i >= split ? 1 : 0;
+      const std::size_t shard = shard_of[i];
       storage.push_back(tensor_bytes(name, dtype, st::numel(shape)));
       writers[shard].add(name, dtype, shape,
                          gqa::span<const std::byte>(storage.back().data(), static_cast<gqa::Index>(storage.back().size())));

@@ -1,0 +1,254 @@
+// Tests of gqa/checkpoint_plan.hpp and the architecture rules (gqa/detail/checkpoint_rules.hpp), without touching
+// the disk: every checkpoint here is an in-memory inventory (TinyModel::inventory()), so these tests also show that
+// planning needs no file I/O. What the plan decides for each tensor and file, the summary it predicts, the checks of
+// config.json against the shapes (overflow included), the messages in gqa-convert's terms, and a family whose config
+// has no K/V head count (the BERT case of issue 13), which only needs a rules entry.
+#include "gqa/checkpoint_plan.hpp"
+
+#include "support/checkpoint_fixtures.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace st = gqa::safetensors;
+using Catch::Matchers::Contains;
+using gqa::CheckpointPlan;
+using gqa::Index;
+using gqa::TensorAction;
+using gqa::detail::TensorParam;
+using gqa::detail::TensorRole;
+using gqa_test::TinyModel;
+
+gqa::CheckpointOptions with_kv_heads(Index kv_heads) {
+  gqa::CheckpointOptions o;
+  o.kv_heads = kv_heads;
+  return o;
+}
+
+std::string plan_error(const gqa::CheckpointInventory& inv, const gqa::CheckpointOptions& o) {
+  try {
+    gqa::plan_checkpoint(inv, o);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+std::size_t find(const gqa::CheckpointInventory& inv, const std::string& name) {
+  for (std::size_t i = 0; i < inv.tensors.size(); ++i)
+    if (inv.tensors[i].name == name) return i;
+  FAIL("no tensor " << name);
+  return 0;
+}
+
+}  // namespace
+
+TEST_CASE("plan_checkpoint: actions, shapes, files and summary of a pooling plan", "[checkpoint_plan]") {
+  for (bool sharded : {false, true})
+    for (Index kv_heads : {Index(8), Index(4), Index(1)}) {
+      TinyModel m;  // H = G = 8, D = 4, hidden 32, 2 layers, bf16
+      m.sharded = sharded;
+      const auto inv = m.inventory();
+      const CheckpointPlan p = gqa::plan_checkpoint(inv, with_kv_heads(kv_heads));
+      INFO("sharded " << sharded << ", kv_heads " << kv_heads);
+      REQUIRE(p.actions.size() == inv.tensors.size());
+      std::size_t converted = 0;
+      for (std::size_t i = 0; i < inv.tensors.size(); ++i) {
+        const auto& t = inv.tensors[i];
+        const TensorAction& a = p.actions[i];
+        const bool kv = t.name.find("k_proj") != std::string::npos || t.name.find("v_proj") != std::string::npos;
+        INFO(t.name);
+        if (kv && kv_heads < 8) {
+          CHECK(a.kind == TensorAction::pool);
+          CHECK(a.shape_after == st::Shape{kv_heads * 4, 32});
+          CHECK(a.kv_heads == kv_heads);
+          CHECK(a.shape.heads == 8);
+          CHECK(a.seed == gqa::detail::splitmix64(0 ^ gqa::detail::fnv1a64(t.name)));
+          ++converted;
+        } else {
+          CHECK(a.kind == TensorAction::copy);
+          CHECK(a.shape_after == t.shape);
+        }
+      }
+      CHECK(converted == (kv_heads < 8 ? 4u : 0u));
+      // Each file's tensors in natural order (layer 2 before layer 10 would matter with more layers).
+      REQUIRE(p.file_order.size() == inv.files.size());
+      for (const auto& order : p.file_order)
+        for (std::size_t k = 1; k < order.size(); ++k)
+          CHECK(gqa::detail::natural_less(inv.tensors[order[k - 1]].name, inv.tensors[order[k]].name));
+      // The layer index hands a method the query and output projections of the layer it pools.
+      REQUIRE(p.layers.size() == 2);
+      for (Index layer = 0; layer < 2; ++layer) {
+        const std::string prefix = "model.layers." + std::to_string(layer) + ".self_attn.";
+        const auto& lt = p.layers[std::size_t(layer)];
+        CHECK(lt.at(TensorRole::query, TensorParam::weight) == find(inv, prefix + "q_proj.weight"));
+        CHECK(lt.at(TensorRole::key, TensorParam::weight) == find(inv, prefix + "k_proj.weight"));
+        CHECK(lt.at(TensorRole::value, TensorParam::weight) == find(inv, prefix + "v_proj.weight"));
+        CHECK(lt.at(TensorRole::output, TensorParam::weight) == find(inv, prefix + "o_proj.weight"));
+        CHECK(lt.at(TensorRole::key, TensorParam::bias) == gqa::LayerTensors::none);
+      }
+      // Config and files.
+      auto expected_config = m.config();
+      expected_config["num_key_value_heads"] = kv_heads;
+      CHECK(p.config_after == expected_config);
+      CHECK(p.summary.files_copied ==
+            std::vector<std::string>{"generation_config.json", "tokenizer.json", "tokenizer_config.json"});
+      CHECK(p.summary.skipped == std::vector<std::string>{"original", "pytorch_model.bin"});
+      std::vector<std::string> written = m.shard_files();
+      if (sharded) written.push_back(st::index_file_name);
+      written.push_back("config.json");
+      CHECK(p.summary.files_written == written);
+      // Summary, from shapes alone.
+      const auto& s = p.summary;
+      CHECK(s.kv_heads_before == 8);
+      CHECK(s.kv_heads_after == kv_heads);
+      CHECK(s.pooled == (kv_heads < 8));
+      CHECK(s.query_order.empty());
+      CHECK(s.layers == 2);
+      CHECK(s.sharded == sharded);
+      CHECK(s.tensors_total == inv.tensors.size());
+      CHECK(s.tensors_converted == converted);
+      CHECK(s.tensors_copied + s.tensors_converted == s.tensors_total);
+      CHECK(s.tensor_bytes_before - s.tensor_bytes_after == 2 * 2 * std::uint64_t(8 - kv_heads) * 4 * 32 * 2);
+      CHECK(s.kv_cache_bytes_per_token_before == 2 * 2 * 8 * 4 * 2);
+      CHECK(s.kv_cache_bytes_per_token_after == 2 * 2 * std::uint64_t(kv_heads) * 4 * 2);
+    }
+}
+
+TEST_CASE("plan_checkpoint: expansion, biases and a non-adjacent assignment", "[checkpoint_plan]") {
+  TinyModel m;
+  m.arch = TinyModel::Arch::qwen2;
+  m.kv_heads = 4;
+  m.head_dim = 6;
+  const auto inv = m.inventory();
+  const CheckpointPlan expand = gqa::plan_checkpoint(inv, with_kv_heads(8));
+  const std::size_t kb = find(inv, "model.layers.1.self_attn.k_proj.bias");
+  CHECK(expand.actions[kb].kind == TensorAction::expand);
+  CHECK(expand.actions[kb].shape_after == st::Shape{8 * 6});
+  CHECK(expand.actions[find(inv, "model.layers.1.self_attn.q_proj.bias")].kind == TensorAction::copy);
+  CHECK_FALSE(expand.summary.pooled);
+
+  auto o = with_kv_heads(2);
+  o.convert.assignment = {0, 1, 0, 1};
+  const CheckpointPlan strided = gqa::plan_checkpoint(inv, o);
+  CHECK(strided.summary.query_order == gqa::query_head_order(8, 2, o.convert.assignment));
+  CHECK(strided.summary.query_order != std::vector<Index>{0, 1, 2, 3, 4, 5, 6, 7});
+  CHECK(strided.actions[find(inv, "model.layers.0.self_attn.q_proj.weight")].kind == TensorAction::permute_rows);
+  CHECK(strided.actions[find(inv, "model.layers.0.self_attn.q_proj.bias")].kind == TensorAction::permute_rows);
+  CHECK(strided.actions[find(inv, "model.layers.0.self_attn.o_proj.weight")].kind ==
+        TensorAction::permute_columns);
+  CHECK(strided.summary.tensors_converted == 2 * 7);  // q w/b, k w/b, v w/b, o w per layer
+}
+
+TEST_CASE("plan_checkpoint: config dimensions are checked against the shapes, overflow included",
+          "[checkpoint_plan][errors]") {
+  TinyModel m;
+  auto inv = m.inventory();
+  const auto good = inv.config;
+  // Issue 11: head_dim or head counts near 2^60 overflowed the int64 shape products (a SIGSEGV in expand_heads, a
+  // bad_alloc, or a reported success with the absurd value written out).
+  const std::int64_t huge = std::int64_t(1) << 60;
+  for (const char* field : {"head_dim", "num_attention_heads", "hidden_size"}) {
+    inv.config = good;
+    inv.config[field] = huge;
+    if (std::string(field) == "num_attention_heads") {
+      inv.config["num_key_value_heads"] = huge;
+      inv.config["head_dim"] = 4;
+    }
+    INFO(field);
+    CHECK_THAT(plan_error(inv, with_kv_heads(huge)), Contains("[gqa.checkpoint.config]") && Contains("overflows"));
+  }
+  // Large but representable values cannot pass either: the tensors' real shapes disagree.
+  inv.config = good;
+  inv.config["num_attention_heads"] = std::int64_t(1) << 40;
+  inv.config["num_key_value_heads"] = std::int64_t(1) << 40;
+  inv.config["head_dim"] = 4;
+  CHECK_THAT(plan_error(inv, with_kv_heads(std::int64_t(1) << 40)),
+             Contains("[gqa.checkpoint.shape]") && Contains("q_proj.weight"));
+  // Without q_proj nothing would check num_attention_heads against a real size, so it is required.
+  inv = m.inventory();
+  inv.tensors.erase(inv.tensors.begin() + std::ptrdiff_t(find(inv, "model.layers.1.self_attn.q_proj.weight")));
+  CHECK_THAT(plan_error(inv, with_kv_heads(8)), Contains("[gqa.checkpoint.shape]") && Contains("layer 1 has no query"));
+  inv = m.inventory();
+  inv.tensors[find(inv, "model.layers.0.self_attn.k_proj.weight")].dtype = st::Dtype::I8;
+  CHECK_THAT(plan_error(inv, with_kv_heads(4)), Contains("[gqa.checkpoint.unsupported]") && Contains("I8"));
+  inv = m.inventory();
+  inv.config["num_hidden_layers"] = 3;
+  CHECK_THAT(plan_error(inv, with_kv_heads(4)), Contains("[gqa.checkpoint.config]") && Contains("2 layers"));
+}
+
+TEST_CASE("plan_checkpoint: refusals speak gqa-convert's terms and list the valid values", "[checkpoint_plan][errors]") {
+  TinyModel m;
+  m.kv_heads = 4;
+  m.heads = 8;
+  const auto inv = m.inventory();
+  CHECK_THAT(plan_error(inv, with_kv_heads(3)), Contains("[gqa.checkpoint.groups]") && Contains("--groups = 3") &&
+                                                    Contains("one of 1, 2, 4, 8"));
+  CHECK_THAT(plan_error(inv, with_kv_heads(0)), Contains("--groups = 0") && Contains("one of 1, 2, 4, 8"));
+  auto o = with_kv_heads(2);
+  o.convert.assignment = {0, 0, 0, 1};
+  CHECK_THAT(plan_error(inv, o), Contains("--assignment"));
+  o = with_kv_heads(8);
+  o.convert.assignment = {0, 1, 2, 3};
+  CHECK_THAT(plan_error(inv, o), Contains("--assignment applies to pooling only"));
+
+  TinyModel gpt2;
+  gpt2.arch = TinyModel::Arch::gpt2;
+  CHECK_THAT(plan_error(gpt2.inventory(), with_kv_heads(1)), Contains("fused QKV"));
+  TinyModel qwen3;
+  qwen3.arch = TinyModel::Arch::qwen3;
+  CHECK_THAT(plan_error(qwen3.inventory(), with_kv_heads(1)), Contains("per-head query/key norm"));
+  auto flagged = m.inventory();
+  flagged.config["use_qk_norm"] = true;
+  CHECK_THAT(plan_error(flagged, with_kv_heads(1)), Contains("use_qk_norm"));
+  auto no_attention = m.inventory();
+  no_attention.tensors.erase(std::remove_if(no_attention.tensors.begin(), no_attention.tensors.end(),
+                                            [](const auto& t) { return t.name.find("self_attn") != std::string::npos; }),
+                             no_attention.tensors.end());
+  CHECK_THAT(plan_error(no_attention, with_kv_heads(1)),
+             Contains("[gqa.checkpoint.unsupported]") && Contains("self_attn.k_proj.weight"));
+}
+
+TEST_CASE("plan_checkpoint: a family without a K/V head count is written expanded back, config unchanged",
+          "[checkpoint_plan]") {
+  // Llama's names with BERT's config semantics: what issue 13's BERT support adds, as rules only.
+  gqa::detail::ArchitectureRules mha_only = gqa::detail::architectures().front();
+  mha_only.family = "MHA-only";
+  mha_only.fields.kv_heads = nullptr;
+  TinyModel m;
+  m.write_kv_heads = false;
+  const auto inv = m.inventory();
+  const CheckpointPlan p = gqa::plan_checkpoint(inv, with_kv_heads(2), mha_only);
+  const TensorAction& k = p.actions[find(inv, "model.layers.0.self_attn.k_proj.weight")];
+  CHECK(k.kind == TensorAction::pool);
+  CHECK(k.expand_back);
+  CHECK(k.kv_heads == 2);
+  CHECK(k.shape_after == st::Shape{8 * 4, 32});
+  CHECK(p.config_after == inv.config);
+  CHECK(p.summary.written_expanded);
+  CHECK(p.summary.kv_heads_after == 2);
+  CHECK(p.summary.tensor_bytes_after == p.summary.tensor_bytes_before);
+  CHECK(p.summary.kv_cache_bytes_per_token_after == p.summary.kv_cache_bytes_per_token_before);
+  // G' = H changes nothing.
+  const CheckpointPlan same = gqa::plan_checkpoint(inv, with_kv_heads(8), mha_only);
+  for (const auto& a : same.actions) CHECK(a.kind == TensorAction::copy);
+}
+
+TEST_CASE("checkpoint rules: names, layers and roles", "[checkpoint_plan]") {
+  using gqa::detail::classify_llama;
+  const auto k = classify_llama("model.layers.12.self_attn.k_proj.bias");
+  REQUIRE(k);
+  CHECK(k->layer == 12);
+  CHECK(k->role == TensorRole::key);
+  CHECK(k->param == TensorParam::bias);
+  CHECK(classify_llama("model.layers.0.self_attn.o_proj.weight")->role == TensorRole::output);
+  for (const char* name : {"model.layers.01.self_attn.k_proj.weight", "model.layers.1234567890.self_attn.q_proj.weight",
+                           "model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.k_proj.lora_A",
+                           "model.layers..self_attn.k_proj.weight", "layers.1.self_attn.k_proj.weight"})
+    CHECK_FALSE(classify_llama(name).has_value());
+}
