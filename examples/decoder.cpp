@@ -20,6 +20,7 @@
 // bench      fills every layer's cache with --context synthetic tokens, then times --tokens (default 32) decode
 //            steps; prints ms per token, the bytes one token reads (weights + KV cache) and a memory roofline from
 //            a parallel read of that many bytes in the same run; last line is key=value pairs for scripts.
+//            On cores shared with other work, run with OMP_WAIT_POLICY=passive (see README.md).
 //
 // Exit status: 0, 1 on an error (message on stderr, "[gqa.<id>] ..."), 2 on a usage error.
 #include "decoder/llama.hpp"
@@ -30,6 +31,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <vector>
@@ -238,6 +240,10 @@ void bench(const llama::Model& model, const Args& a, const char* kv_name) {
   }();
   const double weight_bytes = double(model.decode_weight_bytes()), bytes = weight_bytes + kv_bytes;
   const int threads = omp_get_max_threads();
+  // libgomp's default lets a waiting thread spin: on cores shared with other work a spinning thread burns the
+  // time slice its descheduled partner needs, and every barrier of the decode can then cost milliseconds.
+  const char* wait_env = std::getenv("OMP_WAIT_POLICY");
+  const std::string wait_policy = wait_env && *wait_env ? wait_env : "default";
   const double stream = stream_read_bandwidth(std::uint64_t(bytes));
   const double roofline_ms = 1e3 * bytes / stream;
   std::printf("model: %td layers, H %td, G %td, D %td, hidden %td, intermediate %td, vocab %td; kv %s\n", c.layers,
@@ -248,9 +254,10 @@ void bench(const llama::Model& model, const Args& a, const char* kv_name) {
               weight_bytes / 1e6, kv_bytes / 1e6, bytes / 1e6, bytes / median / 1e6);
   std::printf("stream read of %.1f MB, %d threads: %.2f GB/s -> memory roofline %.3f ms/token; median / roofline "
               "= %.3f\n", bytes / 1e6, threads, stream / 1e9, roofline_ms, median / roofline_ms);
-  std::printf("bench context=%td tokens=%td kv=%s threads=%d ms_per_token=%.4f weight_bytes=%.0f kv_bytes=%.0f "
-              "bytes_per_token=%.0f stream_GBps=%.3f roofline_ms=%.4f ratio=%.4f\n", context, tokens, kv_name, threads,
-              median, weight_bytes, kv_bytes, bytes, stream / 1e9, roofline_ms, median / roofline_ms);
+  std::printf("bench context=%td tokens=%td kv=%s threads=%d wait_policy=%s ms_per_token=%.4f weight_bytes=%.0f "
+              "kv_bytes=%.0f bytes_per_token=%.0f stream_GBps=%.3f roofline_ms=%.4f ratio=%.4f\n", context, tokens,
+              kv_name, threads, wait_policy.c_str(), median, weight_bytes, kv_bytes, bytes, stream / 1e9, roofline_ms,
+              median / roofline_ms);
 }
 
 template <typename KV>

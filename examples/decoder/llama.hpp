@@ -22,8 +22,8 @@
 // matrix-vector product. See README.md "Running a real model" for what widening 16-bit weights on the fly would
 // save instead.
 //
-// Threads: OpenMP. Prefill products are Eigen GEMMs (Eigen threads them); decode products split the weight's rows
-// across threads (Eigen does not thread a matrix-vector product). gqa::attention threads itself.
+// Threads: OpenMP. Prefill products are Eigen GEMMs (Eigen threads them); decode products split the weights' rows
+// across threads, q/k/v and gate/up each in one parallel region (detail::linear). gqa::attention threads itself.
 //
 // Errors: gqa::format_error for a malformed config.json, ids file or weight shape; gqa::invalid_argument for what
 // is well-formed but unsupported (rope_scaling kinds other than llama3, hidden_act other than silu, per-head q/k
@@ -41,12 +41,14 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <random>
@@ -290,29 +292,47 @@ class State {
 
 namespace detail {
 
-/// y = W x, the rows of W split evenly across the threads: decode's products read each weight once per token and
-/// are memory-bound, so every core must stream its own share (Eigen runs a matrix-vector product on one thread).
-/// Below 64K weights (256 KB, L2-resident) a fork-join costs more than it saves.
-inline void gemv(const Linear& L, const float* x, float* y) {
-  const auto W = L.w();
-  const Eigen::Map<const Eigen::VectorXf> xv(x, L.cols);
-#pragma omp parallel if (L.rows * L.cols >= (Index(1) << 16))
-  {
-    const Index threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const Index per = ((L.rows + threads - 1) / threads + 15) / 16 * 16;  // whole cache lines of y per thread
-    const Index r0 = std::min(L.rows, t * per), r1 = std::min(L.rows, r0 + per);
-    if (r1 > r0) Eigen::Map<Eigen::VectorXf>(y + r0, r1 - r0).noalias() = W.middleRows(r0, r1 - r0) * xv;
-  }
-}
+/// One product Y [S, rows] = X [S, cols] W^T + bias of a group that shares X.
+struct Product {
+  const Linear& L;
+  Matrix& Y;
+};
 
-/// Y [S, rows] = X [S, cols] W^T + bias.
-inline void linear(const Linear& L, const Matrix& X, Matrix& Y) {
-  Y.resize(X.rows(), L.rows);
-  if (X.rows() == 1)
-    gemv(L, X.data(), Y.data());
-  else
-    Y.noalias() = X * L.w().transpose();
-  if (L.bias) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(L.bias, L.rows);
+/// The products of one input X (q, k, v; or gate, up). For one token (decode) each is a matrix-vector product that
+/// reads its weight once and is memory-bound, so the group's rows, concatenated, are split evenly across the
+/// threads and every core streams its own share (Eigen runs a matrix-vector product on one thread). One parallel
+/// region per group rather than per matrix: each region ends in a barrier, which costs far more than its
+/// microseconds when the cores are shared and a thread is descheduled. Below 64K weights (256 KB, L2-resident)
+/// the fork-join costs more than it saves. For several tokens (prefill) each product is an Eigen GEMM, which
+/// Eigen threads itself.
+inline void linear(const Matrix& X, std::initializer_list<Product> group) {
+  Index total = 0, weights = 0;
+  for (const Product& p : group) {
+    assert(p.L.cols == X.cols());
+    p.Y.resize(X.rows(), p.L.rows);
+    total += p.L.rows;
+    weights += p.L.rows * p.L.cols;
+  }
+  if (X.rows() == 1) {
+    const Eigen::Map<const Eigen::VectorXf> x(X.data(), X.cols());
+#pragma omp parallel if (weights >= (Index(1) << 16))
+    {
+      const Index threads = omp_get_num_threads(), t = omp_get_thread_num();
+      const Index per = ((total + threads - 1) / threads + 15) / 16 * 16;  // whole cache lines of y per thread
+      const Index begin = std::min(total, t * per), end = std::min(total, begin + per);
+      Index offset = 0;  // of the current matrix in the concatenated rows
+      for (const Product& p : group) {
+        const Index r0 = std::max<Index>(begin - offset, 0), r1 = std::min(end - offset, p.L.rows);
+        if (r1 > r0)
+          Eigen::Map<Eigen::VectorXf>(p.Y.data() + r0, r1 - r0).noalias() = p.L.w().middleRows(r0, r1 - r0) * x;
+        offset += p.L.rows;
+      }
+    }
+  } else {
+    for (const Product& p : group) p.Y.noalias() = X * p.L.w().transpose();
+  }
+  for (const Product& p : group)
+    if (p.L.bias) p.Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(p.L.bias, p.L.rows);
 }
 
 /// RMSNorm as Hugging Face's LlamaRMSNorm: x / sqrt(mean(x^2) + eps) * weight, in float.
@@ -485,28 +505,25 @@ void Model::forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix*
   for (Index l = 0; l < c.layers; ++l) {
     const Layer& L = layers_[size_t(l)];
     detail::rms_norm(x, L.input_norm, c.rms_norm_eps, h);
-    detail::linear(L.q, h, q);
-    detail::linear(L.k, h, k);
-    detail::linear(L.v, h, v);
+    detail::linear(h, {{L.q, q}, {L.k, k}, {L.v, v}});
     rope(q, H, pos0);
     rope(k, G, pos0);
     gqa::KVCache<KV>& cache = state.cache(l);
     cache.append(gqa::token_major<const float>(k.data(), 1, S, G, D), gqa::token_major<const float>(v.data(), 1, S, G, D));
     gqa::attention(gqa::token_major<const float>(q.data(), 1, S, H, D), cache, gqa::token_major(attn.data(), 1, S, H, D),
                    opt);
-    detail::linear(L.o, attn, t);
+    detail::linear(attn, {{L.o, t}});
     x += t;
     detail::rms_norm(x, L.post_norm, c.rms_norm_eps, h);
-    detail::linear(L.gate, h, gate);
-    detail::linear(L.up, h, up);
+    detail::linear(h, {{L.gate, gate}, {L.up, up}});
     gate = gate.array() / (1.0f + (-gate.array()).exp()) * up.array();  // SwiGLU: silu(gate) * up
-    detail::linear(L.down, gate, t);
+    detail::linear(gate, {{L.down, t}});
     x += t;
   }
   if (!logits) return;
   const Matrix last = all_positions ? x : Matrix(x.bottomRows(1));
   detail::rms_norm(last, final_norm_, c.rms_norm_eps, h);
-  detail::linear(lm_head_, h, *logits);
+  detail::linear(h, {{lm_head_, *logits}});
 }
 
 /// Checks every id against the vocabulary; `where` names the source in the message.
