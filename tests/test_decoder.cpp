@@ -40,6 +40,7 @@ using Rows = std::vector<std::vector<double>>;  // [S][n]
 struct Reference {
   const LlamaFixture& f;
   bool round_kv_bf16 = false;  // emulate a bf16 KV cache: K (after rotary) and V rounded to bfloat16
+  Index window = 0;            // Mistral's sliding_window: query s sees keys s - window + 1 .. s; 0: all
 
   const std::vector<double>& w(const std::string& name) const { return f.values.at(name); }
 
@@ -136,9 +137,9 @@ struct Reference {
       Rows attn(static_cast<size_t>(S), std::vector<double>(static_cast<size_t>(H * D), 0.0));
       for (Index j = 0; j < H; ++j)
         for (Index s = 0; s < S; ++s) {
-          std::vector<double> score(static_cast<size_t>(s + 1));
+          std::vector<double> score(static_cast<size_t>(s + 1), -1e300);  // exp(-1e300 - max) = 0: masked
           double mx = -1e300, sum = 0;
-          for (Index t = 0; t <= s; ++t) {
+          for (Index t = window > 0 ? std::max<Index>(0, s - window + 1) : 0; t <= s; ++t) {
             double dot = 0;
             for (Index d = 0; d < D; ++d) dot += q[size_t(s)][size_t(j * D + d)] * k_rep[size_t(t)][size_t(j * D + d)];
             score[size_t(t)] = dot / std::sqrt(double(D));
@@ -287,6 +288,27 @@ TEST_CASE("decoder logits match a double-precision reference", "[decoder]") {
       CHECK_CLOSE(prefill<gqa::bfloat16>(m, ids), bf.logits(ids), 3e-4, 1e-4);
     }
   }
+}
+
+// Mistral's sliding window (W = 5 keys, the current one included) through gqa's window option, in one prefill and
+// token by token (where the cache holds more than W keys): same tolerances as above.
+TEST_CASE("a Mistral sliding window matches the reference", "[decoder]") {
+  TempDir dir;
+  LlamaFixture f;
+  f.model_type = "mistral";
+  f.config_overrides["sliding_window"] = 5;
+  f.write(dir.path());
+  const llama::Model m = llama::Model::load(dir.path());
+  REQUIRE(m.config().sliding_window == 5);
+  const auto ids = test_ids(17, f.vocab, 13);
+  Reference ref{f};
+  ref.window = 5;
+  const Rows expected = ref.logits(ids);
+  CHECK_CLOSE(prefill(m, ids), expected, 5e-5, 5e-5);
+  CHECK_CLOSE(decode(m, ids), expected, 5e-5, 5e-5);
+  // Without the window the logits past position 5 differ: the check above can fail.
+  const Diff unwindowed = compare(prefill(m, ids), Reference{f}.logits(ids), 5e-5, 5e-5);
+  CHECK(unwindowed.ratio > 10);
 }
 
 // The same arithmetic in a different order (GEMM vs matrix-vector products, one attention call over 29 queries
