@@ -1,0 +1,98 @@
+// gqa/attention_backward.hpp — gradients of gqa::attention (MHA / GQA / MQA) for training.
+//
+//   q, d_q            [B, Sq, H, D]   queries and their gradient
+//   k, v, d_k, d_v    [B, Sk, G, D]   keys, values and their gradients (or head-major [B, G, Sk, D])
+//   out, d_out        [B, Sq, H, D]   the forward's output and the loss gradient with respect to it
+//   d_bias            [B, H, Sq, Sk]  optional: gradient of a non-broadcast options.bias (or of the logits' bias
+//                                     term when there is no bias), contiguous
+//
+// attention_backward(q, k, v, out, d_out, d_q, d_k, d_v, options) takes the forward's inputs, output and options
+// and overwrites d_q, d_k, d_v. Each KV head's d_k / d_v is the sum over the H/G query heads of its group (the
+// gradient of the shared head, what a repeat_kv model's autograd gives). Every forward option is honoured: scale,
+// causal (bottom-right), window, soft-cap (through tanh), additive bias, key lengths; gradients of padded keys and
+// of keys no query sees are exact zeros, and so are those of a query row with no visible key (never NaN).
+//
+// options.lse: pass the span the forward filled (B*H*Sq floats) to save the pass that recomputes it; when empty the
+// backward recomputes it. With double arithmetic a float lse would cap the gradients at float accuracy, so it is
+// then always recomputed in double (the span is still validated).
+//
+// Implementation: flash-style (gqa/detail/flash_bwd.hpp). P is recomputed tile by tile from the lse, memory is
+// O(tile) plus the gradients, never Sq x Sk; the tile products are Eigen GEMMs. Results are bitwise identical for
+// every options.num_threads (each KV head's d_k / d_v is reduced in a fixed order, no atomics).
+//
+// Element types as the forward: q, out, d_out, d_q share one type, k, v, d_k, d_v another (float, double, bfloat16,
+// half); arithmetic in float, double if either is double. Gradient tensors must not overlap the inputs.
+// Errors: the forward's checks (gqa::shape_error / gqa::invalid_argument, same ids and messages) plus those of the
+// gradient tensors, all thrown before anything is written.
+#pragma once
+
+#include "gqa/attention.hpp"
+#include "gqa/detail/flash_bwd.hpp"
+#include "gqa/options.hpp"
+#include "gqa/types.hpp"
+
+#include <type_traits>
+
+namespace gqa {
+
+/// Gradients of attention(q, k, v, options) = out given d_out; writes d_q, d_k, d_v and, when given, d_bias.
+/// Tensors: gqa::Tensor4, Eigen::TensorMap or gqa::TensorRef (k, v, d_k, d_v as Eigen tensors in
+/// options.kv_layout).
+template <typename Q, typename K, typename V, typename O, typename DO, typename DQ, typename DK, typename DV>
+void attention_backward(const Q& q, const K& k, const V& v, const O& out, const DO& d_out, DQ&& d_q, DK&& d_k,
+                        DV&& d_v, const AttentionOptions& options = {}, span<float> d_bias = {}) {
+  auto qr = detail::as_ref(q, KVLayout::TokenMajor);
+  auto kr = detail::as_ref(k, options.kv_layout);
+  auto vr = detail::as_ref(v, options.kv_layout);
+  auto orf = detail::as_ref(out, KVLayout::TokenMajor);
+  auto dor = detail::as_ref(d_out, KVLayout::TokenMajor);
+  auto dqr = detail::as_ref(d_q, KVLayout::TokenMajor);
+  auto dkr = detail::as_ref(d_k, options.kv_layout);
+  auto dvr = detail::as_ref(d_v, options.kv_layout);
+  using T = detail::ref_elem_t<decltype(qr)>;
+  using KVT = detail::ref_elem_t<decltype(kr)>;
+  static_assert(is_storage_type_v<T> && is_storage_type_v<KVT>,
+                "gqa: element types must be float, double, bfloat16 or half");
+  static_assert(std::is_same_v<KVT, detail::ref_elem_t<decltype(vr)>>, "gqa: k and v must have the same element type");
+  static_assert(std::is_same_v<T, detail::ref_elem_t<decltype(orf)>> &&
+                    std::is_same_v<T, detail::ref_elem_t<decltype(dor)>> &&
+                    std::is_same_v<T, detail::ref_elem_t<decltype(dqr)>>,
+                "gqa: out, d_out and d_q must have q's element type");
+  static_assert(std::is_same_v<KVT, detail::ref_elem_t<decltype(dkr)>> &&
+                    std::is_same_v<KVT, detail::ref_elem_t<decltype(dvr)>>,
+                "gqa: d_k and d_v must have k's element type");
+  static_assert(!std::is_const_v<std::remove_pointer_t<decltype(dqr.data)>> &&
+                    !std::is_const_v<std::remove_pointer_t<decltype(dkr.data)>> &&
+                    !std::is_const_v<std::remove_pointer_t<decltype(dvr.data)>>,
+                "gqa: d_q, d_k and d_v must be writable");
+  const auto p = detail::make_backward_params<T, KVT>(
+      TensorRef<const T>(qr), TensorRef<const KVT>(kr), TensorRef<const KVT>(vr), TensorRef<const T>(orf),
+      TensorRef<const T>(dor), dqr, dkr, dvr, options, d_bias);
+  detail::flash_attention_backward(p);
+}
+
+/// The gradients of one call, as new tensors: d_q of q's element type, d_k and d_v of k's, in q's / k's logical
+/// shape ([B, Sk, G, D], token-major whatever options.kv_layout says).
+template <typename T, typename KVT>
+struct AttentionGradients {
+  Tensor4<T> d_q;    // [B, Sq, H, D]
+  Tensor4<KVT> d_k;  // [B, Sk, G, D]
+  Tensor4<KVT> d_v;  // [B, Sk, G, D]
+};
+
+/// attention_backward returning new gradient tensors (token-major).
+template <typename Q, typename K, typename V, typename O, typename DO>
+auto attention_backward(const Q& q, const K& k, const V& v, const O& out, const DO& d_out,
+                        const AttentionOptions& options = {}) {
+  const auto qr = detail::as_ref(q, KVLayout::TokenMajor);
+  const auto kr = detail::as_ref(k, options.kv_layout);
+  using T = detail::ref_elem_t<decltype(qr)>;
+  using KVT = detail::ref_elem_t<decltype(kr)>;
+  AttentionGradients<T, KVT> g{Tensor4<T>(qr.dims[0], qr.dims[1], qr.dims[2], qr.dims[3]),
+                               Tensor4<KVT>(kr.dims[0], kr.dims[1], kr.dims[2], kr.dims[3]),
+                               Tensor4<KVT>(kr.dims[0], kr.dims[1], kr.dims[2], kr.dims[3])};
+  attention_backward(q, k, v, out, d_out, make_ref(g.d_q), make_ref(g.d_k), make_ref(g.d_v), options);
+  return g;
+}
+
+}  // namespace gqa

@@ -1,0 +1,759 @@
+// Tests of gqa/attention_backward.hpp: the flash backward against the naive double reference backward
+// (tests/support/reference_backward.hpp) over the forward tests' sweep of shapes and every option, central finite
+// differences, the GQA/MHA properties, bitwise identity across thread counts, and one test per validation error.
+//
+// Tolerances (float arithmetic, normal(0, 1) inputs and d_out): a gradient element is a sum of many terms of mixed
+// sign, so a fixed relative tolerance per element is meaningless near zero; errors are compared with the tensor's
+// magnitude instead: |err_e| <= tol * (max_e |ref_e| + 1). Each block's products are float GEMMs of length
+// D <= 128 or a tile of <= 128 keys / rows, summed over at most Sk / 128 key tiles (dQ) or Sq * H/G / 128 row
+// tiles (dK, dV), and P comes from a float lse (relative error ~1e-7 of a value <= ~15, so P is off by ~1e-6
+// relative); the largest error measured on this sweep is ~6e-7 of (magnitude + 1). 2e-5 leaves a 30x margin and is
+// still far below what one mis-weighted key or a dropped group member would cause (>= 1e-3 of the magnitude).
+#include "gqa/attention_backward.hpp"
+#include "gqa/attention.hpp"
+
+#include "support/compare.hpp"
+#include "support/random.hpp"
+#include "support/reference_backward.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <typeinfo>
+#include <vector>
+
+namespace {
+
+using gqa::Index;
+using gqa::Tensor4;
+using gqa_test::Shape;
+
+/// Allowed error relative to the magnitude of the tensor (see the file comment).
+constexpr double kFloatTol = 2e-5;
+// Double arithmetic (lse recomputed in double): the same analysis with eps = 1.1e-16; 1e-12 keeps a 100x margin.
+constexpr double kDoubleTol = 1e-12;
+// bfloat16 Q/out/d_out/d_q: out is stored rounded to 8 bits, so Delta = dO . O is off by up to ~2^-8 of |dO||O|,
+// and d_q is rounded to 8 bits at the end (2^-9 relative); 2^-6 of the magnitude bounds both with a 2x margin.
+constexpr double kBf16Tol = 0x1.0p-6;
+
+enum class Bias { none, full, per_head, per_batch };
+
+/// One backward call: shape, masks, options and a seed.
+struct Case {
+  Shape s;
+  bool causal = false;
+  Index window = 0;
+  bool ragged = false;
+  std::uint64_t seed = 1;
+  Index min_len = 0;
+  double softcap = 0;
+  Bias bias = Bias::none;
+  bool lse_given = true;  // pass the forward's lse (else the backward recomputes it)
+  bool head_major = false;
+  double scale = 0;  // 0: default 1/sqrt(D)
+
+  std::string name() const {
+    std::ostringstream os;
+    os << s.str() << (causal ? "/causal" : "") << (window ? "/window:" + std::to_string(window) : "")
+       << (ragged ? "/ragged" : "") << (softcap > 0 ? "/softcap:" + std::to_string(softcap) : "")
+       << (bias == Bias::full ? "/bias:full" : bias == Bias::per_head ? "/bias:[1,H]" : bias == Bias::per_batch ? "/bias:[B,1]" : "")
+       << (lse_given ? "" : "/lse:recomputed") << (head_major ? "/head-major" : "")
+       << (scale != 0 ? "/scale:" + std::to_string(scale) : "") << "/seed:" << seed;
+    return os.str();
+  }
+};
+
+/// |out - ref| <= tol * (max |ref| + 1) everywhere, and every element finite (one readable assertion per tensor).
+template <typename T>
+void check_grad(const char* what, const Tensor4<T>& out, const Tensor4<double>& ref, double tol) {
+  double magnitude = 0;
+  for (Index i = 0; i < ref.size(); ++i) magnitude = std::max(magnitude, std::abs(ref.data()[i]));
+  INFO(what << " (magnitude " << magnitude << ")");
+  gqa_test::check_close(out, ref, gqa_test::Tolerance{tol * (magnitude + 1), 0});
+}
+
+template <typename T>
+void poison_padding(Tensor4<T>& t, const std::vector<std::int32_t>& len) {
+  const T nan = T(std::numeric_limits<float>::quiet_NaN());
+  for (Index b = 0; b < t.dimension(0); ++b)
+    for (Index j = len[size_t(b)]; j < t.dimension(1); ++j)
+      for (Index g = 0; g < t.dimension(2); ++g)
+        for (Index d = 0; d < t.dimension(3); ++d) t(b, j, g, d) = nan;
+}
+
+/// [B, S, G, D] -> [B, G, S, D].
+template <typename T>
+Tensor4<T> to_head_major(const Tensor4<T>& t) {
+  Tensor4<T> r(t.dimension(0), t.dimension(2), t.dimension(1), t.dimension(3));
+  for (Index b = 0; b < t.dimension(0); ++b)
+    for (Index s = 0; s < t.dimension(1); ++s)
+      for (Index g = 0; g < t.dimension(2); ++g)
+        for (Index d = 0; d < t.dimension(3); ++d) r(b, g, s, d) = t(b, s, g, d);
+  return r;
+}
+
+template <typename T>
+Tensor4<T> from_head_major(const Tensor4<T>& t) {
+  return to_head_major(t);  // the same transposition of dims 1 and 2
+}
+
+/// K/V [B, S, G, D] -> [B, S, H, D], head h a copy of KV head h / (H/G) (repeat_kv).
+template <typename T>
+Tensor4<T> repeat_kv(const Tensor4<T>& t, Index heads) {
+  const Index rep = heads / t.dimension(2);
+  Tensor4<T> r(t.dimension(0), t.dimension(1), heads, t.dimension(3));
+  for (Index b = 0; b < t.dimension(0); ++b)
+    for (Index s = 0; s < t.dimension(1); ++s)
+      for (Index h = 0; h < heads; ++h)
+        for (Index d = 0; d < t.dimension(3); ++d) r(b, s, h, d) = t(b, s, h / rep, d);
+  return r;
+}
+
+/// Everything one case needs: inputs, d_out, options (with their storage) and the forward's output.
+template <typename T, typename KVT>
+struct Problem {
+  gqa_test::Inputs<T, KVT> in;
+  Tensor4<T> d_out, out;
+  std::vector<float> bias, lse;
+  std::vector<std::int32_t> len;
+  gqa::AttentionOptions opt;
+
+  Problem(const Case& c) : in(gqa_test::random_inputs<T, KVT>(c.s, c.seed)) {
+    const Shape& s = c.s;
+    d_out = Tensor4<T>(s.B, s.Sq, s.H, s.D);
+    gqa_test::fill_normal(d_out, c.seed * 7 + 5);
+    opt.causal = c.causal;
+    opt.window = c.window;
+    opt.softcap = c.softcap;
+    if (c.scale != 0) opt.scale = c.scale;
+    if (c.ragged) {
+      len = gqa_test::ragged_lengths(s.B, s.Sk, c.seed + 1000, c.min_len);
+      opt.key_lengths = len;
+    }
+    if (c.bias != Bias::none) {
+      const Index bb = c.bias == Bias::per_head ? 1 : s.B, bh = c.bias == Bias::per_batch ? 1 : s.H;
+      bias.resize(size_t(bb * bh * s.Sq * s.Sk));
+      gqa_test::Rng rng(c.seed + 77);
+      for (auto& x : bias) x = float(rng.normal(0.0, 1.0));
+      opt.bias = gqa::BiasView(bias.data(), bb, bh, s.Sq, s.Sk);
+    }
+    lse.resize(size_t(s.B * s.H * s.Sq));
+    gqa::AttentionOptions fwd = opt;
+    fwd.lse = lse;
+    out = gqa::attention(in.q, in.k, in.v, fwd);
+    if (c.lse_given) opt.lse = lse;
+  }
+};
+
+/// Runs one case through attention_backward and the reference; checks d_q, d_k, d_v (and d_bias for a full or
+/// absent bias), exact zeros for padded keys and for query rows that see no key.
+template <typename T, typename KVT = T>
+void check_case(const Case& c, double tol) {
+  const Shape& s = c.s;
+  Problem<T, KVT> pr(c);
+  const auto ref = gqa_test::reference_backward<T, KVT>(gqa::make_ref(pr.in.q), gqa::make_ref(pr.in.k),
+                                                        gqa::make_ref(pr.in.v), gqa::make_ref(pr.d_out), pr.opt);
+  if (c.ragged) {  // the kernel must never read padding
+    poison_padding(pr.in.k, pr.len);
+    poison_padding(pr.in.v, pr.len);
+  }
+  const bool want_d_bias = c.bias == Bias::full || c.bias == Bias::none;
+  std::vector<float> d_bias(want_d_bias ? size_t(s.B * s.H * s.Sq * s.Sk) : 0, 123.0f);
+  Tensor4<T> d_q(s.B, s.Sq, s.H, s.D);
+  Tensor4<KVT> d_k(s.B, s.Sk, s.G, s.D), d_v(s.B, s.Sk, s.G, s.D);
+  d_q.setConstant(T(9.f));
+  d_k.setConstant(KVT(9.f));
+  d_v.setConstant(KVT(9.f));
+  if (c.head_major) {
+    gqa::AttentionOptions hm = pr.opt;
+    hm.kv_layout = gqa::KVLayout::HeadMajor;
+    Tensor4<KVT> k = to_head_major(pr.in.k), v = to_head_major(pr.in.v), dk = to_head_major(d_k), dv = dk;
+    gqa::attention_backward(pr.in.q, k, v, pr.out, pr.d_out, d_q, dk, dv, hm, d_bias);
+    d_k = from_head_major(dk);
+    d_v = from_head_major(dv);
+  } else {
+    gqa::attention_backward(pr.in.q, pr.in.k, pr.in.v, pr.out, pr.d_out, d_q, d_k, d_v, pr.opt, d_bias);
+  }
+  check_grad("d_q", d_q, ref.d_q, tol);
+  check_grad("d_k", d_k, ref.d_k, tol);
+  check_grad("d_v", d_v, ref.d_v, tol);
+  if (want_d_bias) {
+    Tensor4<float> db(s.B, s.H, s.Sq, s.Sk);
+    std::copy(d_bias.begin(), d_bias.end(), db.data());
+    check_grad("d_bias", db, ref.d_bias, std::max(tol, 1e-7));  // d_bias is float: 2^-24 relative rounding
+  }
+  // Exact zeros: d_k/d_v rows of padded keys, d_q rows (and d_bias rows) of queries that see no key.
+  Index nonzero = 0, empty_rows = 0;
+  for (Index b = 0; b < s.B; ++b) {
+    const Index len = c.ragged ? pr.len[size_t(b)] : s.Sk;
+    for (Index j = len; j < s.Sk; ++j)
+      for (Index g = 0; g < s.G; ++g)
+        for (Index d = 0; d < s.D; ++d)
+          nonzero += gqa_test::to_double(d_k(b, j, g, d)) != 0.0 || gqa_test::to_double(d_v(b, j, g, d)) != 0.0;
+    for (Index h = 0; h < s.H; ++h)
+      for (Index i = 0; i < s.Sq; ++i) {
+        if (pr.lse[size_t((b * s.H + h) * s.Sq + i)] != -std::numeric_limits<float>::infinity()) continue;
+        ++empty_rows;
+        for (Index d = 0; d < s.D; ++d) nonzero += gqa_test::to_double(d_q(b, i, h, d)) != 0.0;
+        if (want_d_bias)
+          for (Index j = 0; j < s.Sk; ++j) nonzero += d_bias[size_t(((b * s.H + h) * s.Sq + i) * s.Sk + j)] != 0.0f;
+      }
+  }
+  INFO(empty_rows << " query rows see no key; " << nonzero << " elements that must be exactly 0 are not");
+  CHECK(nonzero == 0);
+}
+
+// ------------------------------------------------------------------------------------------------ the sweep
+// The shapes of tests/test_attention.cpp, each with the masks it has there.
+
+std::vector<Case> head_sweep() {
+  const std::pair<Index, Index> hg[] = {{6, 6}, {6, 3}, {9, 3}, {16, 4}, {27, 1}, {65, 5}, {32, 8}};
+  const Index dims[] = {8, 59, 64, 111, 128};
+  const std::pair<Index, Index> seq[] = {{1, 1}, {3, 17}, {13, 29}, {1, 130}, {33, 20}};
+  std::vector<Case> cases;
+  std::uint64_t seed = 1;
+  for (size_t i = 0; i < std::size(hg); ++i)
+    for (size_t j = 0; j < std::size(dims); ++j) {
+      const auto [sq, sk] = seq[(i + j) % std::size(seq)];
+      Case c;
+      c.s = Shape{Index(1 + j % 2), sq, sk, hg[i].first, hg[i].second, dims[j]};
+      c.causal = (i + j) % 2 == 1;
+      c.ragged = c.s.B > 1 && (i % 3 == 0);
+      c.seed = seed++;
+      cases.push_back(c);
+    }
+  return cases;
+}
+
+std::vector<Case> sequence_sweep() {
+  std::vector<Case> cases;
+  auto add = [&](Shape s, bool causal, Index window, bool ragged, Index min_len = 0) {
+    Case c;
+    c.s = s, c.causal = causal, c.window = window, c.ragged = ragged, c.min_len = min_len;
+    c.seed = 100 + cases.size();
+    cases.push_back(c);
+  };
+  //    B  Sq    Sk    H  G  D
+  add({1, 1, 1, 2, 1, 8}, false, 0, false);
+  add({1, 1, 4096, 4, 2, 64}, false, 0, false);
+  add({2, 1, 4096, 8, 2, 59}, true, 0, true);
+  add({1, 113, 203, 6, 3, 59}, false, 0, false);
+  add({3, 113, 203, 6, 3, 64}, true, 0, true);
+  add({3, 113, 203, 6, 3, 64}, true, 0, true, 113);
+  add({2, 113, 203, 9, 3, 111}, true, 50, false);
+  add({1, 1023, 1024, 2, 1, 8}, false, 0, false);
+  add({1, 1023, 1024, 2, 1, 8}, true, 0, false);
+  add({1, 1024, 1023, 2, 2, 8}, true, 0, false);  // Sq > Sk: query 0 sees no key
+  add({2, 1024, 1023, 3, 1, 9}, true, 129, true);
+  add({1, 512, 256, 4, 1, 16}, true, 0, false);   // half the rows fully masked
+  add({2, 512, 256, 4, 2, 17}, false, 0, true);
+  return cases;
+}
+
+std::vector<Case> edge_cases() {
+  std::vector<Case> cases;
+  auto add = [&](Shape s, bool causal, bool ragged, std::uint64_t seed, Index min_len = 0) {
+    Case c;
+    c.s = s, c.causal = causal, c.ragged = ragged, c.seed = seed, c.min_len = min_len;
+    cases.push_back(c);
+  };
+  add({1, 1, 1, 1, 1, 1}, false, false, 200);
+  add({2, 1, 1, 8, 1, 3}, true, false, 201);
+  add({1, 5, 7, 4, 4, 7}, false, false, 202);
+  add({1, 7, 7, 4, 4, 9}, true, false, 203);
+  add({3, 1, 33, 12, 1, 17}, false, true, 204);
+  add({1, 2, 129, 2, 2, 15}, true, false, 205);
+  add({1, 3, 257, 130, 1, 5}, false, false, 206);  // a group larger than a tile's 128 rows
+  add({2, 129, 129, 2, 1, 31}, true, true, 207);
+  add({2, 129, 300, 2, 1, 31}, true, true, 209, 129);
+  add({1, 4, 12, 4, 2, 1}, true, false, 208);
+  add({3, 40, 0, 4, 2, 8}, false, false, 210);    // Sk = 0: no key anywhere
+  add({2, 0, 9, 4, 2, 8}, false, false, 211);     // Sq = 0: d_k, d_v are zeros
+  return cases;
+}
+
+/// Every option on a few shapes: soft-cap, each bias kind, scale, window, recomputed lse, head-major K/V.
+std::vector<Case> option_cases() {
+  std::vector<Case> cases;
+  const Shape shapes[] = {{2, 37, 150, 8, 2, 24}, {1, 130, 140, 6, 3, 64}, {2, 9, 300, 4, 1, 16}};
+  std::uint64_t seed = 400;
+  for (const Shape& s : shapes) {
+    auto add = [&](auto&& edit) {
+      Case c;
+      c.s = s;
+      c.seed = seed++;
+      edit(c);
+      cases.push_back(c);
+    };
+    add([](Case& c) { c.softcap = 2.5; });
+    add([](Case& c) { c.softcap = 0.7, c.causal = true, c.ragged = true; });
+    add([](Case& c) { c.bias = Bias::full; });
+    add([](Case& c) { c.bias = Bias::full, c.causal = true, c.softcap = 3.0; });
+    add([](Case& c) { c.bias = Bias::per_head, c.causal = true; });
+    add([](Case& c) { c.bias = Bias::per_batch, c.window = 17; });
+    add([](Case& c) { c.scale = 0.37; });
+    add([](Case& c) { c.scale = -0.2, c.causal = true; });
+    add([](Case& c) { c.window = 5, c.ragged = true; });
+    add([](Case& c) { c.lse_given = false; });
+    add([](Case& c) { c.lse_given = false, c.causal = true, c.softcap = 1.0, c.bias = Bias::full, c.ragged = true; });
+    add([](Case& c) { c.head_major = true, c.causal = true; });
+    add([](Case& c) { c.head_major = true, c.ragged = true, c.bias = Bias::full; });
+  }
+  return cases;
+}
+
+}  // namespace
+
+TEST_CASE("backward matches the reference: (H, G) x D sweep", "[backward][sweep]") {
+  const Case c = GENERATE(from_range(head_sweep()));
+  DYNAMIC_SECTION(c.name()) { check_case<float>(c, kFloatTol); }
+}
+
+TEST_CASE("backward matches the reference: (Sq, Sk) sweep", "[backward][sweep]") {
+  const Case c = GENERATE(from_range(sequence_sweep()));
+  DYNAMIC_SECTION(c.name()) { check_case<float>(c, kFloatTol); }
+}
+
+TEST_CASE("backward matches the reference: edge shapes", "[backward][sweep]") {
+  const Case c = GENERATE(from_range(edge_cases()));
+  DYNAMIC_SECTION(c.name()) { check_case<float>(c, kFloatTol); }
+}
+
+TEST_CASE("backward matches the reference: every option", "[backward][options]") {
+  const Case c = GENERATE(from_range(option_cases()));
+  DYNAMIC_SECTION(c.name()) { check_case<float>(c, kFloatTol); }
+}
+
+TEST_CASE("backward element types: double, 16-bit K/V, bfloat16 everywhere", "[backward][dtype]") {
+  Case c;
+  c.s = GENERATE(Shape{2, 5, 37, 8, 2, 59}, Shape{1, 130, 140, 6, 3, 24}, Shape{2, 33, 90, 4, 1, 32});
+  c.causal = true;
+  c.ragged = true;
+  c.softcap = 5.0;
+  c.bias = Bias::full;
+  c.seed = 500 + std::uint64_t(c.s.Sq);
+  DYNAMIC_SECTION(c.name()) {
+    SECTION("double (lse recomputed in double)") { check_case<double>(c, kDoubleTol); }
+    SECTION("float") { check_case<float>(c, kFloatTol); }
+    // 16-bit K/V with float Q: the reference reads the same 16-bit values; d_k, d_v are rounded to 16 bits (at
+    // most 2^-9 (bf16) or 2^-12 (half) relative), so their tolerance is widened by that.
+    SECTION("float Q, bfloat16 K/V") { check_case<float, gqa::bfloat16>(c, 0x1.0p-8); }
+    SECTION("float Q, half K/V") { check_case<float, gqa::half>(c, 0x1.0p-11); }
+    // Double arithmetic, d_k and d_v rounded to float at the end (2^-24 relative).
+    SECTION("mixed: double Q, float K/V") { check_case<double, float>(c, 2e-7); }
+    SECTION("bfloat16 Q/K/V/out/d_out") { check_case<gqa::bfloat16>(c, kBf16Tol); }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ finite differences
+
+namespace {
+
+/// L(q, k, v, bias) = sum(d_out o attention(q, k, v)) in double; its gradient is what attention_backward returns.
+double loss(const Problem<double, double>& pr) {
+  const auto out = gqa::attention(pr.in.q, pr.in.k, pr.in.v, pr.opt);
+  double l = 0;
+  for (Index i = 0; i < out.size(); ++i) l += out.data()[i] * pr.d_out.data()[i];
+  return l;
+}
+
+/// Central differences of loss over every element of `x` (h = 1e-5: truncation ~h^2 = 1e-10, rounding ~1e-16/h).
+/// The quotient uses the steps actually taken, which a float x rounds.
+template <typename X>
+std::vector<double> numeric_grad(Problem<double, double>& pr, X* x, Index n) {
+  std::vector<double> g(static_cast<size_t>(n));
+  const double h = 1e-5;
+  for (Index i = 0; i < n; ++i) {
+    const X keep = x[i], up_x = X(double(keep) + h), down_x = X(double(keep) - h);
+    x[i] = up_x;
+    const double up = loss(pr);
+    x[i] = down_x;
+    const double down = loss(pr);
+    x[i] = keep;
+    g[size_t(i)] = (up - down) / (double(up_x) - double(down_x));
+  }
+  return g;
+}
+
+void check_numeric(const char* what, const double* analytic, const std::vector<double>& numeric) {
+  double worst = 0;
+  Index at = -1;
+  for (size_t i = 0; i < numeric.size(); ++i) {
+    const double err = std::abs(analytic[i] - numeric[i]) / (1e-6 + 1e-5 * std::abs(numeric[i]));
+    if (!(err <= worst)) worst = err, at = Index(i);
+  }
+  INFO(what << ": worst element " << at << " at " << worst << " x the allowance 1e-6 + 1e-5 |numeric|");
+  CHECK(worst <= 1.0);
+}
+
+}  // namespace
+
+TEST_CASE("backward agrees with central finite differences of the double forward", "[backward][numeric]") {
+  Case c;
+  c.s = Shape{2, 5, 7, 4, 2, 3};
+  c.seed = 900;
+  c.bias = Bias::full;
+  SECTION("plain") {}
+  SECTION("causal, ragged, soft-cap") { c.causal = true, c.ragged = true, c.softcap = 1.3, c.min_len = 1; }
+  SECTION("window, MQA, Sq > Sk") { c.window = 3, c.s = Shape{1, 6, 4, 3, 1, 2}; }
+  Problem<double, double> pr(c);
+  const Shape& s = c.s;
+  Tensor4<double> d_q(s.B, s.Sq, s.H, s.D), d_k(s.B, s.Sk, s.G, s.D), d_v(s.B, s.Sk, s.G, s.D);
+  std::vector<float> d_bias(pr.bias.size());
+  gqa::attention_backward(pr.in.q, pr.in.k, pr.in.v, pr.out, pr.d_out, d_q, d_k, d_v, pr.opt, d_bias);
+  pr.opt.lse = {};
+  check_numeric("d_q", d_q.data(), numeric_grad(pr, pr.in.q.data(), pr.in.q.size()));
+  check_numeric("d_k", d_k.data(), numeric_grad(pr, pr.in.k.data(), pr.in.k.size()));
+  check_numeric("d_v", d_v.data(), numeric_grad(pr, pr.in.v.data(), pr.in.v.size()));
+  // The bias is float: a step of 1e-5 on values ~1 is exact to ~1e-12 in float, so the quotient keeps ~1e-7;
+  // d_bias itself is stored as float (1e-7 relative).
+  const auto nb = numeric_grad(pr, pr.bias.data(), Index(pr.bias.size()));
+  std::vector<double> db(d_bias.begin(), d_bias.end());
+  double worst = 0;
+  for (size_t i = 0; i < nb.size(); ++i) worst = std::max(worst, std::abs(db[i] - nb[i]));
+  INFO("d_bias: max abs error " << worst);
+  CHECK(worst < 1e-5);
+}
+
+// ----------------------------------------------------------------------------------------------- properties
+
+TEST_CASE("GQA d_k/d_v are the group sums of MHA d_k/d_v on repeated K/V; d_q is the same", "[backward][property]") {
+  const Shape s = GENERATE(Shape{2, 7, 45, 8, 2, 16}, Shape{1, 40, 40, 6, 1, 8}, Shape{1, 150, 160, 12, 3, 32});
+  const bool causal = GENERATE(false, true);
+  DYNAMIC_SECTION(s.str() << (causal ? "/causal" : "")) {
+    auto in = gqa_test::random_inputs<double>(s, 610);
+    Tensor4<double> d_out(s.B, s.Sq, s.H, s.D);
+    gqa_test::fill_normal(d_out, 611);
+    gqa::AttentionOptions opt;
+    opt.causal = causal;
+    const auto out = gqa::attention(in.q, in.k, in.v, opt);
+    const auto gqa_grad = gqa::attention_backward(in.q, in.k, in.v, out, d_out, opt);
+    const auto k_rep = repeat_kv(in.k, s.H), v_rep = repeat_kv(in.v, s.H);
+    const auto mha_grad = gqa::attention_backward(in.q, k_rep, v_rep, out, d_out, opt);
+    Tensor4<double> dk_sum(s.B, s.Sk, s.G, s.D), dv_sum(s.B, s.Sk, s.G, s.D);
+    dk_sum.setZero();
+    dv_sum.setZero();
+    const Index rep = s.H / s.G;
+    for (Index b = 0; b < s.B; ++b)
+      for (Index j = 0; j < s.Sk; ++j)
+        for (Index h = 0; h < s.H; ++h)
+          for (Index d = 0; d < s.D; ++d) {
+            dk_sum(b, j, h / rep, d) += mha_grad.d_k(b, j, h, d);
+            dv_sum(b, j, h / rep, d) += mha_grad.d_v(b, j, h, d);
+          }
+    check_grad("d_q", gqa_grad.d_q, mha_grad.d_q, kDoubleTol);
+    check_grad("d_k", gqa_grad.d_k, dk_sum, kDoubleTol);
+    check_grad("d_v", gqa_grad.d_v, dv_sum, kDoubleTol);
+  }
+}
+
+TEST_CASE("G = H is MHA: each head's gradients are those of a single-head call", "[backward][property]") {
+  const Shape s{2, 9, 21, 4, 4, 24};
+  auto in = gqa_test::random_inputs<double>(s, 620);
+  Tensor4<double> d_out(s.B, s.Sq, s.H, s.D);
+  gqa_test::fill_normal(d_out, 621);
+  gqa::AttentionOptions opt;
+  opt.causal = GENERATE(false, true);
+  Tensor4<double> out = gqa::attention(in.q, in.k, in.v, opt);
+  const auto whole = gqa::attention_backward(in.q, in.k, in.v, out, d_out, opt);
+  Tensor4<double> d_q(s.B, s.Sq, s.H, s.D), d_k(s.B, s.Sk, s.H, s.D), d_v(s.B, s.Sk, s.H, s.D);
+  for (Index h = 0; h < s.H; ++h) {
+    auto view = [&](auto& t, Index S) {  // strided H = G = 1 view of head h
+      using E = std::remove_reference_t<decltype(*t.data())>;
+      return gqa::TensorRef<E>{t.data() + h * s.D, {s.B, S, 1, s.D}, {S * s.H * s.D, s.H * s.D, s.D, 1}};
+    };
+    gqa::attention_backward(gqa::TensorRef<const double>(view(in.q, s.Sq)),
+                            gqa::TensorRef<const double>(view(in.k, s.Sk)),
+                            gqa::TensorRef<const double>(view(in.v, s.Sk)), gqa::TensorRef<const double>(view(out, s.Sq)),
+                            gqa::TensorRef<const double>(view(d_out, s.Sq)), view(d_q, s.Sq), view(d_k, s.Sk),
+                            view(d_v, s.Sk), opt);
+  }
+  check_grad("d_q", d_q, gqa_test::to_double(whole.d_q), kDoubleTol);
+  check_grad("d_k", d_k, gqa_test::to_double(whole.d_k), kDoubleTol);
+  check_grad("d_v", d_v, gqa_test::to_double(whole.d_v), kDoubleTol);
+}
+
+TEST_CASE("the same gradients through Tensor, TensorMap, strided TensorRef and both K/V layouts",
+          "[backward][property]") {
+  // Only the addressing changes, so the results are bitwise equal.
+  const Shape s{2, 5, 150, 6, 2, 20};
+  auto in = gqa_test::random_inputs<float>(s, 630);
+  Tensor4<float> d_out(s.B, s.Sq, s.H, s.D);
+  gqa_test::fill_normal(d_out, 631);
+  gqa::AttentionOptions opt;
+  opt.causal = true;
+  const auto out = gqa::attention(in.q, in.k, in.v, opt);
+  const auto base = gqa::attention_backward(in.q, in.k, in.v, out, d_out, opt);
+
+  SECTION("TensorMap gradients over user buffers") {
+    std::vector<float> bq(size_t(base.d_q.size())), bk(size_t(base.d_k.size())), bv(bk.size());
+    gqa::Tensor4Map<float> d_q(bq.data(), s.B, s.Sq, s.H, s.D), d_k(bk.data(), s.B, s.Sk, s.G, s.D),
+        d_v(bv.data(), s.B, s.Sk, s.G, s.D);
+    gqa::attention_backward(in.q, in.k, in.v, out, d_out, d_q, d_k, d_v, opt);
+    gqa_test::check_identical(Tensor4<float>(d_q), base.d_q);
+    gqa_test::check_identical(Tensor4<float>(d_k), base.d_k);
+    gqa_test::check_identical(Tensor4<float>(d_v), base.d_v);
+  }
+  SECTION("head-major K/V and gradients via options.kv_layout") {
+    gqa::AttentionOptions hm = opt;
+    hm.kv_layout = gqa::KVLayout::HeadMajor;
+    const auto k = to_head_major(in.k), v = to_head_major(in.v);
+    Tensor4<float> d_q(s.B, s.Sq, s.H, s.D), d_k(s.B, s.G, s.Sk, s.D), d_v(s.B, s.G, s.Sk, s.D);
+    gqa::attention_backward(in.q, k, v, out, d_out, d_q, d_k, d_v, hm);
+    gqa_test::check_identical(d_q, base.d_q);
+    gqa_test::check_identical(from_head_major(d_k), base.d_k);
+    gqa_test::check_identical(from_head_major(d_v), base.d_v);
+  }
+  SECTION("gradients inside wider buffers: nothing outside the views is written") {
+    const Index capacity = 170;
+    Tensor4<float> dk_cache(s.B, s.G, capacity, s.D), dv_cache(s.B, s.G, capacity, s.D), wide(s.B, s.Sq, s.H + 1, s.D + 3);
+    dk_cache.setConstant(-7.0f);
+    dv_cache.setConstant(-7.0f);
+    wide.setConstant(-7.0f);
+    const gqa::TensorRef<float> d_k{dk_cache.data(), {s.B, s.Sk, s.G, s.D}, {s.G * capacity * s.D, s.D, capacity * s.D, 1}};
+    const gqa::TensorRef<float> d_v{dv_cache.data(), {s.B, s.Sk, s.G, s.D}, {s.G * capacity * s.D, s.D, capacity * s.D, 1}};
+    const gqa::TensorRef<float> d_q{wide.data(), {s.B, s.Sq, s.H, s.D},
+                                    {s.Sq * (s.H + 1) * (s.D + 3), (s.H + 1) * (s.D + 3), s.D + 3, 1}};
+    gqa::attention_backward(in.q, in.k, in.v, out, d_out, d_q, d_k, d_v, opt);
+    Tensor4<float> gq(s.B, s.Sq, s.H, s.D), gk(s.B, s.Sk, s.G, s.D), gv(s.B, s.Sk, s.G, s.D);
+    Index touched = 0;
+    for (Index b = 0; b < s.B; ++b) {
+      for (Index i = 0; i < s.Sq; ++i)
+        for (Index h = 0; h < s.H + 1; ++h)
+          for (Index d = 0; d < s.D + 3; ++d) {
+            if (h < s.H && d < s.D) gq(b, i, h, d) = wide(b, i, h, d);
+            else touched += wide(b, i, h, d) != -7.0f;
+          }
+      for (Index g = 0; g < s.G; ++g)
+        for (Index j = 0; j < capacity; ++j)
+          for (Index d = 0; d < s.D; ++d) {
+            if (j < s.Sk) gk(b, j, g, d) = dk_cache(b, g, j, d), gv(b, j, g, d) = dv_cache(b, g, j, d);
+            else touched += (dk_cache(b, g, j, d) != -7.0f) + (dv_cache(b, g, j, d) != -7.0f);
+          }
+    }
+    CHECK(touched == 0);
+    gqa_test::check_identical(gq, base.d_q);
+    gqa_test::check_identical(gk, base.d_k);
+    gqa_test::check_identical(gv, base.d_v);
+  }
+}
+
+TEST_CASE("the forward's lse and a recomputed one give the same gradients to float accuracy", "[backward][lse]") {
+  Case c;
+  c.s = Shape{2, 70, 200, 8, 2, 32};
+  c.causal = true;
+  c.softcap = 4;
+  c.seed = 640;
+  Problem<float, float> pr(c);
+  const auto given = gqa::attention_backward(pr.in.q, pr.in.k, pr.in.v, pr.out, pr.d_out, pr.opt);
+  pr.opt.lse = {};
+  const auto again = gqa::attention_backward(pr.in.q, pr.in.k, pr.in.v, pr.out, pr.d_out, pr.opt);
+  check_grad("d_q", given.d_q, gqa_test::to_double(again.d_q), kFloatTol);
+  check_grad("d_k", given.d_k, gqa_test::to_double(again.d_k), kFloatTol);
+  check_grad("d_v", given.d_v, gqa_test::to_double(again.d_v), kFloatTol);
+}
+
+// ------------------------------------------------------------------------------------------------- threads
+
+TEST_CASE("backward results are bitwise identical for every num_threads", "[backward][threads]") {
+  // B*G >= 8 (one item per KV head, in-place d_k/d_v), B*G < 8 (query chunks and partial sums), 16-bit K/V
+  // (per-thread accumulators), d_bias.
+  Case c;
+  c.s = GENERATE(Shape{2, 200, 300, 8, 4, 40}, Shape{1, 300, 300, 8, 1, 24}, Shape{2, 130, 260, 6, 2, 16});
+  c.causal = true;
+  c.ragged = true;
+  c.bias = Bias::full;
+  c.seed = 800;
+  const bool bf16_kv = GENERATE(false, true);
+  DYNAMIC_SECTION(c.name() << (bf16_kv ? "/kv:bf16" : "")) {
+    auto run_all = [&](auto kv_tag) {
+      using KVT = decltype(kv_tag);
+      Problem<float, KVT> pr(c);
+      const Shape& s = c.s;
+      auto run = [&](int threads, std::vector<float>& d_bias) {
+        gqa::AttentionOptions o = pr.opt;
+        o.num_threads = threads;
+        gqa::AttentionGradients<float, KVT> g{Tensor4<float>(s.B, s.Sq, s.H, s.D), Tensor4<KVT>(s.B, s.Sk, s.G, s.D),
+                                              Tensor4<KVT>(s.B, s.Sk, s.G, s.D)};
+        gqa::attention_backward(pr.in.q, pr.in.k, pr.in.v, pr.out, pr.d_out, g.d_q, g.d_k, g.d_v, o, d_bias);
+        return g;
+      };
+      std::vector<float> db1(pr.bias.size()), db_n(pr.bias.size());
+      const auto one = run(1, db1);
+      for (int threads : {2, 3, 0}) {
+        INFO("num_threads = " << threads);
+        const auto many = run(threads, db_n);
+        gqa_test::check_identical(many.d_q, one.d_q);
+        gqa_test::check_identical(many.d_k, one.d_k);
+        gqa_test::check_identical(many.d_v, one.d_v);
+        CHECK(std::memcmp(db_n.data(), db1.data(), db1.size() * sizeof(float)) == 0);
+      }
+    };
+    if (bf16_kv) run_all(gqa::bfloat16{});
+    else run_all(float{});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- validation
+// One test per error: the exact exception type, the message naming argument, dimension and values, and nothing
+// written to any gradient before the throw.
+
+namespace {
+
+using Dims = std::array<Index, 4>;
+// All sizes different, so a message's values identify their dimension: B = 2, Sq = 3, H = 12, D = 5, Sk = 11, G = 4.
+constexpr Dims kQ{2, 3, 12, 5};
+constexpr Dims kKV{2, 11, 4, 5};
+constexpr float kSentinel = 42.0f;
+
+struct Call {
+  Dims q = kQ, k = kKV, v = kKV, out = kQ, d_out = kQ, d_q = kQ, d_k = kKV, d_v = kKV;
+  gqa::AttentionOptions opt;
+  Index d_bias_size = -1;  // -1: no d_bias
+};
+
+Tensor4<float> make(const Dims& d, float value) {
+  Tensor4<float> t(d[0], d[1], d[2], d[3]);
+  t.setConstant(value);
+  return t;
+}
+
+template <typename E>
+void expect_error(const Call& c, const std::vector<std::string>& fragments) {
+  auto q = make(c.q, 0.5f), k = make(c.k, 0.5f), v = make(c.v, 0.5f), out = make(c.out, 0.5f),
+       d_out = make(c.d_out, 0.5f);
+  auto d_q = make(c.d_q, kSentinel), d_k = make(c.d_k, kSentinel), d_v = make(c.d_v, kSentinel);
+  std::vector<float> d_bias(size_t(std::max<Index>(c.d_bias_size, 0)), kSentinel);
+  gqa::span<float> db = c.d_bias_size >= 0 ? gqa::span<float>(d_bias.data(), c.d_bias_size) : gqa::span<float>();
+  bool thrown = false;
+  try {
+    gqa::attention_backward(q, k, v, out, d_out, d_q, d_k, d_v, c.opt, db);
+  } catch (const std::exception& e) {
+    thrown = true;
+    const std::string msg = e.what();
+    INFO("message: " << msg);
+    CHECK(typeid(e) == typeid(E));
+    for (const auto& fragment : fragments) CHECK_THAT(msg, Catch::Matchers::Contains(fragment));
+  }
+  CHECK(thrown);
+  Index written = 0;
+  for (const auto* t : {&d_q, &d_k, &d_v})
+    for (Index i = 0; i < t->size(); ++i) written += t->data()[i] != kSentinel;
+  for (float x : d_bias) written += x != kSentinel;
+  CHECK(written == 0);
+}
+
+}  // namespace
+
+TEST_CASE("backward validation: a valid call with every option does not throw", "[backward][params]") {
+  // Without this, each expect_error below could pass on an error other than the one it provokes.
+  auto q = make(kQ, 0.5f), k = make(kKV, 0.5f), v = make(kKV, 0.5f), out = make(kQ, 0.5f), d_out = make(kQ, 0.5f);
+  auto d_q = make(kQ, 0), d_k = make(kKV, 0), d_v = make(kKV, 0);
+  std::vector<float> bias(size_t(2 * 12 * 3 * 11)), d_bias(bias.size()), lse(size_t(2 * 12 * 3));
+  const std::vector<std::int32_t> len{0, 11};
+  gqa::AttentionOptions opt;
+  opt.bias = gqa::BiasView(bias.data(), 2, 12, 3, 11);
+  opt.key_lengths = len;
+  opt.lse = lse;
+  opt.window = 3;
+  opt.softcap = 30;
+  opt.num_threads = 2;
+  CHECK_NOTHROW(gqa::attention_backward(q, k, v, out, d_out, d_q, d_k, d_v, opt, d_bias));
+}
+
+TEST_CASE("backward validation: the forward's checks (H % G, out shape, options.lse size)", "[backward][params]") {
+  SECTION("H % G != 0") {
+    Call c;
+    c.k = c.v = c.d_k = c.d_v = {2, 11, 5, 5};
+    expect_error<gqa::shape_error>(c, {"[gqa.shape]", "k:", "dim 2", "= 5", "= 12"});
+  }
+  SECTION("out shape") {
+    Call c;
+    c.out = {2, 3, 12, 6};
+    expect_error<gqa::shape_error>(c, {"[gqa.shape]", "out:", "dim 3", "= 6", "= 5"});
+  }
+  SECTION("options.lse size") {
+    Call c;
+    std::vector<float> lse(10);
+    c.opt.lse = lse;
+    expect_error<gqa::shape_error>(c, {"[gqa.shape]", "options.lse", "= 10", "= 72"});
+  }
+  SECTION("options.softcap negative") {
+    Call c;
+    c.opt.softcap = -1;
+    expect_error<gqa::invalid_argument>(c, {"[gqa.option]", "options.softcap", "-1"});
+  }
+}
+
+TEST_CASE("backward validation: d_out shape differs from q", "[backward][params]") {
+  Call c;
+  c.d_out = {2, 4, 12, 5};
+  expect_error<gqa::shape_error>(c, {"[gqa.shape]", "d_out:", "dim 1", "= 4", "= 3"});
+}
+
+TEST_CASE("backward validation: d_q shape differs from q", "[backward][params]") {
+  Call c;
+  c.d_q = {2, 3, 6, 5};
+  expect_error<gqa::shape_error>(c, {"[gqa.shape]", "d_q:", "dim 2", "= 6", "= 12"});
+}
+
+TEST_CASE("backward validation: d_k shape differs from k", "[backward][params]") {
+  Call c;
+  c.d_k = {2, 10, 4, 5};
+  expect_error<gqa::shape_error>(c, {"[gqa.shape]", "d_k:", "dim 1", "= 10", "= 11"});
+}
+
+TEST_CASE("backward validation: d_v shape differs from v", "[backward][params]") {
+  Call c;
+  c.d_v = {1, 11, 4, 5};
+  expect_error<gqa::shape_error>(c, {"[gqa.shape]", "d_v:", "dim 0", "= 1", "= 2"});
+}
+
+TEST_CASE("backward validation: a gradient view whose D stride is not 1", "[backward][params]") {
+  auto q = make(kQ, 0.5f), k = make(kKV, 0.5f), v = make(kKV, 0.5f), out = make(kQ, 0.5f), d_out = make(kQ, 0.5f);
+  auto d_q = make(kQ, kSentinel), d_v = make(kKV, kSentinel);
+  std::vector<float> buf(size_t(2 * 11 * 4 * 5 * 2), kSentinel);
+  const gqa::TensorRef<float> d_k{buf.data(), {2, 11, 4, 5}, {11 * 4 * 10, 4 * 10, 10, 2}};
+  try {
+    gqa::attention_backward(q, k, v, out, d_out, d_q, d_k, d_v);
+    FAIL("no exception");
+  } catch (const gqa::shape_error& e) {
+    CHECK_THAT(std::string(e.what()), Catch::Matchers::Contains("[gqa.stride] d_k: head_dim stride = 2"));
+  }
+  Index written = 0;
+  for (float x : buf) written += x != kSentinel;
+  CHECK(written == 0);
+}
+
+TEST_CASE("backward validation: a null gradient pointer", "[backward][params]") {
+  auto q = make(kQ, 0.5f), k = make(kKV, 0.5f), v = make(kKV, 0.5f), out = make(kQ, 0.5f), d_out = make(kQ, 0.5f);
+  auto d_q = make(kQ, kSentinel), d_k = make(kKV, kSentinel);
+  const gqa::TensorRef<float> d_v{nullptr, {2, 11, 4, 5}, {11 * 4 * 5, 4 * 5, 5, 1}};
+  try {
+    gqa::attention_backward(q, k, v, out, d_out, d_q, d_k, d_v);
+    FAIL("no exception");
+  } catch (const gqa::invalid_argument& e) {
+    CHECK(typeid(e) == typeid(gqa::invalid_argument));
+    CHECK_THAT(std::string(e.what()), Catch::Matchers::Contains("[gqa.null] d_v: data pointer is null"));
+  }
+}
+
+TEST_CASE("backward validation: d_bias size differs from B*H*Sq*Sk", "[backward][params]") {
+  Call c;
+  c.d_bias_size = 100;
+  expect_error<gqa::shape_error>(c, {"[gqa.shape]", "d_bias: size = 100", "B*H*Sq*Sk = 792"});
+}
+
+TEST_CASE("backward validation: d_bias with a broadcast bias", "[backward][params]") {
+  Call c;
+  std::vector<float> bias(size_t(3 * 11));
+  c.opt.bias = gqa::BiasView(bias.data(), 1, 1, 3, 11);
+  c.d_bias_size = 2 * 12 * 3 * 11;
+  expect_error<gqa::invalid_argument>(c, {"[gqa.option]", "d_bias:", "broadcast", "[1, 1, 3, 11]", "[2, 12, 3, 11]"});
+}
