@@ -27,6 +27,7 @@
 #pragma once
 
 #include "gqa/attention.hpp"
+#define GQA_DETAIL_ALLOWED  // the detail headers below check it (gqa/detail/internal_header_check.hpp)
 #include "gqa/detail/flash_bwd.hpp"
 #include "gqa/options.hpp"
 #include "gqa/types.hpp"

@@ -59,6 +59,7 @@
 
 #include "gqa/checkpoint_plan.hpp"
 #include "gqa/convert.hpp"
+#define GQA_DETAIL_ALLOWED  // the detail headers below check it (gqa/detail/internal_header_check.hpp)
 #include "gqa/detail/output_directory.hpp"
 #include "gqa/errors.hpp"
 #include "gqa/safetensors.hpp"

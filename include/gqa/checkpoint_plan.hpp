@@ -15,6 +15,7 @@
 #pragma once
 
 #include "gqa/convert.hpp"
+#define GQA_DETAIL_ALLOWED  // the detail headers below check it (gqa/detail/internal_header_check.hpp)
 #include "gqa/detail/checkpoint_rules.hpp"
 #include "gqa/errors.hpp"
 #include "gqa/safetensors.hpp"

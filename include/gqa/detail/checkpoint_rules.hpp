@@ -13,6 +13,8 @@
 //   output weight [hidden, H*D]  bias [hidden]   (the bias is not per head and is copied)
 #pragma once
 
+#include "gqa/detail/internal_header_check.hpp"
+
 #include "gqa/errors.hpp"
 #include "gqa/types.hpp"
 

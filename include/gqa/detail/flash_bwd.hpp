@@ -16,6 +16,8 @@
 // count gives bitwise identical results.
 #pragma once
 
+#include "gqa/detail/internal_header_check.hpp"
+
 #include "gqa/detail/flash.hpp"
 #include "gqa/detail/params.hpp"
 

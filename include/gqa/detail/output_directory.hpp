@@ -15,6 +15,8 @@
 // the two leaves no OUTPUT, and the next run renames that .gqa-old directory back before anything else.
 #pragma once
 
+#include "gqa/detail/internal_header_check.hpp"
+
 #ifndef GQA_SAFETENSORS_INTERNAL
 #define GQA_SAFETENSORS_INTERNAL
 #endif
