@@ -16,9 +16,12 @@
 // backward recomputes it. With double arithmetic a float lse would cap the gradients at float accuracy, so it is
 // then always recomputed in double (the span is still validated).
 //
-// Implementation: flash-style (gqa/detail/flash_bwd.hpp). P is recomputed tile by tile from the lse, memory is
-// O(tile) plus the gradients, never Sq x Sk; the tile products are Eigen GEMMs. Results are bitwise identical for
-// every options.num_threads (each KV head's d_k / d_v is reduced in a fixed order, no atomics).
+// Implementation: flash-style (gqa/detail/flash_bwd.hpp). P is recomputed tile by tile from the lse and the tile
+// products are Eigen GEMMs; nothing Sq x Sk is allocated. Memory: O(tile) per thread, plus Acc accumulators for
+// d_k / d_v where they cannot be summed in place: one KV head per thread for 16-bit d_k / d_v, and, when B*G < 8
+// (so that a few KV heads still feed every thread), one copy per query chunk, at most 256 MiB in all. Results are
+// bitwise identical for every options.num_threads (each KV head's d_k / d_v is reduced in a fixed order, no
+// atomics).
 //
 // Element types as the forward: q, out, d_out, d_q share one type, k, v, d_k, d_v another (float, double, bfloat16,
 // half); arithmetic in float, double if either is double. Gradient tensors must not overlap the inputs.

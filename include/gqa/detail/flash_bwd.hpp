@@ -12,8 +12,12 @@
 // Determinism without atomics: an item owns dQ of its query rows outright. dK/dV of head (b, g) are accumulated by
 // the item that owns the whole query range (chunks = 1: straight into d_k/d_v when they are Acc, else into a
 // per-thread Acc buffer), or, when B*G is too small to keep the threads busy, by `chunks` items into partial
-// buffers that are summed afterwards in chunk order. The chunk count depends on the shapes only, so every thread
-// count gives bitwise identical results.
+// buffers (chunks x 2 x Sk x D per head, capped at kBwdMaxPartialBytes) that are summed afterwards in chunk order.
+// The chunk count depends on the shapes only, so every thread count gives bitwise identical results.
+//
+// Measured (Xeon, AVX-512, 1 thread, CPU time), causal S = 2048, H = 32, G = 8, D = 128: 128 x 128 tiles give
+// 74-92 GFLOP/s of useful flops (5 products) against the forward's 76-86, 2.3-2.6x its time; 256-row and 256-key
+// tiles and contiguous (not in-place) dK/dV accumulators measured the same within the shared machine's noise.
 #pragma once
 
 #include "gqa/detail/internal_header_check.hpp"
