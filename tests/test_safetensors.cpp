@@ -224,6 +224,7 @@ TEST_CASE("safetensors: the writer is atomic and checks its input", "[safetensor
   CHECK_THROWS_WITH(bad.add<float>("b", {3}, a), Contains("[gqa.safetensors.size_mismatch]") && Contains("needs 12"));
   CHECK_THROWS_AS(bad.add<float>("c", {-2}, a), gqa::shape_error);
   CHECK_THROWS_WITH(bad.add<float>("__metadata__", {2}, a), Contains("reserved"));
+  CHECK_THROWS_WITH(bad.add<float>("bad\xff", {2}, a), Contains("[gqa.safetensors.name]") && Contains("UTF-8"));
   CHECK_THROWS_AS(bad.write(dir / "no-such-dir" / "x.safetensors"), gqa::io_error);
 }
 

@@ -47,6 +47,8 @@
 //   [gqa.safetensors.overlap]         two tensors' byte ranges overlap
 //   [gqa.safetensors.gap]             the ranges, sorted by begin, leave a hole (HF: "InvalidOffset")
 //   [gqa.safetensors.trailing_bytes]  the ranges do not reach the end of the buffer (HF: "MetadataIncompleteBuffer")
+//   [gqa.io] (gqa::io_error)           the OS refused (the message names the call and its errno), or the path is
+//                                     not a regular file: a FIFO or device is refused at once, never waited on
 // The ranges must therefore tile the buffer exactly, as Hugging Face's reader demands. The order of the entries in
 // the JSON object is irrelevant (JSON objects are unordered); only the ranges are checked.
 //
@@ -54,7 +56,8 @@
 // tensors in data order, padded with spaces to a multiple of 8; tensors laid out contiguously, ordered by dtype size
 // (largest first, so each tensor is aligned to its element size) and otherwise in the order they were added. The
 // file is written to a temporary file in the destination's directory, fsync'ed and renamed into place, so the
-// destination is either the old file or the complete new one.
+// destination is either the old file or the complete new one. Header parsing and writing take time linear in the
+// number of tensors.
 //
 // SHARDED CHECKPOINTS: model.safetensors.index.json is
 //   {"metadata": {"total_size": <sum of tensor byte sizes>, ...}, "weight_map": {"<tensor>": "<shard file>", ...}}
@@ -661,6 +664,11 @@ class Writer {
     gqa::detail::require(name != "__metadata__", "safetensors.name", "Writer::add: '__metadata__' is reserved");
     gqa::detail::require(names_.count(name) == 0, "safetensors.duplicate", "Writer::add: tensor '", name,
                          "' added twice");
+    try {  // the header is JSON, which needs UTF-8: refuse here rather than let json::dump throw in write()
+      (void)nlohmann::json(name).dump();
+    } catch (const nlohmann::json::exception&) {
+      gqa::detail::require(false, "safetensors.name", "Writer::add: tensor name is not valid UTF-8");
+    }
     std::uint64_t n = dtype_size(dtype);
     for (std::size_t i = 0; i < shape.size(); ++i) {
       gqa::detail::require<shape_error>(shape[i] >= 0, "safetensors.shape", "Writer::add '", name, "': shape[", i,
