@@ -19,7 +19,7 @@
 //            max_position_embeddings)), each from an empty cache; last line: "perplexity <value> over <n> tokens".
 // bench      fills every layer's cache with --context synthetic tokens, then times --tokens (default 32) decode
 //            steps; prints ms per token, the bytes one token reads (weights + KV cache) and a memory roofline from
-//            a parallel read of that many bytes in the same run; last line is key=value pairs for scripts.
+//            parallel reads of that many bytes between the steps (medians of both); last line is key=value pairs.
 //            On cores shared with other work, run with OMP_WAIT_POLICY=passive (see README.md).
 //
 // Exit status: 0, 1 on an error (message on stderr, "[gqa.<id>] ..."), 2 on a usage error.
@@ -179,30 +179,39 @@ void perplexity(const llama::Model& model, const Args& a) {
   std::printf("perplexity %.4f over %td tokens\n", r.value(), r.tokens);
 }
 
-/// Best of a few parallel reads of `bytes` (the threads of the decode), in bytes per second.
-double stream_read_bandwidth(std::uint64_t bytes) {
-  const Index n = Index(bytes / sizeof(float));
-  std::vector<float> buffer(static_cast<size_t>(n));
-  double best = 0, sink = 0;
-  for (int pass = 0; pass < 6; ++pass) {
+/// A STREAM-style parallel read of a buffer the size of what one decode step reads, with the decode's threads.
+/// Passes are taken between decode steps, so that both see the same load from whatever else runs on the cores.
+class StreamRead {
+ public:
+  explicit StreamRead(std::uint64_t bytes) : buffer_(static_cast<size_t>(bytes / sizeof(float))) {
+    const Index n = Index(buffer_.size());
+#pragma omp parallel
+    {
+      const Index threads = omp_get_num_threads(), t = omp_get_thread_num();
+      std::fill(buffer_.begin() + n * t / threads, buffer_.begin() + n * (t + 1) / threads, 1.0f);  // first touch
+    }
+  }
+  /// One pass; returns bytes per second.
+  double pass() {
+    const Index n = Index(buffer_.size());
     double total = 0;
     const auto t0 = Clock::now();
 #pragma omp parallel reduction(+ : total)
     {
       const Index threads = omp_get_num_threads(), t = omp_get_thread_num();
       const Index begin = n * t / threads, end = n * (t + 1) / threads;
-      if (pass == 0)
-        std::fill(buffer.begin() + begin, buffer.begin() + end, 1.0f);  // first touch, by the reading thread
-      else
-        total += double(Eigen::Map<const Eigen::ArrayXf>(buffer.data() + begin, end - begin).sum());
+      total += double(Eigen::Map<const Eigen::ArrayXf>(buffer_.data() + begin, end - begin).sum());
     }
     const double s = seconds_since(t0);
-    if (pass > 0) best = std::max(best, double(bytes) / s);
-    sink += total;
+    sink_ += total;
+    return double(n) * sizeof(float) / s;
   }
-  if (sink < 0) std::printf("%g\n", sink);  // keeps the reads
-  return best;
-}
+  double sink() const { return sink_; }
+
+ private:
+  std::vector<float> buffer_;
+  double sink_ = 0;
+};
 
 template <typename KV>
 void bench(const llama::Model& model, const Args& a, const char* kv_name) {
@@ -221,8 +230,12 @@ void bench(const llama::Model& model, const Args& a, const char* kv_name) {
       state.cache(l).append(ref, ref);
     }
   llama::Matrix logits;
-  std::vector<double> ms;
+  std::vector<double> ms, stream_rates;
+  const double weight_bytes = double(model.decode_weight_bytes());
   double kv_bytes = 0;
+  // The mean bytes of the timed steps: cache lengths context + 1 .. context + tokens.
+  StreamRead stream_read(std::uint64_t(weight_bytes + double(state.cache(0).bytes_per_token() * c.layers) *
+                                                          (double(context) + 0.5 * double(tokens + 1))));
   for (Index i = 0; i < warmup + tokens; ++i) {
     const std::int32_t id = std::int32_t((i * 7919 + 13) % c.vocab);
     const auto t0 = Clock::now();
@@ -230,7 +243,9 @@ void bench(const llama::Model& model, const Args& a, const char* kv_name) {
     if (i < warmup) continue;  // page faults of a fresh mapping, first-touch of buffers
     ms.push_back(1e3 * seconds_since(t0));
     kv_bytes += double(state.kv_bytes_in_use()) / double(tokens);
+    stream_rates.push_back(stream_read.pass());
   }
+  if (stream_read.sink() < 0) std::printf("%g\n", stream_read.sink());  // keeps the reads
   std::vector<double> sorted = ms;
   std::sort(sorted.begin(), sorted.end());
   const double median = sorted[sorted.size() / 2], mean = [&] {
@@ -238,13 +253,14 @@ void bench(const llama::Model& model, const Args& a, const char* kv_name) {
     for (double x : ms) s += x;
     return s / double(ms.size());
   }();
-  const double weight_bytes = double(model.decode_weight_bytes()), bytes = weight_bytes + kv_bytes;
+  const double bytes = weight_bytes + kv_bytes;
   const int threads = omp_get_max_threads();
   // libgomp's default lets a waiting thread spin: on cores shared with other work a spinning thread burns the
   // time slice its descheduled partner needs, and every barrier of the decode can then cost milliseconds.
   const char* wait_env = std::getenv("OMP_WAIT_POLICY");
   const std::string wait_policy = wait_env && *wait_env ? wait_env : "default";
-  const double stream = stream_read_bandwidth(std::uint64_t(bytes));
+  std::sort(stream_rates.begin(), stream_rates.end());
+  const double stream = stream_rates[stream_rates.size() / 2];  // median, like the decode time
   const double roofline_ms = 1e3 * bytes / stream;
   std::printf("model: %td layers, H %td, G %td, D %td, hidden %td, intermediate %td, vocab %td; kv %s\n", c.layers,
               c.heads, c.kv_heads, c.head_dim, c.hidden, c.intermediate, c.vocab, kv_name);
@@ -252,8 +268,9 @@ void bench(const llama::Model& model, const Args& a, const char* kv_name) {
               context, median, mean, sorted.front(), tokens, threads);
   std::printf("bytes read per token: weights %.1f MB (float) + KV cache %.1f MB = %.1f MB -> %.2f GB/s\n",
               weight_bytes / 1e6, kv_bytes / 1e6, bytes / 1e6, bytes / median / 1e6);
-  std::printf("stream read of %.1f MB, %d threads: %.2f GB/s -> memory roofline %.3f ms/token; median / roofline "
-              "= %.3f\n", bytes / 1e6, threads, stream / 1e9, roofline_ms, median / roofline_ms);
+  std::printf("stream read of %.1f MB between the steps, %d threads: %.2f GB/s median (best %.2f) -> memory roofline "
+              "%.3f ms/token; median / roofline = %.3f\n", bytes / 1e6, threads, stream / 1e9, stream_rates.back() / 1e9,
+              roofline_ms, median / roofline_ms);
   std::printf("bench context=%td tokens=%td kv=%s threads=%d wait_policy=%s ms_per_token=%.4f weight_bytes=%.0f "
               "kv_bytes=%.0f bytes_per_token=%.0f stream_GBps=%.3f roofline_ms=%.4f ratio=%.4f\n", context, tokens,
               kv_name, threads, wait_policy.c_str(), median, weight_bytes, kv_bytes, bytes, stream / 1e9, roofline_ms,
