@@ -26,12 +26,7 @@ import shutil
 import sys
 import tempfile
 
-# This folder holds tokenize.py, which would shadow the standard library's tokenize module (imported by
-# linecache, inspect, torch, ...) for every script run from here: take the folder off the import path.
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def find_smollm2_gguf():

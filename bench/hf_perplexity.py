@@ -21,11 +21,6 @@ import math
 import os
 import sys
 import time
-
-# This folder holds tokenize.py, which would shadow the standard library's tokenize module (imported by
-# linecache, inspect, torch, ...) for every script run from here: take the folder off the import path.
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

@@ -9,15 +9,23 @@ An ids file is whitespace-separated integers (what example_decoder's --ids and -
 --bos (the model's bos_token_id from config.json first); --max-tokens keeps the first N ids. decode prints special
 tokens as they are.
 """
-import argparse
-import json
 import os
 import sys
 
-# This folder holds tokenize.py, which would shadow the standard library's tokenize module (imported by
-# linecache, inspect, torch, ...) for every script run from here: take the folder off the import path.
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+if __name__ != "__main__":
+    # Any script run from bench/ has this folder first on sys.path, so its `import tokenize` (linecache,
+    # inspect, torch and matplotlib all do it) finds this file instead of the standard library's module, which
+    # this name shadows. Hand the importer the standard library's module: a module may replace itself in
+    # sys.modules while it is being imported, and the import statement returns the replacement.
+    import importlib.machinery
+    import importlib.util
+    _spec = importlib.machinery.PathFinder.find_spec("tokenize", [os.path.dirname(os.__file__)])
+    _std = importlib.util.module_from_spec(_spec)
+    sys.modules[__name__] = _std
+    _spec.loader.exec_module(_std)
+else:
+    import argparse
+    import json
 
 
 def load_tokenizer(model_dir):
