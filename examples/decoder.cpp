@@ -1,0 +1,282 @@
+// decoder.cpp — example_decoder: a Llama-family model (Llama, Mistral, Qwen2) from a Hugging Face directory,
+// decoding with gqa's KV cache and attention. The model code is examples/decoder/llama.hpp; this file is the
+// command line.
+//
+//   example_decoder MODEL_DIR generate --prompt-ids FILE [--max-new N] [--kv f32|bf16]
+//                                     [--temperature T --top-k K --seed S] [--threads N]
+//   example_decoder MODEL_DIR perplexity --ids FILE [--context N] [--kv f32|bf16] [--threads N]
+//   example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16] [--threads N]
+//
+// MODEL_DIR holds config.json and model.safetensors (or model.safetensors.index.json and its shards), and
+// optionally tokenizer.json (used to show ids as text). Ids files hold whitespace-separated integers
+// (bench/tokenize.py writes them). --kv is the KV cache's element type (default f32); --threads defaults to
+// OpenMP's (OMP_NUM_THREADS, else the cores).
+//
+// generate   prefills the prompt in chunks, then decodes up to --max-new tokens (default 32; stops at the
+//            config's eos_token_id): greedy, or sampled with --temperature (> 0), --top-k (0 = all) and --seed.
+//            Prints the ids, the text, and prefill and decode tokens/s.
+// perplexity evaluates the ids in consecutive windows of --context tokens (default min(2048,
+//            max_position_embeddings)), each from an empty cache; last line: "perplexity <value> over <n> tokens".
+// bench      fills every layer's cache with --context synthetic tokens, then times --tokens (default 32) decode
+//            steps; prints ms per token, the bytes one token reads (weights + KV cache) and a memory roofline from
+//            a parallel read of that many bytes in the same run; last line is key=value pairs for scripts.
+//
+// Exit status: 0, 1 on an error (message on stderr, "[gqa.<id>] ..."), 2 on a usage error.
+#include "decoder/llama.hpp"
+#include "decoder/tokenizer.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace {
+
+using gqa::Index;
+using Clock = std::chrono::steady_clock;
+
+const char* const usage_text =
+    "usage:\n"
+    "  example_decoder MODEL_DIR generate --prompt-ids FILE [--max-new N] [--kv f32|bf16]\n"
+    "                                    [--temperature T --top-k K --seed S] [--threads N]\n"
+    "  example_decoder MODEL_DIR perplexity --ids FILE [--context N] [--kv f32|bf16] [--threads N]\n"
+    "  example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16] [--threads N]\n";
+
+struct usage_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// The command line: MODEL_DIR MODE then --flag value pairs, each flag from the mode's list.
+struct Args {
+  std::string dir, mode;
+  std::map<std::string, std::string> flags;
+
+  bool has(const std::string& f) const { return flags.count(f) != 0; }
+  std::string text(const std::string& f, const std::string& fallback = "") const {
+    return has(f) ? flags.at(f) : fallback;
+  }
+  long long integer(const std::string& f, long long fallback, long long min) const {
+    if (!has(f)) return fallback;
+    std::size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(flags.at(f), &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != flags.at(f).size() || v < min)
+      throw usage_error(f + " " + flags.at(f) + ": expected an integer >= " + std::to_string(min));
+    return v;
+  }
+  double number(const std::string& f, double fallback) const {
+    if (!has(f)) return fallback;
+    std::size_t used = 0;
+    double v = 0;
+    try {
+      v = std::stod(flags.at(f), &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != flags.at(f).size() || !(v >= 0)) throw usage_error(f + " " + flags.at(f) + ": expected a number >= 0");
+    return v;
+  }
+};
+
+Args parse(int argc, char** argv) {
+  if (argc < 3) throw usage_error("missing MODEL_DIR or mode");
+  Args a{argv[1], argv[2], {}};
+  const std::map<std::string, std::vector<std::string>> allowed = {
+      {"generate", {"--prompt-ids", "--max-new", "--kv", "--temperature", "--top-k", "--seed", "--threads"}},
+      {"perplexity", {"--ids", "--context", "--kv", "--threads"}},
+      {"bench", {"--context", "--tokens", "--kv", "--threads"}}};
+  const auto mode = allowed.find(a.mode);
+  if (mode == allowed.end()) throw usage_error("unknown mode '" + a.mode + "'");
+  for (int i = 3; i < argc; i += 2) {
+    const std::string f = argv[i];
+    if (std::find(mode->second.begin(), mode->second.end(), f) == mode->second.end())
+      throw usage_error("unknown option '" + f + "' for " + a.mode);
+    if (i + 1 >= argc) throw usage_error(f + " needs a value");
+    if (!a.flags.emplace(f, argv[i + 1]).second) throw usage_error(f + " given twice");
+  }
+  const char* required = a.mode == "generate" ? "--prompt-ids" : a.mode == "perplexity" ? "--ids" : "--context";
+  if (!a.has(required)) throw usage_error(a.mode + " needs " + required);
+  if (a.has("--kv") && a.text("--kv") != "f32" && a.text("--kv") != "bf16")
+    throw usage_error("--kv " + a.text("--kv") + ": expected f32 or bf16");
+  return a;
+}
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+std::string join(const std::vector<std::int32_t>& ids) {
+  std::string s;
+  for (const auto id : ids) s += (s.empty() ? "" : " ") + std::to_string(id);
+  return s;
+}
+
+template <typename KV>
+void generate(const llama::Model& model, const Args& a) {
+  const llama::Config& c = model.config();
+  const std::vector<std::int32_t> prompt = llama::read_ids(a.text("--prompt-ids"), c.vocab);
+  const Index max_new = a.integer("--max-new", 32, 1);
+  const Index total = Index(prompt.size()) + max_new;
+  llama::check(total <= c.max_positions, "context", "the prompt's ", prompt.size(), " ids + --max-new ", max_new,
+               " = ", total, " exceed max_position_embeddings = ", c.max_positions);
+  llama::Sampler sampler(a.number("--temperature", 0), a.integer("--top-k", 0, 0), a.integer("--seed", 0, 0));
+  llama::State<KV> state(c, total);
+  llama::Matrix logits;
+
+  const Index chunk = 256;
+  const auto t0 = Clock::now();
+  for (Index s = 0; s < Index(prompt.size()); s += chunk) {
+    const Index n = std::min(chunk, Index(prompt.size()) - s);
+    const bool last = s + n == Index(prompt.size());
+    model.forward(gqa::span<const std::int32_t>(prompt.data() + s, n), state, last ? &logits : nullptr);
+  }
+  const double prefill_s = seconds_since(t0);
+
+  std::vector<std::int32_t> out{sampler.next(logits.data(), c.vocab)};
+  const auto is_eos = [&](std::int32_t t) { return std::count(c.eos_ids.begin(), c.eos_ids.end(), t) > 0; };
+  const auto t1 = Clock::now();
+  while (Index(out.size()) < max_new && !is_eos(out.back())) {
+    model.forward(gqa::span<const std::int32_t>(&out.back(), 1), state, &logits);
+    out.push_back(sampler.next(logits.data(), c.vocab));
+  }
+  const double decode_s = seconds_since(t1);
+  const Index decoded = Index(out.size()) - 1;  // the first new token comes from the prefill's logits
+
+  std::printf("generated ids: %s\n", join(out).c_str());
+  if (const auto tok = llama::Detokenizer::open(a.dir)) {
+    std::printf("prompt text: %s\n", tok->decode(prompt).c_str());
+    std::printf("generated text: %s\n", tok->decode(out).c_str());
+  } else {
+    std::printf("(no tokenizer.json in %s: ids only)\n", a.dir.c_str());
+  }
+  std::printf("prefill: %zu tokens in %.3f s = %.1f tokens/s\n", prompt.size(), prefill_s,
+              double(prompt.size()) / prefill_s);
+  if (decoded > 0)
+    std::printf("decode: %td tokens in %.3f s = %.2f tokens/s (%.2f ms/token)\n", decoded, decode_s,
+                double(decoded) / decode_s, 1e3 * decode_s / double(decoded));
+  else
+    std::printf("decode: 0 tokens (stopped after the first)\n");
+}
+
+template <typename KV>
+void perplexity(const llama::Model& model, const Args& a) {
+  const llama::Config& c = model.config();
+  const std::vector<std::int32_t> ids = llama::read_ids(a.text("--ids"), c.vocab);
+  const Index context = a.integer("--context", std::min<Index>(2048, c.max_positions), 0);
+  const auto t0 = Clock::now();
+  const llama::PerplexityResult r = llama::perplexity<KV>(model, ids, context);
+  const double s = seconds_since(t0);
+  std::printf("%zu ids in windows of %td: mean negative log-likelihood %.6f nats, %.1f s (%.1f tokens/s)\n",
+              ids.size(), context, r.nll / double(r.tokens), s, double(ids.size()) / s);
+  std::printf("perplexity %.4f over %td tokens\n", r.value(), r.tokens);
+}
+
+/// Best of a few parallel reads of `bytes` (the threads of the decode), in bytes per second.
+double stream_read_bandwidth(std::uint64_t bytes) {
+  const Index n = Index(bytes / sizeof(float));
+  std::vector<float> buffer(static_cast<size_t>(n));
+  double best = 0, sink = 0;
+  for (int pass = 0; pass < 6; ++pass) {
+    double total = 0;
+    const auto t0 = Clock::now();
+#pragma omp parallel reduction(+ : total)
+    {
+      const Index threads = omp_get_num_threads(), t = omp_get_thread_num();
+      const Index begin = n * t / threads, end = n * (t + 1) / threads;
+      if (pass == 0)
+        std::fill(buffer.begin() + begin, buffer.begin() + end, 1.0f);  // first touch, by the reading thread
+      else
+        total += double(Eigen::Map<const Eigen::ArrayXf>(buffer.data() + begin, end - begin).sum());
+    }
+    const double s = seconds_since(t0);
+    if (pass > 0) best = std::max(best, double(bytes) / s);
+    sink += total;
+  }
+  if (sink < 0) std::printf("%g\n", sink);  // keeps the reads
+  return best;
+}
+
+template <typename KV>
+void bench(const llama::Model& model, const Args& a, const char* kv_name) {
+  const llama::Config& c = model.config();
+  const Index context = a.integer("--context", 0, 1), tokens = a.integer("--tokens", 32, 1);
+  const Index warmup = std::min<Index>(2, context);
+  llama::State<KV> state(c, context + tokens);
+  // Synthetic K/V for the first context - warmup positions: decode time does not depend on the values.
+  const Index fill = context - warmup, G = c.kv_heads, D = c.head_dim;
+  std::vector<float> kv(size_t(std::min<Index>(fill, 512) * G * D));
+  for (size_t i = 0; i < kv.size(); ++i) kv[i] = float(std::sin(0.1 * double(i)));
+  for (Index l = 0; l < c.layers; ++l)
+    for (Index s = 0; s < fill; s += 512) {
+      const Index n = std::min<Index>(512, fill - s);
+      const auto ref = gqa::token_major<const float>(kv.data(), 1, n, G, D);
+      state.cache(l).append(ref, ref);
+    }
+  llama::Matrix logits;
+  std::vector<double> ms;
+  double kv_bytes = 0;
+  for (Index i = 0; i < warmup + tokens; ++i) {
+    const std::int32_t id = std::int32_t((i * 7919 + 13) % c.vocab);
+    const auto t0 = Clock::now();
+    model.forward(gqa::span<const std::int32_t>(&id, 1), state, &logits);
+    if (i < warmup) continue;  // page faults of a fresh mapping, first-touch of buffers
+    ms.push_back(1e3 * seconds_since(t0));
+    kv_bytes += double(state.kv_bytes_in_use()) / double(tokens);
+  }
+  std::vector<double> sorted = ms;
+  std::sort(sorted.begin(), sorted.end());
+  const double median = sorted[sorted.size() / 2], mean = [&] {
+    double s = 0;
+    for (double x : ms) s += x;
+    return s / double(ms.size());
+  }();
+  const double weight_bytes = double(model.decode_weight_bytes()), bytes = weight_bytes + kv_bytes;
+  const int threads = omp_get_max_threads();
+  const double stream = stream_read_bandwidth(std::uint64_t(bytes));
+  const double roofline_ms = 1e3 * bytes / stream;
+  std::printf("model: %td layers, H %td, G %td, D %td, hidden %td, intermediate %td, vocab %td; kv %s\n", c.layers,
+              c.heads, c.kv_heads, c.head_dim, c.hidden, c.intermediate, c.vocab, kv_name);
+  std::printf("decode at context %td: %.3f ms/token median (mean %.3f, min %.3f) over %td tokens, %d threads\n",
+              context, median, mean, sorted.front(), tokens, threads);
+  std::printf("bytes read per token: weights %.1f MB (float) + KV cache %.1f MB = %.1f MB -> %.2f GB/s\n",
+              weight_bytes / 1e6, kv_bytes / 1e6, bytes / 1e6, bytes / median / 1e6);
+  std::printf("stream read of %.1f MB, %d threads: %.2f GB/s -> memory roofline %.3f ms/token; median / roofline "
+              "= %.3f\n", bytes / 1e6, threads, stream / 1e9, roofline_ms, median / roofline_ms);
+  std::printf("bench context=%td tokens=%td kv=%s threads=%d ms_per_token=%.4f weight_bytes=%.0f kv_bytes=%.0f "
+              "bytes_per_token=%.0f stream_GBps=%.3f roofline_ms=%.4f ratio=%.4f\n", context, tokens, kv_name, threads,
+              median, weight_bytes, kv_bytes, bytes, stream / 1e9, roofline_ms, median / roofline_ms);
+}
+
+template <typename KV>
+void run(const llama::Model& model, const Args& a, const char* kv_name) {
+  if (a.mode == "generate") generate<KV>(model, a);
+  if (a.mode == "perplexity") perplexity<KV>(model, a);
+  if (a.mode == "bench") bench<KV>(model, a, kv_name);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Args a = parse(argc, argv);
+    if (a.has("--threads")) omp_set_num_threads(int(a.integer("--threads", 0, 1)));
+    const llama::Model model = llama::Model::load(a.dir);
+    if (a.text("--kv", "f32") == "bf16")
+      run<gqa::bfloat16>(model, a, "bf16");
+    else
+      run<float>(model, a, "f32");
+    return 0;
+  } catch (const usage_error& e) {
+    std::fprintf(stderr, "example_decoder: %s\n%s", e.what(), usage_text);
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "example_decoder: %s\n", e.what());
+    return 1;
+  }
+}

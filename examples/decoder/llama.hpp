@@ -1,0 +1,622 @@
+// examples/decoder/llama.hpp — a minimal Llama-family decoder (Llama, Mistral, Qwen2) built on gqa: the model code
+// behind example_decoder (examples/decoder.cpp) and tests/test_decoder.cpp. Copy it as the start of your own.
+//
+// Offers (namespace llama):
+//   Config, parse_config()   the fields of a Hugging Face config.json this decoder understands; refuses the rest
+//   Model::load(dir)         config.json + model.safetensors (or a sharded index), memory-mapped
+//   State<KV>                one gqa::KVCache<KV> per layer (KV = float or gqa::bfloat16), one sequence
+//   Model::forward()         S new tokens through every layer: prefill (S > 1, in chunks) and decode (S = 1) alike
+//   read_ids(), check_ids()  whitespace-separated token ids, validated against the vocabulary
+//   perplexity()             mean negative log-likelihood over windows of `context` tokens
+//   Sampler                  greedy, or temperature + top-k with a seed
+//
+// Shapes, one sequence, S tokens per forward call (all row-major, nn.Linear weights are [out, in]):
+//   x            [S, hidden]                     residual stream
+//   q            [S, H*D]  viewed as [1, S, H, D] (token-major) for gqa::attention
+//   k, v         [S, G*D]  viewed as [1, S, G, D], appended to the layer's cache [1, G, capacity, D]
+//   gate, up     [S, intermediate]
+//   logits       [S, vocab] (or [1, vocab]: the last position only)
+//
+// Weights: F32 tensors aligned in the mapping are used in place (zero copy); BF16, F16 and F64 are converted to
+// float once at load, so decode streams float weights (4 bytes each) once per token, through Eigen's
+// matrix-vector product. See README.md "Running a real model" for what widening 16-bit weights on the fly would
+// save instead.
+//
+// Threads: OpenMP. Prefill products are Eigen GEMMs (Eigen threads them); decode products split the weight's rows
+// across threads (Eigen does not thread a matrix-vector product). gqa::attention threads itself.
+//
+// Errors: gqa::format_error for a malformed config.json, ids file or weight shape; gqa::invalid_argument for what
+// is well-formed but unsupported (rope_scaling kinds other than llama3, hidden_act other than silu, per-head q/k
+// norms, MLP biases, sliding windows on some layers only), a token id outside the vocabulary, or a context longer
+// than max_position_embeddings; gqa::io_error when a file cannot be read. Messages start "[gqa.decoder.<id>]" and
+// name the field and the value.
+#pragma once
+
+#include <gqa/checkpoint.hpp>  // gqa::parse_model_config: the geometry exactly as gqa-convert reads it
+#include <gqa/kv_cache.hpp>
+#include <gqa/safetensors.hpp>
+
+#include <Eigen/Core>
+#include <nlohmann/json.hpp>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <optional>
+#include <random>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace llama {
+
+using gqa::Index;
+using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+// The library's view of a checkpoint directory (index + shards, or model.safetensors), named here only.
+using CheckpointFiles = gqa::safetensors::Checkpoint;
+
+template <typename E = gqa::invalid_argument, typename... Args>
+[[noreturn]] void fail(const char* id, Args&&... parts) {
+  std::ostringstream os;
+  os << "[gqa.decoder." << id << "] ";
+  (os << ... << std::forward<Args>(parts));
+  throw E(os.str());
+}
+
+template <typename E = gqa::invalid_argument, typename... Args>
+void check(bool ok, const char* id, Args&&... parts) {
+  if (!ok) fail<E>(id, std::forward<Args>(parts)...);
+}
+
+/// rope_scaling {"rope_type": "llama3", ...} (Llama 3.1 / 3.2).
+struct Llama3Scaling {
+  double factor = 8, low_freq_factor = 1, high_freq_factor = 4, original_max_position_embeddings = 8192;
+};
+
+struct Config {
+  Index vocab = 0, hidden = 0, intermediate = 0, layers = 0;
+  Index heads = 0, kv_heads = 0, head_dim = 0;  ///< H, G, D
+  Index max_positions = 2048;                   ///< max_position_embeddings
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000;
+  std::optional<Llama3Scaling> llama3;
+  bool tie_word_embeddings = false;
+  Index sliding_window = 0;  ///< 0: none (gqa::AttentionOptions::window)
+  std::vector<std::int32_t> eos_ids;
+};
+
+namespace detail {
+
+inline std::string dump(const nlohmann::ordered_json& v) {
+  std::string s = v.dump();
+  return s.size() > 64 ? s.substr(0, 61) + "..." : s;
+}
+
+inline double number(const nlohmann::ordered_json& j, const char* name, double fallback, const std::string& where) {
+  if (!j.contains(name) || j[name].is_null()) return fallback;
+  check<gqa::format_error>(j[name].is_number() && j[name].get<double>() > 0, "config", where, ": \"", name,
+                           "\" = ", dump(j[name]), " is not a positive number");
+  return j[name].get<double>();
+}
+
+inline Index integer(const nlohmann::ordered_json& j, const char* name, std::optional<Index> fallback,
+                     const std::string& where) {
+  if (!j.contains(name) || j[name].is_null()) {
+    check<gqa::format_error>(fallback.has_value(), "config", where, ": missing \"", name, "\"");
+    return *fallback;
+  }
+  check<gqa::format_error>(j[name].is_number_integer() && j[name].get<std::int64_t>() > 0, "config", where, ": \"",
+                           name, "\" = ", dump(j[name]), " is not a positive integer");
+  return Index(j[name].get<std::int64_t>());
+}
+
+inline std::optional<Llama3Scaling> parse_rope_scaling(const nlohmann::ordered_json& j, const std::string& where) {
+  if (!j.contains("rope_scaling") || j["rope_scaling"].is_null()) return std::nullopt;
+  const auto& r = j["rope_scaling"];
+  check<gqa::format_error>(r.is_object(), "config", where, ": \"rope_scaling\" = ", dump(r), " is not an object");
+  // Hugging Face writes "rope_type" (and older configs "type").
+  const char* key = r.contains("rope_type") ? "rope_type" : "type";
+  check<gqa::format_error>(r.contains(key) && r[key].is_string(), "config", where,
+                           ": \"rope_scaling\" has no string \"rope_type\": ", dump(r));
+  const std::string kind = r[key].get<std::string>();
+  if (kind == "default") return std::nullopt;
+  check(kind == "llama3", "unsupported", where, ": rope_scaling ", key, " = \"", kind,
+        "\" is not supported (this decoder implements \"llama3\" and unscaled rotary embeddings only)");
+  Llama3Scaling s;
+  s.factor = number(r, "factor", std::nan(""), where + " rope_scaling");
+  s.low_freq_factor = number(r, "low_freq_factor", std::nan(""), where + " rope_scaling");
+  s.high_freq_factor = number(r, "high_freq_factor", std::nan(""), where + " rope_scaling");
+  s.original_max_position_embeddings =
+      double(integer(r, "original_max_position_embeddings", std::nullopt, where + " rope_scaling"));
+  for (double v : {s.factor, s.low_freq_factor, s.high_freq_factor})
+    check<gqa::format_error>(!std::isnan(v), "config", where,
+                             ": rope_scaling llama3 needs factor, low_freq_factor and high_freq_factor: ", dump(r));
+  check<gqa::format_error>(s.high_freq_factor > s.low_freq_factor, "config", where,
+                           ": rope_scaling high_freq_factor ", s.high_freq_factor, " must exceed low_freq_factor ",
+                           s.low_freq_factor);
+  return s;
+}
+
+inline std::vector<std::int32_t> parse_eos(const nlohmann::ordered_json& j) {
+  std::vector<std::int32_t> ids;
+  if (!j.contains("eos_token_id")) return ids;
+  const auto& e = j["eos_token_id"];
+  if (e.is_number_integer()) ids.push_back(std::int32_t(e.get<std::int64_t>()));
+  if (e.is_array())
+    for (const auto& v : e)
+      if (v.is_number_integer()) ids.push_back(std::int32_t(v.get<std::int64_t>()));
+  return ids;
+}
+
+}  // namespace detail
+
+/// The fields of config.json this decoder uses; what it cannot run faithfully is refused, never ignored.
+inline Config parse_config(const nlohmann::ordered_json& j, const std::string& where = "config.json") {
+  using detail::dump;
+  const gqa::ModelConfig geometry = gqa::parse_model_config(j, where);
+  Config c;
+  c.heads = geometry.heads;
+  c.kv_heads = geometry.kv_heads;
+  c.hidden = geometry.hidden;
+  c.head_dim = geometry.head_dim;
+  c.layers = detail::integer(j, "num_hidden_layers", std::nullopt, where);
+  c.vocab = detail::integer(j, "vocab_size", std::nullopt, where);
+  c.intermediate = detail::integer(j, "intermediate_size", std::nullopt, where);
+  c.max_positions = detail::integer(j, "max_position_embeddings", 2048, where);  // LlamaConfig's default
+  c.rms_norm_eps = detail::number(j, "rms_norm_eps", 1e-6, where);
+  c.rope_theta = detail::number(j, "rope_theta", 10000, where);
+  c.llama3 = detail::parse_rope_scaling(j, where);
+  c.eos_ids = detail::parse_eos(j);
+
+  if (j.contains("model_type") && j["model_type"].is_string()) {
+    const std::string t = j["model_type"].get<std::string>();
+    check(t == "llama" || t == "mistral" || t == "qwen2", "unsupported", where, ": model_type = \"", t,
+          "\" is not supported (llama, mistral, qwen2)");
+  }
+  if (j.contains("hidden_act"))
+    check(j["hidden_act"] == "silu", "unsupported", where, ": hidden_act = ", dump(j["hidden_act"]),
+          " is not supported (silu only: SwiGLU MLP)");
+  if (j.contains("partial_rotary_factor") && !j["partial_rotary_factor"].is_null())
+    check(j["partial_rotary_factor"] == 1 || j["partial_rotary_factor"] == 1.0, "unsupported", where,
+          ": partial_rotary_factor = ", dump(j["partial_rotary_factor"]), " is not supported (1 only)");
+  if (j.contains("mlp_bias"))
+    check(j["mlp_bias"] == false, "unsupported", where, ": mlp_bias = ", dump(j["mlp_bias"]),
+          " is not supported");
+  if (j.contains("tie_word_embeddings")) {
+    check<gqa::format_error>(j["tie_word_embeddings"].is_boolean(), "config", where, ": tie_word_embeddings = ",
+                             dump(j["tie_word_embeddings"]), " is not a boolean");
+    c.tie_word_embeddings = j["tie_word_embeddings"].get<bool>();
+  }
+  // Qwen2 keeps sliding_window in its config but applies it only with use_sliding_window, and then to some layers.
+  const bool qwen_window = j.contains("use_sliding_window") && j["use_sliding_window"] == true;
+  check(!qwen_window, "unsupported", where, ": use_sliding_window = true is not supported (Qwen2 applies the "
+        "window to layers past max_window_layers only)");
+  if (!j.contains("use_sliding_window") && j.contains("sliding_window") && !j["sliding_window"].is_null())
+    c.sliding_window = detail::integer(j, "sliding_window", std::nullopt, where);
+  check(c.head_dim % 2 == 0, "unsupported", where, ": head_dim = ", c.head_dim,
+        " is odd; rotary embeddings pair dimension i with i + head_dim/2");
+  return c;
+}
+
+/// One nn.Linear: weight [rows, cols] = [out, in], optional bias [rows]. Non-owning.
+struct Linear {
+  const float* weight = nullptr;
+  const float* bias = nullptr;
+  Index rows = 0, cols = 0;
+
+  Eigen::Map<const Matrix> w() const { return {weight, rows, cols}; }
+  std::uint64_t bytes() const { return std::uint64_t(rows) * std::uint64_t(cols + (bias ? 1 : 0)) * 4; }
+};
+
+struct Layer {
+  const float* input_norm = nullptr;  // [hidden]
+  const float* post_norm = nullptr;   // [hidden]
+  Linear q, k, v, o, gate, up, down;
+};
+
+template <typename KV>
+class State;
+
+class Model {
+ public:
+  /// Reads dir/config.json and the weights (see the header comment for what is refused).
+  static Model load(const std::filesystem::path& dir);
+
+  Model(Model&&) = default;
+  Model& operator=(Model&&) = default;
+  Model(const Model&) = delete;  // the weights point into this object's mapping and buffers
+  Model& operator=(const Model&) = delete;
+
+  const Config& config() const noexcept { return cfg_; }
+  /// Bytes of weights one decode step reads: every layer's matrices, biases and norms, the final norm and
+  /// lm_head, as float (the embedding row of the new token is left out: one row).
+  std::uint64_t decode_weight_bytes() const;
+
+  /// Runs ids (S >= 1 new tokens at positions state.position() ..) through the model, appending their K/V to
+  /// `state`. With `logits`, writes [S, vocab] (all_positions) or [1, vocab] (the last position).
+  template <typename KV>
+  void forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix* logits = nullptr,
+               bool all_positions = false) const;
+
+ private:
+  Model() = default;
+  const float* tensor(const std::string& name, std::vector<std::int64_t> shape, bool required = true);
+  Linear linear(const std::string& prefix, Index rows, Index cols, bool bias_allowed);
+  void rope(Matrix& t, Index heads, Index pos0) const;
+
+  Config cfg_;
+  CheckpointFiles files_;                  // the mapping F32 weights point into
+  std::deque<std::vector<float>> owned_;   // converted weights (BF16 / F16 / F64, or unaligned F32)
+  const float* embed_ = nullptr;           // [vocab, hidden]
+  const float* final_norm_ = nullptr;      // [hidden]
+  Linear lm_head_;                         // [vocab, hidden]; the embedding when tied
+  std::vector<Layer> layers_;
+  std::vector<double> inv_freq_;           // [D/2] rotary frequencies, scaled as the config says
+};
+
+/// The decoding state of one sequence: a KV cache per layer, all of the same length.
+template <typename KV>
+class State {
+ public:
+  State(const Config& c, Index capacity) {
+    check(capacity > 0 && capacity <= c.max_positions, "context", "a context of ", capacity,
+          " tokens is not in [1, max_position_embeddings = ", c.max_positions, "]");
+    caches_.reserve(size_t(c.layers));
+    for (Index l = 0; l < c.layers; ++l) caches_.emplace_back(1, c.kv_heads, capacity, c.head_dim);
+  }
+  Index position() const { return caches_.front().length(0); }
+  Index capacity() const { return caches_.front().capacity(); }
+  void clear() {
+    for (auto& c : caches_) c.clear();
+  }
+  /// K and V bytes a decode step reads now, all layers.
+  std::uint64_t kv_bytes_in_use() const {
+    std::uint64_t b = 0;
+    for (const auto& c : caches_) b += c.bytes_in_use();
+    return b;
+  }
+  gqa::KVCache<KV>& cache(Index layer) { return caches_[size_t(layer)]; }
+
+ private:
+  std::vector<gqa::KVCache<KV>> caches_;
+};
+
+namespace detail {
+
+/// y = W x, the rows of W split evenly across the threads: decode's products read each weight once per token and
+/// are memory-bound, so every core must stream its own share (Eigen runs a matrix-vector product on one thread).
+/// Below 64K weights (256 KB, L2-resident) a fork-join costs more than it saves.
+inline void gemv(const Linear& L, const float* x, float* y) {
+  const auto W = L.w();
+  const Eigen::Map<const Eigen::VectorXf> xv(x, L.cols);
+#pragma omp parallel if (L.rows * L.cols >= (Index(1) << 16))
+  {
+    const Index threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const Index per = ((L.rows + threads - 1) / threads + 15) / 16 * 16;  // whole cache lines of y per thread
+    const Index r0 = std::min(L.rows, t * per), r1 = std::min(L.rows, r0 + per);
+    if (r1 > r0) Eigen::Map<Eigen::VectorXf>(y + r0, r1 - r0).noalias() = W.middleRows(r0, r1 - r0) * xv;
+  }
+}
+
+/// Y [S, rows] = X [S, cols] W^T + bias.
+inline void linear(const Linear& L, const Matrix& X, Matrix& Y) {
+  Y.resize(X.rows(), L.rows);
+  if (X.rows() == 1)
+    gemv(L, X.data(), Y.data());
+  else
+    Y.noalias() = X * L.w().transpose();
+  if (L.bias) Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(L.bias, L.rows);
+}
+
+/// RMSNorm as Hugging Face's LlamaRMSNorm: x / sqrt(mean(x^2) + eps) * weight, in float.
+inline void rms_norm(const Matrix& x, const float* weight, double eps, Matrix& out) {
+  out.resize(x.rows(), x.cols());
+  const Eigen::Map<const Eigen::RowVectorXf> w(weight, x.cols());
+  for (Index r = 0; r < x.rows(); ++r) {
+    const float inv = 1.0f / std::sqrt(x.row(r).squaredNorm() / float(x.cols()) + float(eps));
+    out.row(r) = (x.row(r) * inv).cwiseProduct(w);
+  }
+}
+
+/// Hugging Face's rotary frequencies: theta^(-2i/D), then the llama3 rescaling (long wavelengths divided by
+/// factor, short ones kept, a smooth blend between).
+inline std::vector<double> rotary_frequencies(const Config& c) {
+  const Index half = c.head_dim / 2;
+  std::vector<double> f(static_cast<size_t>(half));
+  for (Index i = 0; i < half; ++i) f[size_t(i)] = std::pow(c.rope_theta, -double(2 * i) / double(c.head_dim));
+  if (!c.llama3) return f;
+  const Llama3Scaling& s = *c.llama3;
+  const double low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+  const double high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+  for (double& x : f) {
+    const double wavelen = 2 * M_PI / x;
+    if (wavelen > low_wavelen) {
+      x /= s.factor;
+    } else if (wavelen >= high_wavelen) {
+      const double smooth =
+          (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+      x = (1 - smooth) * x / s.factor + smooth * x;
+    }
+  }
+  return f;
+}
+
+}  // namespace detail
+
+inline Model Model::load(const std::filesystem::path& dir) {
+  const auto config_path = dir / "config.json";
+  std::ifstream in(config_path, std::ios::binary);
+  check<gqa::io_error>(bool(in), "io", "cannot open ", config_path.string());
+  nlohmann::ordered_json j;
+  try {
+    j = nlohmann::ordered_json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    fail<gqa::format_error>("config", config_path.string(), ": not valid JSON: ", e.what());
+  }
+  Model m;
+  m.cfg_ = parse_config(j, config_path.string());
+  const Config& c = m.cfg_;
+  m.files_ = CheckpointFiles::open(dir);
+  for (const auto& file : m.files_.files())
+    for (const auto& t : file.tensors()) {
+      const auto ends = [&](const char* s) { return t.name.size() >= std::strlen(s) &&
+                                                    t.name.compare(t.name.size() - std::strlen(s), std::string::npos, s) == 0; };
+      check(!ends("self_attn.q_norm.weight") && !ends("self_attn.k_norm.weight"), "unsupported", dir.string(),
+            ": tensor '", t.name, "' is a per-head q/k norm (Qwen3, OLMo 2), which this decoder does not implement");
+      check(!(ends("mlp.gate_proj.bias") || ends("mlp.up_proj.bias") || ends("mlp.down_proj.bias")), "unsupported",
+            dir.string(), ": tensor '", t.name, "' is an MLP bias, which this decoder does not implement");
+    }
+  const Index hidden = c.hidden, qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
+  m.embed_ = m.tensor("model.embed_tokens.weight", {c.vocab, hidden});
+  m.final_norm_ = m.tensor("model.norm.weight", {hidden});
+  for (Index l = 0; l < c.layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    Layer L;
+    L.input_norm = m.tensor(p + "input_layernorm.weight", {hidden});
+    L.post_norm = m.tensor(p + "post_attention_layernorm.weight", {hidden});
+    L.q = m.linear(p + "self_attn.q_proj", qd, hidden, true);
+    L.k = m.linear(p + "self_attn.k_proj", kvd, hidden, true);
+    L.v = m.linear(p + "self_attn.v_proj", kvd, hidden, true);
+    L.o = m.linear(p + "self_attn.o_proj", hidden, qd, true);
+    L.gate = m.linear(p + "mlp.gate_proj", c.intermediate, hidden, false);
+    L.up = m.linear(p + "mlp.up_proj", c.intermediate, hidden, false);
+    L.down = m.linear(p + "mlp.down_proj", hidden, c.intermediate, false);
+    m.layers_.push_back(L);
+  }
+  if (c.tie_word_embeddings) {
+    m.lm_head_ = {m.embed_, nullptr, c.vocab, hidden};
+  } else {
+    check<gqa::format_error>(m.files_.find("lm_head.weight") != nullptr, "config", dir.string(),
+                             ": no tensor 'lm_head.weight' and tie_word_embeddings is not true in config.json");
+    m.lm_head_ = m.linear("lm_head", c.vocab, hidden, false);
+  }
+  m.inv_freq_ = detail::rotary_frequencies(c);
+  return m;
+}
+
+/// A float view of tensor `name`, checked against `shape`; nullptr when absent and not required.
+inline const float* Model::tensor(const std::string& name, std::vector<std::int64_t> shape, bool required) {
+  namespace st = gqa::safetensors;
+  const st::TensorView* t = files_.find(name);
+  if (!t) {
+    check<gqa::format_error>(!required, "weights", files_.directory().string(), ": no tensor named '", name, "'");
+    return nullptr;
+  }
+  check<gqa::format_error>(t->shape == shape, "shape", "tensor '", name, "' has shape ", st::shape_string(t->shape),
+                           " but config.json implies ", st::shape_string(shape));
+  if (t->dtype == st::Dtype::F32 && reinterpret_cast<std::uintptr_t>(t->bytes.data()) % alignof(float) == 0)
+    return t->as<float>().data();  // zero copy
+  const auto widen = [&](auto typed) {
+    owned_.emplace_back(size_t(t->numel()));
+    std::vector<float>& out = owned_.back();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = float(typed[i]);
+    return out.data();
+  };
+  switch (t->dtype) {
+    case st::Dtype::F32: return widen(t->to_vector<float>());
+    case st::Dtype::BF16: return widen(t->to_vector<gqa::bfloat16>());
+    case st::Dtype::F16: return widen(t->to_vector<gqa::half>());
+    case st::Dtype::F64: return widen(t->to_vector<double>());
+    default: fail("unsupported", "tensor '", name, "' has dtype ", st::dtype_name(t->dtype), " (F32, BF16, F16, F64 only)");
+  }
+}
+
+inline Linear Model::linear(const std::string& prefix, Index rows, Index cols, bool bias_allowed) {
+  Linear L;
+  L.rows = rows;
+  L.cols = cols;
+  L.weight = tensor(prefix + ".weight", {rows, cols});
+  if (bias_allowed) L.bias = tensor(prefix + ".bias", {rows}, false);
+  return L;
+}
+
+inline std::uint64_t Model::decode_weight_bytes() const {
+  std::uint64_t b = 4 * std::uint64_t(cfg_.hidden) + lm_head_.bytes();
+  for (const auto& L : layers_) {
+    b += 2 * 4 * std::uint64_t(cfg_.hidden);
+    for (const Linear* p : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) b += p->bytes();
+  }
+  return b;
+}
+
+/// Hugging Face's rotary embedding (rotate_half layout): in each head, dimension i pairs with i + D/2.
+inline void Model::rope(Matrix& t, Index heads, Index pos0) const {
+  const Index D = cfg_.head_dim, half = D / 2;
+  std::vector<float> cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
+  for (Index s = 0; s < t.rows(); ++s) {
+    for (Index i = 0; i < half; ++i) {
+      const double angle = double(pos0 + s) * inv_freq_[size_t(i)];
+      cs[size_t(i)] = float(std::cos(angle));
+      sn[size_t(i)] = float(std::sin(angle));
+    }
+    for (Index h = 0; h < heads; ++h) {
+      float* x = t.row(s).data() + h * D;
+      for (Index i = 0; i < half; ++i) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * cs[size_t(i)] - b * sn[size_t(i)];
+        x[i + half] = b * cs[size_t(i)] + a * sn[size_t(i)];
+      }
+    }
+  }
+}
+
+template <typename KV>
+void Model::forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix* logits, bool all_positions) const {
+  const Config& c = cfg_;
+  const Index S = ids.size(), H = c.heads, G = c.kv_heads, D = c.head_dim, pos0 = state.position();
+  check(S > 0, "forward", "forward: no tokens");
+  check(pos0 + S <= state.capacity(), "context", "forward: ", pos0, " cached + ", S, " new tokens exceed the context of ",
+        state.capacity());
+  Matrix x(S, c.hidden), h, q, k, v, attn(S, H * D), t, gate, up;
+  for (Index s = 0; s < S; ++s) {
+    check(ids[s] >= 0 && ids[s] < c.vocab, "token", "token id ", ids[s], " is outside the vocabulary [0, ", c.vocab, ")");
+    x.row(s) = Eigen::Map<const Eigen::RowVectorXf>(embed_ + Index(ids[s]) * c.hidden, c.hidden);
+  }
+  gqa::AttentionOptions opt;
+  opt.causal = true;
+  opt.window = c.sliding_window;
+  for (Index l = 0; l < c.layers; ++l) {
+    const Layer& L = layers_[size_t(l)];
+    detail::rms_norm(x, L.input_norm, c.rms_norm_eps, h);
+    detail::linear(L.q, h, q);
+    detail::linear(L.k, h, k);
+    detail::linear(L.v, h, v);
+    rope(q, H, pos0);
+    rope(k, G, pos0);
+    gqa::KVCache<KV>& cache = state.cache(l);
+    cache.append(gqa::token_major<const float>(k.data(), 1, S, G, D), gqa::token_major<const float>(v.data(), 1, S, G, D));
+    gqa::attention(gqa::token_major<const float>(q.data(), 1, S, H, D), cache, gqa::token_major(attn.data(), 1, S, H, D),
+                   opt);
+    detail::linear(L.o, attn, t);
+    x += t;
+    detail::rms_norm(x, L.post_norm, c.rms_norm_eps, h);
+    detail::linear(L.gate, h, gate);
+    detail::linear(L.up, h, up);
+    gate = gate.array() / (1.0f + (-gate.array()).exp()) * up.array();  // SwiGLU: silu(gate) * up
+    detail::linear(L.down, gate, t);
+    x += t;
+  }
+  if (!logits) return;
+  const Matrix last = all_positions ? x : Matrix(x.bottomRows(1));
+  detail::rms_norm(last, final_norm_, c.rms_norm_eps, h);
+  detail::linear(lm_head_, h, *logits);
+}
+
+/// Checks every id against the vocabulary; `where` names the source in the message.
+inline void check_ids(gqa::span<const std::int32_t> ids, Index vocab, const std::string& where) {
+  for (Index i = 0; i < ids.size(); ++i)
+    check(ids[i] >= 0 && ids[i] < vocab, "token", where, ": token id ", ids[i], " (id number ", i + 1,
+          ") is outside the vocabulary [0, vocab_size = ", vocab, ")");
+}
+
+/// Reads whitespace-separated integer token ids and checks them against the vocabulary.
+inline std::vector<std::int32_t> read_ids(const std::filesystem::path& path, Index vocab) {
+  std::ifstream in(path);
+  check<gqa::io_error>(bool(in), "io", "cannot open ids file ", path.string());
+  std::vector<std::int32_t> ids;
+  std::string word;
+  while (in >> word) {
+    std::size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(word, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    check<gqa::format_error>(used == word.size() && v >= std::numeric_limits<std::int32_t>::min() &&
+                                 v <= std::numeric_limits<std::int32_t>::max(),
+                             "ids", path.string(), ": '", word, "' (id number ", ids.size() + 1,
+                             ") is not a 32-bit integer");
+    ids.push_back(std::int32_t(v));
+  }
+  check<gqa::format_error>(!ids.empty(), "ids", path.string(), ": no token ids");
+  check_ids(ids, vocab, path.string());
+  return ids;
+}
+
+/// log p(target) under softmax(logits), in double.
+inline double log_prob(const float* logits, Index vocab, std::int32_t target) {
+  double mx = -std::numeric_limits<double>::infinity();
+  for (Index i = 0; i < vocab; ++i) mx = std::max(mx, double(logits[i]));
+  double sum = 0;
+  for (Index i = 0; i < vocab; ++i) sum += std::exp(double(logits[i]) - mx);
+  return double(logits[target]) - mx - std::log(sum);
+}
+
+struct PerplexityResult {
+  double nll = 0;    ///< sum of -log p over the scored tokens
+  Index tokens = 0;  ///< tokens scored
+  double value() const { return std::exp(nll / double(tokens)); }
+};
+
+/// Perplexity over consecutive, non-overlapping windows of `context` ids; each window starts from an empty cache
+/// and scores its tokens 2 .. n given the ones before them in the window (a last window shorter than 2 ids
+/// scores nothing). Windows are prefilled in chunks of `chunk` tokens.
+template <typename KV>
+PerplexityResult perplexity(const Model& model, gqa::span<const std::int32_t> ids, Index context, Index chunk = 256) {
+  const Config& c = model.config();
+  check(context >= 2 && context <= c.max_positions, "context", "--context ", context,
+        " is not in [2, max_position_embeddings = ", c.max_positions, "]");
+  check(chunk >= 1, "chunk", "chunk = ", chunk, " must be positive");
+  check_ids(ids, c.vocab, "perplexity ids");
+  check(ids.size() >= 2, "ids", "perplexity needs at least 2 ids, got ", ids.size());
+  State<KV> state(c, context);
+  PerplexityResult r;
+  Matrix logits;
+  for (Index w = 0; w + 1 < ids.size(); w += context) {
+    const Index n = std::min(context, ids.size() - w);
+    state.clear();
+    for (Index s = 0; s < n; s += chunk) {
+      const Index m = std::min(chunk, n - s);
+      model.forward(gqa::span<const std::int32_t>(ids.data() + w + s, m), state, &logits, true);
+      for (Index i = 0; i < m && s + i + 1 < n; ++i) {
+        r.nll -= log_prob(logits.row(i).data(), c.vocab, ids[w + s + i + 1]);
+        ++r.tokens;
+      }
+    }
+  }
+  return r;
+}
+
+/// Greedy (temperature 0) or temperature + top-k sampling (top_k 0: the whole vocabulary), reproducible from
+/// the seed on every platform (std::*_distribution is implementation-defined, so the draw is done by hand).
+class Sampler {
+ public:
+  Sampler(double temperature = 0, Index top_k = 0, std::uint64_t seed = 0)
+      : temperature_(temperature), top_k_(top_k), rng_(seed) {
+    check(temperature >= 0 && std::isfinite(temperature), "sampling", "--temperature ", temperature,
+          " must be >= 0");
+    check(top_k >= 0, "sampling", "--top-k ", top_k, " must be >= 0");
+  }
+
+  std::int32_t next(const float* logits, Index vocab) {
+    if (temperature_ == 0) return std::int32_t(std::max_element(logits, logits + vocab) - logits);
+    const Index k = top_k_ == 0 ? vocab : std::min(top_k_, vocab);
+    std::vector<std::int32_t> order(static_cast<size_t>(vocab));
+    for (Index i = 0; i < vocab; ++i) order[size_t(i)] = std::int32_t(i);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](std::int32_t a, std::int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+    std::vector<double> p(static_cast<size_t>(k));
+    double sum = 0;
+    for (Index i = 0; i < k; ++i)
+      sum += p[size_t(i)] = std::exp((double(logits[order[size_t(i)]]) - double(logits[order[0]])) / temperature_);
+    double u = double(rng_() >> 11) * 0x1.0p-53 * sum;
+    for (Index i = 0; i < k; ++i)
+      if ((u -= p[size_t(i)]) < 0) return order[size_t(i)];
+    return order[size_t(k - 1)];
+  }
+
+ private:
+  double temperature_;
+  Index top_k_;
+  std::mt19937_64 rng_;
+};
+
+}  // namespace llama
