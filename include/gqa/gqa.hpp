@@ -1,6 +1,6 @@
 // gqa/gqa.hpp — umbrella header: everything gqa offers.
 //
-//   gqa/types.hpp        Index, Dynamic, Tensor4, TensorRef, KVLayout, span, bfloat16/half
+//   gqa/types.hpp        Index, Dynamic, Tensor4, TensorRef, head_major, span, bfloat16/half
 //   gqa/errors.hpp       exception types
 //   gqa/options.hpp      AttentionOptions, BiasView: masks, window, soft-cap and their order
 //   gqa/attention.hpp    attention / mha / mqa kernels (MHA, GQA, MQA)
