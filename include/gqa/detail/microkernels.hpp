@@ -5,7 +5,7 @@
 // registers), keep every accumulator in registers, and write scores transposed, S^T [n keys x M rows], so the
 // softmax that follows vectorises across the group's rows. Everything is written with Eigen::internal packets, so
 // it compiles to AVX2, AVX-512, SSE or NEON, whatever Eigen targets; the number of rows M is a template
-// parameter (one instantiation per row count, picked by dispatch_rows), which is what lets the accumulators live
+// parameter (one instantiation per row count, picked by with_score_form), which is what lets the accumulators live
 // in registers. The score kernels take a LinePrefetcher for the K rows ahead of the tile and issue a share of its
 // lines with every block of keys; accumulate_pv prefetches V the same way (see LinePrefetcher). Preconditions
 // (checked by the caller): D is a multiple of the packet size.
