@@ -211,10 +211,11 @@ std::vector<Case> split_cases() {
 /// across several tiles (Sk = 200), ragged lengths, causal.
 std::vector<Case> decode_cases() {
   std::vector<Case> cases;
-  for (Index gs : {1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 31, 32, 33})
+  for (Index group_size : {1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 31, 32, 33})
     for (Index sq : {1, 2, 3})
       cases.push_back(
-          {{2, sq, 200, 2 * gs, 2, 8 * (1 + (gs + sq) % 8)}, true, 0, true, std::uint64_t(1000 + 7 * gs + sq)});
+          {{2, sq, 200, 2 * group_size, 2, 8 * (1 + (group_size + sq) % 8)}, true, 0, true,
+           std::uint64_t(1000 + 7 * group_size + sq)});
   return cases;
 }
 
@@ -230,8 +231,8 @@ std::vector<Case> masked_out_row_cases() {
 template <typename T, typename KVT>
 Index planned_splits(const Tensor4<T>& q, const Tensor4<KVT>& k, const Tensor4<KVT>& v, Tensor4<T>& out,
                      const gqa::AttentionOptions& opt) {
-  const auto p = gqa::detail::make_params<T, KVT>(gqa::make_ref(q), gqa::make_ref(k, opt.kv_layout),
-                                                  gqa::make_ref(v, opt.kv_layout), gqa::make_ref(out), opt);
+  const auto p = gqa::detail::make_params<T, KVT>(gqa::make_ref(q), gqa::make_ref(k), gqa::make_ref(v),
+                                                  gqa::make_ref(out), opt);
   return gqa::detail::plan_tiles(p).splits;
 }
 
@@ -432,15 +433,13 @@ TEST_CASE("the same result through Tensor, TensorMap, TensorRef and both K/V lay
     Tensor4<float> copy = out;
     gqa_test::check_identical(copy, base);
   }
-  SECTION("head-major K/V tensors via options.kv_layout") {
+  SECTION("head-major K/V tensors via gqa::head_major(k)") {
     const auto k = to_head_major(in.k), v = to_head_major(in.v);
-    gqa::AttentionOptions hm = opt;
-    hm.kv_layout = gqa::KVLayout::HeadMajor;
     Tensor4<float> out(s.B, s.Sq, s.H, s.D);
-    gqa::attention(in.q, k, v, out, hm);
+    gqa::attention(in.q, gqa::head_major(k), gqa::head_major(v), out, opt);
     gqa_test::check_identical(out, base);
     // and the reference agrees it is the same problem
-    gqa_test::check_close(out, gqa::reference_attention(in.q, k, v, hm), kFloatTol);
+    gqa_test::check_close(out, gqa::reference_attention(in.q, gqa::head_major(k), gqa::head_major(v), opt), kFloatTol);
   }
   SECTION("head-major K/V through gqa::head_major TensorRefs") {
     auto k = to_head_major(in.k), v = to_head_major(in.v);
@@ -603,33 +602,189 @@ TEST_CASE("called inside an OpenMP parallel region: runs, correct, identical, no
 }
 #endif
 
-TEST_CASE("The softmax's exp: within 2 ulp over [-87, 0], exact zeros below -87 and at -inf, NaN kept", "[attention][exp]") {
-  using P = gqa::detail::mk::Packet<float>;
-  constexpr int L = gqa::detail::mk::kLanes<float>;
-  bool lanes_agree = true;
-  auto packet_exp = [&](float v) {
-    float in[L], out[L];
-    std::fill_n(in, L, v);
-    Eigen::internal::pstoreu(out, gqa::detail::mk::pexp_nonpositive(Eigen::internal::ploadu<P>(in)));
-    for (int i = 1; i < L; ++i) lanes_agree = lanes_agree && std::memcmp(&out[i], &out[0], sizeof(float)) == 0;
-    return out[0];
+// ---------------------------------------------------------------------------------------------------------------
+// Non-finite inputs and head-major arguments (issue 11, items 12, 13 and 15)
+// ---------------------------------------------------------------------------------------------------------------
+
+namespace {
+
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+/// Checks the kernel against the reference on inputs holding NaN or inf: a row is NaN (output and lse) exactly
+/// where the reference's row is, and every other row is finite and within `tol`. Returns the number of NaN rows.
+template <typename T, typename KVT, typename K, typename V>
+Index check_rows_like_reference(const Tensor4<T>& q, const K& k, const V& v, gqa::AttentionOptions opt,
+                                Tolerance tol) {
+  const Index B = q.dimension(0), Sq = q.dimension(1), H = q.dimension(2), D = q.dimension(3);
+  std::vector<float> lse(size_t(B * H * Sq)), lse_ref(lse.size());
+  gqa::AttentionOptions ref_opt = opt;
+  ref_opt.lse = lse_ref;
+  const auto ref = gqa::reference_attention(q, k, v, ref_opt);
+  opt.lse = lse;
+  Tensor4<T> out(B, Sq, H, D);
+  gqa::attention(q, k, v, out, opt);
+  Index nan_rows = 0, wrong_nan = 0, bad = 0;
+  for (Index b = 0; b < B; ++b)
+    for (Index i = 0; i < Sq; ++i)
+      for (Index h = 0; h < H; ++h) {
+        const size_t row = size_t((b * H + h) * Sq + i);
+        const bool ref_nan = std::isnan(ref(b, i, h, 0));
+        nan_rows += ref_nan;
+        wrong_nan += ref_nan != std::isnan(lse[row]) || ref_nan != std::isnan(lse_ref[row]);
+        for (Index d = 0; d < D; ++d) {
+          const double o = gqa_test::to_double(out(b, i, h, d)), e = ref(b, i, h, d);
+          if (ref_nan)
+            wrong_nan += !std::isnan(o);
+          else
+            bad += !(std::abs(o - e) <= tol.atol + tol.rtol * std::abs(e));  // false for NaN or inf o
+        }
+      }
+  INFO(nan_rows << " rows are NaN in the reference");
+  CHECK(wrong_nan == 0);
+  CHECK(bad == 0);
+  return nan_rows;
+}
+
+/// K and V of key j of sequence b set to `value` in every head (and every element).
+template <typename KVT>
+void poison_key(Tensor4<KVT>& k, Tensor4<KVT>& v, Index b, Index j, float value) {
+  for (Index g = 0; g < k.dimension(2); ++g)
+    for (Index d = 0; d < k.dimension(3); ++d) k(b, j, g, d) = v(b, j, g, d) = KVT(value);
+}
+
+/// A prefill (Eigen GEMM), a decode with several queries per item (micro-kernels), a split decode, and a 16-bit one.
+std::vector<Case> nonfinite_cases() {
+  return {
+      {{1, 300, 300, 8, 2, 32}, true, 0, false, 900},   // prefill, GEMM path
+      {{2, 3, 200, 8, 2, 16}, true, 0, false, 901},     // 3 queries x 4 heads per item: micro-kernels
+      {{1, 2, 3000, 8, 2, 16}, true, 0, false, 902},    // split decode
+      {{1, 120, 150, 4, 1, 32}, true, 40, false, 903},  // sliding window
   };
-  // Every 2^16th float from -0 down to -87 (every binade, 128 values in each), then the ends.
-  std::uint32_t bits;
-  const float start = -0.0f;
-  std::memcpy(&bits, &start, sizeof bits);
-  for (;; bits += 1u << 16) {
-    float v;
-    std::memcpy(&v, &bits, sizeof v);
-    if (v < -87.0f) break;
-    // Cephes' polynomial: 2 ulp of float (2.4e-7), as Eigen's pexp.
-    CHECK_THAT(double(packet_exp(v)), Catch::Matchers::WithinRel(std::exp(double(v)), 2.5e-7));
+}
+
+}  // namespace
+
+TEST_CASE("NaN or inf in a visible q or k makes exactly the rows that see it NaN, as the reference",
+          "[attention][nonfinite]") {
+  const Case c = GENERATE(from_range(nonfinite_cases()));
+  DYNAMIC_SECTION(c.name()) {
+    auto in = gqa_test::random_inputs<float>(c.s, c.seed);
+    gqa::AttentionOptions opt;
+    opt.causal = c.causal;
+    opt.window = c.window;
+    SECTION("NaN in one query row") {
+      in.q(0, c.s.Sq - 1, 1, 3) = kNaN;
+      CHECK(check_rows_like_reference<float, float>(in.q, in.k, in.v, opt, kFloatTol) == 1);
+    }
+    SECTION("NaN in the K of the last visible key of the last query") {
+      in.k(0, c.s.Sk - 1, 0, 0) = kNaN;
+      // group 0's heads at the last query (and, without a window, every query that sees the last key)
+      CHECK(check_rows_like_reference<float, float>(in.q, in.k, in.v, opt, kFloatTol) >= c.s.H / c.s.G);
+    }
+    SECTION("+inf in a K element") {
+      in.k(0, c.s.Sk - 1, 1, 2) = std::numeric_limits<float>::infinity();
+      check_rows_like_reference<float, float>(in.q, in.k, in.v, opt, kFloatTol);
+    }
   }
-  CHECK(lanes_agree);
-  CHECK_THAT(double(packet_exp(-87.0f)), Catch::Matchers::WithinRel(std::exp(-87.0), 2.5e-7));
-  CHECK(packet_exp(0.0f) == 1.0f);
-  CHECK(packet_exp(-87.01f) == 0.0f);  // below 1.7e-38 against a row sum >= 1
-  CHECK(packet_exp(-1e30f) == 0.0f);
-  CHECK(packet_exp(-std::numeric_limits<float>::infinity()) == 0.0f);
-  CHECK(std::isnan(packet_exp(std::numeric_limits<float>::quiet_NaN())));
+}
+
+TEST_CASE("q = k = 1e30: a NaN row in float (q.k overflows), the right answer in double, never a silent zero",
+          "[attention][nonfinite]") {
+  // One key, v = 1: the softmax weight is 1 and the answer is 1. In float q.k = 1e60 overflows to +inf, which has
+  // no finite softmax: the row is NaN (it was zeros with lse -inf, as if fully masked). Double holds 1e60.
+  const Shape s{1, 1, 1, 2, 1, 8};
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    Tensor4<T> q(s.B, s.Sq, s.H, s.D), k(s.B, s.Sk, s.G, s.D), v(s.B, s.Sk, s.G, s.D);
+    q.setConstant(T(1e30));
+    k.setConstant(T(1e30));
+    v.setConstant(T(1));
+    std::vector<float> lse(2);
+    gqa::AttentionOptions opt;
+    opt.lse = lse;
+    const Tensor4<T> out = gqa::attention(q, k, v, opt);
+    return std::make_pair(gqa_test::to_double(out(0, 0, 0, 0)), double(lse[0]));
+  };
+  const auto [f_out, f_lse] = run(0.0f);
+  CHECK(std::isnan(f_out));
+  CHECK(std::isnan(f_lse));
+  const auto [d_out, d_lse] = run(0.0);
+  CHECK(d_out == 1.0);
+  CHECK(std::isinf(d_lse));  // 1e60 * 8 / sqrt(8) overflows the float lse, as its definition says
+}
+
+TEST_CASE("NaN or inf in masked K/V never reaches a row that cannot see it, in every path",
+          "[attention][nonfinite]") {
+  const Case c = GENERATE(from_range(nonfinite_cases()));
+  DYNAMIC_SECTION(c.name()) {
+    gqa::AttentionOptions opt;
+    opt.causal = c.causal;
+    opt.window = c.window;
+    const float bad = GENERATE(std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity());
+    SECTION("float K/V") {
+      auto in = gqa_test::random_inputs<float>(c.s, c.seed);
+      // The last key (only the last query sees it) and the key of the middle query's position (the causal future
+      // of earlier rows, outside the window of later ones).
+      poison_key(in.k, in.v, 0, c.s.Sk - 1, bad);
+      poison_key(in.k, in.v, 0, c.s.Sk - c.s.Sq + c.s.Sq / 2, bad);
+      const Index nan_rows = check_rows_like_reference<float, float>(in.q, in.k, in.v, opt, kFloatTol);
+      CHECK(nan_rows > 0);
+      CHECK(nan_rows < c.s.B * c.s.Sq * c.s.H);  // some rows see neither key, and must be finite
+    }
+    SECTION("bfloat16 K/V") {
+      auto in = gqa_test::random_inputs<float, gqa::bfloat16>(c.s, c.seed);
+      poison_key(in.k, in.v, 0, c.s.Sk - 1, bad);
+      const Index nan_rows = check_rows_like_reference<float, gqa::bfloat16>(in.q, in.k, in.v, opt, kFloatTol);
+      CHECK(nan_rows < c.s.B * c.s.Sq * c.s.H);
+    }
+  }
+}
+
+TEST_CASE("NaN in K/V under a -inf bias entry never reaches that row; other heads see it", "[attention][nonfinite]") {
+  const Case c = GENERATE(from_range(nonfinite_cases()));
+  DYNAMIC_SECTION(c.name()) {
+    auto in = gqa_test::random_inputs<float>(c.s, c.seed);
+    const Index j = c.s.Sk - 1 - c.s.Sq / 2;
+    poison_key(in.k, in.v, 0, j, kNaN);
+    // Bias [B, H, Sq, Sk]: head 0 masks key j for every query; the other heads add 0.
+    Tensor4<float> bias(c.s.B, c.s.H, c.s.Sq, c.s.Sk);
+    bias.setZero();
+    for (Index b = 0; b < c.s.B; ++b)
+      for (Index i = 0; i < c.s.Sq; ++i) bias(b, 0, i, j) = -std::numeric_limits<float>::infinity();
+    gqa::AttentionOptions opt;
+    opt.causal = c.causal;
+    opt.window = c.window;
+    opt.bias = bias;
+    const Index nan_rows = check_rows_like_reference<float, float>(in.q, in.k, in.v, opt, kFloatTol);
+    CHECK(nan_rows > 0);  // heads 1.. of the rows that see key j
+  }
+}
+
+namespace {
+template <typename T, typename = void>
+struct has_kv_layout : std::false_type {};
+template <typename T>
+struct has_kv_layout<T, std::void_t<decltype(std::declval<T&>().kv_layout)>> : std::true_type {};
+template <typename T, typename = void>
+struct head_major_accepts : std::false_type {};
+template <typename T>
+struct head_major_accepts<T, std::void_t<decltype(gqa::head_major(std::declval<T>()))>> : std::true_type {};
+}  // namespace
+
+TEST_CASE("head-major K/V is part of the argument: no layout option, temporaries refused", "[attention][layout]") {
+  // An option could disagree with the data (a head-major tensor passed without it was read token-major); the
+  // layout now travels with the argument, gqa::head_major(k), and a plain Eigen tensor is always token-major.
+  static_assert(!has_kv_layout<gqa::AttentionOptions>::value, "the layout must not be an option");
+  static_assert(head_major_accepts<const Tensor4<float>&>::value, "");
+  static_assert(!head_major_accepts<Tensor4<float>>::value, "a view of a temporary would dangle");
+  const Shape s{2, 3, 40, 4, 2, 16};
+  auto in = gqa_test::random_inputs<float>(s, 950);
+  const auto k = to_head_major(in.k), v = to_head_major(in.v);
+  const auto view = gqa::head_major(k);
+  CHECK(view.dims == std::array<Index, 4>{s.B, s.Sk, s.G, s.D});
+  CHECK(&view(1, 7, 1, 3) == &k(1, 1, 7, 3));
+  gqa::AttentionOptions opt;
+  opt.causal = true;
+  gqa_test::check_identical(gqa::attention(in.q, gqa::head_major(k), gqa::head_major(v), opt),
+                            gqa::attention(in.q, in.k, in.v, opt));
 }

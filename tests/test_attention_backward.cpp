@@ -171,10 +171,9 @@ void check_case(const Case& c, double tol) {
   d_k.setConstant(KVT(9.f));
   d_v.setConstant(KVT(9.f));
   if (c.head_major) {
-    gqa::AttentionOptions hm = pr.opt;
-    hm.kv_layout = gqa::KVLayout::HeadMajor;
     Tensor4<KVT> k = to_head_major(pr.in.k), v = to_head_major(pr.in.v), dk = to_head_major(d_k), dv = dk;
-    gqa::attention_backward(pr.in.q, k, v, pr.out, pr.d_out, d_q, dk, dv, hm, d_bias);
+    gqa::attention_backward(pr.in.q, gqa::head_major(k), gqa::head_major(v), pr.out, pr.d_out, d_q,
+                            gqa::head_major(dk), gqa::head_major(dv), pr.opt, d_bias);
     d_k = from_head_major(dk);
     d_v = from_head_major(dv);
   } else {
@@ -500,12 +499,11 @@ TEST_CASE("the same gradients through Tensor, TensorMap, strided TensorRef and b
     gqa_test::check_identical(Tensor4<float>(d_k), base.d_k);
     gqa_test::check_identical(Tensor4<float>(d_v), base.d_v);
   }
-  SECTION("head-major K/V and gradients via options.kv_layout") {
-    gqa::AttentionOptions hm = opt;
-    hm.kv_layout = gqa::KVLayout::HeadMajor;
-    const auto k = to_head_major(in.k), v = to_head_major(in.v);
+  SECTION("head-major K/V and gradients via gqa::head_major views") {
+    auto k = to_head_major(in.k), v = to_head_major(in.v);
     Tensor4<float> d_q(s.B, s.Sq, s.H, s.D), d_k(s.B, s.G, s.Sk, s.D), d_v(s.B, s.G, s.Sk, s.D);
-    gqa::attention_backward(in.q, k, v, out, d_out, d_q, d_k, d_v, hm);
+    gqa::attention_backward(in.q, gqa::head_major(k), gqa::head_major(v), out, d_out, d_q, gqa::head_major(d_k),
+                            gqa::head_major(d_v), opt);
     gqa_test::check_identical(d_q, base.d_q);
     gqa_test::check_identical(from_head_major(d_k), base.d_k);
     gqa_test::check_identical(from_head_major(d_v), base.d_v);

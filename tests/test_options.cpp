@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -528,4 +529,81 @@ TEST_CASE("logits of magnitude 1e4 vs the reference (exact integer logits)", "[o
   CHECK(max_abs_lse > 5000.0f);  // the case really has huge logits
   gqa_test::check_close(out, ref, kFloatTol);
   gqa_test::check_lse_close(lse, lse_ref, kLseTol);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The option types: no dangling views, int64 key lengths, double and strided biases (issue 11, item 16)
+// ---------------------------------------------------------------------------------------------------------------
+
+// Binding a temporary to a view would leave it dangling after the statement: those assignments must not compile.
+static_assert(!std::is_assignable_v<gqa::BiasView&, Tensor4<float>>, "opt.bias = Tensor4<float>(...) must not compile");
+static_assert(!std::is_assignable_v<gqa::BiasView&, Tensor4<double>>, "opt.bias = Tensor4<double>(...)");
+static_assert(!std::is_assignable_v<gqa::KeyLengths&, std::vector<std::int32_t>>,
+              "opt.key_lengths = std::vector<int32_t>{...} must not compile");
+static_assert(!std::is_assignable_v<gqa::KeyLengths&, std::vector<std::int64_t>>, "int64 temporaries too");
+// ... while lvalues, maps and spans (views themselves) still bind.
+static_assert(std::is_assignable_v<gqa::BiasView&, Tensor4<float>&>, "");
+static_assert(std::is_assignable_v<gqa::BiasView&, const Tensor4<double>&>, "");
+static_assert(std::is_assignable_v<gqa::BiasView&, gqa::Tensor4Map<const float>>, "");
+static_assert(std::is_assignable_v<gqa::KeyLengths&, std::vector<std::int32_t>&>, "");
+static_assert(std::is_assignable_v<gqa::KeyLengths&, const std::vector<std::int64_t>&>, "");
+static_assert(std::is_assignable_v<gqa::KeyLengths&, gqa::span<const std::int32_t>>, "");
+
+TEST_CASE("int64 key lengths give the same result as int32", "[options][key_lengths]") {
+  const Shape s{3, 4, 300, 8, 2, 32};
+  auto in = gqa_test::random_inputs<float>(s, 1100);
+  const std::vector<std::int32_t> len32{300, 17, 0};
+  const std::vector<std::int64_t> len64{300, 17, 0};
+  gqa::AttentionOptions opt;
+  opt.causal = true;
+  opt.key_lengths = len32;
+  const auto ref = gqa::reference_attention(in.q, in.k, in.v, opt);
+  const auto out32 = gqa::attention(in.q, in.k, in.v, opt);
+  opt.key_lengths = len64;
+  const auto out64 = gqa::attention(in.q, in.k, in.v, opt);
+  gqa_test::check_identical(out64, out32);
+  gqa_test::check_close(out64, gqa::reference_attention(in.q, in.k, in.v, opt), kFloatTol);
+  gqa_test::check_close(out32, ref, kFloatTol);
+  const std::vector<std::int64_t> too_long{300, 17, std::int64_t(1) << 40};
+  opt.key_lengths = too_long;
+  CHECK_THROWS_WITH(gqa::attention(in.q, in.k, in.v, opt), Catch::Matchers::Contains("options.key_lengths[2] = 1099511627776"));
+}
+
+TEST_CASE("a double bias gives the same result as the same float bias", "[options][bias]") {
+  const Shape s{2, 70, 90, 6, 3, 16};
+  Tensor4<float> bias(2, 1, s.Sq, s.Sk);
+  gqa_test::fill_normal(bias, 1110, 0.0, 2.0);
+  bias(1, 0, 5, 7) = kNegInfF;
+  const Tensor4<double> bias_d = bias.cast<double>();  // the same values, exactly
+  gqa::AttentionOptions opt;
+  opt.causal = true;
+  opt.bias = bias;
+  auto in = gqa_test::random_inputs<float>(s, 1111);
+  const auto out_f = gqa::attention(in.q, in.k, in.v, opt);
+  opt.bias = bias_d;
+  gqa_test::check_identical(gqa::attention(in.q, in.k, in.v, opt), out_f);
+  check_random(s, opt, 1111);
+}
+
+TEST_CASE("a strided bias: a Hugging Face [B, 1, Sq, max_len] mask sliced to Sk keys", "[options][bias]") {
+  const Shape s = GENERATE(Shape{2, 5, 40, 8, 2, 16}, Shape{2, 1, 300, 8, 2, 16}, Shape{1, 130, 130, 4, 2, 32});
+  DYNAMIC_SECTION(s.str()) {
+    const Index max_len = s.Sk + 37;
+    Tensor4<float> mask(s.B, 1, s.Sq, max_len);  // padding columns past Sk hold NaN: never read
+    mask.setConstant(std::numeric_limits<float>::quiet_NaN());
+    Tensor4<float> dense(s.B, 1, s.Sq, s.Sk);
+    gqa_test::Rng rng(1120);
+    for (Index b = 0; b < s.B; ++b)
+      for (Index i = 0; i < s.Sq; ++i)
+        for (Index j = 0; j < s.Sk; ++j)
+          mask(b, 0, i, j) = dense(b, 0, i, j) = rng.uniform01() < 0.2 ? kNegInfF : float(rng.normal());
+    gqa::AttentionOptions opt;
+    opt.bias = gqa::BiasView(mask.data(), {s.B, 1, s.Sq, s.Sk}, {s.Sq * max_len, s.Sq * max_len, max_len, 1});
+    auto in = gqa_test::random_inputs<float>(s, 1121);
+    const auto strided = gqa::attention(in.q, in.k, in.v, opt);
+    gqa::AttentionOptions dense_opt;
+    dense_opt.bias = dense;
+    gqa_test::check_identical(strided, gqa::attention(in.q, in.k, in.v, dense_opt));
+    check_random(s, opt, 1121);
+  }
 }

@@ -6,12 +6,14 @@
 #include "gqa/errors.hpp"
 
 #include "support/compare.hpp"
+#include "support/random.hpp"
 
 #include <catch2/catch.hpp>
 
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -321,4 +323,76 @@ TEST_CASE("errors are catchable as the standard exception they derive from", "[p
   opt.window = -1;
   auto k2 = make(kKV), v2 = make(kKV);
   CHECK_THROWS_AS(gqa::attention(q, k2, v2, out, opt), std::invalid_argument);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Aliasing (issue 11, item 14): out over k, v, the bias, lse or part of q is refused; out == q is allowed
+// ---------------------------------------------------------------------------------------------------------------
+
+namespace {
+
+/// One buffer holding a [B, S, heads, D] tensor at element offset `at`, viewed token-major.
+gqa::TensorRef<float> view_in(std::vector<float>& buf, Index at, const Dims& d) {
+  return gqa::token_major(buf.data() + at, d[0], d[1], d[2], d[3]);
+}
+
+void expect_alias_error(const std::function<void()>& call, const std::string& what) {
+  try {
+    call();
+    FAIL("no exception for out overlapping " << what);
+  } catch (const gqa::invalid_argument& e) {
+    CHECK_THAT(std::string(e.what()), Contains("[gqa.alias] out overlaps " + what));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("out overlapping k, v, the bias or lse is refused before anything is written", "[params][alias]") {
+  // MHA shapes (G = H) so that out can sit exactly on k or v.
+  const Dims qd{2, 3, 4, 5}, kd{2, 3, 4, 5};
+  const Index n = 2 * 3 * 4 * 5;
+  std::vector<float> buf(size_t(4 * n), 0.25f);
+  const auto q = view_in(buf, 0, qd), k = view_in(buf, n, kd), v = view_in(buf, 2 * n, kd);
+  auto run = [&](gqa::TensorRef<float> out, const gqa::AttentionOptions& opt = {}) {
+    return [=] { gqa::attention(gqa::TensorRef<const float>(q), gqa::TensorRef<const float>(k),
+                                gqa::TensorRef<const float>(v), out, opt); };
+  };
+  const std::vector<float> before = buf;
+  expect_alias_error(run(view_in(buf, n, qd)), "k");           // out == k
+  expect_alias_error(run(view_in(buf, 2 * n + 7, qd)), "v");   // out overlaps the start of v
+  expect_alias_error(run(view_in(buf, 2 * n - 3, qd)), "k");   // the end of k
+  // q's memory with other strides (heads and positions swapped): the same bytes, other elements.
+  expect_alias_error(run(gqa::TensorRef<float>{buf.data(), qd, {60, 5, 15, 1}}), "q");
+  gqa::AttentionOptions opt;
+  opt.bias = gqa::BiasView(buf.data() + 3 * n + 10, 2, 1, 3, 3);
+  expect_alias_error(run(view_in(buf, 3 * n, qd), opt), "options.bias");
+  gqa::AttentionOptions lse_opt;
+  lse_opt.lse = gqa::span<float>(buf.data() + 3 * n + 4, 2 * 4 * 3);
+  expect_alias_error(run(view_in(buf, 3 * n, qd), lse_opt), "options.lse");
+  CHECK(buf == before);  // nothing written
+  // A separate out in the same buffer, after q, k and v, is fine.
+  CHECK_NOTHROW(run(view_in(buf, 3 * n, qd))());
+}
+
+TEST_CASE("out == q (the same data and strides) computes in place, equal to a separate out", "[params][alias]") {
+  // Every query row is read by the one work item that writes its output, before it writes it; prefill (GEMM) and
+  // decode (micro-kernels, split keys) shapes.
+  const gqa_test::Shape s = GENERATE(gqa_test::Shape{2, 70, 90, 8, 2, 16}, gqa_test::Shape{1, 1, 3000, 8, 2, 32},
+                                     gqa_test::Shape{2, 3, 50, 6, 3, 16});
+  DYNAMIC_SECTION(s.str()) {
+    auto in = gqa_test::random_inputs<float>(s, 1200);
+    gqa::AttentionOptions opt;
+    opt.causal = true;
+    const Tensor4<float> separate = gqa::attention(in.q, in.k, in.v, opt);
+    Tensor4<float> q = in.q;
+    gqa::attention(q, in.k, in.v, q, opt);
+    gqa_test::check_identical(q, separate);
+  }
+}
+
+TEST_CASE("a bias whose keys are not contiguous", "[params][bias]") {
+  Call c;
+  std::vector<float> bias(size_t(2 * 3 * 11 * 2), 0.0f);
+  c.opt.bias = gqa::BiasView(bias.data(), {1, 1, 3, 11}, {66, 66, 22, 2});
+  expect_error<gqa::shape_error>(c, {"options.bias", "dim 3 (key) stride = 2", "contiguous"});
 }

@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -215,9 +216,7 @@ TEST_CASE("reference: the TensorRef overload reads strides (head-major K/V)", "[
           v_hm(b, g, j, d) = in.v(b, j, g, d);
         }
   const auto token = gqa::reference_attention(in.q, in.k, in.v);
-  gqa::AttentionOptions opt;
-  opt.kv_layout = gqa::KVLayout::HeadMajor;
-  const auto head = gqa::reference_attention(in.q, k_hm, v_hm, opt);
+  const auto head = gqa::reference_attention(in.q, gqa::head_major(k_hm), gqa::head_major(v_hm));
   gqa_test::check_close(head, token, {1e-14, 1e-14});
   const auto via_ref = gqa::reference_attention<double, double>(
       gqa::token_major<const double>(in.q.data(), s.B, s.Sq, s.H, s.D),
@@ -241,4 +240,37 @@ TEST_CASE("reference: padding past key_lengths is never read into the result",
   opt.key_lengths = len;
   const auto out = gqa::reference_attention(q, k, v, opt);
   CHECK_THAT(out(0, 0, 0, 0), WithinAbs(7.0, kHandTol));
+}
+
+TEST_CASE("reference: a -inf bias masks its key, so NaN in its K or V is never read", "[reference][bias]") {
+  // gqa/options.hpp: a -inf bias entry masks its key like the structural masks. Keys {0, ln 3, NaN}, v {4, 8, NaN}
+  // with bias {0, 0, -inf}: the weights are 1/4, 3/4 and the answer 7, whatever key 2 holds.
+  const auto q = tensor(1, 1, 1, 1, {1.0});
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const auto k = tensor(1, 3, 1, 1, {0.0, kLn3, nan});
+  const auto v = tensor(1, 3, 1, 1, {4.0, 8.0, nan});
+  const std::vector<double> bias{0.0, 0.0, -kInf};
+  gqa::AttentionOptions opt;
+  opt.scale = 1.0;
+  opt.bias = gqa::BiasView(bias.data(), 1, 1, 1, 3);
+  CHECK_THAT(gqa::reference_attention(q, k, v, opt)(0, 0, 0, 0), WithinAbs(7.0, kHandTol));
+}
+
+TEST_CASE("reference: a NaN or +inf logit at a visible key makes the row NaN, output and lse", "[reference]") {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const auto v = tensor(1, 2, 1, 1, {4.0, 8.0});
+  for (const double bad : {nan, kInf}) {
+    INFO("k[1] = " << bad);
+    const auto q = tensor(1, 1, 1, 1, {1.0});
+    const auto k = tensor(1, 2, 1, 1, {0.0, bad});
+    std::vector<float> lse(1);
+    gqa::AttentionOptions opt;
+    opt.lse = lse;
+    CHECK(std::isnan(gqa::reference_attention(q, k, v, opt)(0, 0, 0, 0)));
+    CHECK(std::isnan(lse[0]));
+  }
+  // A -inf logit is weight 0: the row is the other key's value.
+  const auto q = tensor(1, 1, 1, 1, {1.0});
+  const auto k = tensor(1, 2, 1, 1, {0.0, -kInf});
+  CHECK(gqa::reference_attention(q, k, v)(0, 0, 0, 0) == 4.0);
 }

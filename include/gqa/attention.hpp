@@ -1,16 +1,18 @@
 // gqa/attention.hpp — multi-head, grouped-query and multi-query attention (MHA / GQA / MQA) on Eigen tensors.
 //
 //   Q   [B, Sq, H, D]   queries, H query heads
-//   K,V [B, Sk, G, D]   keys and values, G key/value heads (G divides H); or head-major [B, G, Sk, D]
-//   out [B, Sq, H, D]
+//   K,V [B, Sk, G, D]   keys and values, G key/value heads (G divides H); head-major memory [B, G, Sk, D] (a KV
+//                       cache) is passed as gqa::head_major(k), gqa::head_major(v)
+//   out [B, Sq, H, D]   a separate buffer, or q itself (see gqa/options.hpp)
 //
 // Query head j attends with KV head j / (H/G). G = H is MHA, G = 1 is MQA; both are the same kernel. The H/G query
 // heads of a group are computed together against their shared K/V head, which is read in place and once per
 // group: K/V are never copied or repeated into H heads. Masks, window, soft-cap, bias and their order are defined
 // in gqa/options.hpp.
 //
-// Accepted tensors: gqa::Tensor4<T> (Eigen::Tensor<T, 4, Eigen::RowMajor>), Eigen::TensorMap over a user's buffer
-// (zero copy), or gqa::TensorRef<T> for arbitrary strides (slices, KV caches with spare capacity). Element types:
+// Accepted tensors: gqa::Tensor4<T> (Eigen::Tensor<T, 4, Eigen::RowMajor>) and Eigen::TensorMap over a user's buffer
+// (zero copy), always read as token-major [B, S, heads, D]; or gqa::TensorRef<T> for any strides (gqa::head_major,
+// slices, KV caches with spare capacity), whose strides are honoured as given. Element types:
 // float, double, gqa::bfloat16, gqa::half for Q/out and independently for K/V; arithmetic is in float (double if
 // Q or K/V is double).
 //
@@ -18,11 +20,16 @@
 // single-threaded instead of nesting. The work split depends only on the shapes, so results are bitwise
 // identical for every thread count.
 //
+// GroupSize: attention<4>(...) states H/G at compile time, like an Eigen fixed size, and is checked against the
+// tensors. It does not specialise the kernels: decode's micro-kernels are already instantiated per row count
+// (Sq * H/G, chosen once per key tile), which a fixed H/G would only repeat, and prefill's GEMM tiles do not
+// depend on it beyond the tile's row count.
+//
 // Errors: gqa::shape_error / gqa::invalid_argument (see gqa/errors.hpp), thrown before anything is written.
 #pragma once
 
 #define GQA_DETAIL_ALLOWED  // the detail headers below check it (gqa/detail/internal_header_check.hpp)
-#include "gqa/detail/flash.hpp"
+#include "gqa/detail/flash_fwd.hpp"
 #include "gqa/detail/params.hpp"
 #include "gqa/options.hpp"
 #include "gqa/types.hpp"
@@ -32,24 +39,6 @@
 
 namespace gqa {
 namespace detail {
-
-template <typename T>
-struct is_tensor_ref : std::false_type {};
-template <typename T>
-struct is_tensor_ref<TensorRef<T>> : std::true_type {};
-
-/// A TensorRef for any accepted argument: TensorRefs pass through, Eigen tensors are viewed with `layout`.
-template <typename X>
-auto as_ref(X& x, KVLayout layout) {
-  if constexpr (is_tensor_ref<std::remove_const_t<X>>::value) {
-    return x;
-  } else {
-    return make_ref(x, layout);
-  }
-}
-
-template <typename R>
-using ref_elem_t = std::remove_const_t<std::remove_pointer_t<decltype(std::declval<R>().data)>>;
 
 template <int GroupSize, typename T, typename KVT>
 void attention_impl(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<const KVT> v, TensorRef<T> out,
@@ -61,7 +50,7 @@ void attention_impl(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<cons
   if constexpr (GroupSize != Dynamic)
     require<shape_error>(p.group_size == GroupSize, "shape", "attention<", GroupSize, ">: group size H/G = ",
                          p.heads, "/", p.kv_heads, " = ", p.group_size, " but the template asks for ", GroupSize);
-  flash_attention(p);
+  flash_fwd(p);
 }
 
 }  // namespace detail
@@ -71,10 +60,10 @@ void attention_impl(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<cons
 template <int GroupSize = Dynamic, typename Q, typename K, typename V, typename O,
           typename = std::enable_if_t<!std::is_same_v<std::decay_t<O>, AttentionOptions>>>
 void attention(const Q& q, const K& k, const V& v, O&& out, const AttentionOptions& options = {}) {
-  auto qr = detail::as_ref(q, KVLayout::TokenMajor);
-  auto kr = detail::as_ref(k, options.kv_layout);
-  auto vr = detail::as_ref(v, options.kv_layout);
-  auto orf = detail::as_ref(out, KVLayout::TokenMajor);
+  auto qr = detail::as_ref(q);
+  auto kr = detail::as_ref(k);
+  auto vr = detail::as_ref(v);
+  auto orf = detail::as_ref(out);
   using T = detail::ref_elem_t<decltype(qr)>;
   using KVT = detail::ref_elem_t<decltype(kr)>;
   static_assert(std::is_same_v<KVT, detail::ref_elem_t<decltype(vr)>>, "gqa: k and v must have the same element type");
@@ -87,7 +76,7 @@ void attention(const Q& q, const K& k, const V& v, O&& out, const AttentionOptio
 /// Attention returning a new tensor [B, Sq, H, D] of q's element type.
 template <int GroupSize = Dynamic, typename Q, typename K, typename V>
 auto attention(const Q& q, const K& k, const V& v, const AttentionOptions& options = {}) {
-  auto qr = detail::as_ref(q, KVLayout::TokenMajor);
+  auto qr = detail::as_ref(q);
   using T = detail::ref_elem_t<decltype(qr)>;
   Tensor4<T> out(qr.dims[0], qr.dims[1], qr.dims[2], qr.dims[3]);
   attention<GroupSize>(q, k, v, out, options);
@@ -97,8 +86,8 @@ auto attention(const Q& q, const K& k, const V& v, const AttentionOptions& optio
 /// Multi-head attention: requires G == H (every query head has its own K/V head).
 template <typename Q, typename K, typename V, typename O>
 void mha(const Q& q, const K& k, const V& v, O&& out, const AttentionOptions& options = {}) {
-  const auto qr = detail::as_ref(q, KVLayout::TokenMajor);
-  const auto kr = detail::as_ref(k, options.kv_layout);
+  const auto qr = detail::as_ref(q);
+  const auto kr = detail::as_ref(k);
   detail::require<shape_error>(kr.dims[2] == qr.dims[2], "shape", "mha: k dim 2 (kv_heads G) = ", kr.dims[2],
                                " but MHA needs G = q dim 2 (heads H) = ", qr.dims[2]);
   attention<1>(q, k, v, std::forward<O>(out), options);
@@ -107,7 +96,7 @@ void mha(const Q& q, const K& k, const V& v, O&& out, const AttentionOptions& op
 /// Multi-query attention: requires G == 1 (all query heads share one K/V head).
 template <typename Q, typename K, typename V, typename O>
 void mqa(const Q& q, const K& k, const V& v, O&& out, const AttentionOptions& options = {}) {
-  const auto kr = detail::as_ref(k, options.kv_layout);
+  const auto kr = detail::as_ref(k);
   detail::require<shape_error>(kr.dims[2] == 1, "shape", "mqa: k dim 2 (kv_heads G) = ", kr.dims[2], " but MQA needs G = 1");
   attention(q, k, v, std::forward<O>(out), options);
 }

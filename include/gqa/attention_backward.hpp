@@ -40,19 +40,18 @@
 namespace gqa {
 
 /// Gradients of attention(q, k, v, options) = out given d_out; writes d_q, d_k, d_v and, when given, d_bias.
-/// Tensors: gqa::Tensor4, Eigen::TensorMap or gqa::TensorRef (k, v, d_k, d_v as Eigen tensors in
-/// options.kv_layout).
+/// Tensors: gqa::Tensor4, Eigen::TensorMap or gqa::TensorRef; head-major k, v, d_k, d_v through gqa::head_major().
 template <typename Q, typename K, typename V, typename O, typename DO, typename DQ, typename DK, typename DV>
 void attention_backward(const Q& q, const K& k, const V& v, const O& out, const DO& d_out, DQ&& d_q, DK&& d_k,
                         DV&& d_v, const AttentionOptions& options = {}, span<float> d_bias = {}) {
-  auto qr = detail::as_ref(q, KVLayout::TokenMajor);
-  auto kr = detail::as_ref(k, options.kv_layout);
-  auto vr = detail::as_ref(v, options.kv_layout);
-  auto orf = detail::as_ref(out, KVLayout::TokenMajor);
-  auto dor = detail::as_ref(d_out, KVLayout::TokenMajor);
-  auto dqr = detail::as_ref(d_q, KVLayout::TokenMajor);
-  auto dkr = detail::as_ref(d_k, options.kv_layout);
-  auto dvr = detail::as_ref(d_v, options.kv_layout);
+  auto qr = detail::as_ref(q);
+  auto kr = detail::as_ref(k);
+  auto vr = detail::as_ref(v);
+  auto orf = detail::as_ref(out);
+  auto dor = detail::as_ref(d_out);
+  auto dqr = detail::as_ref(d_q);
+  auto dkr = detail::as_ref(d_k);
+  auto dvr = detail::as_ref(d_v);
   using T = detail::ref_elem_t<decltype(qr)>;
   using KVT = detail::ref_elem_t<decltype(kr)>;
   static_assert(is_storage_type_v<T> && is_storage_type_v<KVT>,
@@ -76,7 +75,7 @@ void attention_backward(const Q& q, const K& k, const V& v, const O& out, const 
 }
 
 /// The gradients of one call, as new tensors: d_q of q's element type, d_k and d_v of k's, in q's / k's logical
-/// shape ([B, Sk, G, D], token-major whatever options.kv_layout says).
+/// shape ([B, Sk, G, D], token-major even when k is a gqa::head_major() view).
 template <typename T, typename KVT>
 struct AttentionGradients {
   Tensor4<T> d_q;    // [B, Sq, H, D]
@@ -88,8 +87,8 @@ struct AttentionGradients {
 template <typename Q, typename K, typename V, typename O, typename DO>
 auto attention_backward(const Q& q, const K& k, const V& v, const O& out, const DO& d_out,
                         const AttentionOptions& options = {}) {
-  const auto qr = detail::as_ref(q, KVLayout::TokenMajor);
-  const auto kr = detail::as_ref(k, options.kv_layout);
+  const auto qr = detail::as_ref(q);
+  const auto kr = detail::as_ref(k);
   using T = detail::ref_elem_t<decltype(qr)>;
   using KVT = detail::ref_elem_t<decltype(kr)>;
   AttentionGradients<T, KVT> g{Tensor4<T>(qr.dims[0], qr.dims[1], qr.dims[2], qr.dims[3]),

@@ -1,7 +1,7 @@
 // gqa/gqa.hpp — umbrella header: everything of the gqa::gqa target (Eigen and OpenMP only).
 //
 //   gqa/version.hpp      GQA_VERSION_MAJOR / MINOR / PATCH
-//   gqa/types.hpp        Index, Dynamic, Tensor4, TensorRef, KVLayout, span, bfloat16/half
+//   gqa/types.hpp        Index, Dynamic, Tensor4, TensorRef, head_major, span, bfloat16/half
 //   gqa/errors.hpp       exception types, e.id(), and the table of ids (gqa::error_ids)
 //   gqa/options.hpp      AttentionOptions, BiasView: masks, window, soft-cap and their order
 //   gqa/attention.hpp    attention / mha / mqa kernels (MHA, GQA, MQA)

@@ -76,7 +76,7 @@ class KVCache {
   /// disagrees or a sequence would exceed the capacity.
   template <typename K, typename V>
   void append(const K& k_new, const V& v_new) {
-    const auto kr = detail::as_ref(k_new, KVLayout::TokenMajor);
+    const auto kr = detail::as_ref(k_new);
     std::vector<std::int32_t> counts(size_t(batch()), std::int32_t(kr.dims[1]));
     append(k_new, v_new, counts);
   }
@@ -85,8 +85,8 @@ class KVCache {
   /// counts[b] <= S_new).
   template <typename K, typename V>
   void append(const K& k_new, const V& v_new, span<const std::int32_t> counts) {
-    const auto kr = detail::as_ref(k_new, KVLayout::TokenMajor);
-    const auto vr = detail::as_ref(v_new, KVLayout::TokenMajor);
+    const auto kr = detail::as_ref(k_new);
+    const auto vr = detail::as_ref(v_new);
     check_new_tokens("k_new", kr.dims, kr.strides);
     check_new_tokens("v_new", vr.dims, vr.strides);
     for (int i = 0; i < 4; ++i)
@@ -173,7 +173,7 @@ void attention(const Q& q, const KVCache<T>& cache, O&& out, AttentionOptions op
 /// Returning form: out [B, Sq, H, D] of q's element type.
 template <int GroupSize = Dynamic, typename T, typename Q>
 auto attention(const Q& q, const KVCache<T>& cache, const AttentionOptions& options = {}) {
-  auto qr = detail::as_ref(q, KVLayout::TokenMajor);
+  auto qr = detail::as_ref(q);
   Tensor4<detail::ref_elem_t<decltype(qr)>> out(qr.dims[0], qr.dims[1], qr.dims[2], qr.dims[3]);
   attention<GroupSize>(q, cache, out, options);
   return out;

@@ -2,7 +2,9 @@
 //
 // reference_attention() repeats K/V into H heads (`repeat_kv`, repeat_interleave order), materialises the full
 // Sq x Sk score matrix of every head, applies scale, soft-cap, bias and masks in the order of gqa/options.hpp,
-// and takes a max-subtracted softmax, all in double. It shares no code with the fast kernels (only the public
+// and takes a max-subtracted softmax, all in double. A key masked by key lengths, causal, window or a -inf bias
+// entry is skipped, so NaN in its K or V is never read; a NaN or +inf logit at a visible key makes the row NaN (the
+// max-subtracted exp is NaN there), the rule gqa/options.hpp states for the kernels. It shares no code with the fast kernels (only the public
 // option types), so the tests use it as the oracle and the benchmarks as the baseline. It is O(B*H*Sq*Sk) in
 // memory and slow on purpose; never use it in a model.
 //
@@ -31,18 +33,18 @@ Tensor4<double> reference_attention(TensorRef<const T> q, TensorRef<const KVT> k
                                " must divide q dim 2 (H) = ", H);
   detail::require<shape_error>(k.dims[0] == B && k.dims[3] == D && v.dims == k.dims, "shape",
                                "reference: k/v shapes disagree with q");
-  const Index n_rep = H / G;
+  const Index group_size = H / G;
   const double scale = opt.scale ? *opt.scale : 1.0 / std::sqrt(double(D));
   const double neg_inf = -std::numeric_limits<double>::infinity();
 
-  // repeat_kv: [B, Sk, G, D] -> [B, Sk, H, D], head h taking KV head h / n_rep.
+  // repeat_kv: [B, Sk, G, D] -> [B, Sk, H, D], head h taking KV head h / group_size.
   Tensor4<double> k_rep(B, Sk, H, D), v_rep(B, Sk, H, D);
   for (Index b = 0; b < B; ++b)
     for (Index s = 0; s < Sk; ++s)
       for (Index h = 0; h < H; ++h)
         for (Index d = 0; d < D; ++d) {
-          k_rep(b, s, h, d) = double(k(b, s, h / n_rep, d));
-          v_rep(b, s, h, d) = double(v(b, s, h / n_rep, d));
+          k_rep(b, s, h, d) = double(k(b, s, h / group_size, d));
+          v_rep(b, s, h, d) = double(v(b, s, h / group_size, d));
         }
 
   Tensor4<double> out(B, Sq, H, D);
@@ -58,12 +60,12 @@ Tensor4<double> reference_attention(TensorRef<const T> q, TensorRef<const KVT> k
           for (Index d = 0; d < D; ++d) s += double(q(b, i, h, d)) * k_rep(b, j, h, d);
           s *= scale;
           if (opt.softcap > 0) s = opt.softcap * std::tanh(s / opt.softcap);
-          if (!opt.bias.empty()) {
-            const auto& bd = opt.bias.dims;
-            const Index bb = bd[0] == 1 ? 0 : b, hb = bd[1] == 1 ? 0 : h;
-            s += double(opt.bias.data[((bb * bd[1] + hb) * bd[2] + i) * bd[3] + j]);
-          }
           bool visible = j < len;
+          if (!opt.bias.empty()) {
+            const double bias = opt.bias(b, h, i, j);
+            s += bias;
+            visible = visible && bias != neg_inf;
+          }
           if (opt.causal || opt.window > 0) visible = visible && j <= pos;
           if (opt.window > 0) visible = visible && j >= pos - opt.window + 1;
           scores[size_t(i * Sk + j)] = visible ? s : neg_inf;
@@ -71,7 +73,14 @@ Tensor4<double> reference_attention(TensorRef<const T> q, TensorRef<const KVT> k
       }
       for (Index i = 0; i < Sq; ++i) {
         double* row = &scores[size_t(i * Sk)];
-        const double m = Sk ? *std::max_element(row, row + Sk) : neg_inf;
+        double m = neg_inf;
+        bool nan = false;  // a NaN logit at a visible key: the row is NaN (max_element would skip it)
+        for (Index j = 0; j < Sk; ++j) nan = nan || std::isnan(row[j]), m = std::max(m, row[j]);
+        if (nan) {
+          for (Index d = 0; d < D; ++d) out(b, i, h, d) = std::numeric_limits<double>::quiet_NaN();
+          if (!opt.lse.empty()) opt.lse[(b * H + h) * Sq + i] = std::numeric_limits<float>::quiet_NaN();
+          continue;
+        }
         if (m == neg_inf) {
           if (!opt.lse.empty()) opt.lse[(b * H + h) * Sq + i] = -std::numeric_limits<float>::infinity();
           continue;  // no visible key: zeros
@@ -89,16 +98,14 @@ Tensor4<double> reference_attention(TensorRef<const T> q, TensorRef<const KVT> k
   return out;
 }
 
-/// Overload for Eigen tensors (K/V layout from options.kv_layout).
+/// Overload for any mix of Eigen tensors (token-major) and TensorRefs (e.g. gqa::head_major(k)), as gqa::attention.
 template <typename Q, typename K, typename V,
-          typename = std::enable_if_t<!std::is_same_v<Q, TensorRef<const float>> && Q::NumDimensions == 4>>
+          typename = std::enable_if_t<!detail::is_tensor_ref<Q>::value || !detail::is_tensor_ref<K>::value ||
+                                      !detail::is_tensor_ref<V>::value>>
 Tensor4<double> reference_attention(const Q& q, const K& k, const V& v, const AttentionOptions& opt = {}) {
-  auto qr = make_ref(q, KVLayout::TokenMajor);
-  auto kr = make_ref(k, opt.kv_layout);
-  auto vr = make_ref(v, opt.kv_layout);
-  using T = std::remove_const_t<std::remove_pointer_t<decltype(qr.data)>>;
-  using KVT = std::remove_const_t<std::remove_pointer_t<decltype(kr.data)>>;
-  return reference_attention<T, KVT>(qr, kr, vr, opt);
+  using T = detail::ref_elem_t<decltype(detail::as_ref(q))>;
+  using KVT = detail::ref_elem_t<decltype(detail::as_ref(k))>;
+  return reference_attention<T, KVT>(detail::as_ref(q), detail::as_ref(k), detail::as_ref(v), opt);
 }
 
 }  // namespace gqa

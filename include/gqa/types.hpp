@@ -5,7 +5,9 @@
 //   gqa::Tensor4<T>, gqa::Tensor4Map<T>  row-major rank-4 Eigen tensors, the layout gqa expects
 //   gqa::span<T>                       a non-owning (pointer, size) view; C++17 has no std::span
 //   gqa::TensorRef<T>                  a non-owning strided rank-4 view with logical dims [B, S, heads, D]
-//   gqa::KVLayout                      token-major [B, S, G, D] or head-major [B, G, S, D] K/V memory
+//   gqa::make_ref(t), token_major(...) views of token-major memory [B, S, heads, D]
+//   gqa::head_major(t), head_major(...) views of head-major memory [B, heads, S, D] (a KV cache): the layout is part
+//                                      of the argument, so it cannot disagree with the data
 //   gqa::bfloat16, gqa::half           Eigen's 16-bit storage types (arithmetic is always done in float)
 //
 // Symbols (the GQA paper's): B batch, Sq/Sk query/key length, H query heads, G key/value heads, D head dim.
@@ -80,12 +82,6 @@ class span {
   Index size_ = 0;
 };
 
-/// Memory order of K/V tensors. The logical shape is always [B, S, G, D].
-enum class KVLayout {
-  TokenMajor,  ///< memory [B, S, G, D]: what a projection produces (PyTorch `view(B, S, G, D)`)
-  HeadMajor,   ///< memory [B, G, S, D]: one head's keys contiguous, what a KV cache wants
-};
-
 /// A non-owning strided rank-4 view. Logical dims are always [B, S, heads, D]; strides are in elements,
 /// one per logical dim, and the last (D) stride must be 1. Token-major and head-major buffers, and slices of
 /// larger buffers (a KV cache with spare capacity), are all described by choosing the strides.
@@ -120,18 +116,61 @@ TensorRef<T> head_major(T* data, Index batch, Index heads, Index seq_len, Index 
   return {data, {batch, seq_len, heads, head_dim}, {heads * seq_len * head_dim, head_dim, seq_len * head_dim, 1}};
 }
 
-/// View of a row-major Eigen tensor (Tensor or TensorMap, rank 4). `layout` says whether its dims are
-/// [B, S, heads, D] (TokenMajor) or [B, heads, S, D] (HeadMajor).
+namespace detail {
 template <typename Derived>
-auto make_ref(Derived& t, KVLayout layout = KVLayout::TokenMajor) {
+using eigen_elem_t = std::remove_reference_t<decltype(*std::declval<Derived&>().data())>;
+
+template <typename Derived>
+void check_eigen_argument() {
   static_assert(Derived::NumDimensions == 4, "gqa: attention tensors must have rank 4");
   static_assert(static_cast<int>(Derived::Layout) == static_cast<int>(Eigen::RowMajor),
                 "gqa: tensors must be row-major (Eigen::Tensor<T, 4, Eigen::RowMajor>, see gqa::Tensor4)");
-  using Elem = std::remove_reference_t<decltype(*t.data())>;
-  static_assert(is_storage_type_v<Elem>, "gqa: element type must be float, double, bfloat16 or half");
-  const auto& d = t.dimensions();
-  if (layout == KVLayout::TokenMajor) return token_major<Elem>(t.data(), d[0], d[1], d[2], d[3]);
-  return head_major<Elem>(t.data(), d[0], d[1], d[2], d[3]);
+  static_assert(is_storage_type_v<eigen_elem_t<Derived>>, "gqa: element type must be float, double, bfloat16 or half");
 }
+}  // namespace detail
+
+/// View of a row-major Eigen tensor (Tensor or TensorMap, rank 4) whose dims are [B, S, heads, D]. This is how
+/// every Eigen argument of gqa is read; head-major memory is passed through head_major() instead.
+template <typename Derived>
+TensorRef<detail::eigen_elem_t<Derived>> make_ref(Derived& t) {
+  detail::check_eigen_argument<Derived>();
+  const auto& d = t.dimensions();
+  return token_major<detail::eigen_elem_t<Derived>>(t.data(), d[0], d[1], d[2], d[3]);
+}
+
+/// View of a row-major Eigen tensor whose dims are [B, heads, S, D] (head-major K/V, a KV cache's memory), with
+/// logical dims [B, S, heads, D]: `gqa::attention(q, gqa::head_major(k), gqa::head_major(v), out)`. Temporaries
+/// are refused (the view would dangle).
+template <typename Derived, typename = std::enable_if_t<Derived::NumDimensions == 4>>
+TensorRef<detail::eigen_elem_t<Derived>> head_major(Derived& t) {
+  detail::check_eigen_argument<Derived>();
+  const auto& d = t.dimensions();
+  return head_major<detail::eigen_elem_t<Derived>>(t.data(), d[0], d[1], d[2], d[3]);
+}
+template <typename Derived, typename = std::enable_if_t<Derived::NumDimensions == 4>>
+void head_major(const Derived&& t) = delete;
+
+namespace detail {
+
+template <typename T>
+struct is_tensor_ref : std::false_type {};
+template <typename T>
+struct is_tensor_ref<TensorRef<T>> : std::true_type {};
+
+/// A TensorRef for any accepted argument: TensorRefs (strides chosen by the caller, e.g. head_major()) pass
+/// through; Eigen tensors are token-major views.
+template <typename X>
+auto as_ref(X& x) {
+  if constexpr (is_tensor_ref<std::remove_const_t<X>>::value) {
+    return TensorRef<std::remove_pointer_t<decltype(x.data)>>(x);
+  } else {
+    return make_ref(x);
+  }
+}
+
+template <typename R>
+using ref_elem_t = std::remove_const_t<std::remove_pointer_t<decltype(std::declval<R>().data)>>;
+
+}  // namespace detail
 
 }  // namespace gqa

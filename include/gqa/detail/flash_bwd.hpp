@@ -22,7 +22,8 @@
 
 #include "gqa/detail/internal_header_check.hpp"
 
-#include "gqa/detail/flash.hpp"
+#include "gqa/detail/flash_fwd.hpp"
+#include "gqa/detail/masks.hpp"
 #include "gqa/detail/params.hpp"
 
 #include <Eigen/Core>
@@ -91,7 +92,7 @@ BackwardParams<T, KVT> make_backward_params(TensorRef<const T> q, TensorRef<cons
   if (!d_bias.empty() || d_bias.data() != nullptr) {
     require<shape_error>(d_bias.size() == B * H * Sq * Sk, "shape", "d_bias: size = ", d_bias.size(),
                          " but B*H*Sq*Sk = ", B * H * Sq * Sk, " (d_bias is [B, H, Sq, Sk])");
-    const auto& bd = opt.bias.dims;
+    const auto& bd = opt.bias.dims();
     require(opt.bias.empty() || (bd[0] == B && bd[1] == H), "option", "d_bias: options.bias is broadcast (dims [",
             bd[0], ", ", bd[1], ", ", bd[2], ", ", bd[3], "]) but d_bias needs a bias of [B, H, Sq, Sk] = [", B, ", ",
             H, ", ", Sq, ", ", Sk, "] (or none)");
@@ -196,20 +197,29 @@ void tile_logits(const P& p, Index b, Index g, Index q0, Index rows, Index kb, B
       if (keep_cap) ws.cap.row(r).segment(a, e - a).array() = Acc(1) - z.square();
       z *= cap;
     }
-    if (f.bias) {
+    if (f.has_bias()) {
       const Index h = g * gs + r % gs, i = q0 + qi;
-      const float* bias = f.bias + b * f.bias_stride_b + h * f.bias_stride_h + i * f.bias_stride_q + kb + a;
-      z += Eigen::Map<const Eigen::Array<float, 1, Eigen::Dynamic>>(bias, e - a).template cast<Acc>();
+      const Index at = b * f.bias_stride_b + h * f.bias_stride_h + i * f.bias_stride_q + kb + a;
+      if (f.bias_float)
+        z += Eigen::Map<const Eigen::Array<float, 1, Eigen::Dynamic>>(f.bias_float + at, e - a).template cast<Acc>();
+      else
+        z += Eigen::Map<const Eigen::Array<double, 1, Eigen::Dynamic>>(f.bias_double + at, e - a).template cast<Acc>();
     }
   }
+}
+
+/// K or V rows [n, D] at `data` (row stride `stride`) in the form the forward's load_tile takes.
+template <typename KVScalar>
+mk::KVRows<KVScalar> kv_rows(const KVScalar* data, Index stride, Index n, Index D) noexcept {
+  return {data, stride, n, D, n};
 }
 
 /// Visible key range of each query of the tile, clipped to keys [kb, kb + n) and made tile-relative.
 template <typename P, typename Acc>
 void clip_ranges(const P& p, Index q0, Index nq, Index len, Index kb, Index n, BwdWorkspace<Acc>& ws) {
   for (Index qi = 0; qi < nq; ++qi) {
-    Index lo, hi;
-    visible_keys(p.fwd, q0 + qi, len, lo, hi);
+    const KeyRange keys = visible_keys(p.fwd, q0 + qi, len);
+    const Index lo = keys.lo, hi = keys.hi;
     ws.lo[size_t(qi)] = std::clamp<Index>(lo - kb, 0, n);
     ws.hi[size_t(qi)] = std::clamp<Index>(hi - kb, ws.lo[size_t(qi)], n);
   }
@@ -228,7 +238,7 @@ void recompute_lse(const P& p, const BwdPlan& t, Index b, Index g, Index q0, Ind
   const auto* k_head = f.k + b * f.k_stride_b + g * f.k_stride_h;
   for (Index kb = k_begin; kb < k_end; kb += t.k_tile) {
     const Index n = std::min(t.k_tile, k_end - kb);
-    auto k_tile = load_tile<Acc>(k_head + kb * f.k_stride_s, f.k_stride_s, n, D, ws.k_buf);
+    auto k_tile = load_tile<Acc>(kv_rows(k_head + kb * f.k_stride_s, f.k_stride_s, n, D), ws.k_buf);
     ws.s.topLeftCorner(rows, n).noalias() = ws.qs.topRows(rows) * k_tile.transpose();
     clip_ranges(p, q0, nq, len, kb, n, ws);
     tile_logits(p, b, g, q0, rows, kb, ws, false);
@@ -272,8 +282,8 @@ void backward_block(const P& p, Index b, Index g, Index q0, Index nq, Index len,
   using OutMap = Eigen::Map<RowMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
   const auto* k_rows = f.k + b * f.k_stride_b + g * f.k_stride_h + kb * f.k_stride_s;
   const auto* v_rows = f.v + b * f.v_stride_b + g * f.v_stride_h + kb * f.v_stride_s;
-  auto k_tile = load_tile<Acc>(k_rows, f.k_stride_s, n, D, ws.k_buf);
-  auto v_tile = load_tile<Acc>(v_rows, f.v_stride_s, n, D, ws.v_buf);
+  auto k_tile = load_tile<Acc>(kv_rows(k_rows, f.k_stride_s, n, D), ws.k_buf);
+  auto v_tile = load_tile<Acc>(kv_rows(v_rows, f.v_stride_s, n, D), ws.v_buf);
   auto s = ws.s.topLeftCorner(rows, n);
   auto dp = ws.dp.topLeftCorner(rows, n);
   auto qs = ws.qs.topRows(rows);
@@ -333,10 +343,8 @@ void backward_item(const P& p, const BwdPlan& t, Index b, Index g, Index c, BwdW
   }
   for (Index qt = qt_begin; qt < qt_end; ++qt) {
     const Index q0 = qt * t.q_tile, nq = std::min(t.q_tile, f.q_len - q0), rows = nq * gs;
-    Index lo_first, hi_first, lo_last, hi_last;
-    visible_keys(f, q0, len, lo_first, hi_first);
-    visible_keys(f, q0 + nq - 1, len, lo_last, hi_last);
-    const Index k_begin = lo_first, k_end = std::max(hi_last, k_begin);
+    const KeyRange tile_keys = tile_keys_any(f, q0, nq, len);
+    const Index k_begin = tile_keys.lo, k_end = tile_keys.hi;
     gather_rows(p, b, g, q0, rows, ws);
     if (!p.use_lse) recompute_lse(p, t, b, g, q0, nq, len, k_begin, k_end, ws);
     ws.dq.topRows(rows).setZero();

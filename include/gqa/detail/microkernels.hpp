@@ -5,10 +5,14 @@
 // registers), keep every accumulator in registers, and write scores transposed, S^T [n keys x M rows], so the
 // softmax that follows vectorises across the group's rows. Everything is written with Eigen::internal packets, so
 // it compiles to AVX2, AVX-512, SSE or NEON, whatever Eigen targets; the number of rows M is a template
-// parameter (one instantiation per row count, picked by dispatch_rows), which is what lets the accumulators live
+// parameter (one instantiation per row count, picked by with_score_form), which is what lets the accumulators live
 // in registers. The score kernels take a LinePrefetcher for the K rows ahead of the tile and issue a share of its
 // lines with every block of keys; accumulate_pv prefetches V the same way (see LinePrefetcher). Preconditions
 // (checked by the caller): D is a multiple of the packet size.
+//
+// Cycle and millisecond figures in the comments below were measured on the development machine where the kernels
+// were tuned: AMD EPYC (Zen 3), AVX2/FMA, 2.4 GHz, 512 KiB L2 per core, GCC 12 with -O3 -march=native (see the
+// README's performance section). "L2-resident" means K/V tiles small enough to stay in L2.
 #pragma once
 
 #include "gqa/detail/internal_header_check.hpp"
@@ -20,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
@@ -41,6 +46,31 @@ template <typename Acc>
 inline constexpr int kLanes = Eigen::internal::unpacket_traits<Packet<Acc>>::size;
 /// Accumulator registers a kernel may use (16 vector registers on AVX2, two left for operands and broadcasts).
 inline constexpr int kAccRegisters = 12;
+
+/// `count` rows of K or V, read in place: row j at data + j * stride, `cols` (D) elements each. `avail` >= count rows
+/// from `data` may be read, so prefetches may reach that far (the end of the work item's keys). Quantised K/V would
+/// add their per-row scales here.
+template <typename Src>
+struct KVRows {
+  const Src* data = nullptr;
+  Index stride = 0;
+  Index count = 0;
+  Index cols = 0;
+  Index avail = 0;
+
+  const Src* row(Index j) const noexcept { return data + j * stride; }
+  /// Rows [j, j + n).
+  KVRows rows(Index j, Index n) const noexcept { return {row(j), stride, n, cols, avail - j}; }
+};
+
+/// A row-major matrix of Acc in memory: element (i, c) at data[i * ld + c].
+template <typename Acc>
+struct Strided {
+  Acc* data = nullptr;
+  Index ld = 0;
+
+  Acc* row(Index i) const noexcept { return data + i * ld; }
+};
 
 /// One packet of Acc from `kLanes<Acc>` consecutive Src values (widened in registers where Eigen can).
 template <typename Acc, typename Src>
@@ -119,6 +149,21 @@ class LinePrefetcher {
   Index stride_bytes_, row_bytes_, rows_after_ = 0, lines_ = 0;
 };
 
+/// A LinePrefetcher and the lines to issue per key read, so that its lines are spread evenly over the reads.
+template <typename Src>
+struct PrefetchShare {
+  LinePrefetcher<Src> lines;
+  Index per_key = 0;
+
+  /// Prefetches the rows [distance, distance + n) ahead of `k` (within k.avail), spread over `steps` key reads.
+  static PrefetchShare ahead(const KVRows<Src>& k, Index n, Index steps, Index distance = kPrefetchRows) {
+    auto lines = LinePrefetcher<Src>::ahead(k.data, k.stride, n, k.avail, k.cols, distance);
+    const Index per_key = lines.per_step(steps);
+    return {lines, per_key};
+  }
+  EIGEN_STRONG_INLINE void issue(Index keys) { lines.issue(keys * per_key); }
+};
+
 /// Calls f(std::integral_constant<int, i>) for 1 <= i <= N (nothing otherwise): a run-time count of keys left over
 /// by a register-blocked loop, as a compile-time block size.
 template <int N, typename F>
@@ -142,18 +187,20 @@ void pack_rows(const Acc* q, Index rows, Index D, Index group, Acc* out) {
   }
 }
 
-/// Dot-product form for M < lanes rows: st[j * ld_st + r] = sum_d q[r][d] * k[j * k_stride + d], q packed by
-/// pack_rows (one group of M rows). KB keys are processed together so each q packet load feeds KB FMAs.
+/// Dot-product form for M < lanes rows: st(j, r) = sum_d q[r][d] * k_rows.row(j)[d], q packed by pack_rows (one
+/// group of M rows). KB keys are processed together so each q packet load feeds KB FMAs.
 template <int M, typename Acc, typename Src>
-void scores_dot(const Acc* qp, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index ld_st,
-                LinePrefetcher<Src>& pf, Index prefetch_per_key) {
+void scores_dot(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st_m, PrefetchShare<Src>& pf) {
   constexpr int L = kLanes<Acc>;
+  const Src* k = k_rows.data;
+  const Index k_stride = k_rows.stride, n = k_rows.count, D = k_rows.cols, ld_st = st_m.ld;
+  Acc* st = st_m.data;
   // Enough independent accumulators (KB * M, up to 12) to cover the FMA latency, without spilling registers.
   constexpr int KB = std::max(1, std::min(8, kAccRegisters / M));
   Index j = 0;
   auto block = [&](auto kb_const) {
     constexpr int kb = decltype(kb_const)::value;
-    pf.issue(kb * prefetch_per_key);
+    pf.issue(kb);
     Packet<Acc> acc[kb][M];
     for (int a = 0; a < kb; ++a)
       for (int r = 0; r < M; ++r) acc[a][r] = pset1<Packet<Acc>>(Acc(0));
@@ -173,30 +220,32 @@ void scores_dot(const Acc* qp, const Src* k, Index k_stride, Index n, Index D, A
 }
 
 /// Sums of the lanes of each of L = lanes packets, as one packet: out[i] = predux(acc[i]) (a transposed reduction).
-template <typename P>
-EIGEN_STRONG_INLINE P predux_transposed(const P* acc) {
-  constexpr int L = Eigen::internal::unpacket_traits<P>::size;
-  Eigen::internal::PacketBlock<P, L> block;
+template <typename PacketT>
+EIGEN_STRONG_INLINE PacketT predux_transposed(const PacketT* acc) {
+  constexpr int L = Eigen::internal::unpacket_traits<PacketT>::size;
+  Eigen::internal::PacketBlock<PacketT, L> block;
   for (int i = 0; i < L; ++i) block.packet[i] = acc[i];
   Eigen::internal::ptranspose(block);
-  P sum = block.packet[0];
+  PacketT sum = block.packet[0];
   for (int i = 1; i < L; ++i) sum = padd(sum, block.packet[i]);
   return sum;
 }
 
 /// Dot-product form for M rows where M divides the packet size, KB = lanes / M keys at a time:
-/// st[j * ld_st + r] = sum_d q[r][d] * k[j * k_stride + d], q packed by pack_rows (one group of M rows). The
-/// KB * M = lanes accumulators are reduced together into one packet, stored at st + j * ld_st: KB consecutive rows
-/// of S^T when ld_st == M, or (M = lanes) one packet of the rows of a wider S^T.
+/// st(j, r) = sum_d q[r][d] * k_rows.row(j)[d], q packed by pack_rows (one group of M rows). The KB * M = lanes
+/// accumulators are reduced together into one packet, stored at st.row(j): KB consecutive rows of S^T when
+/// st.ld == M, or (M = lanes) one packet of the rows of a wider S^T.
 template <int M, typename Acc, typename Src>
-void scores_dot_packed(const Acc* qp, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index ld_st,
-                       LinePrefetcher<Src>& pf, Index prefetch_per_key) {
+void scores_dot_packed(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st_m, PrefetchShare<Src>& pf) {
   constexpr int L = kLanes<Acc>;
+  const Src* k = k_rows.data;
+  const Index k_stride = k_rows.stride, n = k_rows.count, D = k_rows.cols, ld_st = st_m.ld;
+  Acc* st = st_m.data;
   constexpr int KB = L / M;
   static_assert(KB * M == L, "M must divide the packet size");
   Index j = 0;
   for (; j + KB <= n; j += KB) {
-    pf.issue(KB * prefetch_per_key);
+    pf.issue(KB);
     Packet<Acc> acc[KB * M];
     for (int i = 0; i < KB * M; ++i) acc[i] = pset1<Packet<Acc>>(Acc(0));
     const Src* rows = k + j * k_stride;
@@ -210,31 +259,34 @@ void scores_dot_packed(const Acc* qp, const Src* k, Index k_stride, Index n, Ind
     }
     pstoreu(st + j * ld_st, predux_transposed(acc));
   }
-  if (j < n) scores_dot<M>(qp, k + j * k_stride, k_stride, n - j, D, st + j * ld_st, ld_st, pf, prefetch_per_key);
+  if (j < n) scores_dot<M>(qp, k_rows.rows(j, n - j), Strided<Acc>{st + j * ld_st, ld_st}, pf);
 }
 
-/// Outer-product form for NB packets of rows (M <= NB * lanes): qt is Q^T, [D, >= NB * lanes] row-major with row
-/// stride ldq (columns past M zero). st[j * ld_st + r] = sum_d k[j][d] * qt[d][r]: each K element is broadcast once
-/// and multiplies a whole packet of rows.
+/// Outer-product form for NB packets of rows (M <= NB * lanes): qt is Q^T, [D, >= NB * lanes] (columns past M
+/// zero). st(j, r) = sum_d k_rows.row(j)[d] * qt(d, r): each K element is broadcast once and multiplies a whole
+/// packet of rows.
 template <int NB, typename Acc, typename Src>
-void scores_outer(const Acc* qt, Index ldq, const Src* k, Index k_stride, Index n, Index D, Acc* st, Index ld_st,
-                  LinePrefetcher<Src>& pf, Index prefetch_per_key) {
+void scores_outer(Strided<const Acc> qt_m, const KVRows<Src>& k_rows, Strided<Acc> st_m, PrefetchShare<Src>& pf) {
   constexpr int L = kLanes<Acc>;
+  const Acc* qt = qt_m.data;
+  const Src* k = k_rows.data;
+  const Index ldq = qt_m.ld, k_stride = k_rows.stride, n = k_rows.count, D = k_rows.cols, ld_st = st_m.ld;
+  Acc* st = st_m.data;
   constexpr int KB = std::max(1, std::min(8, kAccRegisters / NB));
   Index j = 0;
   auto block = [&](auto kb_const) {
     constexpr int kb = decltype(kb_const)::value;
-    pf.issue(kb * prefetch_per_key);
+    pf.issue(kb);
     Packet<Acc> acc[kb][NB];
     for (int a = 0; a < kb; ++a)
       for (int c = 0; c < NB; ++c) acc[a][c] = pset1<Packet<Acc>>(Acc(0));
-    const Src* rows[kb];
-    for (int a = 0; a < kb; ++a) rows[a] = k + (j + a) * k_stride;
+    const Src* key[kb];
+    for (int a = 0; a < kb; ++a) key[a] = k + (j + a) * k_stride;
     for (Index d = 0; d < D; ++d) {
       Packet<Acc> qv[NB];
       for (int c = 0; c < NB; ++c) qv[c] = pload<Packet<Acc>>(qt + d * ldq + c * L);
       for (int a = 0; a < kb; ++a) {
-        const Packet<Acc> kv = pset1<Packet<Acc>>(Acc(rows[a][d]));
+        const Packet<Acc> kv = pset1<Packet<Acc>>(Acc(key[a][d]));
         for (int c = 0; c < NB; ++c) acc[a][c] = pmadd(kv, qv[c], acc[a][c]);
       }
     }
@@ -245,23 +297,26 @@ void scores_outer(const Acc* qt, Index ldq, const Src* k, Index k_stride, Index 
   with_block_size<KB - 1>(n - j, block);
 }
 
-/// out[r * ld_out + d] += sum_j pt[j * ld_pt + r] * v[j * v_stride + d] for r < R, d in [d0, d0 + NV * lanes),
-/// first issuing `prefetch_per_key` lines of `pf` per key (at once: issued key by key, they measured no better, at
-/// a higher instruction cost).
+/// out(r, d) += sum_j pt(j, r) * v_rows.row(j)[d] for r < R, d in [d0, d0 + NV * lanes), first issuing the
+/// prefetches of all v_rows' keys (at once: issued key by key, they measured no better, at a higher instruction cost).
 template <int R, int NV, typename Acc, typename Src>
-EIGEN_STRONG_INLINE void pv_block(const Acc* pt, Index ld_pt, const Src* v, Index v_stride, Index n, Acc* out,
-                                  Index ld_out, Index d0, LinePrefetcher<Src>& pf, Index prefetch_per_key) {
+EIGEN_STRONG_INLINE void pv_block(Strided<const Acc> pt_m, const KVRows<Src>& v_rows, Strided<Acc> out_m, Index d0,
+                                  PrefetchShare<Src>& pf) {
   constexpr int L = kLanes<Acc>;
+  const Acc* pt = pt_m.data;
+  const Src* v = v_rows.data;
+  const Index ld_pt = pt_m.ld, v_stride = v_rows.stride, n = v_rows.count, ld_out = out_m.ld;
+  Acc* out = out_m.data;
   Packet<Acc> acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = pset1<Packet<Acc>>(Acc(0));
-  pf.issue(prefetch_per_key * n);
+  pf.issue(n);
   for (Index j = 0; j < n; ++j) {
     Packet<Acc> vv[NV];
     for (int c = 0; c < NV; ++c) vv[c] = load<Acc>(v + j * v_stride + d0 + c * L);
     for (int r = 0; r < R; ++r) {
-      const Packet<Acc> p = pset1<Packet<Acc>>(pt[j * ld_pt + r]);
-      for (int c = 0; c < NV; ++c) acc[r][c] = pmadd(p, vv[c], acc[r][c]);
+      const Packet<Acc> prob = pset1<Packet<Acc>>(pt[j * ld_pt + r]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = pmadd(prob, vv[c], acc[r][c]);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -297,7 +352,7 @@ EIGEN_STRONG_INLINE void for_each_pv_row_block(Index M, F&& f) {
 }
 
 /// Bytes of V per chunk in accumulate_pv: a chunk's rows are re-read by every register block, so they must stay in
-/// L1 next to P^T and the output (rows D * 4 bytes apart also share few L1 sets).
+/// L1 next to the probabilities and the output (rows D * 4 bytes apart also share few L1 sets).
 inline constexpr Index kPvChunkBytes = 16 * 1024;
 
 /// Calls f(std::integral_constant<int, NB>{}, d0) for the column blocks of accumulate_pv: NV packets of columns at
@@ -315,14 +370,14 @@ EIGEN_ALWAYS_INLINE void for_each_pv_column_block(Index D, F&& f) {
   for (; d0 < D; d0 += L) f(std::integral_constant<int, 1>{}, d0);
 }
 
-/// O += P V for M rows: out [M, D] (row stride ld_out) += pt^T [M, n] * v [n, D]; pt is P^T, [n, M] (stride ld_pt).
-/// V is taken in chunks of keys; within a chunk, blocks of R rows x NV packets keep R * NV accumulators (8-12) in
-/// registers while the chunk's V rows come from L1 (row blocks: for_each_pv_row_block; columns: pv_columns, so even
-/// one row has enough independent FMA chains). While one chunk is multiplied, the rows max(kPrefetchRows, chunk)
-/// ahead are prefetched, spread evenly over the chunk's register blocks.
+/// O += probabilities x V for M rows: out [M, D] += pt^T [M, n] * v_rows [n, D], pt [n, M] the probabilities
+/// transposed. V is taken in chunks of keys; within a chunk, blocks of R rows x NV packets keep R * NV accumulators (8-12) in registers while the
+/// chunk's V rows come from L1 (row blocks: for_each_pv_row_block; columns: pv_columns, so even one row has enough
+/// independent FMA chains). While one chunk is multiplied, the rows max(kPrefetchRows, chunk) ahead are prefetched,
+/// spread evenly over the chunk's register blocks.
 template <typename Acc, typename Src>
-void accumulate_pv(const Acc* pt, Index ld_pt, const Src* v, Index v_stride, Index n, Index M, Index D, Acc* out,
-                   Index ld_out, Index avail) {
+void accumulate_pv(Strided<const Acc> pt, Index M, const KVRows<Src>& v_rows, Strided<Acc> out) {
+  const Index n = v_rows.count, D = v_rows.cols;
   // Chunks of 2M keys (at least 8, at most kPvChunkBytes of V): long enough to amortise loading and storing the
   // accumulators, short enough that the rows are read from DRAM nearly in order and stay in L1.
   const Index chunk = std::clamp<Index>(2 * M, 8, std::max<Index>(8, kPvChunkBytes / (D * Index(sizeof(Src)))));
@@ -332,17 +387,15 @@ void accumulate_pv(const Acc* pt, Index ld_pt, const Src* v, Index v_stride, Ind
   });
   for (Index j0 = 0; j0 < n; j0 += chunk) {
     const Index nn = std::min(chunk, n - j0);
-    const Acc* ptj = pt + j0 * ld_pt;
-    const Src* vj = v + j0 * v_stride;
-    auto pf = LinePrefetcher<Src>::ahead(vj, v_stride, nn, avail - j0, D, std::max(kPrefetchRows, chunk));
-    const Index per_key = pf.per_step(blocks * nn);
+    const KVRows<Src> vj = v_rows.rows(j0, nn);
+    auto pf = PrefetchShare<Src>::ahead(vj, nn, blocks * nn, std::max(kPrefetchRows, chunk));
     for_each_pv_row_block<Acc, Src>(M, [&](auto r_const, Index r0) {
       constexpr int R = decltype(r_const)::value;
       constexpr int NV = pv_columns(R);
-      const Acc* p = ptj + r0;
-      Acc* o = out + r0 * ld_out;
+      const Strided<const Acc> ptj{pt.row(j0) + r0, pt.ld};
+      const Strided<Acc> o{out.row(r0), out.ld};
       for_each_pv_column_block<Acc, NV>(D, [&](auto nv_const, Index d0) {
-        pv_block<R, decltype(nv_const)::value>(p, ld_pt, vj, v_stride, nn, o, ld_out, d0, pf, per_key);
+        pv_block<R, decltype(nv_const)::value>(ptj, vj, o, d0, pf);
       });
     });
   }
@@ -355,30 +408,30 @@ void accumulate_pv(const Acc* pt, Index ld_pt, const Src* v, Index v_stride, Ind
 /// exponent bits (Eigen's pldexp splits it four ways to survive any exponent), and v < -87 gives 0 (an absolute error
 /// below 1.7e-38, against a row sum >= 1). 18 operations per packet instead of about 33; L2-resident, cycles per
 /// (key, row): 8 rows 20.4 -> 19.4, 16 rows 18.3 -> 17.5, 32 rows 18.4 -> 17.7. Positive v is outside the contract.
-template <typename P>
-EIGEN_STRONG_INLINE P pexp_nonpositive(const P& v) {
+template <typename PacketT>
+EIGEN_STRONG_INLINE PacketT pexp_nonpositive(const PacketT& v) {
   using namespace Eigen::internal;
-  using Scalar = typename unpacket_traits<P>::type;
-  if constexpr (std::is_same_v<Scalar, float> && unpacket_traits<P>::size > 1) {
-    using PI = typename unpacket_traits<P>::integer_packet;
-    const P lowest = pset1<P>(-87.0f);
-    const P x = pmax(v, lowest);  // NaN in v stays NaN (Eigen's pmax returns its first argument then)
-    const P m = pfloor(pmadd(x, pset1<P>(1.44269504088896341f), pset1<P>(0.5f)));  // in [-126, 0]
-    P r = pmadd(m, pset1<P>(-0.693359375f), x);
-    r = pmadd(m, pset1<P>(2.12194440e-4f), r);  // x - m ln 2 in [-ln 2 / 2, ln 2 / 2]
-    const P r2 = pmul(r, r), r3 = pmul(r2, r);
-    P y = pmadd(pset1<P>(1.9875691500E-4f), r, pset1<P>(1.3981999507E-3f));
-    P y1 = pmadd(pset1<P>(4.1665795894E-2f), r, pset1<P>(1.6666665459E-1f));
-    const P y2 = padd(r, pset1<P>(1.0f));
-    y = pmadd(y, r, pset1<P>(8.3334519073E-3f));
-    y1 = pmadd(y1, r, pset1<P>(5.0000001201E-1f));
+  using Scalar = typename unpacket_traits<PacketT>::type;
+  if constexpr (std::is_same_v<Scalar, float> && unpacket_traits<PacketT>::size > 1) {
+    using PI = typename unpacket_traits<PacketT>::integer_packet;
+    const PacketT lowest = pset1<PacketT>(-87.0f);
+    const PacketT x = pmax(v, lowest);  // NaN in v stays NaN (Eigen's pmax returns its first argument then)
+    const PacketT m = pfloor(pmadd(x, pset1<PacketT>(1.44269504088896341f), pset1<PacketT>(0.5f)));  // in [-126, 0]
+    PacketT r = pmadd(m, pset1<PacketT>(-0.693359375f), x);
+    r = pmadd(m, pset1<PacketT>(2.12194440e-4f), r);  // x - m ln 2 in [-ln 2 / 2, ln 2 / 2]
+    const PacketT r2 = pmul(r, r), r3 = pmul(r2, r);
+    PacketT y = pmadd(pset1<PacketT>(1.9875691500E-4f), r, pset1<PacketT>(1.3981999507E-3f));
+    PacketT y1 = pmadd(pset1<PacketT>(4.1665795894E-2f), r, pset1<PacketT>(1.6666665459E-1f));
+    const PacketT y2 = padd(r, pset1<PacketT>(1.0f));
+    y = pmadd(y, r, pset1<PacketT>(8.3334519073E-3f));
+    y1 = pmadd(y1, r, pset1<PacketT>(5.0000001201E-1f));
     y = pmadd(y, r3, y1);
     y = pmadd(y, r2, y2);  // exp(r)
-    const P scale = preinterpret<P>(plogical_shift_left<23>(padd(pcast<P, PI>(m), pset1<PI>(127))));  // 2^m
-    return pselect(pcmp_lt(v, lowest), pset1<P>(0.0f), pmul(y, scale));
+    const PacketT scale = preinterpret<PacketT>(plogical_shift_left<23>(padd(pcast<PacketT, PI>(m), pset1<PI>(127))));  // 2^m
+    return pselect(pcmp_lt(v, lowest), pset1<PacketT>(0.0f), pmul(y, scale));
   } else {
-    const P neg_inf = pset1<P>(-std::numeric_limits<Scalar>::infinity());
-    return pselect(pcmp_eq(v, neg_inf), pset1<P>(Scalar(0)), pexp(v));
+    const PacketT neg_inf = pset1<PacketT>(-std::numeric_limits<Scalar>::infinity());
+    return pselect(pcmp_eq(v, neg_inf), pset1<PacketT>(Scalar(0)), pexp(v));
   }
 }
 
@@ -460,32 +513,113 @@ constexpr bool uses_outer_form(Index rows) {
   return rows % L != 0 || (std::is_same_v<Src, Acc> && rows > L);
 }
 
-/// Calls f(std::integral_constant<int, M>) for 1 <= rows < lanes (dot form), or
-/// f(std::integral_constant<int, -NB>) with NB = ceil(rows / lanes) packets of rows. rows <= kMaxRows<Acc>.
-template <typename Acc, typename F>
-void dispatch_rows(Index rows, F&& f) {
+/// The forms of the score product, as tags (the row count is a template parameter so accumulators live in registers):
+///   DotRows<M>       M < min(8, lanes) rows, one dot product per (key, row) (scores_dot / scores_dot_packed)
+///   DotPackets<NB>   NB whole packets of rows, the dot form a packet at a time (scores_dot_packed)
+///   OuterPackets<NB> up to NB packets of rows, outer products with Q^T (scores_outer)
+template <int M>
+struct DotRows {};
+template <int NB>
+struct DotPackets {};
+template <int NB>
+struct OuterPackets {};
+
+/// Calls f with the tag of the form that score_tile uses for `rows` (1 <= rows <= kMaxRows<Acc>) of a Src cache.
+template <typename Acc, typename Src, typename F>
+void with_score_form(Index rows, F&& f) {
   constexpr int L = kLanes<Acc>;
   GQA_ASSERT(rows >= 1 && rows <= kMaxRows<Acc>);
-  if (rows < L) {
+  if (rows < std::min(8, L)) {
     switch (rows) {
-      case 1: return f(std::integral_constant<int, 1>{});
-      case 2: return f(std::integral_constant<int, 2>{});
-      case 3: return f(std::integral_constant<int, 3>{});
-      case 4: return f(std::integral_constant<int, 4>{});
-      case 5: if constexpr (L > 5) return f(std::integral_constant<int, 5>{}); break;
-      case 6: if constexpr (L > 6) return f(std::integral_constant<int, 6>{}); break;
-      case 7: if constexpr (L > 7) return f(std::integral_constant<int, 7>{}); break;
+      case 1: return f(DotRows<1>{});
+      case 2: if constexpr (L > 2) return f(DotRows<2>{}); break;
+      case 3: if constexpr (L > 3) return f(DotRows<3>{}); break;
+      case 4: if constexpr (L > 4) return f(DotRows<4>{}); break;
+      case 5: if constexpr (L > 5) return f(DotRows<5>{}); break;
+      case 6: if constexpr (L > 6) return f(DotRows<6>{}); break;
+      case 7: if constexpr (L > 7) return f(DotRows<7>{}); break;
       default: break;
     }
-    // Wider packets (AVX-512: 16 lanes): round up to the next instantiated dot width or use one outer packet.
-    return f(std::integral_constant<int, -1>{});
   }
+  const bool outer = uses_outer_form<Acc, Src>(rows);
   switch ((rows + L - 1) / L) {
-    case 1: return f(std::integral_constant<int, -1>{});
-    case 2: return f(std::integral_constant<int, -2>{});
-    case 3: return f(std::integral_constant<int, -3>{});
-    default: return f(std::integral_constant<int, -4>{});
+    case 1: return outer ? f(OuterPackets<1>{}) : f(DotPackets<1>{});
+    case 2: return outer ? f(OuterPackets<2>{}) : f(DotPackets<2>{});
+    case 3: return outer ? f(OuterPackets<3>{}) : f(DotPackets<3>{});
+    default: return outer ? f(OuterPackets<4>{}) : f(DotPackets<4>{});
   }
+}
+
+/// Elements of the buffer pack_queries fills: [D, kMaxRows] (Q^T, zero-padded, for the outer form).
+template <typename Acc>
+constexpr Index packed_queries_size(Index D) {
+  return D * kMaxRows<Acc>;
+}
+
+/// Writes q [rows, D] (row stride D) into `buf` (packed_queries_size elements, aligned as Eigen aligns its heap
+/// storage: the outer form reads it with aligned loads) in the layout score_tile's form for `rows` reads: packed by
+/// pack_rows for the dot forms, Q^T [D, kMaxRows] zero-padded for the outer form.
+template <typename Acc, typename Src>
+void pack_queries(const Acc* q, Index rows, Index D, Acc* buf) {
+  constexpr Index L = kLanes<Acc>;
+  GQA_ASSERT(reinterpret_cast<std::uintptr_t>(buf) % EIGEN_MAX_ALIGN_BYTES == 0);
+  if (uses_outer_form<Acc, Src>(rows)) {
+    using Matrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    Eigen::Map<Matrix> qt(buf, D, kMaxRows<Acc>);
+    qt.setZero();
+    qt.leftCols(rows) = Eigen::Map<const Matrix>(q, rows, D).transpose();
+  } else {
+    pack_rows(q, rows, D, std::min<Index>(rows, L), buf);
+  }
+}
+
+/// Scores of DotRows: one pass over the keys, M rows at a time, prefetching the rows kPrefetchRows ahead.
+template <int M, typename Acc, typename Src>
+void scores(DotRows<M>, const Acc* qpack, Index /*rows*/, const KVRows<Src>& k, Acc* st) {
+  auto pf = PrefetchShare<Src>::ahead(k, k.count, k.count);
+  if constexpr (kLanes<Acc> % M == 0)
+    scores_dot_packed<M>(qpack, k, Strided<Acc>{st, M}, pf);
+  else
+    scores_dot<M>(qpack, k, Strided<Acc>{st, M}, pf);
+}
+
+/// Scores of DotPackets: one packet of rows at a time, in chunks of keys that stay in L1 for all the packets; each
+/// chunk prefetches the next over all of them (16 rows ahead over all the packets of a tile fell behind the first
+/// packet's reads: 2 packets ~20% slower from DRAM).
+template <int NB, typename Acc, typename Src>
+void scores(DotPackets<NB>, const Acc* qpack, Index /*rows*/, const KVRows<Src>& k, Acc* st) {
+  constexpr Index L = kLanes<Acc>, ld = NB * L, kChunk = 16;
+  const Index D = k.cols;
+  for (Index j0 = 0; j0 < k.count; j0 += kChunk) {
+    const KVRows<Src> chunk = k.rows(j0, std::min(kChunk, k.count - j0));
+    auto pf = PrefetchShare<Src>::ahead(chunk, chunk.count, NB * chunk.count, std::max(kChunk, kPrefetchRows));
+    for (int c = 0; c < NB; ++c)
+      scores_dot_packed<L>(qpack + c * L * D, chunk, Strided<Acc>{st + j0 * ld + c * L, ld}, pf);
+  }
+}
+
+/// Scores of OuterPackets: all packets of rows at once, keys in chunks that are whole register blocks (KB = 3, 4, 6
+/// or 8 keys), written straight into S^T when the rows are whole packets, else into a padded row stride and
+/// compacted. Prefetches the rows kPrefetchRows ahead of the tile, a share per key.
+template <int NB, typename Acc, typename Src>
+void scores(OuterPackets<NB>, const Acc* qpack, Index rows, const KVRows<Src>& k, Acc* st) {
+  constexpr Index ld = NB * kLanes<Acc>, kChunk = 24;
+  auto pf = PrefetchShare<Src>::ahead(k, k.count, k.count);
+  EIGEN_ALIGN_MAX Acc tmp[kChunk * kMaxRows<Acc>];
+  for (Index j0 = 0; j0 < k.count; j0 += kChunk) {
+    const Index nn = std::min(kChunk, k.count - j0);
+    Acc* dst = ld == rows ? st + j0 * ld : tmp;
+    scores_outer<NB>(Strided<const Acc>{qpack, kMaxRows<Acc>}, k.rows(j0, nn), Strided<Acc>{dst, ld}, pf);
+    if (ld != rows)
+      for (Index j = 0; j < nn; ++j) std::copy_n(tmp + j * ld, rows, st + (j0 + j) * rows);
+  }
+}
+
+/// S^T [k.count, rows] (row stride rows) = K Q^T for `rows` queries packed by pack_queries<Acc, Src>, in the form
+/// with_score_form picks for the row count.
+template <typename Acc, typename Src>
+void score_tile(const Acc* qpack, Index rows, const KVRows<Src>& k, Acc* st) {
+  with_score_form<Acc, Src>(rows, [&](auto form) { scores(form, qpack, rows, k, st); });
 }
 
 }  // namespace mk

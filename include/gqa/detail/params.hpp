@@ -48,16 +48,23 @@ struct AttentionParams {
   bool causal = false;   // also true when window > 0 (a window implies the causal bound)
   Index window = 0;      // 0 = none
 
-  const float* bias = nullptr;  // element (b, h, i, j) at b*bias_stride_b + h*bias_stride_h + i*bias_stride_q + j
+  // Bias element (b, h, i, j) at b*bias_stride_b + h*bias_stride_h + i*bias_stride_q + j (stride 0: broadcast);
+  // at most one of the two pointers is set.
+  const float* bias_float = nullptr;
+  const double* bias_double = nullptr;
   Index bias_stride_b = 0, bias_stride_h = 0, bias_stride_q = 0;
 
-  const std::int32_t* key_lengths = nullptr;  // [B] or null (all Sk)
-  float* lse = nullptr;                       // [B, H, Sq] or null
+  const std::int32_t* key_lengths32 = nullptr;  // [B], or null
+  const std::int64_t* key_lengths64 = nullptr;  // [B], or null (both null: every sequence has Sk keys)
+  float* lse = nullptr;                         // [B, H, Sq] or null
 
   int num_threads = 1;
 
+  bool has_bias() const noexcept { return bias_float != nullptr || bias_double != nullptr; }
   /// Number of valid keys of sequence b.
-  Index keys_of(Index b) const noexcept { return key_lengths ? Index(key_lengths[b]) : k_len; }
+  Index keys_of(Index b) const noexcept {
+    return key_lengths32 ? Index(key_lengths32[b]) : key_lengths64 ? Index(key_lengths64[b]) : k_len;
+  }
 };
 
 inline void check_ref_basics(const char* name, const std::array<Index, 4>& dims, const std::array<Index, 4>& strides,
@@ -70,6 +77,69 @@ inline void check_ref_basics(const char* name, const std::array<Index, 4>& dims,
                        " but D must be contiguous (stride 1)");
   const bool empty = dims[0] * dims[1] * dims[2] * dims[3] == 0;
   require(empty || data != nullptr, "null", name, ": data pointer is null for a non-empty tensor");
+}
+
+/// Bytes [lo, hi) spanned by a strided view of `elem` bytes per element (empty when a dim is 0).
+struct ByteRange {
+  const char* lo = nullptr;
+  const char* hi = nullptr;
+
+  bool overlaps(const ByteRange& o) const noexcept { return lo < hi && o.lo < o.hi && lo < o.hi && o.lo < hi; }
+};
+
+inline ByteRange byte_range(const void* data, const std::array<Index, 4>& dims, const std::array<Index, 4>& strides,
+                            Index elem) {
+  const char* base = static_cast<const char*>(data);
+  for (int i = 0; i < 4; ++i)
+    if (dims[i] == 0) return {base, base};
+  Index lo = 0, hi = 0;  // element offsets of the first and last elements reached
+  for (int i = 0; i < 4; ++i) (strides[i] < 0 ? lo : hi) += (dims[i] - 1) * strides[i];
+  return {base + lo * elem, base + (hi + 1) * elem};
+}
+
+/// Refuses an `out` whose memory overlaps an input's: the kernels read k, v, the bias and other items' queries after
+/// writing some outputs. out == q exactly (same data and strides) is fine: every query row is read, by the one
+/// item that writes its output, before it is written.
+template <typename T, typename KVT>
+void check_no_overlap(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<const KVT> v, TensorRef<T> out,
+                      const AttentionOptions& opt) {
+  const ByteRange o = byte_range(out.data, out.dims, out.strides, sizeof(T));
+  auto refuse_overlap = [&](const ByteRange& r, const char* what) {
+    require(!o.overlaps(r), "alias", "out overlaps ", what,
+            " in memory; out must be a separate buffer, or q itself (the same data and strides)");
+  };
+  refuse_overlap(byte_range(k.data, k.dims, k.strides, sizeof(KVT)), "k");
+  refuse_overlap(byte_range(v.data, v.dims, v.strides, sizeof(KVT)), "v");
+  const bool same_as_q = static_cast<const void*>(out.data) == static_cast<const void*>(q.data) &&
+                         out.strides == q.strides;
+  if (!same_as_q) refuse_overlap(byte_range(q.data, q.dims, q.strides, sizeof(T)), "q");
+  const BiasView& bias = opt.bias;
+  if (!bias.empty()) {
+    const void* data = bias.float_data() ? static_cast<const void*>(bias.float_data()) : bias.double_data();
+    refuse_overlap(byte_range(data, bias.dims(), bias.strides(), bias.float_data() ? 4 : 8), "options.bias");
+  }
+  refuse_overlap(byte_range(opt.lse.data(), {opt.lse.size(), 1, 1, 1}, {1, 1, 1, 1}, sizeof(float)), "options.lse");
+}
+
+/// Checks the bias against p's shapes and stores it with broadcast (stride 0) batch and head dims.
+template <typename Params>
+void set_bias(Params& p, const BiasView& bias) {
+  const auto& bd = bias.dims();
+  const auto& bs = bias.strides();
+  const Index B = p.batch, H = p.heads, Sq = p.q_len, Sk = p.k_len;
+  require<shape_error>(bd[0] == 1 || bd[0] == B, "shape", "options.bias: dim 0 (batch) = ", bd[0],
+                       " must be 1 or B = ", B);
+  require<shape_error>(bd[1] == 1 || bd[1] == H, "shape", "options.bias: dim 1 (heads) = ", bd[1],
+                       " must be 1 or H = ", H);
+  require<shape_error>(bd[2] == Sq, "shape", "options.bias: dim 2 (query length) = ", bd[2], " but Sq = ", Sq);
+  require<shape_error>(bd[3] == Sk, "shape", "options.bias: dim 3 (key length) = ", bd[3], " but Sk = ", Sk);
+  require<shape_error>(bs[3] == 1 || Sk <= 1, "stride", "options.bias: dim 3 (key) stride = ", bs[3],
+                       " but the keys of a row must be contiguous (stride 1)");
+  p.bias_float = bias.float_data();
+  p.bias_double = bias.double_data();
+  p.bias_stride_q = bs[2];
+  p.bias_stride_h = bd[1] == 1 ? 0 : bs[1];
+  p.bias_stride_b = bd[0] == 1 ? 0 : bs[0];
 }
 
 /// Validates q/k/v/out and options and returns the params the kernels run on.
@@ -125,32 +195,23 @@ AttentionParams<T, KVT> make_params(TensorRef<const T> q, TensorRef<const KVT> k
   p.window = opt.window;
   p.causal = opt.causal || opt.window > 0;
 
-  if (!opt.bias.empty()) {
-    const auto& bd = opt.bias.dims;
-    require<shape_error>(bd[0] == 1 || bd[0] == B, "shape", "options.bias: dim 0 (batch) = ", bd[0],
-                         " must be 1 or B = ", B);
-    require<shape_error>(bd[1] == 1 || bd[1] == H, "shape", "options.bias: dim 1 (heads) = ", bd[1],
-                         " must be 1 or H = ", H);
-    require<shape_error>(bd[2] == Sq, "shape", "options.bias: dim 2 (query length) = ", bd[2], " but Sq = ", Sq);
-    require<shape_error>(bd[3] == Sk, "shape", "options.bias: dim 3 (key length) = ", bd[3], " but Sk = ", Sk);
-    p.bias = opt.bias.data;
-    p.bias_stride_q = Sk;
-    p.bias_stride_h = bd[1] == 1 ? 0 : Sq * Sk;
-    p.bias_stride_b = bd[0] == 1 ? 0 : bd[1] * Sq * Sk;
-  }
-  if (!opt.key_lengths.empty() || opt.key_lengths.data() != nullptr) {
-    require<shape_error>(opt.key_lengths.size() == B, "shape", "options.key_lengths: size = ", opt.key_lengths.size(),
-                         " but B = ", B);
+  if (!opt.bias.empty()) set_bias(p, opt.bias);
+  if (opt.key_lengths.given()) {
+    const KeyLengths& len = opt.key_lengths;
+    require<shape_error>(len.size() == B, "shape", "options.key_lengths: size = ", len.size(), " but B = ", B);
+    require(B == 0 || len.int32_data() || len.int64_data(), "null", "options.key_lengths: data pointer is null");
     for (Index b = 0; b < B; ++b)
-      require(opt.key_lengths[b] >= 0 && opt.key_lengths[b] <= Sk, "option", "options.key_lengths[", b, "] = ",
-              opt.key_lengths[b], " must be in [0, Sk = ", Sk, "]");
-    p.key_lengths = opt.key_lengths.data();
+      require(len[b] >= 0 && len[b] <= Sk, "option", "options.key_lengths[", b, "] = ", len[b],
+              " must be in [0, Sk = ", Sk, "]");
+    p.key_lengths32 = len.int32_data();
+    p.key_lengths64 = len.int64_data();
   }
   if (!opt.lse.empty() || opt.lse.data() != nullptr) {
     require<shape_error>(opt.lse.size() == B * H * Sq, "shape", "options.lse: size = ", opt.lse.size(),
                          " but B*H*Sq = ", B * H * Sq);
     p.lse = opt.lse.data();
   }
+  check_no_overlap(q, k, v, out, opt);
   p.num_threads = opt.num_threads;
   return p;
 }

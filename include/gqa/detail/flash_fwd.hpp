@@ -1,0 +1,483 @@
+// gqa/detail/flash_fwd.hpp — the forward attention kernel behind gqa::attention (flash-style, online softmax).
+//
+// Work is split into items (b, g, query tile, key split). One item owns the H/G query heads of KV head g for a
+// tile of queries: they are stacked as the rows of one matrix Qg [rows = q_tile * H/G, D], so every K/V tile of
+// head g is read once and used by all rows of the group (never repeated per query head). Keys are streamed in
+// tiles of k_tile rows with the online softmax (running max m, running sum l, unnormalised output O), so memory
+// is O(tile), never Sq x Sk. Scores are kept transposed, S^T [keys, rows], so the softmax vectorises across rows.
+// Tile products: with few rows (decode, up to 4 SIMD packets) the register-blocked micro-kernels of
+// microkernels.hpp read K/V rows in place and widen 16-bit values in registers; with many rows (prefill) Eigen's
+// GEMM runs on maps of the caller's memory (16-bit and mixed-precision K/V widened one tile at a time). Key tiles
+// that no row of an item can see (causal, window, key lengths) are never visited (the mask contract of masks.hpp).
+//
+// When there are few (b, g, query tile) items (decode: B * G small), the key range is also split
+// (flash-decoding): each split keeps its partial (m, l, O), and the splits are merged with log-sum-exp weights.
+// The split count depends on the shapes only, never on the thread count, so results are bitwise identical for
+// any num_threads.
+//
+// Non-finite values (the rule of gqa/options.hpp): a NaN or +inf logit at a visible key makes the row's running
+// sum NaN, which no later step can undo, and store_row writes O / l, NaN; a row with no visible key keeps m = -inf
+// and l = 0 and is written as zeros. Masked keys never reach a row: their scores become -inf, and in a tile where a
+// row may have masked keys its V rows (which other rows see) go through the dense product only if all are finite
+// (0 x finite = 0); otherwise that tile's product skips zero weights (accumulate_pv_skipping_zeros).
+//
+// Figures quoted below were measured on the development machine of the README's performance section (AMD EPYC
+// Zen 3, AVX2/FMA, 2.4 GHz, 512 KiB L2 per core, GCC 12, -O3 -march=native).
+#pragma once
+
+#include "gqa/detail/internal_header_check.hpp"
+
+#include "gqa/detail/assert.hpp"
+#include "gqa/detail/masks.hpp"
+#include "gqa/detail/microkernels.hpp"
+#include "gqa/detail/params.hpp"
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace gqa {
+namespace detail {
+
+/// Tile sizes for one call.
+///  * Prefill (many rows): T rows per item (T / (H/G) queries of the group) and T keys per tile, with the largest T
+///    in {128, 64, 32} whose working set -- Qg and O [T, D], the score block [T, T], one K and one V tile [T, D] --
+///    takes at most 3/4 of the L2 cache Eigen detects (512 KiB L2, D = 128: T = 128, 320 KiB), so the tile
+///    products run from L2 while each GEMM is still large enough for Eigen's kernel to pay for packing.
+///  * Decode (rows <= 4 packets, D a multiple of the packet size): the micro-kernels read K/V in place, 256 keys
+///    per tile (the score tile, at most 32 KiB, stays in L1/L2). The kernels walk a tile in chunks of keys small
+///    enough for L1, so a longer tile only amortises the per-tile softmax and output rescaling: against 64 keys,
+///    L2-resident, 55 -> 47 cycles per (key, row) at 1 row, 27.5 -> 25.9 at 4, 20.7 -> 20.1 at 8.
+/// Tile sizes depend on the machine's cache sizes and the shapes, never on the thread count.
+struct TilePlan {
+  Index q_tile = 1;    // queries per item
+  Index k_tile = 128;  // keys per inner step
+  Index splits = 1;    // key-range splits per (b, g, query tile)
+  Index q_tiles = 1;   // ceil(Sq / q_tile)
+  Index rows_max = 1;  // q_tile * group_size
+  bool small = false;  // register-blocked micro-kernels instead of Eigen GEMM
+};
+
+/// Number of (b, g, query-tile[, split]) work items below which the key range is split (flash-decoding). Fixed,
+/// not derived from the thread count, so that the reduction order (and the result) never depends on threads.
+inline constexpr Index kMinWorkItems = 16;
+/// Keys per split are at least this many, so merging partials stays negligible next to streaming K/V.
+inline constexpr Index kMinKeysPerSplit = 512;
+
+template <typename P>
+TilePlan plan_tiles(const P& p) {
+  using Acc = typename P::Acc;
+  TilePlan t;
+  const bool vector_d = p.head_dim % mk::kLanes<Acc> == 0;
+  if (vector_d && p.q_len * p.group_size <= mk::kMaxRows<Acc>) {
+    t.small = true;
+    t.q_tile = p.q_len;
+    t.k_tile = 256;
+  } else if (vector_d && p.group_size <= mk::kMaxRows<Acc> && p.q_len <= 4) {
+    t.small = true;  // a few queries of a big group: one query per item
+    t.q_tile = std::max<Index>(1, mk::kMaxRows<Acc> / p.group_size);
+    t.k_tile = 256;
+  } else {
+    const Index budget = Index(Eigen::l2CacheSize()) * 3 / 4;
+    Index tile = 128;
+    while (tile > 32 && Index(sizeof(Acc)) * (4 * tile * p.head_dim + tile * tile) > budget) tile /= 2;
+    t.q_tile = std::max<Index>(1, std::min<Index>(p.q_len, tile / p.group_size));
+    t.k_tile = tile;
+  }
+  t.q_tiles = p.q_len == 0 ? 0 : (p.q_len + t.q_tile - 1) / t.q_tile;
+  t.rows_max = t.q_tile * p.group_size;
+  const Index items = p.batch * p.kv_heads * t.q_tiles;
+  if (items > 0 && items < kMinWorkItems) {
+    const Index want = (kMinWorkItems + items - 1) / items;
+    const Index cap = std::max<Index>(1, p.k_len / kMinKeysPerSplit);
+    t.splits = std::max<Index>(1, std::min(want, cap));
+  }
+  return t;
+}
+
+inline int resolve_threads(int requested) {
+#ifdef _OPENMP
+  if (omp_in_parallel()) return 1;  // never nest inside the caller's parallel region
+  return requested > 0 ? requested : omp_get_max_threads();
+#else
+  (void)requested;
+  return 1;
+#endif
+}
+
+template <typename Acc>
+using RowMatrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <typename Acc>
+using RowVector = Eigen::Matrix<Acc, 1, Eigen::Dynamic>;
+
+/// Per-thread buffers, allocated once per call and reused by every item the thread runs.
+template <typename Acc>
+struct Workspace {
+  RowMatrix<Acc> qg;       // [rows_max, D]       the group's queries, pre-multiplied by scale
+  RowVector<Acc> q_small;  // [D * 4 packets]    qg as the micro-kernels read it (mk::pack_queries)
+  RowMatrix<Acc> out;      // [rows_max, D]       unnormalised output
+  RowMatrix<Acc> scores;   // [k_tile rounded up to 64, rows_max] S^T: a row per key, a column per query row
+  RowMatrix<Acc> k_buf;    // [k_tile, D]         widened K tile (GEMM path with 16-bit or mixed K/V)
+  RowMatrix<Acc> v_buf;    // [k_tile, D]
+  RowVector<Acc> row_max, row_sum, tile_max, shift, correction;  // [rows_max]
+  RowVector<Acc> pattern;  // [2 * rows_max * lanes] column reductions and shifts of the flat score view (2 periods)
+
+  Workspace(const TilePlan& t, Index head_dim, bool widen)
+      : qg(t.rows_max, head_dim), out(t.rows_max, head_dim), scores((t.k_tile + 63) / 64 * 64, t.rows_max),
+        row_max(t.rows_max), row_sum(t.rows_max), tile_max(t.rows_max), shift(t.rows_max), correction(t.rows_max),
+        pattern(2 * t.rows_max * mk::kLanes<Acc>) {
+    if (t.small) q_small.resize(mk::packed_queries_size<Acc>(head_dim));
+    if (widen && !t.small) {
+      k_buf.resize(t.k_tile, head_dim);
+      v_buf.resize(t.k_tile, head_dim);
+    }
+  }
+};
+
+template <typename Acc>
+using ConstTile = Eigen::Map<const RowMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+template <typename KVScalar>
+using KVRowMap = Eigen::Map<const Eigen::Matrix<KVScalar, 1, Eigen::Dynamic>>;
+
+/// K or V rows [n, D] as Acc: a map of the caller's memory when the storage type is Acc, else widened into `buf`.
+template <typename Acc, typename KVScalar>
+ConstTile<Acc> load_tile(const mk::KVRows<KVScalar>& kv, RowMatrix<Acc>& buf) {
+  if constexpr (std::is_same_v<KVScalar, Acc>) {
+    return ConstTile<Acc>(kv.data, kv.count, kv.cols, Eigen::OuterStride<>(kv.stride));
+  } else {
+    for (Index r = 0; r < kv.count; ++r) buf.row(r) = KVRowMap<KVScalar>(kv.row(r), kv.cols).template cast<Acc>();
+    return ConstTile<Acc>(buf.data(), kv.count, kv.cols, Eigen::OuterStride<>(buf.cols()));
+  }
+}
+
+/// Partial results of key splits, merged after all items ran.
+template <typename Acc>
+struct SplitPartials {
+  std::vector<Acc> out;  // [items, rows_max, D]
+  std::vector<Acc> max;  // [items, rows_max]
+  std::vector<Acc> sum;  // [items, rows_max]
+};
+
+/// Where one work item sits: sequence b (with len valid keys), KV head g, query tile qt (queries [q0, q0 + nq),
+/// stacked as rows = nq * H/G rows r = (i - q0) * H/G + head within the group) and key split `split`.
+struct ItemCoords {
+  Index b, g, qt, split, q0, nq, rows, len;
+};
+
+template <typename P>
+ItemCoords item_coords(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index split) {
+  ItemCoords c;
+  c.b = b, c.g = g, c.qt = qt, c.split = split;
+  c.q0 = qt * t.q_tile;
+  c.nq = std::min(t.q_tile, p.q_len - c.q0);
+  c.rows = c.nq * p.group_size;
+  c.len = p.keys_of(b);
+  return c;
+}
+
+/// Slot of an item's partial results in SplitPartials (items of one (b, g, qt) are adjacent).
+template <typename P>
+Index partial_slot(const P& p, const TilePlan& t, const ItemCoords& c) {
+  return ((c.b * p.kv_heads + c.g) * t.q_tiles + c.qt) * t.splits + c.split;
+}
+
+/// The keys of split `split` of `keys`: whole decode tiles, so splits never share a tile.
+inline KeyRange split_keys(const TilePlan& t, const KeyRange& keys, Index split) {
+  if (t.splits == 1) return keys;
+  Index chunk = (keys.size() + t.splits - 1) / t.splits;
+  chunk = (chunk + t.k_tile - 1) / t.k_tile * t.k_tile;
+  const Index lo = std::min(keys.hi, keys.lo + split * chunk);
+  return {lo, std::min(keys.hi, lo + chunk)};
+}
+
+/// Writes a finished row (m, l, O) to the output and the optional log-sum-exp: O / l, or zeros and -inf when the row
+/// saw no key (l = 0). A NaN l (a NaN or +inf logit) gives a NaN row and a NaN log-sum-exp.
+template <typename P, typename Acc, typename RowExpr>
+inline void store_row(const P& p, Index b, Index i, Index h, Acc m, Acc l, const RowExpr& o_row) {
+  using Scalar = typename P::Scalar;
+  Scalar* dst = p.o + b * p.o_stride_b + i * p.o_stride_s + h * p.o_stride_h;
+  Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>> out(dst, p.head_dim);
+  const bool empty = l == Acc(0);
+  if (empty) {
+    out.setZero();
+  } else {
+    out = (o_row * (Acc(1) / l)).template cast<Scalar>();
+  }
+  if (p.lse)
+    p.lse[(b * p.heads + h) * p.q_len + i] = empty ? -std::numeric_limits<float>::infinity() : float(m + std::log(l));
+}
+
+/// Stacks the item's queries as the rows of Qg, scaled once here instead of per logit, packs them for the
+/// micro-kernels, and resets the running max, sum and output.
+template <typename P, typename Acc>
+void load_queries(const P& p, const TilePlan& t, const ItemCoords& c, Workspace<Acc>& ws) {
+  using Scalar = typename P::Scalar;
+  const Index group_size = p.group_size, D = p.head_dim;
+  const Acc scale = Acc(p.scale);
+  for (Index r = 0; r < c.rows; ++r) {
+    const Index i = c.q0 + r / group_size, h = c.g * group_size + r % group_size;
+    const Scalar* src = p.q + c.b * p.q_stride_b + i * p.q_stride_s + h * p.q_stride_h;
+    ws.qg.row(r) = Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(src, D).template cast<Acc>() * scale;
+  }
+  if (t.small) mk::pack_queries<Acc, typename P::KVScalar>(ws.qg.data(), c.rows, D, ws.q_small.data());
+  ws.out.topRows(c.rows).setZero();
+  ws.row_max.head(c.rows).setConstant(-std::numeric_limits<Acc>::infinity());
+  ws.row_sum.head(c.rows).setZero();
+}
+
+/// S^T [n, rows] = K_tile Qg^T into ws.scores.
+template <typename Acc, typename KVScalar>
+void tile_scores(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>& k, Workspace<Acc>& ws) {
+  if (t.small) return mk::score_tile(ws.q_small.data(), c.rows, k, ws.scores.data());
+  Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), k.count, c.rows);
+  s.noalias() = load_tile<Acc>(k, ws.k_buf) * ws.qg.topRows(c.rows).transpose();
+}
+
+/// Adds the bias to the scores of keys kb .. kb+n-1; a -inf entry masks its key (even where the score is NaN).
+template <typename P, typename Acc>
+void add_bias(const P& p, const ItemCoords& c, Index kb, Eigen::Map<RowMatrix<Acc>>& s) {
+  constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+  const Index group_size = p.group_size;
+  for (Index r = 0; r < c.rows; ++r) {
+    const Index i = c.q0 + r / group_size, h = c.g * group_size + r % group_size;
+    const Index at = c.b * p.bias_stride_b + h * p.bias_stride_h + i * p.bias_stride_q + kb;
+    auto add = [&](const auto* bias) {
+      using B = std::remove_const_t<std::remove_pointer_t<decltype(bias)>>;
+      const auto row_bias = Eigen::Map<const Eigen::Array<B, Eigen::Dynamic, 1>>(bias + at, s.rows()).template cast<Acc>();
+      s.col(r).array() = (row_bias == kNegInf).select(kNegInf, s.col(r).array() + row_bias);
+    };
+    if (p.bias_float)
+      add(p.bias_float);
+    else
+      add(p.bias_double);
+  }
+}
+
+/// Sets the scores of keys kb .. kb+n-1 that a row cannot see (visible_keys) to -inf, checking the mask contract in
+/// debug builds: the item visits and skips tiles by it.
+template <typename P, typename Acc>
+void mask_scores(const P& p, const ItemCoords& c, Index kb, Eigen::Map<RowMatrix<Acc>>& s) {
+  constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+  const Index n = s.rows(), group_size = p.group_size;
+  KeyRange prev = visible_keys(p, c.q0, c.len);
+  for (Index qi = 0; qi < c.nq; ++qi) {
+    const KeyRange r = visible_keys(p, c.q0 + qi, c.len);
+    GQA_ASSERT(follows_mask_contract(prev, r));
+    prev = r;
+    const Index lo = std::clamp<Index>(r.lo - kb, 0, n), hi = std::clamp<Index>(r.hi - kb, lo, n);
+    auto cols = s.middleCols(qi * group_size, group_size);
+    cols.topRows(lo).setConstant(kNegInf);
+    cols.bottomRows(n - hi).setConstant(kNegInf);
+  }
+}
+
+/// Turns the score tile S^T [n, rows] (keys kb .. kb+n-1) into probabilities and updates the running max, sum and
+/// output scale of every row: soft-cap, bias, masks, then the online softmax of gqa/options.hpp.
+///
+/// The reductions run on the flat buffer viewed as [n_pad * rows / period, period] with period = lcm(rows, lanes):
+/// every view row holds whole groups of `rows` scores, so column maxima, the shift, exp and column sums are
+/// contiguous packet loops whatever the group size (a [n, 2] block would otherwise be reduced 2 scalars at a time),
+/// and exp and the sum share one pass. The tile is padded with -inf keys to n_pad, a multiple of 64; they
+/// contribute exact zeros.
+template <typename P, typename Acc>
+void softmax_tile(const P& p, const ItemCoords& c, Index kb, Index n, bool masked, Workspace<Acc>& ws) {
+  constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+  const Index rows = c.rows;
+  Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), n, rows);
+  if (p.softcap > 0) {
+    const Acc cap = Acc(p.softcap), inv_cap = Acc(1) / cap;
+    auto flat = Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>(ws.scores.data(), n * rows);
+    flat = cap * (flat * inv_cap).tanh();
+  }
+  if (p.has_bias()) add_bias(p, c, kb, s);
+  if (masked) mask_scores(p, c, kb, s);
+
+  constexpr Index L = mk::kLanes<Acc>;
+  const Index period = std::lcm(rows, L);
+  const Index len = (n + 63) / 64 * 64 * rows;
+  std::fill(ws.scores.data() + n * rows, ws.scores.data() + len, kNegInf);
+  Acc* pattern = ws.pattern.data();
+  auto m_old = ws.row_max.head(rows).array();
+  auto m_new = ws.tile_max.head(rows).array();
+  auto shift = ws.shift.head(rows).array();
+  auto sum = ws.row_sum.head(rows).array();
+
+  mk::periodic_max(ws.scores.data(), len, period, pattern);
+  m_new = m_old;
+  for (Index k = 0; k < period; k += rows)
+    for (Index r = 0; r < rows; ++r) m_new[r] = std::max(m_new[r], pattern[k + r]);
+  // Rows that have seen no visible key yet keep -inf and subtract 0, so exp gives exact zeros.
+  shift = (m_new > kNegInf).select(m_new, Acc(0));
+  ws.correction.head(rows).array() = m_old - shift;
+  mk::exp_nonpositive(ws.correction.data(), rows);  // m_old <= m_new; exactly 0 when m_old = -inf
+  Acc* shift_pattern = pattern + period;
+  for (Index k = 0; k < period; k += rows) std::copy_n(ws.shift.data(), rows, shift_pattern + k);
+  mk::periodic_exp_sum(ws.scores.data(), len, shift_pattern, period, pattern);
+  sum *= ws.correction.head(rows).array();
+  for (Index k = 0; k < period; k += rows)
+    sum += Eigen::Map<const Eigen::Array<Acc, Eigen::Dynamic, 1>>(pattern + k, rows);
+  m_old = m_new;
+  auto out = ws.out.topRows(rows);
+  for (Index r = 0; r < rows; ++r)
+    if (ws.correction[r] != Acc(1)) out.row(r) *= ws.correction[r];
+}
+
+/// Whether every element of the rows is finite.
+template <typename KVScalar>
+bool rows_finite(const mk::KVRows<KVScalar>& kv) {
+  for (Index j = 0; j < kv.count; ++j)
+    if (!KVRowMap<KVScalar>(kv.row(j), kv.cols).array().template cast<compute_t<KVScalar>>().isFinite().all())
+      return false;
+  return true;
+}
+
+/// out.row(r) += sum over keys j of pt(j, r) * v.row(j), skipping zero weights: a masked key's V row, even NaN or
+/// inf, never reaches a row that cannot see it. Scalar speed, for the rare tiles that need it (see tile_pv).
+template <typename Acc, typename KVScalar>
+void accumulate_pv_skipping_zeros(const Acc* pt, Index rows, const mk::KVRows<KVScalar>& v, RowMatrix<Acc>& out) {
+  for (Index j = 0; j < v.count; ++j) {
+    const auto v_row = KVRowMap<KVScalar>(v.row(j), v.cols).template cast<Acc>();
+    for (Index r = 0; r < rows; ++r)
+      if (pt[j * rows + r] != Acc(0)) out.row(r) += pt[j * rows + r] * v_row;
+  }
+}
+
+/// O += probabilities x V_tile. `may_mask`: some row may have a zero weight for a key others see (a masked tile, or
+/// a bias); then 0 x NaN = NaN would leak a masked V into that row, so non-finite V takes the skipping product.
+template <typename Acc, typename KVScalar>
+void tile_pv(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>& v, bool may_mask,
+             Workspace<Acc>& ws) {
+  const Index rows = c.rows;
+  if (may_mask && !rows_finite(v)) return accumulate_pv_skipping_zeros(ws.scores.data(), rows, v, ws.out);
+  if (t.small)
+    return mk::accumulate_pv(mk::Strided<const Acc>{ws.scores.data(), rows}, rows, v,
+                             mk::Strided<Acc>{ws.out.data(), ws.out.cols()});
+  Eigen::Map<const RowMatrix<Acc>> s(ws.scores.data(), v.count, rows);
+  ws.out.topRows(rows).noalias() += s.transpose() * load_tile<Acc>(v, ws.v_buf);
+}
+
+/// Writes a finished item: its rows to the output, or its partial (m, l, O) when the keys are split.
+template <typename P, typename Acc>
+void finish_item(const P& p, const TilePlan& t, const ItemCoords& c, const Workspace<Acc>& ws,
+                 SplitPartials<Acc>* partials) {
+  const Index group_size = p.group_size, D = p.head_dim, rows = c.rows;
+  if (partials) {
+    const Index slot = partial_slot(p, t, c);
+    Eigen::Map<RowMatrix<Acc>>(partials->out.data() + slot * t.rows_max * D, rows, D) = ws.out.topRows(rows);
+    std::copy_n(ws.row_max.data(), rows, partials->max.data() + slot * t.rows_max);
+    std::copy_n(ws.row_sum.data(), rows, partials->sum.data() + slot * t.rows_max);
+    return;
+  }
+  for (Index r = 0; r < rows; ++r)
+    store_row(p, c.b, c.q0 + r / group_size, c.g * group_size + r % group_size, ws.row_max[r], ws.row_sum[r],
+              ws.out.row(r));
+}
+
+/// Runs one work item: the item's queries against the keys of its split, one key tile at a time. Tiles wholly
+/// inside the keys every query sees (tile_keys_all) need no per-element mask.
+template <typename P, typename Acc>
+void run_item(const P& p, const TilePlan& t, const ItemCoords& c, Workspace<Acc>& ws, SplitPartials<Acc>* partials) {
+  using KVScalar = typename P::KVScalar;
+  const KeyRange seen_by_all = tile_keys_all(p, c.q0, c.nq, c.len);
+  const KeyRange keys = split_keys(t, tile_keys_any(p, c.q0, c.nq, c.len), c.split);
+  load_queries(p, t, c, ws);
+  const KVScalar* k_head = p.k + c.b * p.k_stride_b + c.g * p.k_stride_h;
+  const KVScalar* v_head = p.v + c.b * p.v_stride_b + c.g * p.v_stride_h;
+  for (Index kb = keys.lo; kb < keys.hi; kb += t.k_tile) {
+    const Index n = std::min(t.k_tile, keys.hi - kb), avail = keys.hi - kb;  // avail: rows prefetches may reach
+    const mk::KVRows<KVScalar> k{k_head + kb * p.k_stride_s, p.k_stride_s, n, p.head_dim, avail};
+    const mk::KVRows<KVScalar> v{v_head + kb * p.v_stride_s, p.v_stride_s, n, p.head_dim, avail};
+    tile_scores(t, c, k, ws);
+    const bool masked = kb < seen_by_all.lo || kb + n > seen_by_all.hi;
+    softmax_tile(p, c, kb, n, masked, ws);
+    tile_pv(t, c, v, masked || p.has_bias(), ws);
+  }
+  finish_item(p, t, c, ws, partials);
+}
+
+/// Merges the key splits of item group (b, g, qt) with log-sum-exp weights and writes the output. A NaN partial (a
+/// NaN or +inf logit in its keys) makes the row NaN, as one unsplit pass would.
+template <typename P, typename Acc>
+void merge_splits(const P& p, const TilePlan& t, const ItemCoords& first, const SplitPartials<Acc>& parts,
+                  RowVector<Acc>& acc) {
+  const Index group_size = p.group_size, D = p.head_dim;
+  const Index slot0 = partial_slot(p, t, first);
+  constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+  for (Index r = 0; r < first.rows; ++r) {
+    Acc m = kNegInf;
+    bool nan = false;
+    for (Index sp = 0; sp < t.splits; ++sp) {
+      const Index at = (slot0 + sp) * t.rows_max + r;
+      m = std::max(m, parts.max[size_t(at)]);
+      nan = nan || std::isnan(parts.sum[size_t(at)]);
+    }
+    acc.setZero();
+    Acc l = nan ? std::numeric_limits<Acc>::quiet_NaN() : Acc(0);
+    for (Index sp = 0; sp < t.splits && !nan && m > kNegInf; ++sp) {
+      const Index at = (slot0 + sp) * t.rows_max + r;
+      const Acc ls = parts.sum[size_t(at)];
+      if (!(ls > Acc(0))) continue;  // a split with no visible key
+      const Acc w = std::exp(parts.max[size_t(at)] - m);
+      l += w * ls;
+      acc += w * Eigen::Map<const Eigen::Matrix<Acc, 1, Eigen::Dynamic>>(parts.out.data() + at * D, D);
+    }
+    store_row(p, first.b, first.q0 + r / group_size, first.g * group_size + r % group_size, m, l, acc);
+  }
+}
+
+/// Runs attention for validated params. Threads: OpenMP over work items, dynamic schedule with the most expensive
+/// (latest, for causal masks) query tiles handed out first.
+template <typename P>
+void flash_fwd(const P& p) {
+  using Acc = typename P::Acc;
+  if (p.batch == 0 || p.q_len == 0) return;
+  const TilePlan t = plan_tiles(p);
+  const Index per_qt = p.batch * p.kv_heads * t.splits;
+  const Index items = per_qt * t.q_tiles;
+  const bool widen = !std::is_same_v<typename P::KVScalar, Acc>;
+
+  SplitPartials<Acc> partials;
+  if (t.splits > 1) {
+    partials.out.resize(size_t(items * t.rows_max * p.head_dim));
+    partials.max.resize(size_t(items * t.rows_max));
+    partials.sum.resize(size_t(items * t.rows_max));
+  }
+  SplitPartials<Acc>* parts = t.splits > 1 ? &partials : nullptr;
+  const int threads = int(std::min<Index>(resolve_threads(p.num_threads), items));
+
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#ifdef _OPENMP
+    omp_set_num_threads(1);  // Eigen's GEMM inside an item must not start threads of its own
+#endif
+    Workspace<Acc> ws(t, p.head_dim, widen);
+#pragma omp for schedule(dynamic, 1)
+    for (Index item = 0; item < items; ++item) {
+      const Index qt = t.q_tiles - 1 - item / per_qt;
+      Index rest = item % per_qt;
+      const Index split = rest % t.splits;
+      rest /= t.splits;
+      run_item(p, t, item_coords(p, t, rest / p.kv_heads, rest % p.kv_heads, qt, split), ws, parts);
+    }
+    if (parts) {
+      RowVector<Acc> acc(p.head_dim);
+#pragma omp for schedule(static)
+      for (Index j = 0; j < p.batch * p.kv_heads * t.q_tiles; ++j) {
+        const Index qt = j % t.q_tiles, bg = j / t.q_tiles;
+        merge_splits(p, t, item_coords(p, t, bg / p.kv_heads, bg % p.kv_heads, qt, 0), partials, acc);
+      }
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace gqa

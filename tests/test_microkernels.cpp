@@ -1,0 +1,179 @@
+// Tests of gqa/detail/microkernels.hpp, the decode path's register-blocked products, on their own: the score
+// product in each of its forms (every row count up to kMaxRows, which covers every DotRows, DotPackets and
+// OuterPackets instantiation), the probabilities x V product, and the softmax's exp. Inputs are normal(0, 1); the
+// references are double.
+//
+// Tolerance: a float sum of D products, accumulated in any order, errs by at most gamma_D * sum |products| with
+// gamma_D = D u / (1 - D u), u = 2^-24 (Higham, Accuracy and Stability, 3.1). Each element is checked against that
+// bound (with D + 2 for the rounding of the inputs' widening and of the stored result), which a misplaced row,
+// key or column exceeds by orders of magnitude.
+#include "gqa/attention.hpp"  // the public header first: the detail headers are internal
+
+#include "support/compare.hpp"
+#include "support/random.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+namespace mk = gqa::detail::mk;
+using gqa::Index;
+
+constexpr double kUnit = 0x1.0p-24;  // float unit roundoff
+
+double gamma(Index n) { return double(n) * kUnit / (1.0 - double(n) * kUnit); }
+
+/// Rows of `cols` values in a buffer with row stride `stride` > cols (NaN in between, which must never be read).
+template <typename T>
+std::vector<T> strided_rows(Index rows, Index cols, Index stride, std::uint64_t seed) {
+  std::vector<T> buf(size_t(rows * stride), T(std::numeric_limits<float>::quiet_NaN()));
+  gqa_test::Rng rng(seed);
+  for (Index j = 0; j < rows; ++j)
+    for (Index d = 0; d < cols; ++d) buf[size_t(j * stride + d)] = T(float(rng.normal()));
+  return buf;
+}
+
+/// Runs score_tile for `rows` queries against n keys of type Src and checks every score against a double dot.
+template <typename Src>
+void check_scores(Index rows, Index D, Index n) {
+  const Index stride = D + 3;
+  gqa_test::Rng rng(std::uint64_t(rows * 1000 + D * 10 + n));
+  std::vector<float> q(size_t(rows * D));
+  for (auto& x : q) x = float(rng.normal());
+  const auto k = strided_rows<Src>(n, D, stride, std::uint64_t(rows + 7 * n));
+  // Eigen's allocator: the outer form reads the packed queries with aligned loads.
+  Eigen::Matrix<float, Eigen::Dynamic, 1> packed(mk::packed_queries_size<float>(D));
+  std::vector<float> st(size_t(n * rows), -1.0f);
+  mk::pack_queries<float, Src>(q.data(), rows, D, packed.data());
+  const mk::KVRows<Src> k_rows{k.data(), stride, n, D, n};
+  mk::score_tile(packed.data(), rows, k_rows, st.data());
+  Index bad = 0;
+  double worst = 0;
+  for (Index j = 0; j < n; ++j)
+    for (Index r = 0; r < rows; ++r) {
+      double dot = 0, abs_sum = 0;
+      for (Index d = 0; d < D; ++d) {
+        const double prod = double(q[size_t(r * D + d)]) * double(float(k[size_t(j * stride + d)]));
+        dot += prod;
+        abs_sum += std::abs(prod);
+      }
+      const double err = std::abs(double(st[size_t(j * rows + r)]) - dot);
+      const double bound = gamma(D + 2) * abs_sum + 1e-30;
+      worst = std::max(worst, err / bound);
+      bad += !(err <= bound);
+    }
+  INFO("rows " << rows << ", D " << D << ", keys " << n << ": worst error " << worst << " x the bound");
+  CHECK(bad == 0);
+}
+
+/// Runs accumulate_pv for M rows of probabilities over n keys of V (type Src) onto a nonzero output, and checks it.
+template <typename Src>
+void check_pv(Index M, Index D, Index n) {
+  const Index stride = D + 5, ld_out = D + 2;
+  gqa_test::Rng rng(std::uint64_t(M * 977 + D + n));
+  std::vector<float> pt(size_t(n * M)), out(size_t(M * ld_out)), before;
+  for (auto& x : pt) x = float(rng.uniform01());
+  for (auto& x : out) x = float(rng.normal());
+  before = out;
+  const auto v = strided_rows<Src>(n, D, stride, std::uint64_t(3 * M + n));
+  mk::accumulate_pv(mk::Strided<const float>{pt.data(), M}, M, mk::KVRows<Src>{v.data(), stride, n, D, n},
+                    mk::Strided<float>{out.data(), ld_out});
+  Index bad = 0, touched = 0;
+  for (Index r = 0; r < M; ++r) {
+    for (Index d = 0; d < D; ++d) {
+      double sum = before[size_t(r * ld_out + d)], abs_sum = std::abs(sum);
+      for (Index j = 0; j < n; ++j) {
+        const double prod = double(pt[size_t(j * M + r)]) * double(float(v[size_t(j * stride + d)]));
+        sum += prod;
+        abs_sum += std::abs(prod);
+      }
+      bad += !(std::abs(double(out[size_t(r * ld_out + d)]) - sum) <= gamma(n + 2) * abs_sum + 1e-30);
+    }
+    for (Index d = D; d < ld_out; ++d) touched += out[size_t(r * ld_out + d)] != before[size_t(r * ld_out + d)];
+  }
+  INFO("rows " << M << ", D " << D << ", keys " << n);
+  CHECK(bad == 0);
+  CHECK(touched == 0);  // columns past D are not the output's
+}
+
+}  // namespace
+
+TEST_CASE("score_tile: every row count in every form matches double dot products", "[microkernels][scores]") {
+  constexpr Index L = mk::kLanes<float>;
+  for (Index rows = 1; rows <= mk::kMaxRows<float>; ++rows) {
+    for (Index D : {L, 3 * L}) {
+      for (Index n : {Index(1), Index(5), Index(37)}) check_scores<float>(rows, D, n);
+      check_scores<gqa::bfloat16>(rows, D, 29);
+      check_scores<gqa::half>(rows, D, 3);
+    }
+  }
+}
+
+TEST_CASE("score_tile: the form chosen for a row count", "[microkernels][scores]") {
+  constexpr Index L = mk::kLanes<float>;
+  int dot_rows = 0, dot_packets = 0, outer = 0;
+  auto count = [&](auto form) {
+    using F = decltype(form);
+    if constexpr (std::is_same_v<F, mk::DotRows<1>> || std::is_same_v<F, mk::DotRows<3>>) ++dot_rows;
+    if constexpr (std::is_same_v<F, mk::DotPackets<1>> || std::is_same_v<F, mk::DotPackets<2>>) ++dot_packets;
+    if constexpr (std::is_same_v<F, mk::OuterPackets<2>> || std::is_same_v<F, mk::OuterPackets<4>>) ++outer;
+  };
+  mk::with_score_form<float, float>(1, count);
+  mk::with_score_form<float, float>(3, count);
+  mk::with_score_form<float, float>(L, count);                   // one whole packet: dot form
+  mk::with_score_form<float, gqa::bfloat16>(2 * L, count);       // 16-bit K: dot form for whole packets
+  mk::with_score_form<float, float>(2 * L, count);               // f32 K, two packets: outer form
+  mk::with_score_form<float, float>(mk::kMaxRows<float> - 1, count);  // not whole packets: outer form
+  CHECK(dot_rows == 2);
+  CHECK(dot_packets == 2);
+  CHECK(outer == 2);
+}
+
+TEST_CASE("accumulate_pv: every row count matches double sums, and writes only the output's columns",
+          "[microkernels][pv]") {
+  constexpr Index L = mk::kLanes<float>;
+  for (Index M = 1; M <= mk::kMaxRows<float>; ++M)
+    for (Index D : {L, 8 * L + L}) {  // 9 packets: every column-block tail
+      for (Index n : {Index(1), Index(9), Index(70)}) check_pv<float>(M, D, n);
+      check_pv<gqa::bfloat16>(M, D, 13);
+    }
+}
+
+TEST_CASE("The softmax's exp: within 2 ulp over [-87, 0], exact zeros below -87 and at -inf, NaN kept", "[microkernels][exp]") {
+  using P = gqa::detail::mk::Packet<float>;
+  constexpr int L = gqa::detail::mk::kLanes<float>;
+  bool lanes_agree = true;
+  auto packet_exp = [&](float v) {
+    float in[L], out[L];
+    std::fill_n(in, L, v);
+    Eigen::internal::pstoreu(out, gqa::detail::mk::pexp_nonpositive(Eigen::internal::ploadu<P>(in)));
+    for (int i = 1; i < L; ++i) lanes_agree = lanes_agree && std::memcmp(&out[i], &out[0], sizeof(float)) == 0;
+    return out[0];
+  };
+  // Every 2^16th float from -0 down to -87 (every binade, 128 values in each), then the ends.
+  std::uint32_t bits;
+  const float start = -0.0f;
+  std::memcpy(&bits, &start, sizeof bits);
+  for (;; bits += 1u << 16) {
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    if (v < -87.0f) break;
+    // Cephes' polynomial: 2 ulp of float (2.4e-7), as Eigen's pexp.
+    CHECK_THAT(double(packet_exp(v)), Catch::Matchers::WithinRel(std::exp(double(v)), 2.5e-7));
+  }
+  CHECK(lanes_agree);
+  CHECK_THAT(double(packet_exp(-87.0f)), Catch::Matchers::WithinRel(std::exp(-87.0), 2.5e-7));
+  CHECK(packet_exp(0.0f) == 1.0f);
+  CHECK(packet_exp(-87.01f) == 0.0f);  // below 1.7e-38 against a row sum >= 1
+  CHECK(packet_exp(-1e30f) == 0.0f);
+  CHECK(packet_exp(-std::numeric_limits<float>::infinity()) == 0.0f);
+  CHECK(std::isnan(packet_exp(std::numeric_limits<float>::quiet_NaN())));
+}
