@@ -271,7 +271,7 @@ inline void bm_sgemm(benchmark::State& state, Index M, Index N, Index K, int thr
                clock.seconds());
 }
 
-/// The SGEMM shapes: the kernel's prefill tile (plan_tiles in gqa/detail/flash.hpp: ~128 stacked query rows,
+/// The SGEMM shapes: the kernel's prefill tile (plan_tiles in gqa/detail/flash_fwd.hpp: ~128 stacked query rows,
 /// 128 keys per tile, D = 128 inner) and a large 512^3 product for reference; at 1 and 2 threads.
 inline void register_sgemm_baselines() {
   const Index shapes[][3] = {{128, 128, kHeadDim}, {512, 512, 512}};

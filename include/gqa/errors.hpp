@@ -37,6 +37,7 @@ inline constexpr ErrorId error_ids[] = {
                                      "or a compile-time group size that is not H/G"},
   {"gqa.stride", "shape_error",      "a tensor's last (head_dim) stride is not 1"},
   {"gqa.null",   "invalid_argument", "a non-empty tensor has a null data pointer"},
+  {"gqa.alias",  "invalid_argument", "out overlaps k, v, the bias, lse, or q other than exactly (out may be q)"},
   {"gqa.option", "invalid_argument", "an AttentionOptions field out of range (window, softcap, scale, num_threads, "
                                      "key_lengths), or key_lengths set for a KVCache, which supplies its own"},
   // KV cache (gqa/kv_cache.hpp)
@@ -84,6 +85,9 @@ inline constexpr ErrorId error_ids[] = {
   {"gqa.checkpoint.groups",        "invalid_argument", "the requested groups (--groups) is not a valid number of "
                                      "KV heads for this checkpoint"},
   {"gqa.checkpoint.output_exists", "invalid_argument", "the output directory exists and force (--force) is off"},
+  {"gqa.checkpoint.path",         "invalid_argument", "INPUT_DIR or OUTPUT_DIR is an empty path"},
+  {"gqa.checkpoint.interrupted",  "io_error", "the conversion was cancelled (SIGINT / SIGTERM in gqa-convert); "
+                                     "nothing was left behind"},
   {"gqa.checkpoint.unsupported",   "invalid_argument", "an architecture the conversion refuses: fused QKV, "
                                      "per-head q/k norms, quantised or non-float K/V, no k_proj"},
   // The operating system
@@ -134,7 +138,7 @@ class format_error : public std::runtime_error {
 class io_error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
-  /// The stable id, "gqa.io" (see gqa::error_ids).
+  /// The stable id, "gqa.io" or "gqa.checkpoint.interrupted" (see gqa::error_ids).
   std::string_view id() const noexcept { return detail::error_id_of(what()); }
 };
 

@@ -9,7 +9,7 @@
 // and in every public header, before its first detail include:
 //
 //   #define GQA_DETAIL_ALLOWED  // the detail headers below check it (gqa/detail/internal_header_check.hpp)
-//   #include "gqa/detail/flash.hpp"
+//   #include "gqa/detail/flash_fwd.hpp"
 //
 // A test that exercises a detail header directly includes the public header that uses it first. ctest's
 // detail_header_guard.* tests preprocess each detail header alone and expect the error below, so a new detail
