@@ -17,9 +17,6 @@
 
 #include "gqa/detail/internal_header_check.hpp"
 
-#ifndef GQA_SAFETENSORS_INTERNAL
-#define GQA_SAFETENSORS_INTERNAL
-#endif
 #include "gqa/detail/safetensors_io.hpp"
 #include "gqa/errors.hpp"
 
