@@ -106,7 +106,9 @@ fi
 type="$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$build/CMakeCache.txt")"
 [[ "$type" == Release ]] || echo "WARNING: $build has CMAKE_BUILD_TYPE='$type', not Release: timings are not representative" >&2
 step "building example_decoder and gqa-convert in $build"
-cmake --build "$build" --target example_decoder gqa-convert -j "$(nproc 2>/dev/null || echo 2)" >/dev/null
+mkdir -p "$work"
+cmake --build "$build" --target example_decoder gqa-convert -j "$(nproc 2>/dev/null || echo 2)" >"$work/build.log" 2>&1 ||
+  { tail -30 "$work/build.log" >&2; echo "real_model.sh: the build failed, see $work/build.log" >&2; exit 1; }
 decoder="$build/examples/example_decoder"
 convert="$build/examples/gqa-convert"
 all_threads="$(nproc 2>/dev/null || echo 2)"
