@@ -131,7 +131,8 @@ cmp -s "$out/gqa_docs.ids" "$here/eval/gqa_docs.ids" ||
   echo "WARNING: tokenize.py no longer reproduces bench/eval/gqa_docs.ids (tokenizer changed?); using the committed ids" >&2
 ids="$here/eval/gqa_docs.ids"
 if [[ -n "$eval_tokens" ]]; then
-  tr -s ' \n' '\n\n' <"$ids" | head -n "$eval_tokens" >"$out/eval_first_$eval_tokens.ids"
+  # awk, not `| head`: head closing the pipe early would fail the pipeline under pipefail.
+  awk -v n="$eval_tokens" '{ for (i = 1; i <= NF; ++i) if (k++ < n) print $i }' "$ids" >"$out/eval_first_$eval_tokens.ids"
   ids="$out/eval_first_$eval_tokens.ids"
 fi
 
