@@ -106,7 +106,9 @@ fi
 type="$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$build/CMakeCache.txt")"
 [[ "$type" == Release ]] || echo "WARNING: $build has CMAKE_BUILD_TYPE='$type', not Release: timings are not representative" >&2
 step "building example_decoder and gqa-convert in $build"
-cmake --build "$build" --target example_decoder gqa-convert -j "$(nproc 2>/dev/null || echo 2)" >/dev/null
+mkdir -p "$work"
+cmake --build "$build" --target example_decoder gqa-convert -j "$(nproc 2>/dev/null || echo 2)" >"$work/build.log" 2>&1 ||
+  { tail -30 "$work/build.log" >&2; echo "real_model.sh: the build failed, see $work/build.log" >&2; exit 1; }
 decoder="$build/examples/example_decoder"
 convert="$build/examples/gqa-convert"
 all_threads="$(nproc 2>/dev/null || echo 2)"
@@ -129,7 +131,8 @@ cmp -s "$out/gqa_docs.ids" "$here/eval/gqa_docs.ids" ||
   echo "WARNING: tokenize.py no longer reproduces bench/eval/gqa_docs.ids (tokenizer changed?); using the committed ids" >&2
 ids="$here/eval/gqa_docs.ids"
 if [[ -n "$eval_tokens" ]]; then
-  tr -s ' \n' '\n\n' <"$ids" | head -n "$eval_tokens" >"$out/eval_first_$eval_tokens.ids"
+  # awk, not `| head`: head closing the pipe early would fail the pipeline under pipefail.
+  awk -v n="$eval_tokens" '{ for (i = 1; i <= NF; ++i) if (k++ < n) print $i }' "$ids" >"$out/eval_first_$eval_tokens.ids"
   ids="$out/eval_first_$eval_tokens.ids"
 fi
 
