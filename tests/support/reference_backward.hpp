@@ -73,10 +73,7 @@ ReferenceGradients reference_backward(gqa::TensorRef<const T> q, gqa::TensorRef<
           x *= scale;
           s[size_t(i * Sk + j)] = x;  // before the cap: its derivative needs it
           if (cap > 0) x = cap * std::tanh(x / cap);
-          if (!opt.bias.empty()) {
-            const auto& bd = opt.bias.dims;
-            x += double(opt.bias.data[(((bd[0] == 1 ? 0 : b) * bd[1] + (bd[1] == 1 ? 0 : h)) * Sq + i) * Sk + j]);
-          }
+          if (!opt.bias.empty()) x += opt.bias(b, h, i, j);
           bool visible = j < len;
           if (opt.causal || opt.window > 0) visible = visible && j <= pos;
           if (opt.window > 0) visible = visible && j >= pos - opt.window + 1;
