@@ -511,7 +511,7 @@ auto permute_heads(const Derived& w, span<const Index> order) {
 // rotation and is fitted as above.
 // KNOWN SHORTFALL (rotary): the per-pair fit is the least-squares optimum of its objective and exact where it
 // should be, but that objective does not predict the function with rotary embedding: on SmolLM2-135M pooled 3 -> 1
-// fit gives a far higher perplexity than mean (182,085 against 33,602 over 1,022 held-out tokens scored, context 512;
+// fit gives a far higher perplexity than mean (182,085 against 33,602 over 1,022 held-out tokens, context 512;
 // native 35.4), although on random heads with white inputs it keeps a little more than mean (output error
 // 0.82x mean's at 8 -> 4 KV heads, 0.98x at 8 -> 1). The loss is on the V side: mean K with fitted V gives
 // 186,739 too. A likely cause, not yet verified: Llama-family residual streams carry a few huge activations
