@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -440,4 +441,400 @@ TEST_CASE("convert: bad arguments throw, naming the argument and the values", "[
   gqa::RowMajorTensor<float, 3> w3(6, 8, 4);
   w3.setZero();
   CHECK_THROWS_AS(gqa::pool_heads(w3, 3), gqa::shape_error);
+}
+
+// ---- pool_attention: whole layers, and the function-aware method `fit` ------------------------------------------
+
+namespace {
+
+using gqa::AttentionShape;
+using gqa::RotaryPairs;
+
+/// One layer's weights in double (nn.Linear layout, as gqa::AttentionView), with its sizes.
+struct Layer {
+  AttentionShape shape;
+  std::vector<double> wq, bq, wk, bk, wv, bv, wo, bo, norm_w, norm_b;
+};
+
+template <typename T>
+std::vector<T> cast_to(const std::vector<double>& v) {
+  std::vector<T> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = static_cast<T>(static_cast<gqa::compute_t<T>>(v[i]));
+  return out;
+}
+
+template <typename T>
+std::vector<double> cast_from(const std::vector<T>& v) {
+  std::vector<double> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = static_cast<double>(static_cast<gqa::compute_t<T>>(v[i]));
+  return out;
+}
+
+/// The layer after pool_attention<T>, in double, with kv_heads = groups.
+template <typename T>
+Layer pooled(const Layer& l, Index groups, const gqa::ConvertOptions& o) {
+  const auto wq = cast_to<T>(l.wq), bq = cast_to<T>(l.bq), wk = cast_to<T>(l.wk), bk = cast_to<T>(l.bk),
+             wv = cast_to<T>(l.wv), bv = cast_to<T>(l.bv), wo = cast_to<T>(l.wo), bo = cast_to<T>(l.bo),
+             nw = cast_to<T>(l.norm_w), nb = cast_to<T>(l.norm_b);
+  const auto r = gqa::pool_attention<T>({wq, bq, wk, bk, wv, bv, wo, bo, nw, nb}, l.shape, groups, o);
+  Layer out{l.shape, cast_from(r.wq), cast_from(r.bq), cast_from(r.wk), cast_from(r.bk), cast_from(r.wv),
+            cast_from(r.bv), cast_from(r.wo), cast_from(r.bo), l.norm_w, l.norm_b};
+  out.shape.kv_heads = groups;
+  return out;
+}
+
+/// Naive double attention layer on tokens x [S, hidden]: y = O(concat_h softmax(q_h k^T / sqrt(D)) v) + bo, with
+/// the rotary embedding (theta 10000) at positions 0 .. S-1 when the shape has one, no mask. Returns [S, hidden].
+std::vector<double> run_layer(const Layer& l, const std::vector<double>& x, Index S) {
+  const auto& s = l.shape;
+  const Index d = s.hidden, D = s.head_dim, H = s.query_heads, G = s.kv_heads, r = H / G;
+  auto project = [&](const std::vector<double>& w, const std::vector<double>& b, Index rows) {
+    std::vector<double> y(static_cast<std::size_t>(S * rows));
+    for (Index t = 0; t < S; ++t)
+      for (Index j = 0; j < rows; ++j) {
+        double acc = b.empty() ? 0.0 : b[std::size_t(j)];
+        for (Index i = 0; i < d; ++i) acc += w[std::size_t(j * d + i)] * x[std::size_t(t * d + i)];
+        y[std::size_t(t * rows + j)] = acc;
+      }
+    return y;
+  };
+  auto q = project(l.wq, l.bq, H * D), k = project(l.wk, l.bk, G * D), v = project(l.wv, l.bv, G * D);
+  auto rotate = [&](std::vector<double>& y, Index heads) {
+    if (s.rotary == RotaryPairs::none) return;
+    for (Index t = 0; t < S; ++t)
+      for (Index h = 0; h < heads; ++h)
+        for (Index p = 0; p < D / 2; ++p) {
+          const Index a = s.rotary == RotaryPairs::half_split ? p : 2 * p;
+          const Index b = s.rotary == RotaryPairs::half_split ? p + D / 2 : 2 * p + 1;
+          const double angle = double(t) * std::pow(10000.0, -2.0 * double(p) / double(D));
+          double& re = y[std::size_t((t * heads + h) * D + a)];
+          double& im = y[std::size_t((t * heads + h) * D + b)];
+          const double nr = re * std::cos(angle) - im * std::sin(angle), ni = re * std::sin(angle) + im * std::cos(angle);
+          re = nr;
+          im = ni;
+        }
+  };
+  rotate(q, H);
+  rotate(k, G);
+  std::vector<double> heads_out(std::size_t(S * H * D), 0.0);
+  std::vector<double> p(static_cast<std::size_t>(S));
+  for (Index h = 0; h < H; ++h)
+    for (Index i = 0; i < S; ++i) {
+      double mx = -1e300, sum = 0;
+      for (Index j = 0; j < S; ++j) {
+        double dot = 0;
+        for (Index e = 0; e < D; ++e) dot += q[std::size_t((i * H + h) * D + e)] * k[std::size_t((j * G + h / r) * D + e)];
+        p[std::size_t(j)] = dot / std::sqrt(double(D));
+        mx = std::max(mx, p[std::size_t(j)]);
+      }
+      for (auto& e : p) sum += (e = std::exp(e - mx));
+      for (Index j = 0; j < S; ++j)
+        for (Index e = 0; e < D; ++e)
+          heads_out[std::size_t((i * H + h) * D + e)] += p[std::size_t(j)] / sum * v[std::size_t((j * G + h / r) * D + e)];
+    }
+  std::vector<double> y(std::size_t(S * d));
+  for (Index t = 0; t < S; ++t)
+    for (Index i = 0; i < d; ++i) {
+      double acc = l.bo.empty() ? 0.0 : l.bo[std::size_t(i)];
+      for (Index j = 0; j < H * D; ++j) acc += l.wo[std::size_t(i * H * D + j)] * heads_out[std::size_t(t * H * D + j)];
+      y[std::size_t(t * d + i)] = acc;
+    }
+  return y;
+}
+
+/// max |a - b| / max |b|.
+double relative_error(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    num = std::max(num, std::abs(a[i] - b[i]));
+    den = std::max(den, std::abs(b[i]));
+  }
+  return num / den;
+}
+
+std::vector<double> gaussian(Index n, std::mt19937& rng, double sigma = 1.0) {
+  std::normal_distribution<double> nd(0.0, sigma);
+  std::vector<double> v(static_cast<std::size_t>(n));
+  for (auto& e : v) e = nd(rng);
+  return v;
+}
+
+/// Rows [first, first + n) of a row-major matrix with `cols` columns replaced by T * those rows (T n x n).
+void transform_rows(std::vector<double>& w, Index first, Index n, Index cols, const std::vector<double>& t) {
+  std::vector<double> old(w.begin() + first * cols, w.begin() + (first + n) * cols);
+  for (Index i = 0; i < n; ++i)
+    for (Index c = 0; c < cols; ++c) {
+      double acc = 0;
+      for (Index j = 0; j < n; ++j) acc += t[std::size_t(i * n + j)] * old[std::size_t(j * cols + c)];
+      w[std::size_t((first + i) * cols + c)] = acc;
+    }
+}
+
+/// A random layer; `biases` adds all six biases and a LayerNorm-style norm_weight/norm_bias.
+Layer random_layer(AttentionShape s, bool biases, std::mt19937& rng) {
+  const Index d = s.hidden, hq = s.query_heads * s.head_dim, hk = s.kv_heads * s.head_dim;
+  Layer l{s, gaussian(hq * d, rng, 0.4), {}, gaussian(hk * d, rng, 0.4), {}, gaussian(hk * d, rng), {},
+          gaussian(d * hq, rng), {}, {}, {}};
+  if (biases) {
+    l.bq = gaussian(hq, rng, 0.3);
+    l.bk = gaussian(hk, rng, 0.3);
+    l.bv = gaussian(hk, rng, 0.3);
+    l.bo = gaussian(d, rng, 0.3);
+    l.norm_w = gaussian(d, rng, 0.3);
+    for (auto& e : l.norm_w) e += 1.0;
+    l.norm_b = gaussian(d, rng, 0.2);
+  }
+  return l;
+}
+
+/// Inputs as the layer sees them: norm_weight * n + norm_bias with n standard normal (or plain n without a norm).
+std::vector<double> layer_inputs(const Layer& l, Index S, std::mt19937& rng) {
+  auto x = gaussian(S * l.shape.hidden, rng);
+  if (!l.norm_w.empty())
+    for (Index t = 0; t < S; ++t)
+      for (Index i = 0; i < l.shape.hidden; ++i) {
+        auto& e = x[std::size_t(t * l.shape.hidden + i)];
+        e = e * l.norm_w[std::size_t(i)] + l.norm_b[std::size_t(i)];
+      }
+  return x;
+}
+
+/// Makes every KV head of each adjacent group of `group` heads a function-preserving transform of the group's
+/// first head: K by a random invertible D x D matrix (without rotary embedding) or a scale and rotation per
+/// rotary pair (with one), V by a random invertible D x D matrix. The model's function changes, but within a group
+/// the heads now differ only by what the function ignores, once the queries and outputs are refitted.
+void make_heads_equivalent(Layer& l, Index group, std::mt19937& rng) {
+  const auto& s = l.shape;
+  const Index D = s.head_dim, d = s.hidden;
+  auto invertible = [&] {
+    auto t = gaussian(D * D, rng, 0.5 / std::sqrt(double(D)));
+    for (Index i = 0; i < D; ++i) t[std::size_t(i * D + i)] += 1.0;  // near the identity: well conditioned
+    return t;
+  };
+  for (Index k = 0; k < s.kv_heads; ++k) {
+    if (k % group == 0) continue;
+    const Index first = k - k % group;
+    // A head's bias is its weights' extra column: copied and transformed with them.
+    auto copy_head = [&](std::vector<double>& w, std::vector<double>& b) {
+      std::copy(w.begin() + first * D * d, w.begin() + (first + 1) * D * d, w.begin() + k * D * d);
+      if (!b.empty()) std::copy(b.begin() + first * D, b.begin() + (first + 1) * D, b.begin() + k * D);
+    };
+    auto transform_head = [&](std::vector<double>& w, std::vector<double>& b, const std::vector<double>& t) {
+      transform_rows(w, k * D, D, d, t);
+      if (!b.empty()) transform_rows(b, k * D, D, 1, t);
+    };
+    copy_head(l.wk, l.bk);
+    copy_head(l.wv, l.bv);
+    transform_head(l.wv, l.bv, invertible());
+    if (s.rotary == RotaryPairs::none) {
+      transform_head(l.wk, l.bk, invertible());
+      continue;
+    }
+    std::vector<double> t(std::size_t(D * D), 0.0);  // block rotation-scale per pair, in the pair layout
+    for (Index p = 0; p < D / 2; ++p) {
+      const Index a = s.rotary == RotaryPairs::half_split ? p : 2 * p;
+      const Index b = s.rotary == RotaryPairs::half_split ? p + D / 2 : 2 * p + 1;
+      std::uniform_real_distribution<double> ang(0, 6.283185307179586), mag(0.5, 2.0);
+      const double phi = ang(rng), m = mag(rng);
+      t[std::size_t(a * D + a)] = m * std::cos(phi);
+      t[std::size_t(a * D + b)] = -m * std::sin(phi);
+      t[std::size_t(b * D + a)] = m * std::sin(phi);
+      t[std::size_t(b * D + b)] = m * std::cos(phi);
+    }
+    transform_head(l.wk, l.bk, t);
+  }
+}
+
+gqa::ConvertOptions with_method(gqa::PoolMethod m) {
+  gqa::ConvertOptions o;
+  o.method = m;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("pool_attention fit: heads that differ only by what the function ignores pool exactly; mean does not",
+          "[convert][fit]") {
+  // Exact in double up to the eigensolver's rounding (relative 1e-9 is ~1e6 ulps of margin for 24-feature layers);
+  // mean pooling of the same heads loses the function (relative error of order 1).
+  std::mt19937 rng(21);
+  struct Case {
+    AttentionShape shape;
+    Index groups;
+    bool biases;
+  };
+  const Case cases[] = {
+      {{24, 6, 6, 4, RotaryPairs::none}, 2, true},         // BERT-like MHA, groups of 3, biases and a LayerNorm
+      {{24, 6, 6, 4, RotaryPairs::none}, 1, false},        // MQA
+      {{20, 6, 3, 8, RotaryPairs::half_split}, 1, false},  // Llama-like GQA 3 -> 1, Hugging Face rotary pairs
+      {{20, 8, 4, 6, RotaryPairs::interleaved}, 2, true},  // interleaved pairs, with biases (k bias rotates)
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.shape.query_heads, c.shape.kv_heads, c.shape.head_dim, c.groups, int(c.shape.rotary), c.biases);
+    Layer l = random_layer(c.shape, c.biases, rng);
+    make_heads_equivalent(l, c.shape.kv_heads / c.groups, rng);
+    const Index S = 9;
+    const auto x = layer_inputs(l, S, rng);
+    const auto want = run_layer(l, x, S);
+    CHECK(relative_error(run_layer(pooled<double>(l, c.groups, with_method(gqa::PoolMethod::fit)), x, S), want) < 1e-9);
+    CHECK(relative_error(run_layer(pooled<double>(l, c.groups, with_method(gqa::PoolMethod::mean)), x, S), want) > 0.05);
+    // float storage: one rounding of weights of size ~1 -> relative error ~1e-6 through one layer
+    CHECK(relative_error(run_layer(pooled<float>(l, c.groups, with_method(gqa::PoolMethod::fit)), x, S), want) < 1e-4);
+  }
+}
+
+TEMPLATE_TEST_CASE("pool_attention: G = kv_heads is the identity and an expanded layer pools back, bit for bit",
+                   "[convert][fit]", float, double, gqa::bfloat16, gqa::half) {
+  std::mt19937 rng(22);
+  for (auto rotary : {RotaryPairs::none, RotaryPairs::half_split}) {
+    for (bool biases : {false, true}) {
+      // A GQA layer with 2 KV heads, stored in TestType (the double values rounded once).
+      Layer l = random_layer({12, 4, 2, 4, rotary}, biases, rng);
+      for (auto* v : {&l.wq, &l.bq, &l.wk, &l.bk, &l.wv, &l.bv, &l.wo, &l.bo, &l.norm_w, &l.norm_b})
+        *v = cast_from(cast_to<TestType>(*v));
+      for (auto m : {gqa::PoolMethod::fit, gqa::PoolMethod::mean, gqa::PoolMethod::first}) {
+        CAPTURE(int(rotary), biases, gqa::to_string(m));
+        const Layer same = pooled<TestType>(l, 2, with_method(m));
+        CHECK((same.wq == l.wq && same.bq == l.bq && same.wk == l.wk && same.bk == l.bk && same.wv == l.wv &&
+               same.bv == l.bv && same.wo == l.wo && same.bo == l.bo));
+        // Expanded to MHA (4 KV heads, each repeated), then pooled back to 2.
+        Layer wide = l;
+        wide.shape.kv_heads = 4;
+        const ProjectionShape ks{WeightLayout::linear, 2, 4, 12}, kb = ProjectionShape::bias(2, 4);
+        wide.wk = expand(l.wk, ks, 4);
+        wide.wv = expand(l.wv, ks, 4);
+        if (biases) {
+          wide.bk = expand(l.bk, kb, 4);
+          wide.bv = expand(l.bv, kb, 4);
+        }
+        const Layer back = pooled<TestType>(wide, 2, with_method(m));
+        CHECK((back.wq == l.wq && back.bq == l.bq && back.wk == l.wk && back.bk == l.bk && back.wv == l.wv &&
+               back.bv == l.bv && back.wo == l.wo && back.bo == l.bo));
+      }
+    }
+  }
+}
+
+TEST_CASE("pool_attention: mean, first and random pool K/V as pool_heads does and keep Q/O", "[convert][fit]") {
+  std::mt19937 rng(23);
+  const Layer l = random_layer({10, 6, 6, 4, RotaryPairs::none}, true, rng);
+  const ProjectionShape ks{WeightLayout::linear, 6, 4, 10}, kb = ProjectionShape::bias(6, 4);
+  const auto wk = cast_to<float>(l.wk), bk = cast_to<float>(l.bk), wv = cast_to<float>(l.wv), bv = cast_to<float>(l.bv);
+  for (auto m : {gqa::PoolMethod::mean, gqa::PoolMethod::first, gqa::PoolMethod::random}) {
+    gqa::ConvertOptions o = with_method(m);
+    o.seed = 5;
+    const auto wq = cast_to<float>(l.wq), bq = cast_to<float>(l.bq), wo = cast_to<float>(l.wo), bo = cast_to<float>(l.bo);
+    const auto r = gqa::pool_attention<float>({wq, bq, wk, bk, wv, bv, wo, bo, {}, {}}, l.shape, 3, o);
+    CHECK(bitwise_equal(r.wk, pool(wk, ks, 3, o)));
+    CHECK(bitwise_equal(r.bk, pool(bk, kb, 3, o)));
+    CHECK(bitwise_equal(r.wv, pool(wv, ks, 3, o)));
+    CHECK(bitwise_equal(r.bv, pool(bv, kb, 3, o)));
+    CHECK((bitwise_equal(r.wq, wq) && bitwise_equal(r.bq, bq) && bitwise_equal(r.wo, wo) && bitwise_equal(r.bo, bo)));
+  }
+}
+
+TEST_CASE("pool_attention: a non-adjacent assignment reorders the query heads and keeps the function",
+          "[convert][fit]") {
+  // Heads 0, 2, 4 and 1, 3, 5 are made equivalent (the groups of an interleaved assignment): fit with that
+  // assignment is exact once the result's query heads follow query_head_order; mean with it equals pooling the
+  // reordered layer adjacently.
+  std::mt19937 rng(24);
+  Layer l = random_layer({16, 6, 6, 4, RotaryPairs::none}, true, rng);
+  Layer adjacent = l;  // heads reordered 0 2 4 1 3 5, then made equivalent in adjacent groups of 3
+  const std::vector<Index> assignment{0, 1, 0, 1, 0, 1}, order{0, 2, 4, 1, 3, 5};
+  const ProjectionShape qs{WeightLayout::linear, 6, 4, 16}, os{WeightLayout::hidden_first, 6, 4, 16},
+      bs = ProjectionShape::bias(6, 4);
+  auto reorder = [&](std::vector<double>& v, const ProjectionShape& s) {
+    std::vector<double> p(v.size());
+    gqa::permute_heads<double>(v, s, order, p);
+    v = p;
+  };
+  for (auto* v : {&adjacent.wq, &adjacent.wk, &adjacent.wv}) reorder(*v, qs);
+  for (auto* v : {&adjacent.bq, &adjacent.bk, &adjacent.bv}) reorder(*v, bs);
+  reorder(adjacent.wo, os);
+  make_heads_equivalent(adjacent, 3, rng);
+  // Undo the reordering on the equivalent heads: the original layer, with equivalent heads 0 2 4 and 1 3 5.
+  const std::vector<Index> inverse{0, 3, 1, 4, 2, 5};
+  auto undo = [&](const std::vector<double>& v, const ProjectionShape& s) {
+    std::vector<double> p(v.size());
+    gqa::permute_heads<double>(v, s, inverse, p);
+    return p;
+  };
+  l = adjacent;
+  l.wq = undo(adjacent.wq, qs), l.wk = undo(adjacent.wk, qs), l.wv = undo(adjacent.wv, qs);
+  l.bq = undo(adjacent.bq, bs), l.bk = undo(adjacent.bk, bs), l.bv = undo(adjacent.bv, bs);
+  l.wo = undo(adjacent.wo, os);
+  const Index S = 7;
+  const auto x = layer_inputs(l, S, rng);
+  const auto want = run_layer(l, x, S);
+  REQUIRE(relative_error(run_layer(adjacent, x, S), want) < 1e-12);  // the reordering keeps the function
+  gqa::ConvertOptions o = with_method(gqa::PoolMethod::fit);
+  o.assignment = assignment;
+  CHECK(relative_error(run_layer(pooled<double>(l, 2, o), x, S), want) < 1e-9);
+  CHECK(relative_error(run_layer(pooled<double>(l, 2, with_method(gqa::PoolMethod::fit)), x, S), want) > 0.05);
+  o.method = gqa::PoolMethod::mean;
+  const Layer a = pooled<double>(l, 2, o), b = pooled<double>(adjacent, 2, with_method(gqa::PoolMethod::mean));
+  CHECK((a.wq == b.wq && a.bq == b.bq && a.wk == b.wk && a.bk == b.bk && a.wv == b.wv && a.bv == b.bv &&
+         a.wo == b.wo && a.bo == b.bo));
+}
+
+TEST_CASE("pool_attention fit keeps more of random heads' function than mean pooling (no rotary embedding)",
+          "[convert][fit]") {
+  // Random heads share nothing a fit could recover exactly; fit still keeps the best D-dimensional K and V of each
+  // group, so its error is below mean pooling's (fixed seeds; observed ratios 0.81 at G = 2, 0.90 at G = 1).
+  // Rotary embedding is left out: there fit is not reliably better (see the header's KNOWN SHORTFALL).
+  std::mt19937 rng(25);
+  const Layer l = random_layer({32, 8, 8, 8, RotaryPairs::none}, true, rng);
+  const Index S = 16;
+  const auto x = layer_inputs(l, S, rng);
+  const auto want = run_layer(l, x, S);
+  auto rms_error = [&](const Layer& p) {
+    const auto y = run_layer(p, x, S);
+    double e = 0;
+    for (std::size_t i = 0; i < y.size(); ++i) e += (y[i] - want[i]) * (y[i] - want[i]);
+    return std::sqrt(e / double(y.size()));
+  };
+  for (Index g : {Index(4), Index(2), Index(1)}) {
+    CAPTURE(g);
+    const double fit = rms_error(pooled<double>(l, g, with_method(gqa::PoolMethod::fit)));
+    const double mean = rms_error(pooled<double>(l, g, with_method(gqa::PoolMethod::mean)));
+    CHECK(fit < 0.95 * mean);
+  }
+}
+
+TEST_CASE("pool_attention: bad arguments throw, naming the argument and the values", "[convert][fit][errors]") {
+  using Catch::Matchers::Contains;
+  std::mt19937 rng(26);
+  const Layer l = random_layer({10, 4, 2, 4, RotaryPairs::none}, true, rng);
+  auto f = [](const std::vector<double>& v) { return cast_to<float>(v); };
+  auto wq = f(l.wq), bq = f(l.bq), wk = f(l.wk), bk = f(l.bk), wv = f(l.wv), bv = f(l.bv), wo = f(l.wo), bo = f(l.bo);
+  const gqa::ConvertOptions fit = with_method(gqa::PoolMethod::fit);
+  auto call = [&](AttentionShape s, Index g, const gqa::ConvertOptions& o) {
+    return gqa::pool_attention<float>({wq, bq, wk, bk, wv, bv, wo, bo, {}, {}}, s, g, o);
+  };
+  CHECK_NOTHROW(call(l.shape, 1, fit));
+  CHECK_THROWS_MATCHES(call({10, 4, 3, 4}, 1, fit), gqa::shape_error, Catch::Matchers::Message(
+      "[gqa.shape] pool_attention: kv_heads = 3 does not divide query_heads = 4"));
+  CHECK_THROWS_WITH(call(l.shape, 3, fit), Contains("G = 3") && Contains("H = 2"));
+  CHECK_THROWS_WITH(call({10, 4, 2, 3, RotaryPairs::half_split}, 1, fit), Contains("even head_dim, got 3"));
+  CHECK_THROWS_WITH(call({11, 4, 2, 4}, 1, fit), Contains("wq [query_heads*head_dim, hidden].size() = 160") &&
+                                                     Contains("needs 176"));
+  bk.pop_back();
+  CHECK_THROWS_AS(call(l.shape, 1, fit), gqa::shape_error);
+  CHECK_THROWS_WITH(call(l.shape, 1, fit), Contains("bk [kv_heads*head_dim].size() = 7") && Contains("(or 0: none)"));
+  bk = f(l.bk);
+  wv[5] = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_AS(call(l.shape, 1, fit), gqa::invalid_argument);
+  CHECK_THROWS_WITH(call(l.shape, 1, fit), Contains("[gqa.convert.nonfinite]") && Contains("wv[5] = nan"));
+  CHECK_NOTHROW(call(l.shape, 1, with_method(gqa::PoolMethod::mean)));  // mean pools whatever it is given
+  gqa::ConvertOptions bad = fit;
+  bad.assignment = {0, 0};
+  CHECK_THROWS_WITH(call(l.shape, 2, bad), Contains("group 0 has 2 heads"));
+  // pool_heads cannot do fit: it sees one tensor.
+  std::vector<float> out(static_cast<std::size_t>(4 * 10));
+  CHECK_THROWS_WITH(gqa::pool_heads<float>(wk, {WeightLayout::linear, 2, 4, 10}, 1, out, fit),
+                    Contains("[gqa.convert.method]") && Contains("pool_attention()"));
+  CHECK(gqa::parse_pool_method("auto") == gqa::PoolMethod::fit);
+  CHECK(gqa::parse_pool_method("fit") == gqa::PoolMethod::fit);
+  CHECK(std::string(gqa::to_string(gqa::PoolMethod::fit)) == "fit");
 }
