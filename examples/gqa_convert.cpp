@@ -113,6 +113,9 @@ Command parse_command_line(int argc, char** argv) {
       const std::string m = value();
       const auto method = gqa::parse_pool_method(m);
       if (!method) usage_error("--method must be mean, first or random, not '" + m + "'");
+      if (*method == gqa::PoolMethod::fit)
+        usage_error("--method fit rewrites the q and o projections too, which checkpoint conversion does not do yet: "
+                    "use gqa::pool_attention (gqa/convert.hpp) from C++; --method must be mean, first or random");
       c.options.convert.method = *method;
       c.have_method = true;
     } else if (arg == "--seed") {

@@ -73,12 +73,13 @@ inline const char* to_string(PoolMethod m) noexcept {
   return "?";
 }
 
-/// The method called `name`, or nullopt. "auto" names the best data-free method gqa has: fit.
+/// The method called `name`, or nullopt. No "auto" yet: fit beats mean on BERT-family layers but not on rotary
+/// (Llama-family) ones (see pool_attention), so no single method is the best data-free choice everywhere.
 inline std::optional<PoolMethod> parse_pool_method(std::string_view name) noexcept {
   if (name == "mean") return PoolMethod::mean;
   if (name == "first") return PoolMethod::first;
   if (name == "random") return PoolMethod::random;
-  if (name == "fit" || name == "auto") return PoolMethod::fit;
+  if (name == "fit") return PoolMethod::fit;
   return std::nullopt;
 }
 

@@ -48,6 +48,7 @@ inline constexpr ErrorId error_ids[] = {
   {"gqa.convert.assignment", "invalid_argument", "ConvertOptions::assignment is not a partition of the H heads "
                                      "into G groups of H/G"},
   {"gqa.convert.method",     "invalid_argument", "ConvertOptions::method is not a PoolMethod"},
+  {"gqa.convert.nonfinite",  "invalid_argument", "pool_attention: a weight or bias is NaN or infinite"},
   {"gqa.convert.order",      "invalid_argument", "permute_heads: the order is not a permutation of the heads"},
   // safetensors files (gqa/safetensors.hpp): reading, validated field by field
   {"gqa.safetensors.truncated",      "format_error", "the file is shorter than the 8-byte header length"},
