@@ -351,7 +351,7 @@ TEST_CASE("the checkpoint expanded to G = H gives the same logits", "[decoder]")
       LlamaFixture f = fixture(v);
       f.write(dir / "g2");
       gqa::CheckpointOptions opt;
-      opt.groups = 8;
+      opt.kv_heads = 8;
       gqa::convert_checkpoint(dir / "g2", dir / "g8", opt);
       const llama::Model g2 = llama::Model::load(dir / "g2"), g8 = llama::Model::load(dir / "g8");
       REQUIRE(g2.config().kv_heads == 2);
