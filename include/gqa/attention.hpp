@@ -40,11 +40,47 @@
 namespace gqa {
 namespace detail {
 
+/// q, k, v as const views, with the element-type rules every attention entry point shares (forward and backward).
+template <typename T, typename KVT>
+struct InputRefs {
+  TensorRef<const T> q;
+  TensorRef<const KVT> k, v;
+};
+
+template <typename Q, typename K, typename V>
+auto input_refs(const Q& q, const K& k, const V& v) {
+  const auto qr = as_ref(q);
+  const auto kr = as_ref(k);
+  const auto vr = as_ref(v);
+  using T = ref_elem_t<decltype(qr)>;
+  using KVT = ref_elem_t<decltype(kr)>;
+  static_assert(is_storage_type_v<T> && is_storage_type_v<KVT>,
+                "gqa: element types must be float, double, bfloat16 or half");
+  static_assert(std::is_same_v<KVT, ref_elem_t<decltype(vr)>>, "gqa: k and v must have the same element type");
+  return InputRefs<T, KVT>{TensorRef<const T>(qr), TensorRef<const KVT>(kr), TensorRef<const KVT>(vr)};
+}
+
+/// `x` as a view that gqa writes into, of element type `T`.
+template <typename T, typename X>
+auto output_ref(X& x) {
+  auto r = as_ref(x);
+  static_assert(std::is_same_v<T, ref_elem_t<decltype(r)>>,
+                "gqa: out and d_q must have q's element type, d_k and d_v k's");
+  static_assert(!std::is_const_v<std::remove_pointer_t<decltype(r.data)>>, "gqa: outputs must be writable");
+  return r;
+}
+
+/// `x` as a view that gqa only reads, of element type `T` (the backward's out and d_out).
+template <typename T, typename X>
+TensorRef<const T> input_ref(const X& x) {
+  const auto r = as_ref(x);
+  static_assert(std::is_same_v<T, ref_elem_t<decltype(r)>>, "gqa: out and d_out must have q's element type");
+  return TensorRef<const T>(r);
+}
+
 template <int GroupSize, typename T, typename KVT>
 void attention_impl(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<const KVT> v, TensorRef<T> out,
                     const AttentionOptions& options) {
-  static_assert(is_storage_type_v<T> && is_storage_type_v<KVT>,
-                "gqa: element types must be float, double, bfloat16 or half");
   static_assert(GroupSize == Dynamic || GroupSize >= 1, "gqa: GroupSize must be Dynamic or >= 1");
   const auto p = make_params<T, KVT>(q, k, v, out, options);
   if constexpr (GroupSize != Dynamic)
@@ -60,17 +96,10 @@ void attention_impl(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<cons
 template <int GroupSize = Dynamic, typename Q, typename K, typename V, typename O,
           typename = std::enable_if_t<!std::is_same_v<std::decay_t<O>, AttentionOptions>>>
 void attention(const Q& q, const K& k, const V& v, O&& out, const AttentionOptions& options = {}) {
-  auto qr = detail::as_ref(q);
-  auto kr = detail::as_ref(k);
-  auto vr = detail::as_ref(v);
-  auto orf = detail::as_ref(out);
-  using T = detail::ref_elem_t<decltype(qr)>;
-  using KVT = detail::ref_elem_t<decltype(kr)>;
-  static_assert(std::is_same_v<KVT, detail::ref_elem_t<decltype(vr)>>, "gqa: k and v must have the same element type");
-  static_assert(std::is_same_v<T, detail::ref_elem_t<decltype(orf)>>, "gqa: out must have q's element type");
-  static_assert(!std::is_const_v<std::remove_pointer_t<decltype(orf.data)>>, "gqa: out must be writable");
-  detail::attention_impl<GroupSize, T, KVT>(TensorRef<const T>(qr), TensorRef<const KVT>(kr),
-                                            TensorRef<const KVT>(vr), orf, options);
+  const auto in = detail::input_refs(q, k, v);
+  using T = detail::ref_elem_t<decltype(in.q)>;
+  using KVT = detail::ref_elem_t<decltype(in.k)>;
+  detail::attention_impl<GroupSize, T, KVT>(in.q, in.k, in.v, detail::output_ref<T>(out), options);
 }
 
 /// Attention returning a new tensor [B, Sq, H, D] of q's element type.

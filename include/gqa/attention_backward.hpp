@@ -44,33 +44,12 @@ namespace gqa {
 template <typename Q, typename K, typename V, typename O, typename DO, typename DQ, typename DK, typename DV>
 void attention_backward(const Q& q, const K& k, const V& v, const O& out, const DO& d_out, DQ&& d_q, DK&& d_k,
                         DV&& d_v, const AttentionOptions& options = {}, span<float> d_bias = {}) {
-  auto qr = detail::as_ref(q);
-  auto kr = detail::as_ref(k);
-  auto vr = detail::as_ref(v);
-  auto orf = detail::as_ref(out);
-  auto dor = detail::as_ref(d_out);
-  auto dqr = detail::as_ref(d_q);
-  auto dkr = detail::as_ref(d_k);
-  auto dvr = detail::as_ref(d_v);
-  using T = detail::ref_elem_t<decltype(qr)>;
-  using KVT = detail::ref_elem_t<decltype(kr)>;
-  static_assert(is_storage_type_v<T> && is_storage_type_v<KVT>,
-                "gqa: element types must be float, double, bfloat16 or half");
-  static_assert(std::is_same_v<KVT, detail::ref_elem_t<decltype(vr)>>, "gqa: k and v must have the same element type");
-  static_assert(std::is_same_v<T, detail::ref_elem_t<decltype(orf)>> &&
-                    std::is_same_v<T, detail::ref_elem_t<decltype(dor)>> &&
-                    std::is_same_v<T, detail::ref_elem_t<decltype(dqr)>>,
-                "gqa: out, d_out and d_q must have q's element type");
-  static_assert(std::is_same_v<KVT, detail::ref_elem_t<decltype(dkr)>> &&
-                    std::is_same_v<KVT, detail::ref_elem_t<decltype(dvr)>>,
-                "gqa: d_k and d_v must have k's element type");
-  static_assert(!std::is_const_v<std::remove_pointer_t<decltype(dqr.data)>> &&
-                    !std::is_const_v<std::remove_pointer_t<decltype(dkr.data)>> &&
-                    !std::is_const_v<std::remove_pointer_t<decltype(dvr.data)>>,
-                "gqa: d_q, d_k and d_v must be writable");
+  const auto in = detail::input_refs(q, k, v);
+  using T = detail::ref_elem_t<decltype(in.q)>;
+  using KVT = detail::ref_elem_t<decltype(in.k)>;
   const auto p = detail::make_backward_params<T, KVT>(
-      TensorRef<const T>(qr), TensorRef<const KVT>(kr), TensorRef<const KVT>(vr), TensorRef<const T>(orf),
-      TensorRef<const T>(dor), dqr, dkr, dvr, options, d_bias);
+      in.q, in.k, in.v, detail::input_ref<T>(out), detail::input_ref<T>(d_out), detail::output_ref<T>(d_q),
+      detail::output_ref<KVT>(d_k), detail::output_ref<KVT>(d_v), options, d_bias);
   detail::flash_attention_backward(p);
 }
 
