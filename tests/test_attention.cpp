@@ -11,6 +11,7 @@
 
 #include "support/compare.hpp"
 #include "support/random.hpp"
+#include "support/sweep.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -43,38 +44,12 @@ constexpr Tolerance kBf16OutTol{2e-5, 0x1.0p-8 + 2e-5};
 // log-sum-exp rows are O(log Sk + max logit) <= ~15, computed in float: 1e-5 relative is ~100 float ulps.
 constexpr Tolerance kLseTol{1e-5, 1e-5};
 
-/// One attention call of the sweep: shape, masks and a seed.
-struct Case {
-  Shape s;
-  bool causal = false;
-  Index window = 0;
-  bool ragged = false;  // random key lengths in [min_len, Sk], the last sequence at Sk
-  std::uint64_t seed = 1;
-  Index min_len = 0;
-
-  std::string name() const {
-    std::ostringstream os;
-    os << s.str() << (causal ? "/causal" : "") << (window ? "/window:" + std::to_string(window) : "")
-       << (ragged ? "/ragged" + (min_len ? ">=" + std::to_string(min_len) : std::string()) : "") << "/seed:" << seed;
-    return os.str();
-  }
-};
-
-/// Poisons K/V rows past each sequence's key length with NaN: the kernel must never read padding.
-template <typename KVT>
-void poison_padding(Tensor4<KVT>& t, const std::vector<std::int32_t>& len) {
-  const KVT nan = KVT(std::numeric_limits<float>::quiet_NaN());
-  for (Index b = 0; b < t.dimension(0); ++b)
-    for (Index j = len[size_t(b)]; j < t.dimension(1); ++j)
-      for (Index g = 0; g < t.dimension(2); ++g)
-        for (Index d = 0; d < t.dimension(3); ++d) t(b, j, g, d) = nan;
-}
-
-/// The key lengths check_case uses for a ragged case (all Sk otherwise).
-std::vector<std::int32_t> case_lengths(const Case& c) {
-  return c.ragged ? gqa_test::ragged_lengths(c.s.B, c.s.Sk, c.seed + 1000, c.min_len)
-                  : std::vector<std::int32_t>(size_t(c.s.B), std::int32_t(c.s.Sk));
-}
+using Case = gqa_test::MaskCase;
+using gqa_test::case_lengths;
+using gqa_test::edge_cases;
+using gqa_test::head_sweep;
+using gqa_test::poison_padding;
+using gqa_test::sequence_sweep;
 
 /// Runs one case through gqa::attention and the reference and checks output and log-sum-exp.
 template <typename T, typename KVT = T>
@@ -132,63 +107,6 @@ std::vector<Case> filter_cases(const std::vector<Case>& all, bool masked_out_row
   for (const auto& c : all)
     if (has_masked_out_rows(c) == masked_out_rows) r.push_back(c);
   return r;
-}
-
-/// Every (H, G) of the issue against every D, each with one of a few small (Sq, Sk): big heads, small sequences.
-std::vector<Case> head_sweep() {
-  const std::pair<Index, Index> hg[] = {{6, 6}, {6, 3}, {9, 3}, {16, 4}, {27, 1}, {65, 5}, {32, 8}};
-  const Index dims[] = {8, 59, 64, 111, 128};
-  const std::pair<Index, Index> seq[] = {{1, 1}, {3, 17}, {13, 29}, {1, 130}, {33, 20}};
-  std::vector<Case> cases;
-  std::uint64_t seed = 1;
-  for (size_t i = 0; i < std::size(hg); ++i)
-    for (size_t j = 0; j < std::size(dims); ++j) {
-      const auto [sq, sk] = seq[(i + j) % std::size(seq)];
-      Case c;
-      c.s = Shape{Index(1 + j % 2), sq, sk, hg[i].first, hg[i].second, dims[j]};
-      c.causal = (i + j) % 2 == 1;
-      c.ragged = c.s.B > 1 && (i % 3 == 0);
-      c.seed = seed++;
-      cases.push_back(c);
-    }
-  return cases;
-}
-
-/// The long (Sq, Sk) of the issue, with few heads and small D so the O(Sq*Sk) reference stays fast.
-std::vector<Case> sequence_sweep() {
-  std::vector<Case> cases;
-  auto add = [&](Shape s, bool causal, Index window, bool ragged) {
-    cases.push_back(Case{s, causal, window, ragged, std::uint64_t(100 + cases.size())});
-  };
-  //    B  Sq    Sk    H  G  D
-  add({1, 1, 1, 2, 1, 8}, false, 0, false);
-  add({1, 1, 4096, 4, 2, 64}, false, 0, false);
-  add({2, 1, 4096, 8, 2, 59}, true, 0, true);
-  add({1, 113, 203, 6, 3, 59}, false, 0, false);
-  add({3, 113, 203, 6, 3, 64}, true, 0, true);
-  add({3, 113, 203, 6, 3, 64}, true, 0, true);
-  cases.back().min_len = 113;  // ragged and causal, every row sees a key
-  add({2, 113, 203, 9, 3, 111}, true, 50, false);
-  add({1, 1023, 1024, 2, 1, 8}, false, 0, false);
-  add({1, 1023, 1024, 2, 1, 8}, true, 0, false);
-  add({1, 1024, 1023, 2, 2, 8}, false, 0, false);
-  add({1, 1024, 1023, 2, 2, 8}, true, 0, false);  // Sq > Sk: query 0 sees no key
-  add({2, 1024, 1023, 3, 1, 9}, true, 129, true);
-  add({1, 512, 256, 4, 1, 16}, true, 0, false);   // half the rows fully masked
-  add({2, 512, 256, 4, 2, 17}, false, 0, true);
-  return cases;
-}
-
-/// S = 1, G = 1 (MQA), G = H (MHA), D not a multiple of the AVX2 width (8 floats) nor of 4, D = 1, a group larger
-/// than the kernel's 128-row target, keys spanning a tile boundary by one.
-std::vector<Case> edge_cases() {
-  return {
-      {{1, 1, 1, 1, 1, 1}, false, 0, false, 200},   {{2, 1, 1, 8, 1, 3}, true, 0, false, 201},
-      {{1, 5, 7, 4, 4, 7}, false, 0, false, 202},   {{1, 7, 7, 4, 4, 9}, true, 0, false, 203},
-      {{3, 1, 33, 12, 1, 17}, false, 0, true, 204}, {{1, 2, 129, 2, 2, 15}, true, 0, false, 205},
-      {{1, 3, 257, 130, 1, 5}, false, 0, false, 206}, {{2, 129, 129, 2, 1, 31}, true, 0, true, 207},
-      {{2, 129, 300, 2, 1, 31}, true, 0, true, 209, 129}, {{1, 4, 12, 4, 2, 1}, true, 0, false, 208},
-  };
 }
 
 /// Decode shapes that split the key range: plan_tiles splits when B * G * query-tiles < 16 and Sk >= 2 * 512.

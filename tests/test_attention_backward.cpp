@@ -15,6 +15,7 @@
 #include "support/compare.hpp"
 #include "support/random.hpp"
 #include "support/reference_backward.hpp"
+#include "support/sweep.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -45,13 +46,7 @@ constexpr double kBf16Tol = 0x1.0p-6;
 enum class Bias { none, full, per_head, per_batch };
 
 /// One backward call: shape, masks, options and a seed.
-struct Case {
-  Shape s;
-  bool causal = false;
-  Index window = 0;
-  bool ragged = false;
-  std::uint64_t seed = 1;
-  Index min_len = 0;
+struct Case : gqa_test::MaskCase {
   double softcap = 0;
   Bias bias = Bias::none;
   bool lse_given = true;  // pass the forward's lse (else the backward recomputes it)
@@ -60,8 +55,7 @@ struct Case {
 
   std::string name() const {
     std::ostringstream os;
-    os << s.str() << (causal ? "/causal" : "") << (window ? "/window:" + std::to_string(window) : "")
-       << (ragged ? "/ragged" : "") << (softcap > 0 ? "/softcap:" + std::to_string(softcap) : "")
+    os << mask_name() << (softcap > 0 ? "/softcap:" + std::to_string(softcap) : "")
        << (bias == Bias::full ? "/bias:full" : bias == Bias::per_head ? "/bias:[1,H]" : bias == Bias::per_batch ? "/bias:[B,1]" : "")
        << (lse_given ? "" : "/lse:recomputed") << (head_major ? "/head-major" : "")
        << (scale != 0 ? "/scale:" + std::to_string(scale) : "") << "/seed:" << seed;
@@ -78,14 +72,7 @@ void check_grad(const char* what, const Tensor4<T>& out, const Tensor4<double>& 
   gqa_test::check_close(out, ref, gqa_test::Tolerance{tol * (magnitude + 1), 0});
 }
 
-template <typename T>
-void poison_padding(Tensor4<T>& t, const std::vector<std::int32_t>& len) {
-  const T nan = T(std::numeric_limits<float>::quiet_NaN());
-  for (Index b = 0; b < t.dimension(0); ++b)
-    for (Index j = len[size_t(b)]; j < t.dimension(1); ++j)
-      for (Index g = 0; g < t.dimension(2); ++g)
-        for (Index d = 0; d < t.dimension(3); ++d) t(b, j, g, d) = nan;
-}
+using gqa_test::poison_padding;
 
 /// [B, S, G, D] -> [B, G, S, D].
 template <typename T>
@@ -133,7 +120,7 @@ struct Problem {
     opt.softcap = c.softcap;
     if (c.scale != 0) opt.scale = c.scale;
     if (c.ragged) {
-      len = gqa_test::ragged_lengths(s.B, s.Sk, c.seed + 1000, c.min_len);
+      len = gqa_test::case_lengths(c);
       opt.key_lengths = len;
     }
     if (c.bias != Bias::none) {
@@ -209,71 +196,28 @@ void check_case(const Case& c, double tol) {
 }
 
 // ------------------------------------------------------------------------------------------------ the sweep
-// The shapes of tests/test_attention.cpp, each with the masks it has there.
+// The shapes of tests/test_attention.cpp (tests/support/sweep.hpp), each with the masks it has there.
 
-std::vector<Case> head_sweep() {
-  const std::pair<Index, Index> hg[] = {{6, 6}, {6, 3}, {9, 3}, {16, 4}, {27, 1}, {65, 5}, {32, 8}};
-  const Index dims[] = {8, 59, 64, 111, 128};
-  const std::pair<Index, Index> seq[] = {{1, 1}, {3, 17}, {13, 29}, {1, 130}, {33, 20}};
+std::vector<Case> with_default_options(const std::vector<gqa_test::MaskCase>& masks) {
   std::vector<Case> cases;
-  std::uint64_t seed = 1;
-  for (size_t i = 0; i < std::size(hg); ++i)
-    for (size_t j = 0; j < std::size(dims); ++j) {
-      const auto [sq, sk] = seq[(i + j) % std::size(seq)];
-      Case c;
-      c.s = Shape{Index(1 + j % 2), sq, sk, hg[i].first, hg[i].second, dims[j]};
-      c.causal = (i + j) % 2 == 1;
-      c.ragged = c.s.B > 1 && (i % 3 == 0);
-      c.seed = seed++;
-      cases.push_back(c);
-    }
-  return cases;
-}
-
-std::vector<Case> sequence_sweep() {
-  std::vector<Case> cases;
-  auto add = [&](Shape s, bool causal, Index window, bool ragged, Index min_len = 0) {
+  for (const auto& m : masks) {
     Case c;
-    c.s = s, c.causal = causal, c.window = window, c.ragged = ragged, c.min_len = min_len;
-    c.seed = 100 + cases.size();
+    static_cast<gqa_test::MaskCase&>(c) = m;
     cases.push_back(c);
-  };
-  //    B  Sq    Sk    H  G  D
-  add({1, 1, 1, 2, 1, 8}, false, 0, false);
-  add({1, 1, 4096, 4, 2, 64}, false, 0, false);
-  add({2, 1, 4096, 8, 2, 59}, true, 0, true);
-  add({1, 113, 203, 6, 3, 59}, false, 0, false);
-  add({3, 113, 203, 6, 3, 64}, true, 0, true);
-  add({3, 113, 203, 6, 3, 64}, true, 0, true, 113);
-  add({2, 113, 203, 9, 3, 111}, true, 50, false);
-  add({1, 1023, 1024, 2, 1, 8}, false, 0, false);
-  add({1, 1023, 1024, 2, 1, 8}, true, 0, false);
-  add({1, 1024, 1023, 2, 2, 8}, true, 0, false);  // Sq > Sk: query 0 sees no key
-  add({2, 1024, 1023, 3, 1, 9}, true, 129, true);
-  add({1, 512, 256, 4, 1, 16}, true, 0, false);   // half the rows fully masked
-  add({2, 512, 256, 4, 2, 17}, false, 0, true);
+  }
   return cases;
 }
+
+std::vector<Case> head_sweep() { return with_default_options(gqa_test::head_sweep()); }
+std::vector<Case> sequence_sweep() { return with_default_options(gqa_test::sequence_sweep()); }
 
 std::vector<Case> edge_cases() {
-  std::vector<Case> cases;
-  auto add = [&](Shape s, bool causal, bool ragged, std::uint64_t seed, Index min_len = 0) {
-    Case c;
-    c.s = s, c.causal = causal, c.ragged = ragged, c.seed = seed, c.min_len = min_len;
-    cases.push_back(c);
-  };
-  add({1, 1, 1, 1, 1, 1}, false, false, 200);
-  add({2, 1, 1, 8, 1, 3}, true, false, 201);
-  add({1, 5, 7, 4, 4, 7}, false, false, 202);
-  add({1, 7, 7, 4, 4, 9}, true, false, 203);
-  add({3, 1, 33, 12, 1, 17}, false, true, 204);
-  add({1, 2, 129, 2, 2, 15}, true, false, 205);
-  add({1, 3, 257, 130, 1, 5}, false, false, 206);  // a group larger than a tile's 128 rows
-  add({2, 129, 129, 2, 1, 31}, true, true, 207);
-  add({2, 129, 300, 2, 1, 31}, true, true, 209, 129);
-  add({1, 4, 12, 4, 2, 1}, true, false, 208);
-  add({3, 40, 0, 4, 2, 8}, false, false, 210);    // Sk = 0: no key anywhere
-  add({2, 0, 9, 4, 2, 8}, false, false, 211);     // Sq = 0: d_k, d_v are zeros
+  auto cases = with_default_options(gqa_test::edge_cases());
+  Case no_keys, no_queries;
+  no_keys.s = {3, 40, 0, 4, 2, 8}, no_keys.seed = 210;       // Sk = 0: no key anywhere
+  no_queries.s = {2, 0, 9, 4, 2, 8}, no_queries.seed = 211;  // Sq = 0: d_k, d_v are zeros
+  cases.push_back(no_keys);
+  cases.push_back(no_queries);
   return cases;
 }
 
