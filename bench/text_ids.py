@@ -1,38 +1,25 @@
 #!/usr/bin/env python3
-"""bench/tokenize.py -- text to an ids file and back, with a model's tokenizer.json (the `tokenizers` package).
+"""bench/text_ids.py -- text to an ids file and back, with a model's tokenizer.json (the `tokenizers` package).
 
-    python3 bench/tokenize.py encode MODEL_DIR TEXT_FILE IDS_FILE [--max-tokens N] [--bos]
-    python3 bench/tokenize.py decode MODEL_DIR IDS_FILE [TEXT_FILE]
+    python3 bench/text_ids.py encode MODEL_DIR TEXT_FILE IDS_FILE [--max-tokens N] [--bos]
+    python3 bench/text_ids.py decode MODEL_DIR IDS_FILE [TEXT_FILE]
 
 An ids file is whitespace-separated integers (what example_decoder's --ids and --prompt-ids read), written here
 20 to a line. `-` as TEXT_FILE or IDS_FILE means standard input or output. encode adds no special tokens unless
 --bos (the model's bos_token_id from config.json first); --max-tokens keeps the first N ids. decode prints special
 tokens as they are.
 """
+import argparse
+import json
 import os
 import sys
-
-if __name__ != "__main__":
-    # Any script run from bench/ has this folder first on sys.path, so its `import tokenize` (linecache,
-    # inspect, torch and matplotlib all do it) finds this file instead of the standard library's module, which
-    # this name shadows. Hand the importer the standard library's module: a module may replace itself in
-    # sys.modules while it is being imported, and the import statement returns the replacement.
-    import importlib.machinery
-    import importlib.util
-    _spec = importlib.machinery.PathFinder.find_spec("tokenize", [os.path.dirname(os.__file__)])
-    _std = importlib.util.module_from_spec(_spec)
-    sys.modules[__name__] = _std
-    _spec.loader.exec_module(_std)
-else:
-    import argparse
-    import json
 
 
 def load_tokenizer(model_dir):
     from tokenizers import Tokenizer
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isfile(path):
-        sys.exit(f"tokenize.py: {path} not found")
+        sys.exit(f"text_ids.py: {path} not found")
     return Tokenizer.from_file(path)
 
 
@@ -55,15 +42,16 @@ def format_ids(ids, per_line=20):
     return "".join(" ".join(map(str, ids[i:i + per_line])) + "\n" for i in range(0, len(ids), per_line))
 
 
-def parse_ids(text, vocab_size, where):
+def parse_ids(text, vocab_size, where, prog="text_ids.py"):
+    """The ids of an ids file's text, each checked against the vocabulary (exits with a message otherwise)."""
     ids = []
     for n, word in enumerate(text.split()):
         try:
             i = int(word)
         except ValueError:
-            sys.exit(f"tokenize.py: {where}: word {n} is {word!r}, not an integer")
+            sys.exit(f"{prog}: {where}: word {n} is {word!r}, not an integer")
         if not 0 <= i < vocab_size:
-            sys.exit(f"tokenize.py: {where}: id {i} (word {n}) is outside the vocabulary [0, {vocab_size})")
+            sys.exit(f"{prog}: {where}: id {i} (word {n}) is outside the vocabulary [0, {vocab_size})")
         ids.append(i)
     return ids
 
@@ -75,12 +63,12 @@ def encode(args):
         with open(os.path.join(args.model_dir, "config.json")) as f:
             bos = json.load(f).get("bos_token_id")
         if bos is None:
-            sys.exit("tokenize.py: --bos, but config.json has no bos_token_id")
+            sys.exit("text_ids.py: --bos, but config.json has no bos_token_id")
         ids = [bos] + ids
     if args.max_tokens is not None:
         ids = ids[:args.max_tokens]
     write_text(args.ids_file, format_ids(ids))
-    print(f"tokenize.py: {len(ids)} ids -> {args.ids_file}", file=sys.stderr)
+    print(f"text_ids.py: {len(ids)} ids -> {args.ids_file}", file=sys.stderr)
 
 
 def decode(args):

@@ -9,7 +9,7 @@
 //
 // MODEL_DIR holds config.json and model.safetensors (or model.safetensors.index.json and its shards), and
 // optionally tokenizer.json (used to show ids as text). Ids files hold whitespace-separated integers
-// (bench/tokenize.py writes them). --kv is the KV cache's element type (default f32); --threads defaults to
+// (bench/text_ids.py writes them). --kv is the KV cache's element type (default f32); --threads defaults to
 // OpenMP's (OMP_NUM_THREADS, else the cores).
 //
 // generate   prefills the prompt in chunks, then decodes up to --max-new tokens (default 32; stops at the

@@ -1,5 +1,5 @@
 // examples/decoder/tokenizer.hpp — token ids back to text, for display only (no encoder: turning text into ids is
-// a tokenizer library's job, see bench/tokenize.py).
+// a tokenizer library's job, see bench/text_ids.py).
 //
 // Reads tokenizer.json's "model.vocab" (piece -> id) and "added_tokens" (id, content). Two piece spellings:
 //   byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM2; the "decoder" is ByteLevel): every byte of the text is one
