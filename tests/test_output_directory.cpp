@@ -108,6 +108,26 @@ TEST_CASE("OutputDirectory: replacing never leaves a moment without the output",
   CHECK(listing(dir.path()) == std::vector<std::string>{"out"});
 }
 
+TEST_CASE("OutputDirectory: the two-rename fallback replaces the output and leaves nothing else", "[output_directory]") {
+  // Where renameat2 cannot exchange (EINVAL / ENOSYS), commit() sets the old output aside and renames the new one
+  // in. No file system here lacks the exchange, so the fallback is asked for directly.
+  TempDir dir;
+  fs::create_directories(dir / "out");
+  gqa_test::write_text(dir / "out" / "old-only", "x");
+  for (int i = 0; i < 3; ++i) {
+    OutputDirectory out(dir / "out", true);
+    gqa_test::write_text(out.path() / "n", std::to_string(i));
+    out.commit(OutputDirectory::Replace::two_renames);
+    CHECK(gqa_test::read_text(dir / "out" / "n") == std::to_string(i));
+    CHECK(listing(dir / "out") == std::vector<std::string>{"n"});
+    CHECK(listing(dir.path()) == std::vector<std::string>{"out"});
+  }
+  // Without replace, an existing output is refused and kept.
+  OutputDirectory refused(dir / "out", false);
+  CHECK_THROWS_AS(refused.commit(OutputDirectory::Replace::two_renames), gqa::io_error);
+  CHECK(gqa_test::read_text(dir / "out" / "n") == "2");
+}
+
 TEST_CASE("OutputDirectory: stale leftovers of dead processes are removed, a set-aside output is restored",
           "[output_directory]") {
   using gqa::detail::scratch_name;

@@ -168,16 +168,21 @@ class OutputDirectory {
   /// What the constructor's clean-up did (one line per directory removed or restored).
   const std::vector<std::string>& cleaned() const noexcept { return cleaned_; }
 
+  /// How commit() replaces an existing destination: `exchange` falls back to `two_renames` on a file system that
+  /// cannot exchange; `two_renames` is that fallback, always (for its tests).
+  enum class Replace { exchange, two_renames };
+
   /// Syncs the staging directory and moves it onto the destination; on failure the destination is as it was.
-  void commit() {
+  void commit(Replace how = Replace::exchange) {
     fsync_directory(staging_);
     if (!replace_) {
       int rc = rename_with_flags(staging_.c_str(), destination_.c_str(), rename_noreplace);
       if (rc != 0 && (errno == EINVAL || errno == ENOSYS)) rc = ::rename(staging_.c_str(), destination_.c_str());
       if (rc != 0) throw_errno("cannot rename the new output onto", destination_);
-    } else if (rename_with_flags(staging_.c_str(), destination_.c_str(), rename_exchange) == 0) {
+    } else if (how == Replace::exchange &&
+               rename_with_flags(staging_.c_str(), destination_.c_str(), rename_exchange) == 0) {
       // staging_ now names the previous output.
-    } else if (errno == EINVAL || errno == ENOSYS) {
+    } else if (how == Replace::two_renames || errno == EINVAL || errno == ENOSYS) {
       replace_in_two_steps();
     } else {
       throw_errno("cannot exchange the new output with", destination_);
