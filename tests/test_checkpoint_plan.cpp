@@ -2,15 +2,18 @@
 // the disk: every checkpoint here is an in-memory inventory (TinyModel::inventory()), so these tests also show that
 // planning needs no file I/O. What the plan decides for each tensor and file, the summary it predicts, the checks of
 // config.json against the shapes (overflow included), the messages in gqa-convert's terms, and a family whose config
-// has no K/V head count (the BERT case of issue 13), which only needs a rules entry.
+// has no K/V head count (the BERT case of issue 13), which only needs a rules entry; BERT's rules; and what a method
+// that reads the whole layer (fit) is handed.
 #include "gqa/checkpoint_plan.hpp"
 
 #include "support/checkpoint_fixtures.hpp"
 
 #include <catch2/catch.hpp>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -217,7 +220,7 @@ TEST_CASE("plan_checkpoint: refusals speak gqa-convert's terms and list the vali
 TEST_CASE("plan_checkpoint: a family without a K/V head count is written expanded back, config unchanged",
           "[checkpoint_plan]") {
   // Llama's names with BERT's config semantics: what issue 13's BERT support adds, as rules only.
-  gqa::detail::ArchitectureRules mha_only = gqa::detail::architectures().front();
+  gqa::detail::ArchitectureRules mha_only = gqa::detail::architectures().back();
   mha_only.family = "MHA-only";
   mha_only.fields.kv_heads = nullptr;
   TinyModel m;
@@ -251,4 +254,139 @@ TEST_CASE("checkpoint rules: names, layers and roles", "[checkpoint_plan]") {
                            "model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.k_proj.lora_A",
                            "model.layers..self_attn.k_proj.weight", "layers.1.self_attn.k_proj.weight"})
     CHECK_FALSE(classify_llama(name).has_value());
+}
+
+TEST_CASE("plan_checkpoint: fit hands each layer's q, k, v, o and input norm to one pool_attention",
+          "[checkpoint_plan][fit]") {
+  TinyModel m;  // Llama: no biases, input_layernorm.weight per layer
+  const auto inv = m.inventory();
+  gqa::CheckpointOptions o = with_kv_heads(2);
+  o.convert.method = gqa::PoolMethod::fit;
+  const CheckpointPlan p = gqa::plan_checkpoint(inv, o);
+  CHECK(p.summary.method == gqa::PoolMethod::fit);
+  REQUIRE(p.layers.size() == 2);
+  for (Index l = 0; l < 2; ++l) {
+    const std::string pre = "model.layers." + std::to_string(l) + ".";
+    INFO(pre);
+    CHECK(p.layers[l].norm[0] == find(inv, pre + "input_layernorm.weight"));
+    CHECK(p.layers[l].norm[1] == gqa::LayerTensors::none);
+    for (const char* proj : {"q_proj", "k_proj", "v_proj", "o_proj"}) {
+      const TensorAction& a = p.actions[find(inv, pre + "self_attn." + proj + ".weight")];
+      INFO(proj);
+      CHECK(a.from_layer);
+      CHECK(a.layer == l);
+      const bool kv = proj[0] == 'k' || proj[0] == 'v';
+      CHECK(a.kind == (kv ? TensorAction::pool : TensorAction::refit));
+    }
+    CHECK_FALSE(p.actions[find(inv, pre + "input_layernorm.weight")].from_layer);
+    CHECK(p.actions[find(inv, pre + "input_layernorm.weight")].kind == TensorAction::copy);
+  }
+  CHECK(p.summary.tensors_converted == 8);
+  // auto: mean for a rotary (Llama-family) checkpoint, so nothing but K/V is touched.
+  o.convert.method = gqa::PoolMethod::automatic;
+  const CheckpointPlan a = gqa::plan_checkpoint(inv, o);
+  CHECK(a.summary.method == gqa::PoolMethod::mean);
+  for (const auto& act : a.actions) CHECK_FALSE(act.from_layer);
+  CHECK(a.summary.tensors_converted == 4);
+  // Not pooling: the method does not matter, nothing is refitted.
+  o.kv_heads = 8;
+  o.convert.method = gqa::PoolMethod::fit;
+  for (const auto& act : gqa::plan_checkpoint(inv, o).actions) CHECK(act.kind == TensorAction::copy);
+}
+
+TEST_CASE("plan_checkpoint: fit refuses a layer it cannot compute in one dtype, or without an output projection",
+          "[checkpoint_plan][fit][errors]") {
+  TinyModel m;
+  gqa::CheckpointOptions o = with_kv_heads(2);
+  o.convert.method = gqa::PoolMethod::fit;
+  auto inv = m.inventory();
+  inv.tensors[find(inv, "model.layers.1.input_layernorm.weight")].dtype = st::Dtype::F32;  // the rest is bf16
+  CHECK_THAT(plan_error(inv, o), Contains("[gqa.checkpoint.unsupported]") &&
+                                     Contains("model.layers.1.input_layernorm.weight' has dtype F32") &&
+                                     Contains("--method fit"));
+  CHECK_NOTHROW(gqa::plan_checkpoint(inv, with_kv_heads(2)));  // mean reads K/V only
+  inv = m.inventory();
+  inv.tensors.erase(inv.tensors.begin() + static_cast<std::ptrdiff_t>(find(inv, "model.layers.0.self_attn.o_proj.weight")));
+  CHECK_THAT(plan_error(inv, o), Contains("[gqa.checkpoint.unsupported]") && Contains("layer 0 has none"));
+}
+
+TEST_CASE("checkpoint rules: BERT names, input norms, recognition and refusals", "[checkpoint_plan][bert]") {
+  using gqa::detail::bert_input_norm;
+  using gqa::detail::classify_bert;
+  for (const char* prefix : {"", "bert."}) {
+    const std::string p = prefix;
+    const auto k = classify_bert(p + "encoder.layer.3.attention.self.key.bias");
+    REQUIRE(k);
+    CHECK(k->layer == 3);
+    CHECK(k->role == TensorRole::key);
+    CHECK(k->param == TensorParam::bias);
+    CHECK(classify_bert(p + "encoder.layer.0.attention.self.query.weight")->role == TensorRole::query);
+    CHECK(classify_bert(p + "encoder.layer.0.attention.self.value.weight")->role == TensorRole::value);
+    const auto o = classify_bert(p + "encoder.layer.11.attention.output.dense.weight");
+    REQUIRE(o);
+    CHECK(o->role == TensorRole::output);
+    CHECK(o->layer == 11);
+    CHECK(bert_input_norm(p + "embeddings.LayerNorm.weight") == std::make_pair(Index(0), TensorParam::weight));
+    CHECK(bert_input_norm(p + "encoder.layer.4.output.LayerNorm.bias") == std::make_pair(Index(5), TensorParam::bias));
+  }
+  for (const char* name : {"encoder.layer.0.attention.output.LayerNorm.weight", "encoder.layer.0.output.dense.weight",
+                           "encoder.layer.0.intermediate.dense.weight", "encoder.layer.00.attention.self.key.weight",
+                           "roberta.encoder.layer.0.attention.self.key.weight", "encoder.layer.0.attention.self.key"})
+    CHECK_FALSE(classify_bert(name).has_value());
+  CHECK_FALSE(bert_input_norm("encoder.layer.0.attention.output.LayerNorm.weight").has_value());
+
+  const auto& bert = gqa::detail::rules_for(TinyModel{TinyModel::Arch::bert}.config());
+  CHECK(std::string(bert.family) == "BERT");
+  CHECK(bert.rotary == gqa::RotaryPairs::none);
+  CHECK(std::string(gqa::detail::rules_for(nlohmann::ordered_json{{"architectures", {"BertForMaskedLM"}}}).family) ==
+        "BERT");
+  CHECK(std::string(gqa::detail::rules_for(TinyModel{}.config()).family) == "Llama/Mistral/Qwen2");
+  CHECK(gqa::detail::rules_for(TinyModel{}.config()).rotary == gqa::RotaryPairs::half_split);
+  CHECK_THAT(*bert.refusal("encoder.layer.0.attention.self.distance_embedding.weight"),
+             Contains("relative position embeddings"));
+  CHECK_THAT(*bert.refusal("encoder.layer.0.crossattention.self.key.weight"), Contains("cross-attention"));
+  CHECK_THAT(*bert.refusal("encoder.layer.0.attention.self.qkv.weight"), Contains("fused QKV"));
+  CHECK_FALSE(bert.refusal("encoder.layer.0.attention.self.key.weight").has_value());
+}
+
+TEST_CASE("plan_checkpoint: a BERT checkpoint is pooled and written expanded back; mismatches are refused",
+          "[checkpoint_plan][bert]") {
+  TinyModel m;
+  m.arch = TinyModel::Arch::bert;  // H = 8, D = 4, hidden 32, 2 layers
+  const auto inv = m.inventory();
+  for (auto method : {gqa::PoolMethod::mean, gqa::PoolMethod::automatic}) {
+    gqa::CheckpointOptions o = with_kv_heads(2);
+    o.convert.method = method;
+    const CheckpointPlan p = gqa::plan_checkpoint(inv, o);
+    INFO(gqa::to_string(method));
+    CHECK(std::string(p.rules->family) == "BERT");
+    CHECK(p.summary.written_expanded);
+    CHECK(p.summary.method == (method == gqa::PoolMethod::mean ? gqa::PoolMethod::mean : gqa::PoolMethod::fit));
+    CHECK(p.config_after == inv.config);
+    CHECK(p.summary.tensor_bytes_after == p.summary.tensor_bytes_before);
+    const TensorAction& k = p.actions[find(inv, "encoder.layer.1.attention.self.key.bias")];
+    CHECK(k.kind == TensorAction::pool);
+    CHECK(k.expand_back);
+    CHECK(k.shape_after == st::Shape{32});
+    CHECK(p.layers[1].norm[0] == find(inv, "encoder.layer.0.output.LayerNorm.weight"));
+    CHECK(p.layers[1].norm[1] == find(inv, "encoder.layer.0.output.LayerNorm.bias"));
+    CHECK(p.layers[0].norm[1] == find(inv, "embeddings.LayerNorm.bias"));
+    const auto& bo = p.actions[find(inv, "encoder.layer.0.attention.output.dense.bias")];
+    CHECK(bo.kind == (method == gqa::PoolMethod::mean ? TensorAction::copy : TensorAction::refit));
+  }
+  // K/V shapes that disagree with the config (which has no K/V head count: G = H).
+  TinyModel bad = m;
+  bad.kv_heads = 4;
+  CHECK_THAT(plan_error(bad.inventory(), with_kv_heads(2)),
+             Contains("[gqa.checkpoint.shape]") && Contains("encoder.layer.0.attention.self.key") &&
+                 Contains("has shape [16") && Contains("implies [32"));
+  // Relative position embeddings are refused from the config.
+  auto rel = m.inventory();
+  rel.config["position_embedding_type"] = "relative_key_query";
+  CHECK_THAT(plan_error(rel, with_kv_heads(2)),
+             Contains("[gqa.checkpoint.unsupported]") && Contains("relative_key_query"));
+  // An unknown architecture is still refused clearly.
+  TinyModel gpt2;
+  gpt2.arch = TinyModel::Arch::gpt2;
+  CHECK_THAT(plan_error(gpt2.inventory(), with_kv_heads(2)), Contains("fused QKV"));
 }

@@ -57,9 +57,9 @@ double at(const std::vector<T>& w, const ProjectionShape& s, Index h, Index d, I
 }
 
 template <typename T>
-std::vector<T> pool(const std::vector<T>& in, const ProjectionShape& s, Index groups, const gqa::ConvertOptions& o = {}) {
-  std::vector<T> out(static_cast<std::size_t>(s.with_heads(groups).size()));
-  gqa::pool_heads<T>(in, s, groups, out, o);
+std::vector<T> pool(const std::vector<T>& in, const ProjectionShape& s, Index kv_heads, const gqa::ConvertOptions& o = {}) {
+  std::vector<T> out(static_cast<std::size_t>(s.with_heads(kv_heads).size()));
+  gqa::pool_heads<T>(in, s, kv_heads, out, o);
   return out;
 }
 
@@ -407,7 +407,7 @@ TEST_CASE("convert: bad arguments throw, naming the argument and the values", "[
   CHECK_THROWS_MATCHES(gqa::pool_heads<float>(w, s, 3, out3), gqa::shape_error,
                        Catch::Matchers::Predicate<gqa::shape_error>([](const gqa::shape_error& e) {
                          const std::string m = e.what();
-                         return m.find("groups G = 3") != std::string::npos &&
+                         return m.find("kv_heads G = 3") != std::string::npos &&
                                 m.find("heads H = 8") != std::string::npos;
                        }));
   CHECK_THROWS_WITH(gqa::pool_heads<float>(w, s, 0, out), Contains("must be positive"));
@@ -470,16 +470,16 @@ std::vector<double> cast_from(const std::vector<T>& v) {
   return out;
 }
 
-/// The layer after pool_attention<T>, in double, with kv_heads = groups.
+/// The layer after pool_attention<T>, in double, with kv_heads = the result's.
 template <typename T>
-Layer pooled(const Layer& l, Index groups, const gqa::ConvertOptions& o) {
+Layer pooled(const Layer& l, Index kv_heads, const gqa::ConvertOptions& o) {
   const auto wq = cast_to<T>(l.wq), bq = cast_to<T>(l.bq), wk = cast_to<T>(l.wk), bk = cast_to<T>(l.bk),
              wv = cast_to<T>(l.wv), bv = cast_to<T>(l.bv), wo = cast_to<T>(l.wo), bo = cast_to<T>(l.bo),
              nw = cast_to<T>(l.norm_w), nb = cast_to<T>(l.norm_b);
-  const auto r = gqa::pool_attention<T>({wq, bq, wk, bk, wv, bv, wo, bo, nw, nb}, l.shape, groups, o);
+  const auto r = gqa::pool_attention<T>({wq, bq, wk, bk, wv, bv, wo, bo, nw, nb}, l.shape, kv_heads, o);
   Layer out{l.shape, cast_from(r.wq), cast_from(r.bq), cast_from(r.wk), cast_from(r.bk), cast_from(r.wv),
             cast_from(r.bv), cast_from(r.wo), cast_from(r.bo), l.norm_w, l.norm_b};
-  out.shape.kv_heads = groups;
+  out.shape.kv_heads = kv_heads;
   return out;
 }
 
@@ -660,7 +660,7 @@ TEST_CASE("pool_attention fit: heads that differ only by what the function ignor
   std::mt19937 rng(21);
   struct Case {
     AttentionShape shape;
-    Index groups;
+    Index kv_heads;
     bool biases;
   };
   const Case cases[] = {
@@ -670,16 +670,16 @@ TEST_CASE("pool_attention fit: heads that differ only by what the function ignor
       {{20, 8, 4, 6, RotaryPairs::interleaved}, 2, true},  // interleaved pairs, with biases (k bias rotates)
   };
   for (const auto& c : cases) {
-    CAPTURE(c.shape.query_heads, c.shape.kv_heads, c.shape.head_dim, c.groups, int(c.shape.rotary), c.biases);
+    CAPTURE(c.shape.query_heads, c.shape.kv_heads, c.shape.head_dim, c.kv_heads, int(c.shape.rotary), c.biases);
     Layer l = random_layer(c.shape, c.biases, rng);
-    make_heads_equivalent(l, c.shape.kv_heads / c.groups, rng);
+    make_heads_equivalent(l, c.shape.kv_heads / c.kv_heads, rng);
     const Index S = 9;
     const auto x = layer_inputs(l, S, rng);
     const auto want = run_layer(l, x, S);
-    CHECK(relative_error(run_layer(pooled<double>(l, c.groups, with_method(gqa::PoolMethod::fit)), x, S), want) < 1e-9);
-    CHECK(relative_error(run_layer(pooled<double>(l, c.groups, with_method(gqa::PoolMethod::mean)), x, S), want) > 0.05);
+    CHECK(relative_error(run_layer(pooled<double>(l, c.kv_heads, with_method(gqa::PoolMethod::fit)), x, S), want) < 1e-9);
+    CHECK(relative_error(run_layer(pooled<double>(l, c.kv_heads, with_method(gqa::PoolMethod::mean)), x, S), want) > 0.05);
     // float storage: one rounding of weights of size ~1 -> relative error ~1e-6 through one layer
-    CHECK(relative_error(run_layer(pooled<float>(l, c.groups, with_method(gqa::PoolMethod::fit)), x, S), want) < 1e-4);
+    CHECK(relative_error(run_layer(pooled<float>(l, c.kv_heads, with_method(gqa::PoolMethod::fit)), x, S), want) < 1e-4);
   }
 }
 
@@ -692,7 +692,7 @@ TEMPLATE_TEST_CASE("pool_attention: G = kv_heads is the identity and an expanded
       Layer l = random_layer({12, 4, 2, 4, rotary}, biases, rng);
       for (auto* v : {&l.wq, &l.bq, &l.wk, &l.bk, &l.wv, &l.bv, &l.wo, &l.bo, &l.norm_w, &l.norm_b})
         *v = cast_from(cast_to<TestType>(*v));
-      for (auto m : {gqa::PoolMethod::fit, gqa::PoolMethod::mean, gqa::PoolMethod::first}) {
+      for (auto m : {gqa::PoolMethod::fit, gqa::PoolMethod::mean, gqa::PoolMethod::first, gqa::PoolMethod::automatic}) {
         CAPTURE(int(rotary), biases, gqa::to_string(m));
         const Layer same = pooled<TestType>(l, 2, with_method(m));
         CHECK((same.wq == l.wq && same.bq == l.bq && same.wk == l.wk && same.bk == l.bk && same.wv == l.wv &&
@@ -834,7 +834,28 @@ TEST_CASE("pool_attention: bad arguments throw, naming the argument and the valu
   std::vector<float> out(static_cast<std::size_t>(4 * 10));
   CHECK_THROWS_WITH(gqa::pool_heads<float>(wk, {WeightLayout::linear, 2, 4, 10}, 1, out, fit),
                     Contains("[gqa.convert.method]") && Contains("pool_attention()"));
-  CHECK_FALSE(gqa::parse_pool_method("auto").has_value());
+  CHECK_THROWS_WITH(gqa::pool_heads<float>(wk, {WeightLayout::linear, 2, 4, 10}, 1, out,
+                                            with_method(gqa::PoolMethod::automatic)),
+                    Contains("options.method = auto") && Contains("pool_attention()"));
+  CHECK(gqa::parse_pool_method("auto") == gqa::PoolMethod::automatic);
   CHECK(gqa::parse_pool_method("fit") == gqa::PoolMethod::fit);
+  CHECK_FALSE(gqa::parse_pool_method("best").has_value());
   CHECK(std::string(gqa::to_string(gqa::PoolMethod::fit)) == "fit");
+  CHECK(std::string(gqa::to_string(gqa::PoolMethod::automatic)) == "auto");
+}
+
+TEST_CASE("pool_attention: automatic is fit without rotary embedding and mean with it, bit for bit", "[convert][fit]") {
+  std::mt19937 rng(27);
+  CHECK(gqa::best_data_free_method(RotaryPairs::none) == gqa::PoolMethod::fit);
+  CHECK(gqa::best_data_free_method(RotaryPairs::half_split) == gqa::PoolMethod::mean);
+  CHECK(gqa::best_data_free_method(RotaryPairs::interleaved) == gqa::PoolMethod::mean);
+  for (auto rotary : {RotaryPairs::none, RotaryPairs::half_split, RotaryPairs::interleaved}) {
+    CAPTURE(int(rotary));
+    const Layer l = random_layer({12, 6, 3, 4, rotary}, true, rng);
+    const Layer a = pooled<float>(l, 1, with_method(gqa::PoolMethod::automatic));
+    const Layer b = pooled<float>(l, 1, with_method(gqa::best_data_free_method(rotary)));
+    CHECK((a.wq == b.wq && a.bq == b.bq && a.wk == b.wk && a.bk == b.bk && a.wv == b.wv && a.bv == b.bv &&
+           a.wo == b.wo && a.bo == b.bo));
+    CHECK((rotary == RotaryPairs::none) == (a.wq != cast_from(cast_to<float>(l.wq))));  // only fit rewrites q
+  }
 }

@@ -1,6 +1,6 @@
-// gqa/checkpoint.hpp — converting a Hugging Face safetensors checkpoint (Llama / Mistral / Qwen2 / Gemma style) to
-// fewer key/value heads: MHA -> GQA -> MQA by pooling K/V heads (gqa/convert.hpp), or back to more heads by exact
-// expansion. This is what the gqa-convert tool runs; call it from C++ as
+// gqa/checkpoint.hpp — converting a Hugging Face safetensors checkpoint (Llama / Mistral / Qwen2 / Gemma style, or
+// BERT) to fewer key/value heads: MHA -> GQA -> MQA by pooling K/V heads (gqa/convert.hpp), or back to more heads by
+// exact expansion. This is what the gqa-convert tool runs; call it from C++ as
 //
 //   gqa::CheckpointOptions opt;
 //   opt.kv_heads = 8;                                 // the new num_key_value_heads
@@ -18,11 +18,19 @@
 //   With a non-adjacent options.convert.assignment, also q_proj.weight/bias rows and o_proj.weight columns are
 //   reordered (gqa::query_head_order, reported in CheckpointSummary::query_order), so the model computes the
 //   function of that grouping.
-// G' < G pools (options.convert.method: mean / first / random); G' == G leaves K/V as they are; G' > G (a multiple
-// of G dividing H) expands exactly, e.g. G' = H turns a GQA checkpoint into an MHA one. The method (and seed) only
-// matter when pooling; CheckpointSummary::pooled says whether they did.
+// G' < G pools (options.convert.method: mean / first / random / fit / automatic); with fit (and automatic where it
+// means fit) q_proj.weight/bias and o_proj.weight/bias are rewritten too, each layer by one gqa::pool_attention that
+// also reads the norm in front of the attention (CheckpointSummary::method says which method ran). G' == G leaves
+// K/V as they are; G' > G (a multiple of G dividing H) expands exactly, e.g. G' = H turns a GQA checkpoint into an
+// MHA one. The method (and seed) only matter when pooling; CheckpointSummary::pooled says whether they did.
 // PoolMethod::random seeds each tensor with splitmix64(seed ^ fnv1a64(tensor name)), so K and V (and every layer)
 // get different, reproducible draws.
+//
+// BERT (config "model_type": "bert" or a Bert* architecture; [bert.]encoder.layer.<i>.attention.self.{query,key,
+// value}.{weight,bias}, attention.output.dense.{weight,bias}; config num_attention_heads, hidden_size): BERT
+// runtimes have no K/V head count, so pooled K/V are written expanded back to H heads (repeat_interleave) and
+// config.json is copied unchanged: the pooled model's function in MHA layout, for measurement and MHA-only
+// runtimes, saving no memory (CheckpointSummary::written_expanded). Relative position embeddings are refused.
 //
 // WHAT IS COPIED: every other tensor byte for byte, in the same shard; each shard's __metadata__ (plus
 // "format": "pt" if it had no "format"); every other regular file of the top directory (tokenizer.json,
@@ -76,6 +84,7 @@
 #include <optional>
 #include <string>
 #include <system_error>
+#include <utility>
 #include <vector>
 
 #include <sys/stat.h>
@@ -199,8 +208,7 @@ span<const T> typed_data(const safetensors::TensorView& t, std::vector<T>& stora
   return {storage.data(), static_cast<Index>(storage.size())};
 }
 
-/// Computes one converted tensor into `dst`. A pooling method that also reads the layer's query and output
-/// projections (issue 13's data-free methods) finds them through plan.layers[act.layer] (CheckpointPlan::layers).
+/// Computes one converted tensor (not from_layer) into `dst`.
 inline void convert_tensor(const TensorAction& act, const safetensors::TensorView& t,
                            const std::vector<Index>& query_order, const ConvertOptions& convert, span<std::byte> dst) {
   with_float_type(t.dtype, [&](auto tag) {
@@ -230,6 +238,82 @@ inline void convert_tensor(const TensorAction& act, const safetensors::TensorVie
   });
 }
 
+/// The outputs of whole-layer methods (TensorAction::from_layer): each layer is computed by one gqa::pool_attention
+/// when its first such tensor is written, and each result is dropped once written, so at most the layers whose
+/// tensors straddle shards are held.
+class LayerResults {
+ public:
+  /// `views[i]` is inventory tensor i; `convert.method` is the resolved method (never automatic).
+  LayerResults(const CheckpointPlan& plan, std::vector<const safetensors::TensorView*> views, ConvertOptions convert)
+      : plan_(plan), views_(std::move(views)), convert_(std::move(convert)) {}
+
+  /// Inventory tensor i's converted bytes, exactly dst.size() of them.
+  void take(std::size_t i, span<std::byte> dst) {
+    auto it = bytes_.find(i);
+    if (it == bytes_.end()) {
+      compute(plan_.actions[i].layer);
+      it = bytes_.find(i);
+    }
+    require<format_error>(it != bytes_.end() && it->second.size() == static_cast<std::size_t>(dst.size()),
+                          "checkpoint.shape", "tensor '", views_[i]->name, "': the layer's result has no tensor of ",
+                          dst.size(), " bytes for it");
+    std::memcpy(dst.data(), it->second.data(), it->second.size());
+    bytes_.erase(it);
+  }
+
+ private:
+  void compute(Index layer);
+
+  const CheckpointPlan& plan_;
+  std::vector<const safetensors::TensorView*> views_;
+  ConvertOptions convert_;
+  std::map<std::size_t, std::vector<std::byte>> bytes_;
+};
+
+inline void LayerResults::compute(Index layer) {
+  using R = TensorRole;
+  using P = TensorParam;
+  const LayerTensors& lt = plan_.layers[static_cast<std::size_t>(layer)];
+  const CheckpointSummary& sum = plan_.summary;
+  const ModelConfig& c = sum.config;
+  with_float_type(sum.kv_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<std::vector<T>> storage;  // copies of unaligned tensors
+    storage.reserve(12);
+    auto data = [&](std::size_t i) -> span<const T> {
+      if (i == LayerTensors::none) return {};
+      storage.emplace_back();
+      return typed_data<T>(*views_[i], storage.back());
+    };
+    AttentionView<T> w;
+    w.wq = data(lt.at(R::query, P::weight)), w.bq = data(lt.at(R::query, P::bias));
+    w.wk = data(lt.at(R::key, P::weight)), w.bk = data(lt.at(R::key, P::bias));
+    w.wv = data(lt.at(R::value, P::weight)), w.bv = data(lt.at(R::value, P::bias));
+    w.wo = data(lt.at(R::output, P::weight)), w.bo = data(lt.at(R::output, P::bias));
+    w.norm_weight = data(lt.norm[0]), w.norm_bias = data(lt.norm[1]);
+    const AttentionShape shape{c.hidden, c.heads, c.kv_heads, c.head_dim, plan_.rules->rotary};
+    const AttentionWeights<T> res = pool_attention<T>(w, shape, sum.kv_heads_after, convert_);
+    auto put = [&](R role, P param, const std::vector<T>& v) {
+      const std::size_t i = lt.at(role, param);
+      if (i == LayerTensors::none) return;
+      const TensorAction& act = plan_.actions[i];
+      std::vector<T> out = v;
+      if (act.expand_back) {  // K/V back to H heads: the family's config has no K/V head count
+        out.resize(static_cast<std::size_t>(act.shape.size()));
+        expand_heads<T>(span<const T>(v.data(), static_cast<Index>(v.size())), act.shape.with_heads(act.kv_heads),
+                        act.shape.heads, span<T>(out.data(), static_cast<Index>(out.size())));
+      }
+      std::vector<std::byte>& b = bytes_[i];
+      b.resize(out.size() * sizeof(T));
+      if (!out.empty()) std::memcpy(b.data(), out.data(), b.size());
+    };
+    put(R::query, P::weight, res.wq), put(R::query, P::bias, res.bq);
+    put(R::key, P::weight, res.wk), put(R::key, P::bias, res.bk);
+    put(R::value, P::weight, res.wv), put(R::value, P::bias, res.bv);
+    put(R::output, P::weight, res.wo), put(R::output, P::bias, res.bo);
+  });
+}
+
 /// Throws io_error [gqa.checkpoint.interrupted] once options.cancel is set.
 inline void check_cancel(const CheckpointOptions& options) {
   require<io_error>(options.cancel == nullptr || options.cancel->load() == 0, "checkpoint.interrupted",
@@ -246,6 +330,12 @@ inline void write_tensors(const CheckpointPlan& plan, const safetensors::Directo
   for (const auto& act : plan.actions)
     if (act.kind != TensorAction::copy) ++pending[act.layer];
   std::map<Index, LayerProgress> progress;
+  std::vector<const st::TensorView*> views;  // inventory order: each file's tensors in turn
+  for (const auto& file : dir.files())
+    for (const auto& t : file.tensors()) views.push_back(&t);
+  ConvertOptions convert = options.convert;
+  convert.method = sum.method;  // automatic resolved for the family
+  LayerResults layer_results(plan, views, convert);
   std::size_t first = 0;  // the inventory lists each file's tensors in turn: file f's start at `first`
   for (std::size_t f = 0; f < plan.file_order.size(); first += dir.files()[f].size(), ++f) {
     const st::File& file = dir.files()[f];
@@ -261,7 +351,8 @@ inline void write_tensors(const CheckpointPlan& plan, const safetensors::Directo
       }
       writer.add(t.name, t.dtype, act.shape_after, [&, i](span<std::byte> dst) {
         check_cancel(options);
-        convert_tensor(plan.actions[i], t, sum.query_order, options.convert, dst);
+        if (act.from_layer) layer_results.take(i, dst);
+        else convert_tensor(act, t, sum.query_order, convert, dst);
         LayerProgress& lp = progress[act.layer];
         lp.layer = act.layer;
         lp.num_layers = sum.layers;

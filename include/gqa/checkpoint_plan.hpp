@@ -7,7 +7,11 @@
 // SHAPES (nn.Linear; H query heads, G = the input's K/V heads, G' = CheckpointOptions::kv_heads, D = head_dim):
 //   query  weight [H*D, hidden], bias [H*D]   copied; rows permuted for a non-adjacent assignment
 //   key    weight [G*D, hidden], bias [G*D]   -> [G'*D, ...]: pooled (G' < G) or expanded (G' > G); value the same
-//   output weight [hidden, H*D]               copied; columns permuted for a non-adjacent assignment
+//   output weight [hidden, H*D], bias [hidden] copied; columns permuted for a non-adjacent assignment
+// A method that reads the whole layer (PoolMethod::fit, and automatic where it means fit) rewrites query and output
+// weights and biases too: every such tensor is one output of the layer's gqa::pool_attention (TensorAction::
+// from_layer), whose inputs the plan lists per layer (CheckpointPlan::layers, with the normalisation in front of the
+// attention, the family's input_norm). Those tensors must then all have the K/V projections' dtype.
 // Every config dimension is checked against these shapes with overflow-checked arithmetic, so config.json cannot
 // claim sizes the tensors do not have ([gqa.checkpoint.config], [gqa.checkpoint.shape]).
 //
@@ -97,7 +101,7 @@ inline ModelConfig parse_model_config(const nlohmann::ordered_json& j, const std
 
 /// Parses a Llama-style config.json (num_attention_heads, num_key_value_heads, hidden_size, head_dim).
 inline ModelConfig parse_model_config(const nlohmann::ordered_json& j, const std::string& where = "config.json") {
-  return parse_model_config(j, where, detail::architectures().front().fields);
+  return parse_model_config(j, where, detail::architectures().back().fields);
 }
 
 /// One converted tensor, for progress reports.
@@ -135,6 +139,9 @@ struct CheckpointSummary {
   /// True if K/V were pooled (kv_heads_after < kv_heads_before): the only case where options.convert.method (and,
   /// for random, its seed) matter.
   bool pooled = false;
+  /// The method used when pooled: options.convert.method, with automatic resolved for the family
+  /// (gqa::best_data_free_method of its rotary layout).
+  PoolMethod method = PoolMethod::mean;
   /// True if pooled K/V were written expanded back to H heads, config unchanged (families whose config has no K/V
   /// head count, see gqa/detail/checkpoint_rules.hpp): the pooled model's function in MHA layout, no memory saved.
   bool written_expanded = false;
@@ -176,7 +183,8 @@ struct CheckpointInventory {
 
 /// What happens to one tensor.
 struct TensorAction {
-  enum Kind { copy, pool, expand, permute_rows, permute_columns } kind = copy;
+  /// refit: a query or output tensor rewritten by a method that reads the whole layer (from_layer).
+  enum Kind { copy, pool, expand, permute_rows, permute_columns, refit } kind = copy;
   ProjectionShape shape;      ///< input projection shape (pool/expand/permute)
   safetensors::Shape shape_after;
   Index layer = -1;           ///< for attention tensors
@@ -184,6 +192,9 @@ struct TensorAction {
   /// pool: expand the pooled heads back to shape.heads (families without a K/V head count in their config)
   bool expand_back = false;
   std::uint64_t seed = 0;     ///< PoolMethod::random's seed for this tensor
+  /// The tensor is one output of its layer's gqa::pool_attention (summary.method reads the whole layer): pooled K/V
+  /// and refitted Q/O of a layer are computed together, from the tensors CheckpointPlan::layers lists.
+  bool from_layer = false;
 };
 
 /// The attention tensors of one layer, by role and parameter: index into CheckpointInventory::tensors, or none.
@@ -192,6 +203,8 @@ struct LayerTensors {
   static constexpr std::size_t none = static_cast<std::size_t>(-1);
   std::array<std::array<std::size_t, 2>, detail::tensor_roles> index{{{none, none}, {none, none}, {none, none},
                                                                        {none, none}}};
+  /// The normalisation in front of the attention (weight, bias), where the family names one (rules.input_norm).
+  std::array<std::size_t, 2> norm{{none, none}};
   std::size_t& at(detail::TensorRole role, detail::TensorParam param) {
     return index[static_cast<std::size_t>(role)][static_cast<std::size_t>(param)];
   }
@@ -409,6 +422,19 @@ inline void check_layers(const CheckpointPlan& plan, const ModelConfig& c, bool 
   }
 }
 
+/// Records the normalisation in front of each layer's attention (rules.input_norm) in plan.layers; a norm for a layer
+/// without attention tensors (BERT's last output.LayerNorm feeds no attention) is ignored.
+inline void attach_input_norms(CheckpointPlan& plan, const CheckpointInventory& inv) {
+  for (std::size_t i = 0; i < inv.tensors.size(); ++i) {
+    const auto norm = plan.rules->input_norm(inv.tensors[i].name);
+    if (!norm || norm->first >= static_cast<Index>(plan.layers.size())) continue;
+    std::size_t& slot = plan.layers[static_cast<std::size_t>(norm->first)].norm[static_cast<std::size_t>(norm->second)];
+    require<format_error>(slot == LayerTensors::none, "checkpoint.shape", "layer ", norm->first,
+                          " has two normalisation tensors in front of its attention: '", inv.tensors[i].name, "'");
+    slot = i;
+  }
+}
+
 /// Walks the tensors: roles, shapes against the config, and the per-layer index. Returns the role of each tensor
 /// that is converted when its layer is (nullopt: copied whatever happens).
 inline std::vector<std::optional<AttentionTensor>> classify_tensors(CheckpointPlan& plan,
@@ -432,7 +458,46 @@ inline std::vector<std::optional<AttentionTensor>> classify_tensors(CheckpointPl
                           "attention layers are not numbered 0 .. ", static_cast<Index>(layers.size()) - 1,
                           " (highest is ", layers.rbegin()->first, ")");
   for (auto& [layer, lt] : layers) plan.layers.push_back(lt);
+  attach_input_norms(plan, inv);
   return roles;
+}
+
+/// With a method that reads the whole layer: checks what gqa::pool_attention will trust (an output projection, the
+/// output bias and the norms [hidden], one dtype for the layer) and marks the layer's K/V, query and output tensors
+/// as outputs of that one call. Query and output tensors become refit (rows permuted inside pool_attention).
+inline void plan_layer_method(CheckpointPlan& plan, const CheckpointInventory& inv, const ModelConfig& c,
+                              safetensors::Dtype dtype, PoolMethod method) {
+  namespace st = safetensors;
+  using R = TensorRole;
+  using P = TensorParam;
+  for (std::size_t l = 0; l < plan.layers.size(); ++l) {
+    const LayerTensors& lt = plan.layers[l];
+    require(lt.at(R::output, P::weight) != LayerTensors::none, "checkpoint.unsupported", "--method ",
+            to_string(method), " reads each layer's output projection, but layer ", l, " has none");
+    auto check = [&](std::size_t i, const char* what, bool vector_of_hidden) {
+      if (i == LayerTensors::none) return;
+      const auto& t = inv.tensors[i];
+      require<format_error>(!vector_of_hidden || t.shape == st::Shape{c.hidden}, "checkpoint.shape", "tensor '",
+                            t.name, "' (", what, ") has shape ", st::shape_string(t.shape), " but hidden_size ",
+                            c.hidden, " implies [", c.hidden, "]");
+      require(t.dtype == dtype, "checkpoint.unsupported", "tensor '", t.name, "' has dtype ", st::dtype_name(t.dtype),
+              " but the K/V projections are ", st::dtype_name(dtype), "; --method ", to_string(method),
+              " computes each layer in one dtype");
+    };
+    check(lt.at(R::output, P::bias), "output bias", true);
+    check(lt.norm[0], "the norm in front of the attention", true);
+    check(lt.norm[1], "the norm in front of the attention", true);
+    for (R role : {R::query, R::key, R::value, R::output})
+      for (P param : {P::weight, P::bias}) {
+        const std::size_t i = lt.at(role, param);
+        if (i == LayerTensors::none) continue;
+        if (!(role == R::output && param == P::bias)) check(i, role_name(role), false);
+        TensorAction& act = plan.actions[i];
+        act.from_layer = true;
+        act.layer = static_cast<Index>(l);
+        if (role == R::query || role == R::output) act.kind = TensorAction::refit;
+      }
+  }
 }
 
 /// Files: the order tensors are written in, what is copied, what is skipped, what is written.
@@ -515,6 +580,9 @@ inline CheckpointPlan plan_checkpoint(const CheckpointInventory& inv, const Chec
   sum.kv_heads_after = target;
   sum.pooled = target < c.kv_heads;
   sum.kv_dtype = *kv_dtype;
+  sum.method = options.convert.method == PoolMethod::automatic ? best_data_free_method(rules.rotary)
+                                                               : options.convert.method;
+  if (sum.pooled && reads_layer(sum.method)) detail::plan_layer_method(plan, inv, c, *kv_dtype, sum.method);
   if (permute) sum.query_order = query_head_order(c.heads, target, options.convert.assignment);
   plan.config_after = inv.config;
   if (rules.fields.kv_heads != nullptr) {

@@ -1,5 +1,5 @@
 // Test fixtures for the safetensors and checkpoint tests: a self-removing temporary directory, and tiny
-// Hugging Face-style checkpoints (Llama / Qwen2 / GPT-2 / Qwen3 layouts) written with gqa's own safetensors writer,
+// Hugging Face-style checkpoints (Llama / Qwen2 / GPT-2 / Qwen3 / BERT layouts) written with gqa's own safetensors writer,
 // or described in memory as the inventory gqa::plan_checkpoint reads.
 #pragma once
 
@@ -86,9 +86,11 @@ inline std::vector<std::byte> tensor_bytes(const std::string& name, st::Dtype dt
   return out;
 }
 
-/// A tiny decoder-only checkpoint in Hugging Face's layout.
+/// A tiny checkpoint in Hugging Face's layout: decoder-only, or a BertModel encoder (bert).
 struct TinyModel {
-  enum class Arch { llama, qwen2, gpt2, qwen3 };  // qwen2: q/k/v biases; gpt2: fused c_attn; qwen3: q/k norms
+  // qwen2: q/k/v biases; gpt2: fused c_attn; qwen3: q/k norms; bert: BertModel names, every projection with a bias,
+  // LayerNorms with biases, config without num_key_value_heads (kv_heads only shapes K/V, to test a mismatch)
+  enum class Arch { llama, qwen2, gpt2, qwen3, bert };
   Arch arch = Arch::llama;
   std::int64_t layers = 2, heads = 8, kv_heads = 8, hidden = 32, vocab = 16, intermediate = 48;
   std::int64_t head_dim = 0;    ///< 0: hidden / heads and no "head_dim" in config.json
@@ -102,6 +104,7 @@ struct TinyModel {
   std::vector<std::pair<std::string, st::Shape>> tensors() const {
     std::vector<std::pair<std::string, st::Shape>> t;
     const std::int64_t D = d();
+    if (arch == Arch::bert) return bert_tensors();
     if (arch == Arch::gpt2) {
       t.push_back({"wte.weight", {vocab, hidden}});
       for (std::int64_t l = 0; l < layers; ++l) {
@@ -139,8 +142,51 @@ struct TinyModel {
     return t;
   }
 
+  std::vector<std::pair<std::string, st::Shape>> bert_tensors() const {
+    std::vector<std::pair<std::string, st::Shape>> t;
+    const std::int64_t D = d();
+    t.push_back({"embeddings.LayerNorm.bias", {hidden}});
+    t.push_back({"embeddings.LayerNorm.weight", {hidden}});
+    t.push_back({"embeddings.position_embeddings.weight", {vocab, hidden}});
+    t.push_back({"embeddings.word_embeddings.weight", {vocab, hidden}});
+    for (std::int64_t l = 0; l < layers; ++l) {
+      const std::string p = "encoder.layer." + std::to_string(l) + ".";
+      t.push_back({p + "attention.output.LayerNorm.bias", {hidden}});
+      t.push_back({p + "attention.output.LayerNorm.weight", {hidden}});
+      t.push_back({p + "attention.output.dense.bias", {hidden}});
+      t.push_back({p + "attention.output.dense.weight", {hidden, heads * D}});
+      t.push_back({p + "attention.self.key.bias", {kv_heads * D}});
+      t.push_back({p + "attention.self.key.weight", {kv_heads * D, hidden}});
+      t.push_back({p + "attention.self.query.bias", {heads * D}});
+      t.push_back({p + "attention.self.query.weight", {heads * D, hidden}});
+      t.push_back({p + "attention.self.value.bias", {kv_heads * D}});
+      t.push_back({p + "attention.self.value.weight", {kv_heads * D, hidden}});
+      t.push_back({p + "intermediate.dense.bias", {intermediate}});
+      t.push_back({p + "intermediate.dense.weight", {intermediate, hidden}});
+      t.push_back({p + "output.LayerNorm.bias", {hidden}});
+      t.push_back({p + "output.LayerNorm.weight", {hidden}});
+      t.push_back({p + "output.dense.bias", {hidden}});
+      t.push_back({p + "output.dense.weight", {hidden, intermediate}});
+    }
+    t.push_back({"pooler.dense.bias", {hidden}});
+    t.push_back({"pooler.dense.weight", {hidden, hidden}});
+    return t;
+  }
+
   nlohmann::ordered_json config() const {
     nlohmann::ordered_json c;
+    if (arch == Arch::bert) {
+      c["architectures"] = {"BertModel"};
+      c["hidden_size"] = hidden;
+      c["intermediate_size"] = intermediate;
+      c["layer_norm_eps"] = 1e-12;
+      c["model_type"] = "bert";
+      c["num_attention_heads"] = heads;
+      c["num_hidden_layers"] = layers;
+      c["position_embedding_type"] = "absolute";
+      c["vocab_size"] = vocab;
+      return c;
+    }
     if (arch == Arch::gpt2) {
       c["architectures"] = {"GPT2LMHeadModel"};
       c["model_type"] = "gpt2";

@@ -5,9 +5,11 @@
 // API; include gqa/checkpoint.hpp.
 //
 // ADDING AN ARCHITECTURE means adding one ArchitectureRules value to architectures(): a recogniser (from config.json's
-// "architectures" / "model_type"), a name classifier, a refusal check, the config field names, and whether the
-// output keeps the K/V head count in its config (Llama: num_key_value_heads) or, for runtimes without one (BERT), is
-// written expanded back to H heads. The shape rules are those of nn.Linear and need no per-family code:
+// "architectures" / "model_type"), a name classifier, a refusal check, the config field names, whether the output
+// keeps the K/V head count in its config (Llama: num_key_value_heads) or, for runtimes without one (BERT), is
+// written expanded back to H heads, the rotary layout of q/k rows, and which normalisation feeds each layer's
+// attention (read by the function-aware methods, gqa/convert.hpp). The shape rules are those of nn.Linear and need
+// no per-family code:
 //   query  weight [H*D, hidden]  bias [H*D]
 //   key    weight [G*D, hidden]  bias [G*D]      (value the same)
 //   output weight [hidden, H*D]  bias [hidden]   (the bias is not per head and is copied)
@@ -15,6 +17,7 @@
 
 #include "gqa/detail/internal_header_check.hpp"
 
+#include "gqa/convert.hpp"
 #include "gqa/errors.hpp"
 #include "gqa/types.hpp"
 
@@ -80,6 +83,11 @@ struct ArchitectureRules {
   ConfigFields fields;
   /// What a checkpoint of this family must contain, for the message when it has no attention tensors.
   const char* expected_names;
+  /// How q/k rows pair up for the rotary embedding (none: the family has none). PoolMethod::automatic and fit read it.
+  RotaryPairs rotary;
+  /// For a normalisation whose output is a layer's attention input: that layer and the parameter (fit's input
+  /// metric, AttentionView::norm_weight / norm_bias); nullopt for any other tensor.
+  std::optional<std::pair<Index, TensorParam>> (*input_norm)(std::string_view name);
 };
 
 /// "<prefix><digits><rest>" -> (layer, rest), for names like "model.layers.12.self_attn.k_proj.weight". Refuses
@@ -139,10 +147,9 @@ inline std::optional<AttentionTensor> classify_llama(std::string_view name) {
   return t;
 }
 
-/// Why a tensor name shows an architecture the converter cannot handle honestly, or nullopt. Compares whole
-/// dot-separated components, so "block_norm" is not mistaken for "k_norm".
-inline std::optional<std::string> unsupported_reason(const std::string& name) {
-  const auto parts = name_parts(name);
+/// Why a tensor name shows a layout no family's rules can convert honestly (fused QKV, per-head q/k norms), or
+/// nullopt. Compares whole dot-separated components, so "block_norm" is not mistaken for "k_norm".
+inline std::optional<std::string> common_refusal(const std::vector<std::string_view>& parts, const std::string& name) {
   if (any_part_in(parts, {"c_attn", "qkv_proj", "query_key_value", "Wqkv", "qkv", "W_pack", "in_proj_weight",
                           "in_proj_bias"}))
     return concat("tensor '", name, "' is a fused QKV projection (as GPT-2's c_attn); its K and V rows cannot be "
@@ -150,10 +157,24 @@ inline std::optional<std::string> unsupported_reason(const std::string& name) {
   if (any_part_in(parts, {"q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm"}))
     return concat("tensor '", name, "' is a per-head query/key norm; the norm of a pooled head is not the pool "
                                     "of the normed heads, so K cannot be pooled honestly");
+  return std::nullopt;
+}
+
+/// Why a tensor name shows an architecture the converter cannot handle honestly, or nullopt (Llama family).
+inline std::optional<std::string> unsupported_reason(const std::string& name) {
+  const auto parts = name_parts(name);
+  if (auto why = common_refusal(parts, name)) return why;
   if (any_part_in(parts, {"k_proj", "v_proj"}) && !classify_llama(name))
     return concat("tensor '", name, "' looks like a K/V projection but is not model.layers.<i>.self_attn."
                                     "{k_proj,v_proj}.{weight,bias} (quantised, adapter or other layout)");
   return std::nullopt;
+}
+
+/// "model.layers.<i>.input_layernorm.weight": the RMSNorm in front of layer i's attention.
+inline std::optional<std::pair<Index, TensorParam>> llama_input_norm(std::string_view name) {
+  const auto split = split_layer(name, "model.layers.");
+  if (!split || split->second != ".input_layernorm.weight") return std::nullopt;
+  return std::make_pair(split->first, TensorParam::weight);
 }
 
 inline std::optional<std::string> llama_config_refusal(const nlohmann::ordered_json& config) {
@@ -163,14 +184,97 @@ inline std::optional<std::string> llama_config_refusal(const nlohmann::ordered_j
   return std::nullopt;
 }
 
-/// The families gqa converts, in the order they are tried. Llama-style names are the fallback: GPT-2 and other
-/// unknown checkpoints are refused by its refusals ("fused QKV") or for lacking its names.
+// ---- BERT (BertModel, BertFor*; sentence-transformers exports) ---------------------------------------------------
+
+/// `name` without BertFor*'s "bert." prefix (BertModel and sentence-transformers checkpoints have none).
+inline std::string_view bert_unprefixed(std::string_view name) {
+  constexpr std::string_view prefix = "bert.";
+  return name.substr(0, prefix.size()) == prefix ? name.substr(prefix.size()) : name;
+}
+
+/// "[bert.]encoder.layer.<i>.attention.self.{query,key,value}.{weight,bias}" and
+/// "[bert.]encoder.layer.<i>.attention.output.dense.{weight,bias}", or nullopt.
+inline std::optional<AttentionTensor> classify_bert(std::string_view name) {
+  const auto split = split_layer(bert_unprefixed(name), "encoder.layer.");
+  if (!split) return std::nullopt;
+  static const std::pair<std::string_view, std::pair<TensorRole, TensorParam>> names[] = {
+      {".attention.self.query.weight", {TensorRole::query, TensorParam::weight}},
+      {".attention.self.query.bias", {TensorRole::query, TensorParam::bias}},
+      {".attention.self.key.weight", {TensorRole::key, TensorParam::weight}},
+      {".attention.self.key.bias", {TensorRole::key, TensorParam::bias}},
+      {".attention.self.value.weight", {TensorRole::value, TensorParam::weight}},
+      {".attention.self.value.bias", {TensorRole::value, TensorParam::bias}},
+      {".attention.output.dense.weight", {TensorRole::output, TensorParam::weight}},
+      {".attention.output.dense.bias", {TensorRole::output, TensorParam::bias}},
+  };
+  for (const auto& [rest, role] : names)
+    if (split->second == rest) return AttentionTensor{split->first, role.first, role.second};
+  return std::nullopt;
+}
+
+/// The LayerNorm whose output is layer i's attention input: embeddings.LayerNorm for layer 0, layer i-1's
+/// output.LayerNorm (after its feed-forward block) for the others.
+inline std::optional<std::pair<Index, TensorParam>> bert_input_norm(std::string_view name) {
+  name = bert_unprefixed(name);
+  Index layer = 0;
+  std::string_view rest;
+  if (name.substr(0, 21) == "embeddings.LayerNorm.") {
+    rest = name.substr(21);
+  } else if (const auto split = split_layer(name, "encoder.layer.");
+             split && split->second.substr(0, 18) == ".output.LayerNorm.") {
+    layer = split->first + 1;
+    rest = split->second.substr(18);
+  } else {
+    return std::nullopt;
+  }
+  if (rest == "weight") return std::make_pair(layer, TensorParam::weight);
+  if (rest == "bias") return std::make_pair(layer, TensorParam::bias);
+  return std::nullopt;
+}
+
+inline std::optional<std::string> bert_refusal(const std::string& name) {
+  const auto parts = name_parts(name);
+  if (auto why = common_refusal(parts, name)) return why;
+  if (any_part_in(parts, {"crossattention"}))
+    return concat("tensor '", name, "' belongs to a cross-attention block (a BERT decoder); gqa converts "
+                                    "self-attention only");
+  const auto split = split_layer(bert_unprefixed(name), "encoder.layer.");
+  if (split && split->second.substr(0, 16) == ".attention.self." && !classify_bert(name))
+    return concat("tensor '", name, "' is part of a BERT self-attention block but not its query/key/value "
+                                    "weight or bias (relative position embeddings, quantised or adapter tensors)");
+  return std::nullopt;
+}
+
+inline std::optional<std::string> bert_config_refusal(const nlohmann::ordered_json& config) {
+  if (config.contains("position_embedding_type") && config["position_embedding_type"].is_string() &&
+      config["position_embedding_type"].get<std::string>() != "absolute")
+    return concat("config.json sets \"position_embedding_type\": ", config["position_embedding_type"].dump(),
+                  "; relative position scores read the per-head key rows in a way pooling does not model");
+  return std::nullopt;
+}
+
+/// config.json's "model_type" is "bert", or an "architectures" entry starts with "Bert".
+inline bool recognises_bert(const nlohmann::ordered_json& config) {
+  if (!config.is_object()) return false;
+  if (config.contains("model_type") && config["model_type"] == "bert") return true;
+  if (config.contains("architectures") && config["architectures"].is_array())
+    for (const auto& a : config["architectures"])
+      if (a.is_string() && a.get<std::string>().rfind("Bert", 0) == 0) return true;
+  return false;
+}
+
+/// The families gqa converts, in the order they are tried. Llama-style names are the fallback (last): GPT-2 and
+/// other unknown checkpoints are refused by its refusals ("fused QKV") or for lacking its names. BERT runtimes have
+/// no K/V head count (fields.kv_heads = nullptr), so BERT outputs are written expanded back to H heads.
 inline const std::vector<ArchitectureRules>& architectures() {
   static const std::vector<ArchitectureRules> rules{
+      {"BERT", recognises_bert, classify_bert, bert_refusal, bert_config_refusal,
+       {"num_attention_heads", nullptr, "hidden_size", nullptr, "num_hidden_layers"},
+       "encoder.layer.<i>.attention.self.key.weight", RotaryPairs::none, bert_input_norm},
       {"Llama/Mistral/Qwen2", [](const nlohmann::ordered_json&) { return true; }, classify_llama,
        unsupported_reason, llama_config_refusal,
        {"num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim", "num_hidden_layers"},
-       "model.layers.<i>.self_attn.k_proj.weight"},
+       "model.layers.<i>.self_attn.k_proj.weight", RotaryPairs::half_split, llama_input_norm},
   };
   return rules;
 }
