@@ -40,13 +40,14 @@
 namespace gqa {
 namespace detail {
 
+/// `scales`: the per-row scales of int8 K/V (a KVCache<std::int8_t>); null for the other storage types.
 template <int GroupSize, typename T, typename KVT>
 void attention_impl(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<const KVT> v, TensorRef<T> out,
-                    const AttentionOptions& options) {
-  static_assert(is_storage_type_v<T> && is_storage_type_v<KVT>,
-                "gqa: element types must be float, double, bfloat16 or half");
+                    const AttentionOptions& options, const KVScales* scales = nullptr) {
+  static_assert(is_storage_type_v<T> && is_kv_storage_type_v<KVT>,
+                "gqa: element types must be float, double, bfloat16 or half (int8 K/V through a KVCache)");
   static_assert(GroupSize == Dynamic || GroupSize >= 1, "gqa: GroupSize must be Dynamic or >= 1");
-  const auto p = make_params<T, KVT>(q, k, v, out, options);
+  const auto p = make_params<T, KVT>(q, k, v, out, options, scales);
   if constexpr (GroupSize != Dynamic)
     require<shape_error>(p.group_size == GroupSize, "shape", "attention<", GroupSize, ">: group size H/G = ",
                          p.heads, "/", p.kv_heads, " = ", p.group_size, " but the template asks for ", GroupSize);
@@ -67,6 +68,8 @@ void attention(const Q& q, const K& k, const V& v, O&& out, const AttentionOptio
   using T = detail::ref_elem_t<decltype(qr)>;
   using KVT = detail::ref_elem_t<decltype(kr)>;
   static_assert(std::is_same_v<KVT, detail::ref_elem_t<decltype(vr)>>, "gqa: k and v must have the same element type");
+  static_assert(!std::is_same_v<KVT, std::int8_t>,
+                "gqa: int8 k/v need their per-row scales: attend to the gqa::KVCache<std::int8_t> that holds them");
   static_assert(std::is_same_v<T, detail::ref_elem_t<decltype(orf)>>, "gqa: out must have q's element type");
   static_assert(!std::is_const_v<std::remove_pointer_t<decltype(orf.data)>>, "gqa: out must be writable");
   detail::attention_impl<GroupSize, T, KVT>(TensorRef<const T>(qr), TensorRef<const KVT>(kr),
