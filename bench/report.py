@@ -250,7 +250,8 @@ def cache_types_section(ix, checks, out):
             row = [G, t]
             for kv in kvs:
                 r = cell[kv]
-                per_token = r.counters.get("kv_bytes") / (S * r.get("B", 1)) if r and r.counters.get("kv_bytes") else None
+                kv_bytes = r.counters.get("kv_bytes") if r else None
+                per_token = kv_bytes / (S * r.get("B", 1)) if kv_bytes else None
                 row += [fmt_bytes(per_token), fmt_time(r.seconds) if r else "-"]
             for kv, ratios in (("f16", f16_ratios), ("i8", i8_ratios)):
                 r = cell.get(kv)

@@ -338,38 +338,38 @@ TEST_CASE("Attention on an int8 cache: the reference on its dequantised values (
           "[kv_cache][int8]") {
   // (H, G): MHA, GQA with 2, 4, 8 and 9 heads per group, MQA; D = 64 takes the micro-kernels, D = 59 the GEMM
   // path; Sq = 1 and 2 are decode (1, 2, 4, 8, 16, 18, 32 and 64 rows per KV head: every way the scales are applied
-  // to a tile), Sq = 97 a chunked prefill (the GEMM tiles).
+  // to a tile), Sq = 37 a chunked prefill (the GEMM tiles, or 37 rows of micro-kernels for MHA).
   const auto hg = GENERATE(std::pair<Index, Index>{4, 4}, std::pair<Index, Index>{4, 2},
                            std::pair<Index, Index>{8, 2}, std::pair<Index, Index>{16, 2},
                            std::pair<Index, Index>{9, 1}, std::pair<Index, Index>{32, 1});
   const Index D = GENERATE(Index(64), Index(59));
-  const Index Sq = GENERATE(Index(1), Index(2), Index(97));
+  const Index Sq = GENERATE(Index(1), Index(2), Index(37));
   const int option = GENERATE(0, 1, 2, 3);  // causal; window + softcap; bias; no mask
-  const Index B = 3, C = 800, H = hg.first, G = hg.second;
+  const Index B = 3, C = 400, H = hg.first, G = hg.second;
   DYNAMIC_SECTION("H=" << H << " G=" << G << " D=" << D << " Sq=" << Sq << " option " << option) {
-    Tensor4<float> k(B, 700, G, D), v(B, 700, G, D);
+    Tensor4<float> k(B, 350, G, D), v(B, 350, G, D);
     gqa_test::fill_uniform(k, 11);
     gqa_test::fill_uniform(v, 12);
-    std::vector<std::int32_t> counts{700, 400, 100};  // ragged
+    std::vector<std::int32_t> counts{350, 300, 40};  // ragged; 300 > 256 keys: two decode tiles
     KVCache<std::int8_t> cache(B, G, C, D);
     KVCache<float> f32(B, G, C, D);
     cache.append(k, v, counts);
     f32.append(k, v, counts);
     // Roll back and re-append part of one sequence (speculative decoding): truncate keeps the scales in step.
-    cache.truncate(0, 500);
-    f32.truncate(0, 500);
-    std::vector<std::int32_t> more{200, 0, 0};
+    cache.truncate(0, 250);
+    f32.truncate(0, 250);
+    std::vector<std::int32_t> more{100, 0, 0};
     cache.append(k, v, more);
     f32.append(k, v, more);
 
     Tensor4<float> q(B, Sq, H, D), out(B, Sq, H, D), out_f32(B, Sq, H, D);
     gqa_test::fill_uniform(q, 13, -2.0, 2.0);
     std::vector<float> lse(size_t(B * H * Sq)), lse_f32(lse.size());
-    Tensor4<float> bias(1, H, Sq, 700);
+    Tensor4<float> bias(1, H, Sq, 350);
     gqa::AttentionOptions opt;
     opt.lse = lse;
     if (option == 0) opt.causal = true;
-    if (option == 1) opt.window = 300, opt.softcap = 5.0;
+    if (option == 1) opt.window = 90, opt.softcap = 5.0;
     if (option == 2) {
       gqa_test::fill_uniform(bias, 14, -1.0, 1.0);
       for (Index h = 0; h < H; ++h) bias(0, h, 0, 5 + h) = -std::numeric_limits<float>::infinity();
@@ -402,7 +402,7 @@ TEST_CASE("Attention on an int8 cache: the reference on its dequantised values (
   }
 }
 
-TEST_CASE("int8 decode is bitwise identical for 1 and 2 threads", "[kv_cache][int8]") {
+TEST_CASE("int8 decode with split keys is bitwise identical for 1 and 2 threads", "[kv_cache][int8]") {
   const Index B = 1, G = 2, H = 16, D = 64, S = 4000;
   Tensor4<float> k(B, S, G, D), v(B, S, G, D), q(B, 1, H, D);
   gqa_test::fill_uniform(k, 31);
@@ -413,5 +413,43 @@ TEST_CASE("int8 decode is bitwise identical for 1 and 2 threads", "[kv_cache][in
   gqa::AttentionOptions one, two;
   one.num_threads = 1;
   two.num_threads = 2;
-  gqa_test::check_identical(gqa::attention(q, cache, one), gqa::attention(q, cache, two));
+  const Tensor4<float> out = gqa::attention(q, cache, one);
+  gqa_test::check_identical(out, gqa::attention(q, cache, two));
+  // B * G = 2 items: the keys are split (flash-decoding) and merged; still the reference on the stored values.
+  const Dequantized deq(cache);
+  gqa::AttentionOptions ref_opt;
+  ref_opt.key_lengths = cache.lengths();
+  gqa_test::check_close(out, gqa::reference_attention<float, float>(gqa::make_ref(q), deq.keys(cache),
+                                                                    deq.values(cache), ref_opt), kFloatTol);
+}
+
+TEST_CASE("An int8 cache serves double and bfloat16 queries", "[kv_cache][int8]") {
+  // Double queries take the double kernels (scalar widening of int8, double accumulation); bfloat16 queries the
+  // float ones. Both against the double reference on the dequantised cache.
+  const Index B = 2, G = 2, H = 6, D = 32, S = 300;
+  Tensor4<float> k(B, S, G, D), v(B, S, G, D);
+  gqa_test::fill_uniform(k, 41);
+  gqa_test::fill_uniform(v, 42);
+  KVCache<std::int8_t> cache(B, G, S, D);
+  cache.append(k, v);
+  const Dequantized deq(cache);
+  gqa::AttentionOptions opt;
+  opt.causal = true;
+  gqa::AttentionOptions ref_opt = opt;
+  ref_opt.key_lengths = cache.lengths();
+
+  Tensor4<double> qd(B, 3, H, D);
+  gqa_test::fill_uniform(qd, 43, -2.0, 2.0);
+  const auto ref_d = gqa::reference_attention<double, float>(gqa::make_ref(qd), deq.keys(cache), deq.values(cache),
+                                                             ref_opt);
+  // Double arithmetic on the same stored values: only the float rounding of each dequantised value in the
+  // reference separates them (relative 2^-24 of |V| <= 1).
+  gqa_test::check_close(gqa::attention(qd, cache, opt), ref_d, {1e-6, 1e-6});
+
+  Tensor4<gqa::bfloat16> qb(B, 3, H, D);
+  gqa_test::fill_uniform(qb, 44, -2.0, 2.0);
+  const auto ref_b = gqa::reference_attention<gqa::bfloat16, float>(gqa::make_ref(qb), deq.keys(cache),
+                                                                    deq.values(cache), ref_opt);
+  // The output is rounded to bfloat16 (8 bits): half an ulp of |out| <= 1 is 2^-9.
+  gqa_test::check_close(gqa::attention(qb, cache, opt), ref_b, {2e-3, 4e-3});
 }

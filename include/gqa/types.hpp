@@ -53,7 +53,8 @@ inline constexpr bool is_storage_type_v =
 /// True for the element types a KVCache stores: the storage types, and std::int8_t (quantised, with per-row scales;
 /// attention reads int8 K/V only through the cache, which supplies the scales).
 template <typename T>
-inline constexpr bool is_kv_storage_type_v = is_storage_type_v<T> || std::is_same_v<std::remove_const_t<T>, std::int8_t>;
+inline constexpr bool is_kv_storage_type_v =
+    is_storage_type_v<T> || std::is_same_v<std::remove_const_t<T>, std::int8_t>;
 
 /// Arithmetic type for a storage type: double for double, float for everything else.
 template <typename T>

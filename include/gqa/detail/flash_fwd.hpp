@@ -6,8 +6,10 @@
 // tiles of k_tile rows with the online softmax (running max m, running sum l, unnormalised output O), so memory
 // is O(tile), never Sq x Sk. Scores are kept transposed, S^T [keys, rows], so the softmax vectorises across rows.
 // Tile products: with few rows (decode, up to 4 SIMD packets) the register-blocked micro-kernels of
-// microkernels.hpp read K/V rows in place and widen 16-bit values in registers; with many rows (prefill) Eigen's
-// GEMM runs on maps of the caller's memory (16-bit and mixed-precision K/V widened one tile at a time). Key tiles
+// microkernels.hpp read K/V rows in place and widen 16-bit and int8 values in registers; with many rows (prefill)
+// Eigen's GEMM runs on maps of the caller's memory (16-bit, int8 and mixed-precision K/V widened one tile at a time).
+// int8 K/V (KVCache<std::int8_t>) multiply raw rows; each tile's scores are then scaled by the K rows' scales, and
+// its probabilities (after the running sum took them) by the V rows' scales (scale_tile_rows). Key tiles
 // that no row of an item can see (causal, window, key lengths) are never visited (the mask contract of masks.hpp).
 //
 // When there are few (b, g, query tile) items (decode: B * G small), the key range is also split

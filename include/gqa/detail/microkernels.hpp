@@ -1,12 +1,12 @@
 // gqa/detail/microkernels.hpp — register-blocked products for small row counts (decode), on Eigen's packet layer.
 //
 // Decode has few query rows per KV head (M = (H/G) * Sq, often 1..32), too few for a packed GEMM to pay for
-// packing each K/V tile. These kernels read K and V rows in place from the cache (widening bf16/half to float in
-// registers), keep every accumulator in registers, and write scores transposed, S^T [n keys x M rows], so the
-// softmax that follows vectorises across the group's rows. Everything is written with Eigen::internal packets, so
-// it compiles to AVX2, AVX-512, SSE or NEON, whatever Eigen targets; the number of rows M is a template
-// parameter (one instantiation per row count, picked by with_score_form), which is what lets the accumulators live
-// in registers. The score kernels take a LinePrefetcher for the K rows ahead of the tile and issue a share of its
+// packing each K/V tile. These kernels read K and V rows in place from the cache (widening bf16/half/int8 to float
+// in registers; int8 scales are applied by the caller, see KVRows), keep every accumulator in registers, and write
+// scores transposed, S^T [n keys x M rows], so the softmax that follows vectorises across the group's rows.
+// Everything is written with Eigen::internal packets, so it compiles to AVX2, AVX-512, SSE or NEON, whatever Eigen
+// targets; the number of rows M is a template parameter (one instantiation per row count, picked by
+// with_score_form), which is what lets the accumulators live in registers. The score kernels take a LinePrefetcher for the K rows ahead of the tile and issue a share of its
 // lines with every block of keys; accumulate_pv prefetches V the same way (see LinePrefetcher). Preconditions
 // (checked by the caller): D is a multiple of the packet size.
 //
