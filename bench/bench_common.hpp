@@ -13,7 +13,8 @@
 // wall clock around the timed loop. Its "CPU" column is the main thread's CPU time only, meaningless at threads:2.
 //
 // Counters (all per iteration, from wall-clock time):
-//   kv_bytes     bytes of K+V read per step: 2 * B * S * G * D * sizeof(kv type) (stream_read: the same bytes)
+//   kv_bytes     bytes of K+V read per step: 2 * B * S * G * D * sizeof(kv type), plus 2 * B * S * G * 4 for the
+//                scales of an int8 (kv:i8) cache (stream_read: the same bytes)
 //   GBps         kv_bytes / time / 1e9
 //   GFLOPs       useful flops / time / 1e9 (decode 4*S*D*H; prefill 4*S*S*D*H, or 2*S*S*D*H when causal;
 //                sgemm 2*M*N*K per product, summed over threads)
@@ -64,7 +65,14 @@ constexpr const char* kv_name() {
   if constexpr (std::is_same_v<T, float>) return "f32";
   else if constexpr (std::is_same_v<T, gqa::bfloat16>) return "bf16";
   else if constexpr (std::is_same_v<T, gqa::half>) return "f16";
+  else if constexpr (std::is_same_v<T, std::int8_t>) return "i8";
   else return "f64";
+}
+
+/// Bytes one token of one KV head adds to K+V: 2 * D * sizeof(T), plus an int8 cache's two float scales.
+template <typename T>
+constexpr double kv_row_pair_bytes(Index D) {
+  return 2.0 * (double(D) * sizeof(T) + (std::is_same_v<T, std::int8_t> ? sizeof(float) : 0));
 }
 
 /// One attention problem: B sequences, H query heads, G KV heads, head dim D, length S (cache length at decode,

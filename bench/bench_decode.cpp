@@ -2,19 +2,22 @@
 // naive reference, for the G comparison of bench/compare_g.sh.
 //
 // Benchmarks (names are `key:value` fields; see bench/README.md and bench_common.hpp):
-//   decode/H:32/G:<g>/D:128/S:<s>/kv:<f32|bf16|f16>/threads:<1|2>
-//       gqa::attention(q [1, 1, 32, 128] float, KVCache<kv> filled to S tokens, out, num_threads = t).
+//   decode/H:32/G:<g>/D:128/S:<s>/kv:<f32|bf16|f16|i8>/threads:<1|2>
+//       gqa::attention(q [1, 1, 32, 128] float, KVCache<kv> filled to S tokens, out, num_threads = t); i8 is
+//       KVCache<std::int8_t> (per-row float scales, counted in kv_bytes).
 //       G in {32, 16, 8, 4, 2, 1}, S in {1024, 2048, 4096, 8192, 16384, 32768}.
-//   baseline/stream_read/H:32/G:<g>/D:128/S:<s>/kv:<f32|bf16|f16>/threads:<1|2>
-//       OpenMP sum over the K and V storage of that decode's cache (2*S*G*D*sizeof(kv) bytes): the read bandwidth
-//       of exactly the bytes decode reads (DRAM when they exceed the caches, partly L3 when they fit). A separate
+//   baseline/stream_read/H:32/G:<g>/D:128/S:<s>/kv:<f32|bf16|f16|i8>/threads:<1|2>
+//       OpenMP sum over the K and V storage of that decode's cache (2*S*G*D*sizeof(kv) bytes, and i8's scales):
+//       the read bandwidth of exactly the bytes decode reads (DRAM when they exceed the caches, partly L3 when they
+//       fit). A separate
 //       buffer of the same size is not the same yardstick on a VM: four identical 512 MiB buffers read at 26.5 to
 //       32.5 GB/s on the development machine, depending on where their pages landed.
 //   baseline/sgemm/M:<m>/N:<n>/K:<k>/threads:<t>
 //       t independent Eigen SGEMMs: the machine's float compute rate at t threads.
 //   reference/decode/H:32/G:<g>/D:128/S:1024/kv:f32/threads:1
 //       gqa::reference_attention (double, repeat_kv, one thread) on the same cache.
-// Counters: kv_bytes (2*S*G*D*sizeof(kv) read per token), GBps, GFLOPs (4*S*D*H per token), tokens_per_s.
+// Counters: kv_bytes (2*S*G*D*sizeof(kv) read per token, + 2*S*G*4 for i8's scales), GBps, GFLOPs (4*S*D*H per
+// token), tokens_per_s.
 // Decode's floor: T_floor = max(kv_bytes / stream GBps, 4*S*D*H / sgemm GFLOPs), same run, same threads.
 //
 // Every benchmark is registered; pick with --benchmark_filter (a regex), e.g.
@@ -55,7 +58,7 @@ DecodeSetup<T>& decode_setup(const Shape& s) {
 
 template <typename T>
 Work decode_work(const Shape& s) {
-  return Work{2.0 * double(s.B * s.S * s.G * s.D) * sizeof(T), 4.0 * double(s.B * s.S * s.D * s.H), double(s.B)};
+  return Work{double(s.B * s.S * s.G) * kv_row_pair_bytes<T>(s.D), 4.0 * double(s.B * s.S * s.D * s.H), double(s.B)};
 }
 
 template <typename T>
@@ -78,7 +81,13 @@ void bm_stream_decode_cache(benchmark::State& state, Shape s, int threads) {
   const auto& k = setup.cache.key_storage();  // [B, G, S, D]: capacity S, all of it filled
   const auto& v = setup.cache.value_storage();
   const std::size_t bytes = std::size_t(k.size()) * sizeof(T);
-  bm_stream_read(state, {ByteRange{k.data(), bytes}, ByteRange{v.data(), bytes}}, threads);
+  std::vector<ByteRange> ranges{ByteRange{k.data(), bytes}, ByteRange{v.data(), bytes}};
+  if constexpr (std::is_same_v<T, std::int8_t>) {  // the scales, [B, G, S] floats each
+    const std::size_t scale_bytes = std::size_t(setup.cache.key_scales().size()) * sizeof(float);
+    ranges.push_back(ByteRange{setup.cache.key_scales().data(), scale_bytes});
+    ranges.push_back(ByteRange{setup.cache.value_scales().data(), scale_bytes});
+  }
+  bm_stream_read(state, ranges, threads);
 }
 
 void bm_reference_decode(benchmark::State& state, Shape s) {
@@ -111,6 +120,7 @@ void register_all() {
       register_decode<float>(s);
       register_decode<gqa::bfloat16>(s);
       register_decode<gqa::half>(s);
+      register_decode<std::int8_t>(s);
     }
   // The naive reference is double and materialises repeat_kv(K, V): a modest S. Our kernel at the same shape
   // is decode/H:32/G:<g>/D:128/S:1024/kv:f32/threads:1 above.

@@ -21,7 +21,7 @@
 #
 # Needs: bash, cmake, make and g++ (unless --no-build), python3 (the tables); python3-matplotlib for the plot.
 # Output: DIR/decode.json, decode_ref.json, prefill.json, prefill_ref.json[, prefill_memory.json], *.log,
-# machine.txt, and DIR/decode_vs_G.png. About 3 minutes of benchmarks on 2 cores with the defaults.
+# machine.txt, and DIR/decode_vs_G.png. About 5 minutes of benchmarks on 2 cores with the defaults.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -114,13 +114,13 @@ total_start=$SECONDS
 echo "== load average before the runs: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
 if [[ $smoke == 1 ]]; then
   run "$decode" decode 1 \
-    "^(baseline/sgemm/.*|(baseline/stream_read|decode)/H:32/G:(32|8|1)/D:128/S:$seq/kv:(f32|bf16)/threads:[12])$"
+    "^(baseline/sgemm/.*|(baseline/stream_read|decode)/H:32/G:(32|8|1)/D:128/S:$seq/kv:(f32|bf16|f16|i8)/threads:[12])$"
   run "$prefill" prefill 1 "^(baseline/sgemm/.*|prefill/H:32/G:(32|8)/D:128/S:512/kv:f32/threads:[12]/causal:1)$"
 else
-  # Decode: all six G, fp32 and bf16 caches, 1 and 2 threads, each with the stream read of its own cache, and
-  # the sgemm; also the fp32 decode at S = 1024 that sits next to the reference.
+  # Decode: all six G, f32, bf16, f16 and int8 caches, 1 and 2 threads, each with the stream read of its own
+  # cache, and the sgemm; also the fp32 decode at S = 1024 that sits next to the reference.
   run "$decode" decode "$reps" \
-    "^(baseline/sgemm/.*|(baseline/stream_read|decode)/H:32/G:[0-9]+/D:128/(S:$seq/kv:(f32|bf16)|S:1024/kv:f32)/threads:[12])$"
+    "^(baseline/sgemm/.*|(baseline/stream_read|decode)/H:32/G:[0-9]+/D:128/(S:$seq/kv:(f32|bf16|f16|i8)|S:1024/kv:f32)/threads:[12])$"
   # The naive reference (double; a second per call) runs once, at S = 1024.
   run "$decode" decode_ref 1 "^reference/decode/H:32/G:[0-9]+/D:128/S:1024/kv:f32/threads:1$"
 

@@ -53,7 +53,7 @@ def main(argv):
 
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    kv_order = {"f32": 0, "bf16": 1, "f16": 2}
+    kv_order = {"f32": 0, "bf16": 1, "f16": 2, "i8": 3}
     series = sorted({(r.get("kv"), r.get("threads")) for r in decode}, key=lambda k: (kv_order.get(k[0], 9), k[1]))
     for i, (kv, t) in enumerate(series):
         pts = sorted((r for r in decode if r.get("kv") == kv and r.get("threads") == t), key=lambda r: r.get("G"))

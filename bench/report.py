@@ -23,6 +23,8 @@ DECODE_S = 16384          # the headline decode cache length
 FLOOR_MAX = 1.25          # decode time <= 1.25 x T_floor
 GQA8_OVER_MHA_MIN = 3.0   # decode G=8 vs G=32
 BF16_OVER_F32_MIN = 1.7   # bf16 cache throughput vs fp32, at G = 32 and G = 8
+F16_OVER_BF16_MIN = 0.9   # f16 cache throughput vs bf16, every G and thread count
+I8_OVER_BF16_MIN = 1.7    # int8 cache throughput vs bf16, at G = 32 and G = 8
 PREFILL_S = 4096          # prefill causal S = 4096, G = 8: >= 60% of sgemm GFLOP/s
 PREFILL_SGEMM_MIN = 0.60
 REF_SPEEDUP_MIN = 20.0    # prefill vs the naive reference at S = 2048
@@ -175,7 +177,7 @@ class Checks:
         self.lines.append(f"  {'ok  ' if ok else 'FAIL'}  {label}: {detail}")
 
 
-KV_ORDER = {"f32": 0, "bf16": 1, "f16": 2}
+KV_ORDER = {"f32": 0, "bf16": 1, "f16": 2, "i8": 3}
 
 
 def headline_s(runs):
@@ -229,6 +231,54 @@ def decode_grid_section(ix, out):
     out.append(f"\nDecode at S = {S}, time per token, every cache type and thread count")
     out.append(table(["G"] + [f"{kv} {t}thr" for kv, t in cols] +
                      [f"bf16/f32 {tmax}thr", f"f32 {tmax}/1thr", f"bf16 {tmax}/1thr"], rows))
+
+
+def cache_types_section(ix, checks, out):
+    """Bytes and time per token of every cache type at the headline S (one row per G and thread count), the f16 and
+    int8 throughput against bf16, and their checks."""
+    runs = ix.all("decode")
+    S = headline_s(runs)
+    at_s = [r for r in runs if r.get("S") == S]
+    kvs = sorted({r.get("kv") for r in at_s}, key=lambda k: KV_ORDER.get(k, 9))
+    if len(kvs) < 2:
+        return
+    rows, f16_ratios, i8_ratios = [], [], []
+    for G in sorted({r.get("G") for r in at_s}, reverse=True):
+        for t in sorted({r.get("threads") for r in at_s}):
+            cell = {kv: ix.find("decode", None, S=S, kv=kv, threads=t, G=G) for kv in kvs}
+            bf = cell.get("bf16")
+            row = [G, t]
+            for kv in kvs:
+                r = cell[kv]
+                kv_bytes = r.counters.get("kv_bytes") if r else None
+                per_token = kv_bytes / (S * r.get("B", 1)) if kv_bytes else None
+                row += [fmt_bytes(per_token), fmt_time(r.seconds) if r else "-"]
+            for kv, ratios in (("f16", f16_ratios), ("i8", i8_ratios)):
+                r = cell.get(kv)
+                # Same binary run only: ratios of different runs would mix machine states.
+                same = bf and r and ix.find("decode", bf.source, S=S, kv=kv, threads=t, G=G)
+                x = bf.seconds / same.seconds if same else None
+                row.append(fmt_x(x))
+                if x is not None:
+                    ratios.append((x, G, t))
+            rows.append(row)
+    out.append(f"\nCache types at S = {S}: KV bytes one token adds (all G heads, K and V; int8 counts its scales) and "
+               f"time per token")
+    header = ["G", "thr"]
+    for kv in kvs:
+        header += [f"{kv} B/token", f"{kv} time"]
+    out.append(table(header + ["f16 vs bf16", "i8 vs bf16"], rows))
+    out.append("(vs bf16: throughput ratio, bf16 time / that time; > 1 is faster than bf16)")
+    worst = min(f16_ratios) if f16_ratios else None
+    checks.check(f"decode S={S}, every G and thread count: f16 >= {F16_OVER_BF16_MIN:g}x bf16 throughput", worst,
+                 worst is not None and worst[0] >= F16_OVER_BF16_MIN,
+                 f"worst {worst[0]:.2f}x at G={worst[1]}, {worst[2]}thr" if worst else "")
+    for G in (32, 8):
+        sel = [x for x in i8_ratios if x[1] == G]
+        worst = min(sel) if sel else None
+        checks.check(f"decode S={S} G={G}, every thread count: i8 >= {I8_OVER_BF16_MIN:g}x bf16 throughput", worst,
+                     worst is not None and worst[0] >= I8_OVER_BF16_MIN,
+                     f"worst {worst[0]:.2f}x at {worst[2]}thr" if worst else "")
 
 
 def decode_checks(ix, checks):
@@ -388,6 +438,7 @@ def main(argv):
     headline_section(ix, out)
     decode_grid_section(ix, out)
     decode_checks(ix, checks)
+    cache_types_section(ix, checks, out)
     prefill_section(ix, checks, out)
     reference_section(ix, checks, out)
     out.append("")

@@ -2,15 +2,15 @@
 // decoding with gqa's KV cache and attention. The model code is examples/decoder/llama.hpp; this file is the
 // command line.
 //
-//   example_decoder MODEL_DIR generate --prompt-ids FILE [--max-new N] [--kv f32|bf16]
+//   example_decoder MODEL_DIR generate --prompt-ids FILE [--max-new N] [--kv f32|bf16|f16|i8]
 //                                     [--temperature T --top-k K --seed S] [--threads N]
-//   example_decoder MODEL_DIR perplexity --ids FILE [--context N] [--kv f32|bf16] [--threads N]
-//   example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16] [--threads N]
+//   example_decoder MODEL_DIR perplexity --ids FILE [--context N] [--kv f32|bf16|f16|i8] [--threads N]
+//   example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16|f16|i8] [--threads N]
 //
 // MODEL_DIR holds config.json and model.safetensors (or model.safetensors.index.json and its shards), and
 // optionally tokenizer.json (used to show ids as text). Ids files hold whitespace-separated integers
-// (bench/text_ids.py writes them). --kv is the KV cache's element type (default f32); --threads defaults to
-// OpenMP's (OMP_NUM_THREADS, else the cores).
+// (bench/text_ids.py writes them). --kv is the KV cache's element type (default f32; i8 is the int8 cache with
+// per-row scales); --threads defaults to OpenMP's (OMP_NUM_THREADS, else the cores).
 //
 // generate   prefills the prompt in chunks, then decodes up to --max-new tokens (default 32; stops at the
 //            config's eos_token_id): greedy, or sampled with --temperature (> 0), --top-k (0 = all) and --seed.
@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -43,10 +44,10 @@ using Clock = std::chrono::steady_clock;
 
 const char* const usage_text =
     "usage:\n"
-    "  example_decoder MODEL_DIR generate --prompt-ids FILE [--max-new N] [--kv f32|bf16]\n"
+    "  example_decoder MODEL_DIR generate --prompt-ids FILE [--max-new N] [--kv f32|bf16|f16|i8]\n"
     "                                    [--temperature T --top-k K --seed S] [--threads N]\n"
-    "  example_decoder MODEL_DIR perplexity --ids FILE [--context N] [--kv f32|bf16] [--threads N]\n"
-    "  example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16] [--threads N]\n";
+    "  example_decoder MODEL_DIR perplexity --ids FILE [--context N] [--kv f32|bf16|f16|i8] [--threads N]\n"
+    "  example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16|f16|i8] [--threads N]\n";
 
 struct usage_error : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -106,8 +107,9 @@ Args parse(int argc, char** argv) {
   }
   const char* required = a.mode == "generate" ? "--prompt-ids" : a.mode == "perplexity" ? "--ids" : "--context";
   if (!a.has(required)) throw usage_error(a.mode + " needs " + required);
-  if (a.has("--kv") && a.text("--kv") != "f32" && a.text("--kv") != "bf16")
-    throw usage_error("--kv " + a.text("--kv") + ": expected f32 or bf16");
+  if (a.has("--kv") && a.text("--kv") != "f32" && a.text("--kv") != "bf16" && a.text("--kv") != "f16" &&
+      a.text("--kv") != "i8")
+    throw usage_error("--kv " + a.text("--kv") + ": expected f32, bf16, f16 or i8");
   return a;
 }
 
@@ -293,6 +295,10 @@ int main(int argc, char** argv) {
     const llama::Model model = llama::Model::load(a.dir);
     if (a.text("--kv", "f32") == "bf16")
       run<gqa::bfloat16>(model, a, "bf16");
+    else if (a.text("--kv") == "f16")
+      run<gqa::half>(model, a, "f16");
+    else if (a.text("--kv") == "i8")
+      run<std::int8_t>(model, a, "i8");
     else
       run<float>(model, a, "f32");
     return 0;

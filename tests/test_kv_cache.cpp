@@ -7,7 +7,10 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 using gqa::Index;
@@ -204,4 +207,249 @@ TEST_CASE("A GQA cache is H/G times smaller than an MHA cache", "[kv_cache]") {
     CHECK(mha.bytes_per_token() == gqa_cache.bytes_per_token() * std::size_t(H / G));
   }
   CHECK(KVCache<gqa::bfloat16>(1, 8, 16, D).bytes() * 2 == KVCache<float>(1, 8, 16, D).bytes());
+}
+
+// ------------------------------------------------------------------------------------------------ int8 cache
+
+namespace {
+
+/// The values an int8 cache stands for, q * scale, in float (what its kernels multiply), [B, G, capacity, D] each.
+struct Dequantized {
+  Tensor4<float> k, v;
+
+  explicit Dequantized(const KVCache<std::int8_t>& c)
+      : k(c.batch(), c.kv_heads(), c.capacity(), c.head_dim()), v(k.dimensions()) {
+    for (Index b = 0; b < c.batch(); ++b)
+      for (Index g = 0; g < c.kv_heads(); ++g)
+        for (Index s = 0; s < c.capacity(); ++s)
+          for (Index d = 0; d < c.head_dim(); ++d) {
+            k(b, g, s, d) = float(c.key_storage()(b, g, s, d)) * c.key_scales()(b, g, s);
+            v(b, g, s, d) = float(c.value_storage()(b, g, s, d)) * c.value_scales()(b, g, s);
+          }
+  }
+  /// Views with the cache's logical dims [B, max_length, G, D] (the same strides as cache.keys()).
+  gqa::TensorRef<const float> keys(const KVCache<std::int8_t>& c) const { return view(k, c); }
+  gqa::TensorRef<const float> values(const KVCache<std::int8_t>& c) const { return view(v, c); }
+
+ private:
+  static gqa::TensorRef<const float> view(const Tensor4<float>& t, const KVCache<std::int8_t>& c) {
+    const auto r = c.keys();
+    return {t.data(), r.dims, r.strides};
+  }
+};
+
+}  // namespace
+
+TEST_CASE("KVCache<int8_t> quantises each (token, head) row once, within half a step per element", "[kv_cache][int8]") {
+  const Index B = 2, G = 3, C = 9, D = 40, S = 5;
+  KVCache<std::int8_t> cache(B, G, C, D);
+  CHECK(cache.bytes() == 2u * B * G * C * (D + sizeof(float)));  // the scales count
+  CHECK(cache.bytes_per_token() == 2u * G * (D + sizeof(float)));
+
+  Tensor4<float> k(B, S, G, D), v(B, S, G, D);
+  gqa_test::Rng rng(5);
+  for (Index b = 0; b < B; ++b)
+    for (Index s = 0; s < S; ++s)
+      for (Index g = 0; g < G; ++g) {
+        const double magnitude = std::pow(10.0, double(s) - 2.0);  // 0.01 .. 100: the scale is per row
+        for (Index d = 0; d < D; ++d) {
+          k(b, s, g, d) = float(magnitude * rng.normal());
+          v(b, s, g, d) = float(magnitude * rng.uniform(-1, 1));
+        }
+      }
+  for (Index d = 0; d < D; ++d) k(1, 2, 1, d) = 0.0f;  // an all-zero row: scale 0, zeros
+  std::vector<std::int32_t> counts{5, 3};
+  cache.append(k, v, counts);
+
+  Index bad_step = 0, bad_scale = 0, bad_range = 0, rows = 0;
+  for (Index b = 0; b < B; ++b)
+    for (Index s = 0; s < counts[size_t(b)]; ++s)
+      for (Index g = 0; g < G; ++g) {
+        for (int kv = 0; kv < 2; ++kv) {
+          const Tensor4<float>& x = kv == 0 ? k : v;
+          const auto& q = kv == 0 ? cache.key_storage() : cache.value_storage();
+          const float scale = kv == 0 ? cache.key_scales()(b, g, s) : cache.value_scales()(b, g, s);
+          float max_abs = 0;
+          for (Index d = 0; d < D; ++d) max_abs = std::max(max_abs, std::abs(x(b, s, g, d)));
+          bad_scale += scale != max_abs / 127.0f;
+          bool has_127 = max_abs == 0;
+          for (Index d = 0; d < D; ++d) {
+            const int qi = q(b, g, s, d);
+            bad_range += qi < -127 || qi > 127;
+            has_127 = has_127 || std::abs(qi) == 127;
+            // Half a step, with room for the float rounding of the scale and of x / scale (a few ulp of |x|).
+            const double err = std::abs(double(x(b, s, g, d)) - double(qi) * double(scale));
+            bad_step += !(err <= 0.5 * double(scale) + 4e-7 * double(max_abs));
+          }
+          bad_range += !has_127;  // the largest |x| of a row maps to +-127
+          ++rows;
+        }
+      }
+  INFO(rows << " rows");
+  CHECK(bad_step == 0);
+  CHECK(bad_scale == 0);
+  CHECK(bad_range == 0);
+  CHECK(cache.key_scales()(1, 1, 2) == 0.0f);
+  for (Index d = 0; d < D; ++d) CHECK(cache.key_storage()(1, 1, 2, d) == 0);
+  CHECK(cache.bytes_in_use() == 8u * cache.bytes_per_token());
+}
+
+TEST_CASE("KVCache<int8_t> refuses non-finite values, naming the argument and row, and appends nothing",
+          "[kv_cache][int8]") {
+  KVCache<std::int8_t> cache(2, 2, 6, 8);
+  Tensor4<float> k(2, 3, 2, 8), v(2, 3, 2, 8);
+  gqa_test::fill_uniform(k, 7);
+  gqa_test::fill_uniform(v, 8);
+  cache.append(k, v);
+  const auto key_before = cache.key_storage(), value_before = cache.value_storage();
+
+  Tensor4<float> bad_k = k, bad_v = v;
+  bad_k(1, 2, 0, 5) = std::numeric_limits<float>::infinity();
+  CHECK_THROWS_AS(cache.append(bad_k, v), gqa::invalid_argument);
+  CHECK_THROWS_WITH(cache.append(bad_k, v), Contains("[gqa.kv_cache_nonfinite]") && Contains("k_new[1, 2, 0, 5]") &&
+                                                Contains("sequence 1, new token 2, KV head 0") && Contains("inf"));
+  bad_v(0, 0, 1, 3) = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_WITH(cache.append(k, bad_v), Contains("v_new[0, 0, 1, 3]") && Contains("nan"));
+  // A double beyond float range has no float scale either.
+  Tensor4<double> huge(2, 1, 2, 8);
+  huge.setZero();
+  huge(0, 0, 0, 0) = 1e300;
+  CHECK_THROWS_WITH(cache.append(huge, huge), Contains("k_new[0, 0, 0, 0]"));
+  // Padding past counts[b] is never read, so it may hold anything.
+  std::vector<std::int32_t> counts{3, 2};
+  Tensor4<float> padded = k;
+  padded(1, 2, 1, 1) = std::numeric_limits<float>::quiet_NaN();
+  CHECK(cache.length(0) == 3);  // nothing was appended by the failed calls
+  CHECK(cache.length(1) == 3);
+  for (Index i = 0; i < cache.key_storage().size(); ++i) {
+    CHECK(cache.key_storage().data()[i] == key_before.data()[i]);
+    CHECK(cache.value_storage().data()[i] == value_before.data()[i]);
+  }
+  cache.append(padded, v, counts);
+  CHECK(cache.length(1) == 5);
+  // The other cache errors are the same as for every element type.
+  CHECK_THROWS_WITH(cache.append(k, v), Contains("capacity 6"));
+  CHECK_THROWS_WITH(KVCache<std::int8_t>(1, 0, 1, 1), Contains("kv_heads = 0"));
+  Tensor4<float> wrong_d(2, 1, 2, 5);
+  CHECK_THROWS_WITH(cache.append(wrong_d, wrong_d), Contains("dim 3 (head_dim D) = 5"));
+}
+
+TEST_CASE("Attention on an int8 cache: the reference on its dequantised values (tight) and the f32 cache (loose)",
+          "[kv_cache][int8]") {
+  // (H, G): MHA, GQA with 2, 4, 8 and 9 heads per group, MQA; D = 64 takes the micro-kernels, D = 59 the GEMM
+  // path; Sq = 1 and 2 are decode (1, 2, 4, 8, 16, 18, 32 and 64 rows per KV head: every way the scales are applied
+  // to a tile), Sq = 37 a chunked prefill (the GEMM tiles, or 37 rows of micro-kernels for MHA).
+  const auto hg = GENERATE(std::pair<Index, Index>{4, 4}, std::pair<Index, Index>{4, 2},
+                           std::pair<Index, Index>{8, 2}, std::pair<Index, Index>{16, 2},
+                           std::pair<Index, Index>{9, 1}, std::pair<Index, Index>{32, 1});
+  const Index D = GENERATE(Index(64), Index(59));
+  const Index Sq = GENERATE(Index(1), Index(2), Index(37));
+  const int option = GENERATE(0, 1, 2, 3);  // causal; window + softcap; bias; no mask
+  const Index B = 3, C = 400, H = hg.first, G = hg.second;
+  DYNAMIC_SECTION("H=" << H << " G=" << G << " D=" << D << " Sq=" << Sq << " option " << option) {
+    Tensor4<float> k(B, 350, G, D), v(B, 350, G, D);
+    gqa_test::fill_uniform(k, 11);
+    gqa_test::fill_uniform(v, 12);
+    std::vector<std::int32_t> counts{350, 300, 40};  // ragged; 300 > 256 keys: two decode tiles
+    KVCache<std::int8_t> cache(B, G, C, D);
+    KVCache<float> f32(B, G, C, D);
+    cache.append(k, v, counts);
+    f32.append(k, v, counts);
+    // Roll back and re-append part of one sequence (speculative decoding): truncate keeps the scales in step.
+    cache.truncate(0, 250);
+    f32.truncate(0, 250);
+    std::vector<std::int32_t> more{100, 0, 0};
+    cache.append(k, v, more);
+    f32.append(k, v, more);
+
+    Tensor4<float> q(B, Sq, H, D), out(B, Sq, H, D), out_f32(B, Sq, H, D);
+    gqa_test::fill_uniform(q, 13, -2.0, 2.0);
+    std::vector<float> lse(size_t(B * H * Sq)), lse_f32(lse.size());
+    Tensor4<float> bias(1, H, Sq, 350);
+    gqa::AttentionOptions opt;
+    opt.lse = lse;
+    if (option == 0) opt.causal = true;
+    if (option == 1) opt.window = 90, opt.softcap = 5.0;
+    if (option == 2) {
+      gqa_test::fill_uniform(bias, 14, -1.0, 1.0);
+      for (Index h = 0; h < H; ++h) bias(0, h, 0, 5 + h) = -std::numeric_limits<float>::infinity();
+      opt.bias = bias;
+    }
+    gqa::attention(q, cache, out, opt);
+
+    const Dequantized deq(cache);
+    gqa::AttentionOptions ref_opt = opt;
+    ref_opt.lse = {};
+    ref_opt.key_lengths = cache.lengths();
+    const auto ref = gqa::reference_attention<float, float>(gqa::make_ref(q), deq.keys(cache), deq.values(cache),
+                                                            ref_opt);
+    // Same float kernel tolerance as the other caches: the int8 kernel multiplies q . k_int by the scale after the
+    // dot product, the reference multiplies dequantised floats, so a few float roundings more than the f32 cache.
+    gqa_test::check_close(out, ref, kFloatTol);
+
+    // Against the unquantised keys and values: each stored value errs by up to max|x| / 254 of its row (uniform
+    // [-1, 1) here, so <= 0.004); the output, a convex combination of V rows, errs by about that much from V, and
+    // the scores by |q| |dk| / sqrt(D) <= ~0.03, a relative change of the weights of that size: 0.02 absolute.
+    opt.lse = lse_f32;
+    gqa::attention(q, f32, out_f32, opt);
+    gqa_test::check_close(out, gqa_test::to_double(out_f32), {2e-2, 0});
+    // The bound is not loose by orders of magnitude: the int8 cache does differ from the f32 one.
+    double max_diff = 0;
+    for (Index i = 0; i < out.size(); ++i)
+      max_diff = std::max(max_diff, double(std::abs(out.data()[i] - out_f32.data()[i])));
+    CHECK(max_diff > 1e-4);
+    for (size_t i = 0; i < lse.size(); ++i) CHECK(std::abs(lse[i] - lse_f32[i]) <= 0.05f);
+  }
+}
+
+TEST_CASE("int8 decode with split keys is bitwise identical for 1 and 2 threads", "[kv_cache][int8]") {
+  const Index B = 1, G = 2, H = 16, D = 64, S = 4000;
+  Tensor4<float> k(B, S, G, D), v(B, S, G, D), q(B, 1, H, D);
+  gqa_test::fill_uniform(k, 31);
+  gqa_test::fill_uniform(v, 32);
+  gqa_test::fill_uniform(q, 33);
+  KVCache<std::int8_t> cache(B, G, S, D);
+  cache.append(k, v);
+  gqa::AttentionOptions one, two;
+  one.num_threads = 1;
+  two.num_threads = 2;
+  const Tensor4<float> out = gqa::attention(q, cache, one);
+  gqa_test::check_identical(out, gqa::attention(q, cache, two));
+  // B * G = 2 items: the keys are split (flash-decoding) and merged; still the reference on the stored values.
+  const Dequantized deq(cache);
+  gqa::AttentionOptions ref_opt;
+  ref_opt.key_lengths = cache.lengths();
+  gqa_test::check_close(out, gqa::reference_attention<float, float>(gqa::make_ref(q), deq.keys(cache),
+                                                                    deq.values(cache), ref_opt), kFloatTol);
+}
+
+TEST_CASE("An int8 cache serves double and bfloat16 queries", "[kv_cache][int8]") {
+  // Double queries take the double kernels (scalar widening of int8, double accumulation); bfloat16 queries the
+  // float ones. Both against the double reference on the dequantised cache.
+  const Index B = 2, G = 2, H = 6, D = 32, S = 300;
+  Tensor4<float> k(B, S, G, D), v(B, S, G, D);
+  gqa_test::fill_uniform(k, 41);
+  gqa_test::fill_uniform(v, 42);
+  KVCache<std::int8_t> cache(B, G, S, D);
+  cache.append(k, v);
+  const Dequantized deq(cache);
+  gqa::AttentionOptions opt;
+  opt.causal = true;
+  gqa::AttentionOptions ref_opt = opt;
+  ref_opt.key_lengths = cache.lengths();
+
+  Tensor4<double> qd(B, 3, H, D);
+  gqa_test::fill_uniform(qd, 43, -2.0, 2.0);
+  const auto ref_d = gqa::reference_attention<double, float>(gqa::make_ref(qd), deq.keys(cache), deq.values(cache),
+                                                             ref_opt);
+  // Double arithmetic on the same stored values: only the float rounding of each dequantised value in the
+  // reference separates them (relative 2^-24 of |V| <= 1).
+  gqa_test::check_close(gqa::attention(qd, cache, opt), ref_d, {1e-6, 1e-6});
+
+  Tensor4<gqa::bfloat16> qb(B, 3, H, D);
+  gqa_test::fill_uniform(qb, 44, -2.0, 2.0);
+  const auto ref_b = gqa::reference_attention<gqa::bfloat16, float>(gqa::make_ref(qb), deq.keys(cache),
+                                                                    deq.values(cache), ref_opt);
+  // The output is rounded to bfloat16 (8 bits): half an ulp of |out| <= 1 is 2^-9.
+  gqa_test::check_close(gqa::attention(qb, cache, opt), ref_b, {2e-3, 4e-3});
 }

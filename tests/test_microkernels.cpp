@@ -177,3 +177,110 @@ TEST_CASE("The softmax's exp: within 2 ulp over [-87, 0], exact zeros below -87 
   CHECK(packet_exp(-std::numeric_limits<float>::infinity()) == 0.0f);
   CHECK(std::isnan(packet_exp(std::numeric_limits<float>::quiet_NaN())));
 }
+
+namespace {
+
+std::uint32_t float_bits(float f) {
+  std::uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+}
+float bits_float(std::uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+/// The floats the float -> half tests convert: every 4099th bit pattern (~10^6, all signs and binades), and the
+/// hard cases: every half's value, the midpoints between neighbouring halves (ties) and one float ulp either
+/// side, the subnormal range and the overflow threshold 65520, infinities and NaNs with payloads.
+std::vector<float> half_test_floats() {
+  std::vector<float> v;
+  for (std::uint64_t b = 0; b <= 0xffffffffull; b += 4099) v.push_back(bits_float(std::uint32_t(b)));
+  for (std::uint32_t h = 0; h < 0x7c00; ++h) {
+    for (std::uint32_t sign : {0u, 0x8000u}) {
+      const double lo = double(mk::half_bits_to_float_portable(std::uint16_t(h | sign)));
+      const double hi = double(mk::half_bits_to_float_portable(std::uint16_t((h + 1) | sign)));
+      const float mid = float((lo + hi) / 2);  // exact: halves have 11 significant bits
+      v.push_back(float(lo));
+      v.push_back(mid);
+      v.push_back(std::nextafter(mid, 0.0f));
+      v.push_back(std::nextafter(mid, 2 * mid));
+    }
+  }
+  for (float f : {0x1.0p-25f, 0x1.0p-24f, 0x1.8p-25f, 0x1.0p-26f, 0x1.0p-14f, 0x1.ffcp-15f, 65504.0f, 65519.99f,
+                  65520.0f, 65536.0f, 1e30f, std::numeric_limits<float>::denorm_min(),
+                  std::numeric_limits<float>::min(), std::numeric_limits<float>::infinity()}) {
+    v.push_back(f);
+    v.push_back(-f);
+    v.push_back(std::nextafter(f, 0.0f));
+    v.push_back(std::nextafter(f, 2 * f));
+  }
+  for (std::uint32_t nan : {0x7fc00000u, 0x7f800001u, 0x7fa00000u, 0x7fffe000u, 0x7f802000u, 0xffc12345u, 0xff800001u})
+    v.push_back(bits_float(nan));
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("half -> float: the hardware widening and the portable one agree bit for bit on every half",
+          "[microkernels][half]") {
+  Index bad_scalar = 0, bad_packet = 0, bad_value = 0;
+  std::vector<gqa::half> all(0x10000);
+  for (std::uint32_t h = 0; h < 0x10000; ++h) all[h] = mk::half_from_bits(std::uint16_t(h));
+  std::vector<float> widened(all.size());
+  mk::widen_row(all.data(), widened.data(), Index(all.size()));  // packets of F16C / AVX-512 where built with them
+  for (std::uint32_t h = 0; h < 0x10000; ++h) {
+    const float portable = mk::half_bits_to_float_portable(std::uint16_t(h));
+    bad_scalar += float_bits(mk::widen<float>(all[h])) != float_bits(portable);
+    bad_packet += float_bits(widened[h]) != float_bits(portable);
+    // An independent check of the value: sign * mantissa * 2^exponent, in double.
+    const int exp = int(h >> 10) & 0x1f, mant = int(h & 0x3ff);
+    const double sign = (h & 0x8000) ? -1.0 : 1.0;
+    if (exp == 0x1f) {
+      bad_value += mant ? !std::isnan(portable) : portable != float(sign * HUGE_VAL);
+    } else {
+      const double value = exp == 0 ? sign * mant * 0x1.0p-24 : sign * (1024 + mant) * std::ldexp(1.0, exp - 25);
+      bad_value += double(portable) != value || std::signbit(portable) != (sign < 0);
+    }
+  }
+  CHECK(bad_scalar == 0);
+  CHECK(bad_packet == 0);
+  CHECK(bad_value == 0);
+}
+
+TEST_CASE("float -> half: the hardware narrowing and the portable one agree bit for bit, rounding to nearest even",
+          "[microkernels][half]") {
+  const std::vector<float> in = half_test_floats();
+  std::vector<gqa::half> row(in.size());
+  mk::narrow_to_half(in.data(), row.data(), Index(in.size()));  // 16 / 8 at a time where built with AVX-512 / F16C
+  Index bad_scalar = 0, bad_row = 0, bad_nearest = 0, nans = 0;
+  for (size_t i = 0; i < in.size(); ++i) {
+    const std::uint16_t portable = mk::float_to_half_bits_portable(in[i]);
+    bad_scalar += mk::half_bits(mk::narrow_to_half(in[i])) != portable;
+    bad_row += mk::half_bits(row[i]) != portable;
+    if (std::isnan(in[i])) {
+      nans += 1;
+      bad_nearest += (portable & 0x7e00) != 0x7e00;  // a quiet NaN
+      continue;
+    }
+    // Independently: the result is a nearest half, and on a tie the even one; beyond 65520 inf.
+    const double x = in[i], r = mk::half_bits_to_float_portable(portable);
+    if (std::abs(x) >= 65520.0) {
+      bad_nearest += !(std::isinf(r) && std::signbit(r) == std::signbit(x));
+      continue;
+    }
+    const std::uint16_t mag = portable & 0x7fff;
+    const double up = mk::half_bits_to_float_portable(std::uint16_t(portable + 1));
+    const double down = mag == 0 ? -double(mk::half_bits_to_float_portable(std::uint16_t(portable ^ 0x0001)))
+                                 : double(mk::half_bits_to_float_portable(std::uint16_t(portable - 1)));
+    const double err = std::abs(x - r);
+    const bool nearest = err <= std::abs(x - up) && err <= std::abs(x - down);
+    const bool tie_even = !(err == std::abs(x - up) || err == std::abs(x - down)) || (portable & 1) == 0;
+    bad_nearest += !(nearest && tie_even && std::signbit(r) == std::signbit(x));
+  }
+  INFO(in.size() << " floats, " << nans << " NaNs");
+  CHECK(bad_scalar == 0);
+  CHECK(bad_row == 0);
+  CHECK(bad_nearest == 0);
+}

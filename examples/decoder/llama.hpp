@@ -4,7 +4,7 @@
 // Offers (namespace llama):
 //   Config, parse_config()   the fields of a Hugging Face config.json this decoder understands; refuses the rest
 //   Model::load(dir)         config.json + model.safetensors (or a sharded index), memory-mapped
-//   State<KV>                one gqa::KVCache<KV> per layer (KV = float or gqa::bfloat16), one sequence
+//   State<KV>                one gqa::KVCache<KV> per layer (KV = float, bfloat16, half or int8), one sequence
 //   Model::forward()         S new tokens through every layer: prefill (S > 1, in chunks) and decode (S = 1) alike
 //   read_ids(), check_ids()  whitespace-separated token ids, validated against the vocabulary
 //   perplexity()             mean negative log-likelihood over windows of `context` tokens

@@ -34,6 +34,7 @@
 #include "gqa/options.hpp"
 #include "gqa/types.hpp"
 
+#include <cstdint>
 #include <type_traits>
 #include <utility>
 
@@ -54,6 +55,8 @@ auto input_refs(const Q& q, const K& k, const V& v) {
   const auto vr = as_ref(v);
   using T = ref_elem_t<decltype(qr)>;
   using KVT = ref_elem_t<decltype(kr)>;
+  static_assert(!std::is_same_v<KVT, std::int8_t>,
+                "gqa: int8 k/v need their per-row scales: attend to the gqa::KVCache<std::int8_t> that holds them");
   static_assert(is_storage_type_v<T> && is_storage_type_v<KVT>,
                 "gqa: element types must be float, double, bfloat16 or half");
   static_assert(std::is_same_v<KVT, ref_elem_t<decltype(vr)>>, "gqa: k and v must have the same element type");
@@ -78,11 +81,14 @@ TensorRef<const T> input_ref(const X& x) {
   return TensorRef<const T>(r);
 }
 
+/// `scales`: the per-row scales of int8 K/V (a KVCache<std::int8_t>); null for the other storage types.
 template <int GroupSize, typename T, typename KVT>
 void attention_impl(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<const KVT> v, TensorRef<T> out,
-                    const AttentionOptions& options) {
+                    const AttentionOptions& options, const KVScales* scales = nullptr) {
+  static_assert(is_storage_type_v<T> && is_kv_storage_type_v<KVT>,
+                "gqa: element types must be float, double, bfloat16 or half (int8 K/V through a KVCache)");
   static_assert(GroupSize == Dynamic || GroupSize >= 1, "gqa: GroupSize must be Dynamic or >= 1");
-  const auto p = make_params<T, KVT>(q, k, v, out, options);
+  const auto p = make_params<T, KVT>(q, k, v, out, options, scales);
   if constexpr (GroupSize != Dynamic)
     require<shape_error>(p.group_size == GroupSize, "shape", "attention<", GroupSize, ">: group size H/G = ",
                          p.heads, "/", p.kv_heads, " = ", p.group_size, " but the template asks for ", GroupSize);

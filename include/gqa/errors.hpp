@@ -44,6 +44,8 @@ inline constexpr ErrorId error_ids[] = {
   {"gqa.kv_cache",          "shape_error, invalid_argument", "a non-positive KVCache size, appended K/V whose "
                                      "shape disagrees with the cache, or counts / truncate arguments out of range"},
   {"gqa.kv_cache_overflow", "invalid_argument", "an append would take a sequence past the cache's capacity"},
+  {"gqa.kv_cache_nonfinite", "invalid_argument", "an append to an int8 KVCache holds NaN or inf (or a value beyond "
+                                     "float range), which has no int8 scale"},
   // Conversion math (gqa/convert.hpp)
   {"gqa.convert.assignment", "invalid_argument", "ConvertOptions::assignment is not a partition of the H heads "
                                      "into G groups of H/G"},

@@ -6,6 +6,15 @@
 // per query head. Element type T: float, double, gqa::bfloat16 or gqa::half; arithmetic is always in float
 // (double for double).
 //
+// T = std::int8_t is a quantised cache, a quarter of f32's bytes (plus 4 bytes per row): every (token, KV head) row
+// of D values is stored as int8 q[d] with one float scale, symmetric, quantised once at append:
+//   scale = max_d |x[d]| / 127,  q[d] = x[d] / scale rounded to nearest (ties to even), in [-127, 127];
+//   an all-zero row has scale 0 and q = 0.
+// The scales sit beside the data, head-major [B, G, capacity] for K and for V (key_scales(), value_scales()). The
+// kernels widen the int8 rows in registers and apply the K scale to the score, the V scale to the probability;
+// every option works as on the other caches. An int8 append refuses NaN and inf (gqa.kv_cache_nonfinite): they have
+// no scale. Error of a stored value: at most half a step, scale / 2 = max|x| / 254 of its row.
+//
 //   gqa::KVCache<gqa::bfloat16> cache(B, G, capacity, D);
 //   cache.append(k_new, v_new);                          // [B, S_new, G, D] each, any element type
 //   gqa::AttentionOptions opt; opt.causal = true;
@@ -22,14 +31,17 @@
 #include "gqa/types.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace gqa {
 
 template <typename T = float>
 class KVCache {
-  static_assert(is_storage_type_v<T>, "gqa::KVCache: T must be float, double, bfloat16 or half");
+  static_assert(is_kv_storage_type_v<T>, "gqa::KVCache: T must be float, double, bfloat16, half or std::int8_t");
+  static constexpr bool kQuantized = std::is_same_v<T, std::int8_t>;
 
  public:
   using Scalar = T;
@@ -45,6 +57,12 @@ class KVCache {
     values_ = Tensor4<T>(batch, kv_heads, capacity, head_dim);
     keys_.setZero();
     values_.setZero();
+    if constexpr (kQuantized) {
+      key_scales_ = Scales(batch, kv_heads, capacity);
+      value_scales_ = Scales(batch, kv_heads, capacity);
+      key_scales_.setZero();
+      value_scales_.setZero();
+    }
     lengths_.assign(size_t(batch), 0);
   }
 
@@ -60,10 +78,16 @@ class KVCache {
     return lengths_.empty() ? 0 : *std::max_element(lengths_.begin(), lengths_.end());
   }
 
-  /// Bytes of K and V storage allocated (2 * B * G * capacity * D * sizeof(T)).
-  std::size_t bytes() const noexcept { return 2 * std::size_t(keys_.size()) * sizeof(T); }
-  /// Bytes one token of one sequence adds: 2 * G * D * sizeof(T) (this layer only).
-  std::size_t bytes_per_token() const noexcept { return 2 * std::size_t(kv_heads() * head_dim()) * sizeof(T); }
+  /// Bytes of K and V storage allocated: 2 * B * G * capacity * D * sizeof(T), plus the scales of an int8 cache
+  /// (2 * B * G * capacity * sizeof(float)).
+  std::size_t bytes() const noexcept {
+    return 2 * (std::size_t(keys_.size()) * sizeof(T) + std::size_t(key_scales_.size()) * sizeof(float));
+  }
+  /// Bytes one token of one sequence adds: 2 * G * D * sizeof(T), plus 2 * G * sizeof(float) for an int8 cache's
+  /// scales (this layer only).
+  std::size_t bytes_per_token() const noexcept {
+    return 2 * std::size_t(kv_heads()) * (std::size_t(head_dim()) * sizeof(T) + (kQuantized ? sizeof(float) : 0));
+  }
   /// Bytes of K and V that a decode step reads: the filled part of every sequence.
   std::size_t bytes_in_use() const noexcept {
     std::size_t tokens = 0;
@@ -73,7 +97,7 @@ class KVCache {
 
   /// Appends the same number of new tokens S_new to every sequence. k_new, v_new: [B, S_new, G, D] (Tensor4,
   /// TensorMap or TensorRef; any element type, converted to T). Throws before writing anything if a shape
-  /// disagrees or a sequence would exceed the capacity.
+  /// disagrees, a sequence would exceed the capacity, or (int8 cache) an appended value is not finite.
   template <typename K, typename V>
   void append(const K& k_new, const V& v_new) {
     const auto kr = detail::as_ref(k_new);
@@ -101,13 +125,22 @@ class KVCache {
                       "KVCache::append: sequence ", b, " holds ", lengths_[size_t(b)], " tokens; appending ",
                       counts[b], " exceeds capacity ", capacity());
     }
+    if constexpr (kQuantized) {
+      check_finite("k_new", kr, counts);
+      check_finite("v_new", vr, counts);
+    }
     const Index G = kv_heads(), D = head_dim();
     for (Index b = 0; b < batch(); ++b) {
       const Index start = lengths_[size_t(b)];
       for (Index g = 0; g < G; ++g)
         for (Index s = 0; s < counts[b]; ++s) {
-          store(&keys_(b, g, start + s, 0), &kr(b, s, g, 0), D);
-          store(&values_(b, g, start + s, 0), &vr(b, s, g, 0), D);
+          if constexpr (kQuantized) {
+            key_scales_(b, g, start + s) = quantize(&keys_(b, g, start + s, 0), &kr(b, s, g, 0), D);
+            value_scales_(b, g, start + s) = quantize(&values_(b, g, start + s, 0), &vr(b, s, g, 0), D);
+          } else {
+            store(&keys_(b, g, start + s, 0), &kr(b, s, g, 0), D);
+            store(&values_(b, g, start + s, 0), &vr(b, s, g, 0), D);
+          }
         }
       lengths_[size_t(b)] = std::int32_t(start + counts[b]);
     }
@@ -132,11 +165,69 @@ class KVCache {
   const Tensor4<T>& key_storage() const noexcept { return keys_; }
   const Tensor4<T>& value_storage() const noexcept { return values_; }
 
+  /// int8 cache: the per-row scales, [B, G, capacity] (row (b, s, g) of K is key_storage()(b, g, s, :) *
+  /// key_scales()(b, g, s)); empty tensors for the other element types.
+  using Scales = Eigen::Tensor<float, 3, Eigen::RowMajor, Eigen::DenseIndex>;
+  const Scales& key_scales() const noexcept { return key_scales_; }
+  const Scales& value_scales() const noexcept { return value_scales_; }
+  /// int8 cache: the scales as the kernels take them.
+  detail::KVScales scales() const noexcept {
+    const Index G = kv_heads(), C = capacity();
+    return {key_scales_.data(), value_scales_.data(), batch(), G, C, G * C, C};
+  }
+
  private:
   template <typename Src>
   static void store(T* dst, const Src* src, Index n) {
-    Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(dst, n) =
-        Eigen::Map<const Eigen::Matrix<std::remove_const_t<Src>, 1, Eigen::Dynamic>>(src, n).template cast<T>();
+    using S = std::remove_const_t<Src>;
+    if constexpr (std::is_same_v<T, half> && std::is_same_v<S, float>) {
+      detail::mk::narrow_to_half(src, dst, n);  // F16C where available (Eigen's cast is scalar under GCC)
+    } else if constexpr (std::is_same_v<T, half>) {
+      for (Index i = 0; i < n; ++i) dst[i] = detail::mk::narrow_to_half(float(src[i]));
+    } else {
+      Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(dst, n) =
+          Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(src, n).template cast<T>();
+    }
+  }
+
+  /// Quantises n values of src into dst (see the header comment) and returns the scale. The caller has checked
+  /// that they are finite.
+  template <typename Src>
+  static float quantize(std::int8_t* dst, const Src* src, Index n) {
+    float max_abs = 0;
+    for (Index i = 0; i < n; ++i) max_abs = std::max(max_abs, std::abs(to_float(src[i])));
+    if (max_abs == 0) {
+      std::fill_n(dst, n, std::int8_t(0));
+      return 0.0f;
+    }
+    const float scale = max_abs / 127.0f, inv = 127.0f / max_abs;
+    for (Index i = 0; i < n; ++i) {
+      // Round to nearest, ties to even (the default rounding mode); |x| * inv <= 127 up to one rounding, clamped.
+      const float r = std::nearbyint(to_float(src[i]) * inv);
+      dst[i] = std::int8_t(std::clamp(r, -127.0f, 127.0f));
+    }
+    return scale;
+  }
+
+  template <typename Src>
+  static float to_float(Src x) noexcept {
+    return detail::mk::widen<float>(std::remove_const_t<Src>(x));
+  }
+
+  /// Refuses (before anything is written) a non-finite value among the tokens to append to an int8 cache: it has no
+  /// scale. Values beyond float range count too, since the scales are float.
+  template <typename R>
+  void check_finite(const char* name, const R& r, span<const std::int32_t> counts) const {
+    const Index G = kv_heads(), D = head_dim();
+    for (Index b = 0; b < batch(); ++b)
+      for (Index s = 0; s < counts[b]; ++s)
+        for (Index g = 0; g < G; ++g)
+          for (Index d = 0; d < D; ++d) {
+            const float x = to_float(r(b, s, g, d));
+            detail::require(std::isfinite(x), "kv_cache_nonfinite", "KVCache<int8>::append: ", name, "[", b, ", ", s,
+                            ", ", g, ", ", d, "] (sequence ", b, ", new token ", s, ", KV head ", g, ") = ", x,
+                            "; an int8 cache stores finite values only (nothing was appended)");
+          }
   }
 
   void check_new_tokens(const char* name, const std::array<Index, 4>& dims, const std::array<Index, 4>& strides) const {
@@ -155,8 +246,9 @@ class KVCache {
     return {storage.data(), {batch(), max_length(), G, D}, {G * C * D, D, C * D, 1}};
   }
 
-  Tensor4<T> keys_, values_;          // [B, G, capacity, D]
-  std::vector<std::int32_t> lengths_; // [B]
+  Tensor4<T> keys_, values_;           // [B, G, capacity, D]
+  Scales key_scales_, value_scales_;   // [B, G, capacity], int8 only
+  std::vector<std::int32_t> lengths_;  // [B]
 };
 
 /// Attention of the new queries q [B, Sq, H, D] against everything in `cache` (the decode / chunked-prefill
@@ -167,7 +259,18 @@ void attention(const Q& q, const KVCache<T>& cache, O&& out, AttentionOptions op
   detail::require(options.key_lengths.empty(), "option",
                   "options.key_lengths must be empty when attending to a KVCache (its lengths are used)");
   options.key_lengths = cache.lengths();
-  attention<GroupSize>(q, cache.keys(), cache.values(), std::forward<O>(out), options);
+  if constexpr (std::is_same_v<T, std::int8_t>) {
+    auto qr = detail::as_ref(q);
+    auto orf = detail::as_ref(out);
+    using QT = detail::ref_elem_t<decltype(qr)>;
+    static_assert(std::is_same_v<QT, detail::ref_elem_t<decltype(orf)>>, "gqa: out must have q's element type");
+    static_assert(!std::is_const_v<std::remove_pointer_t<decltype(orf.data)>>, "gqa: out must be writable");
+    const detail::KVScales scales = cache.scales();
+    detail::attention_impl<GroupSize, QT, std::int8_t>(TensorRef<const QT>(qr), cache.keys(), cache.values(), orf,
+                                                       options, &scales);
+  } else {
+    attention<GroupSize>(q, cache.keys(), cache.values(), std::forward<O>(out), options);
+  }
 }
 
 /// Returning form: out [B, Sq, H, D] of q's element type.

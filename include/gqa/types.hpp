@@ -9,6 +9,8 @@
 //   gqa::head_major(t), head_major(...) views of head-major memory [B, heads, S, D] (a KV cache): the layout is part
 //                                      of the argument, so it cannot disagree with the data
 //   gqa::bfloat16, gqa::half           Eigen's 16-bit storage types (arithmetic is always done in float)
+//   std::int8_t                        a quantised KV cache only (gqa::KVCache<std::int8_t>: one float scale per
+//                                      (token, head) row of D values, kept by the cache beside the data)
 //
 // Symbols (the GQA paper's): B batch, Sq/Sk query/key length, H query heads, G key/value heads, D head dim.
 // All tensors are row-major (last index fastest), the memory order of PyTorch tensors and safetensors data.
@@ -47,6 +49,12 @@ template <typename T>
 inline constexpr bool is_storage_type_v =
     std::is_same_v<std::remove_const_t<T>, float> || std::is_same_v<std::remove_const_t<T>, double> ||
     std::is_same_v<std::remove_const_t<T>, bfloat16> || std::is_same_v<std::remove_const_t<T>, half>;
+
+/// True for the element types a KVCache stores: the storage types, and std::int8_t (quantised, with per-row scales;
+/// attention reads int8 K/V only through the cache, which supplies the scales).
+template <typename T>
+inline constexpr bool is_kv_storage_type_v =
+    is_storage_type_v<T> || std::is_same_v<std::remove_const_t<T>, std::int8_t>;
 
 /// Arithmetic type for a storage type: double for double, float for everything else.
 template <typename T>

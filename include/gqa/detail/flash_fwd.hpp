@@ -6,8 +6,10 @@
 // tiles of k_tile rows with the online softmax (running max m, running sum l, unnormalised output O), so memory
 // is O(tile), never Sq x Sk. Scores are kept transposed, S^T [keys, rows], so the softmax vectorises across rows.
 // Tile products: with few rows (decode, up to 4 SIMD packets) the register-blocked micro-kernels of
-// microkernels.hpp read K/V rows in place and widen 16-bit values in registers; with many rows (prefill) Eigen's
-// GEMM runs on maps of the caller's memory (16-bit and mixed-precision K/V widened one tile at a time). Key tiles
+// microkernels.hpp read K/V rows in place and widen 16-bit and int8 values in registers; with many rows (prefill)
+// Eigen's GEMM runs on maps of the caller's memory (16-bit, int8 and mixed-precision K/V widened one tile at a time).
+// int8 K/V (KVCache<std::int8_t>) multiply raw rows; each tile's scores are then scaled by the K rows' scales, and
+// its probabilities (after the running sum took them) by the V rows' scales (scale_tile_rows). Key tiles
 // that no row of an item can see (causal, window, key lengths) are never visited (the mask contract of masks.hpp).
 //
 // When there are few (b, g, query tile) items (decode: B * G small), the key range is also split
@@ -154,7 +156,7 @@ ConstTile<Acc> load_tile(const mk::KVRows<KVScalar>& kv, RowMatrix<Acc>& buf) {
   if constexpr (std::is_same_v<KVScalar, Acc>) {
     return ConstTile<Acc>(kv.data, kv.count, kv.cols, Eigen::OuterStride<>(kv.stride));
   } else {
-    for (Index r = 0; r < kv.count; ++r) buf.row(r) = KVRowMap<KVScalar>(kv.row(r), kv.cols).template cast<Acc>();
+    for (Index r = 0; r < kv.count; ++r) mk::widen_row(kv.row(r), buf.row(r).data(), kv.cols);
     return ConstTile<Acc>(buf.data(), kv.count, kv.cols, Eigen::OuterStride<>(buf.cols()));
   }
 }
@@ -234,12 +236,47 @@ void load_queries(const P& p, const TilePlan& t, const ItemCoords& c, Workspace<
   ws.row_sum.head(c.rows).setZero();
 }
 
-/// S^T [n, rows] = K_tile Qg^T into ws.scores.
+/// Multiplies row j of the tile [n, rows] at `tile` by scale[j]: the per-row scale of an int8 K (on the scores) or V
+/// (on the probabilities). Packets of the flat tile times the scales each repeated `rows` times (ploaddup /
+/// ploadquad) when rows is 1, 2 or 4, a broadcast per key when rows is whole packets, else scalar: a scalar loop
+/// (and Eigen's colwise() product, worse) took 9-12% of an int8 GQA-8 decode (perf, H=32, S=16384, 1 thread).
+template <typename Acc>
+void scale_tile_rows(Acc* tile, Index n, Index rows, const float* scale) {
+  using mk::Packet;
+  using Eigen::internal::pmul;
+  constexpr Index L = mk::kLanes<Acc>;
+  Index j = 0;  // keys done
+  if constexpr (std::is_same_v<Acc, float> && L >= 4) {
+    auto flat = [&](Index per_packet, auto load_scales) {
+      for (; j + per_packet <= n; j += per_packet)
+        mk::pstoreu(tile + j * rows, pmul(mk::ploadu<Packet<Acc>>(tile + j * rows), load_scales(scale + j)));
+    };
+    if (rows == 1) flat(L, [](const float* s) { return mk::ploadu<Packet<Acc>>(s); });
+    if (rows == 2) flat(L / 2, [](const float* s) { return Eigen::internal::ploaddup<Packet<Acc>>(s); });
+    if (rows == 4) flat(L / 4, [](const float* s) { return Eigen::internal::ploadquad<Packet<Acc>>(s); });
+    if (rows % L == 0)
+      for (; j < n; ++j) {
+        const Packet<Acc> s = mk::pset1<Packet<Acc>>(scale[j]);
+        for (Index r = 0; r < rows; r += L)
+          mk::pstoreu(tile + j * rows + r, pmul(mk::ploadu<Packet<Acc>>(tile + j * rows + r), s));
+      }
+  }
+  for (; j < n; ++j) {
+    const Acc s = Acc(scale[j]);
+    for (Index r = 0; r < rows; ++r) tile[j * rows + r] *= s;
+  }
+}
+
+/// S^T [n, rows] = K_tile Qg^T into ws.scores (times the rows' scales for an int8 K).
 template <typename Acc, typename KVScalar>
 void tile_scores(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>& k, Workspace<Acc>& ws) {
-  if (t.small) return mk::score_tile(ws.q_small.data(), c.rows, k, ws.scores.data());
-  Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), k.count, c.rows);
-  s.noalias() = load_tile<Acc>(k, ws.k_buf) * ws.qg.topRows(c.rows).transpose();
+  if (t.small) {
+    mk::score_tile(ws.q_small.data(), c.rows, k, ws.scores.data());
+  } else {
+    Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), k.count, c.rows);
+    s.noalias() = load_tile<Acc>(k, ws.k_buf) * ws.qg.topRows(c.rows).transpose();
+  }
+  if constexpr (std::is_same_v<KVScalar, std::int8_t>) scale_tile_rows(ws.scores.data(), k.count, c.rows, k.scale);
 }
 
 /// Adds the bias to the scores of keys kb .. kb+n-1; a -inf entry masks its key (even where the score is NaN).
@@ -331,9 +368,18 @@ void softmax_tile(const P& p, const ItemCoords& c, Index kb, Index n, bool maske
     if (ws.correction[r] != Acc(1)) out.row(r) *= ws.correction[r];
 }
 
-/// Whether every element of the rows is finite.
+/// Whether every element of the rows is finite (int8 always is; half by its exponent bits, not through Eigen's
+/// scalar conversion).
 template <typename KVScalar>
 bool rows_finite(const mk::KVRows<KVScalar>& kv) {
+  if constexpr (std::is_same_v<KVScalar, std::int8_t>) {
+    return true;
+  } else if constexpr (std::is_same_v<KVScalar, half>) {
+    for (Index j = 0; j < kv.count; ++j)
+      for (Index d = 0; d < kv.cols; ++d)
+        if ((mk::half_bits(kv.row(j)[d]) & 0x7c00u) == 0x7c00u) return false;
+    return true;
+  }
   for (Index j = 0; j < kv.count; ++j)
     if (!KVRowMap<KVScalar>(kv.row(j), kv.cols).array().template cast<compute_t<KVScalar>>().isFinite().all())
       return false;
@@ -357,6 +403,7 @@ template <typename Acc, typename KVScalar>
 void tile_pv(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>& v, bool may_mask,
              Workspace<Acc>& ws) {
   const Index rows = c.rows;
+  if constexpr (std::is_same_v<KVScalar, std::int8_t>) scale_tile_rows(ws.scores.data(), v.count, rows, v.scale);
   if (may_mask && !rows_finite(v)) return accumulate_pv_skipping_zeros(ws.scores.data(), rows, v, ws.out);
   if (t.small)
     return mk::accumulate_pv(mk::Strided<const Acc>{ws.scores.data(), rows}, rows, v,
@@ -392,10 +439,15 @@ void run_item(const P& p, const TilePlan& t, const ItemCoords& c, Workspace<Acc>
   load_queries(p, t, c, ws);
   const KVScalar* k_head = p.k + c.b * p.k_stride_b + c.g * p.k_stride_h;
   const KVScalar* v_head = p.v + c.b * p.v_stride_b + c.g * p.v_stride_h;
+  const Index scale_at = c.b * p.scale_stride_b + c.g * p.scale_stride_h;  // int8 K/V only
+  const float* k_scale = p.k_scale ? p.k_scale + scale_at : nullptr;
+  const float* v_scale = p.v_scale ? p.v_scale + scale_at : nullptr;
   for (Index kb = keys.lo; kb < keys.hi; kb += t.k_tile) {
     const Index n = std::min(t.k_tile, keys.hi - kb), avail = keys.hi - kb;  // avail: rows prefetches may reach
-    const mk::KVRows<KVScalar> k{k_head + kb * p.k_stride_s, p.k_stride_s, n, p.head_dim, avail};
-    const mk::KVRows<KVScalar> v{v_head + kb * p.v_stride_s, p.v_stride_s, n, p.head_dim, avail};
+    const mk::KVRows<KVScalar> k{k_head + kb * p.k_stride_s, p.k_stride_s, n, p.head_dim, avail,
+                                 k_scale ? k_scale + kb : nullptr};
+    const mk::KVRows<KVScalar> v{v_head + kb * p.v_stride_s, p.v_stride_s, n, p.head_dim, avail,
+                                 v_scale ? v_scale + kb : nullptr};
     tile_scores(t, c, k, ws);
     const bool masked = kb < seen_by_all.lo || kb + n > seen_by_all.hi;
     softmax_tile(p, c, kb, n, masked, ws);

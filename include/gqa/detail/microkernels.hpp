@@ -1,12 +1,12 @@
 // gqa/detail/microkernels.hpp — register-blocked products for small row counts (decode), on Eigen's packet layer.
 //
 // Decode has few query rows per KV head (M = (H/G) * Sq, often 1..32), too few for a packed GEMM to pay for
-// packing each K/V tile. These kernels read K and V rows in place from the cache (widening bf16/half to float in
-// registers), keep every accumulator in registers, and write scores transposed, S^T [n keys x M rows], so the
-// softmax that follows vectorises across the group's rows. Everything is written with Eigen::internal packets, so
-// it compiles to AVX2, AVX-512, SSE or NEON, whatever Eigen targets; the number of rows M is a template
-// parameter (one instantiation per row count, picked by with_score_form), which is what lets the accumulators live
-// in registers. The score kernels take a LinePrefetcher for the K rows ahead of the tile and issue a share of its
+// packing each K/V tile. These kernels read K and V rows in place from the cache (widening bf16/half/int8 to float
+// in registers; int8 scales are applied by the caller, see KVRows), keep every accumulator in registers, and write
+// scores transposed, S^T [n keys x M rows], so the softmax that follows vectorises across the group's rows.
+// Everything is written with Eigen::internal packets, so it compiles to AVX2, AVX-512, SSE or NEON, whatever Eigen
+// targets; the number of rows M is a template parameter (one instantiation per row count, picked by
+// with_score_form), which is what lets the accumulators live in registers. The score kernels take a LinePrefetcher for the K rows ahead of the tile and issue a share of its
 // lines with every block of keys; accumulate_pv prefetches V the same way (see LinePrefetcher). Preconditions
 // (checked by the caller): D is a multiple of the packet size.
 //
@@ -25,8 +25,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
+
+#if defined(__SSE2__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 namespace gqa {
 namespace detail {
@@ -48,8 +53,9 @@ inline constexpr int kLanes = Eigen::internal::unpacket_traits<Packet<Acc>>::siz
 inline constexpr int kAccRegisters = 12;
 
 /// `count` rows of K or V, read in place: row j at data + j * stride, `cols` (D) elements each. `avail` >= count rows
-/// from `data` may be read, so prefetches may reach that far (the end of the work item's keys). Quantised K/V would
-/// add their per-row scales here.
+/// from `data` may be read, so prefetches may reach that far (the end of the work item's keys). Quantised (int8)
+/// K/V carry their per-row scales: row j stands for data[j] * scale[j]. The micro-kernels multiply the raw rows;
+/// the caller applies the scales to the scores (K) and the probabilities (V), n multiplies per row instead of n * D.
 template <typename Src>
 struct KVRows {
   const Src* data = nullptr;
@@ -57,10 +63,13 @@ struct KVRows {
   Index count = 0;
   Index cols = 0;
   Index avail = 0;
+  const float* scale = nullptr;  // [count], int8 rows only
 
   const Src* row(Index j) const noexcept { return data + j * stride; }
   /// Rows [j, j + n).
-  KVRows rows(Index j, Index n) const noexcept { return {row(j), stride, n, cols, avail - j}; }
+  KVRows rows(Index j, Index n) const noexcept {
+    return {row(j), stride, n, cols, avail - j, scale ? scale + j : nullptr};
+  }
 };
 
 /// A row-major matrix of Acc in memory: element (i, c) at data[i * ld + c].
@@ -72,11 +81,130 @@ struct Strided {
   Acc* row(Index i) const noexcept { return data + i * ld; }
 };
 
-/// One packet of Acc from `kLanes<Acc>` consecutive Src values (widened in registers where Eigen can).
+// ------------------------------------------------------------------------------ widening and narrowing
+//
+// IEEE half <-> float. Eigen 3.4 uses F16C only when it detects Clang (its test `!defined(EIGEN_COMP_CLANG) ||
+// EIGEN_COMP_CLANG >= 380` is false under GCC, where EIGEN_COMP_CLANG is defined as 0), so under GCC every half it
+// converts goes through a scalar bit-twiddling routine, element by element even in "vectorised" casts: f16 decode
+// measured 4-5x slower than bf16. gqa therefore converts half itself: F16C / AVX-512 instructions when the target
+// has them (vcvtph2ps, vcvtps2ph with round-to-nearest-even), else the portable routines below, which give the same
+// bits (NaN payloads included; tests/test_microkernels.cpp compares them over every half and ~10^6 floats).
+
+/// The float value of half bits, exactly (every half is a float); NaN stays NaN with its payload and is made quiet,
+/// as vcvtph2ps does.
+inline float half_bits_to_float_portable(std::uint16_t h) noexcept {
+  const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16;
+  std::uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13) | (mant != 0 ? 0x400000u : 0u);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal: mant * 2^-24, normalised into a float
+    exp = 113;
+    while (!(mant & 0x400u)) mant <<= 1, --exp;
+    bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+/// The half nearest to f (ties to even), in integer arithmetic only (no dependence on the FPU's rounding mode or
+/// flush-to-zero); overflow gives inf, NaN a quiet NaN with the top bits of its payload, as vcvtps2ph does.
+inline std::uint16_t float_to_half_bits_portable(float f) noexcept {
+  std::uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const auto sign = std::uint16_t((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x > 0x7f800000u) return std::uint16_t(sign | 0x7e00u | ((x >> 13) & 0x3ffu));  // NaN
+  if (x >= 0x477ff000u) return std::uint16_t(sign | 0x7c00u);  // >= 65520 (and inf): rounds to inf
+  if (x >= 0x38800000u) {                                       // a normal half (>= 2^-14)
+    const std::uint32_t odd = (x >> 13) & 1u;
+    return std::uint16_t(sign | ((x + 0xc8000fffu + odd) >> 13));  // rebias the exponent, round to nearest even
+  }
+  if (x <= 0x33000000u) return sign;  // <= 2^-25, half the smallest subnormal: rounds to (even) zero
+  const std::uint32_t mant = (x & 0x7fffffu) | 0x800000u;
+  const int shift = 126 - int(x >> 23);  // 14 .. 24: the subnormal's unit 2^-24 over the float's
+  std::uint32_t q = mant >> shift;
+  const std::uint32_t rest = mant & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+  q += rest > halfway || (rest == halfway && (q & 1u));
+  return std::uint16_t(sign | q);
+}
+
+inline std::uint16_t half_bits(half h) noexcept { return h.x; }
+inline half half_from_bits(std::uint16_t b) noexcept { return Eigen::half_impl::raw_uint16_to_half(b); }
+
+/// Widens one stored value to Acc: half through F16C where the target has it.
+template <typename Acc, typename Src>
+EIGEN_STRONG_INLINE Acc widen(Src x) noexcept {
+  if constexpr (std::is_same_v<Src, half>) {
+#ifdef __F16C__
+    return Acc(_cvtsh_ss(half_bits(x)));
+#else
+    return Acc(half_bits_to_float_portable(half_bits(x)));
+#endif
+  } else {
+    return Acc(x);
+  }
+}
+
+/// The half nearest to f (ties to even): vcvtps2ph where the target has F16C, else float_to_half_bits_portable.
+inline half narrow_to_half(float f) noexcept {
+#ifdef __F16C__
+  return half_from_bits(std::uint16_t(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+#else
+  return half_from_bits(float_to_half_bits_portable(f));
+#endif
+}
+
+/// dst[i] = the half nearest to src[i] (ties to even), 16 or 8 at a time where the target has AVX-512 or F16C.
+inline void narrow_to_half(const float* src, half* dst, Index n) noexcept {
+  Index i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i < n; ++i) dst[i] = narrow_to_half(src[i]);
+}
+
+/// One packet of Acc from `kLanes<Acc>` consecutive Src values, widened in registers: half with F16C / AVX-512
+/// (Eigen's half packets convert element by element under GCC, see above), int8 with sign extension, bf16 through
+/// Eigen's packet cast (a shift); a scalar loop where the target has none of these.
 template <typename Acc, typename Src>
 EIGEN_STRONG_INLINE Packet<Acc> load(const Src* p) {
   if constexpr (std::is_same_v<Src, Acc>) {
     return ploadu<Packet<Acc>>(p);
+  } else if constexpr (std::is_same_v<Src, half> || std::is_same_v<Src, std::int8_t>) {
+    constexpr bool is_half = std::is_same_v<Src, half>;
+#if defined(EIGEN_VECTORIZE_AVX512)
+    if constexpr (std::is_same_v<Acc, float>) {
+      if constexpr (is_half)
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      else
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    }
+#elif defined(EIGEN_VECTORIZE_AVX2) || (defined(EIGEN_VECTORIZE_AVX) && defined(__F16C__))
+    if constexpr (std::is_same_v<Acc, float> && is_half) {
+#ifdef __F16C__
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+    } else if constexpr (std::is_same_v<Acc, float>) {
+#ifdef EIGEN_VECTORIZE_AVX2
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#endif
+    }
+#endif
+    EIGEN_ALIGN_MAX Acc tmp[kLanes<Acc>];
+    for (int i = 0; i < kLanes<Acc>; ++i) tmp[i] = widen<Acc>(p[i]);
+    return pload<Packet<Acc>>(tmp);
   } else {
     using SrcPacket = typename Eigen::internal::packet_traits<Src>::type;
     if constexpr (Eigen::internal::type_casting_traits<Src, Acc>::VectorizedCast &&
@@ -90,12 +218,26 @@ EIGEN_STRONG_INLINE Packet<Acc> load(const Src* p) {
   }
 }
 
+/// dst[0, n) = src[0, n) widened to Acc, a packet at a time (load) and the tail element by element.
+template <typename Acc, typename Src>
+void widen_row(const Src* src, Acc* dst, Index n) {
+  constexpr Index L = kLanes<Acc>;
+  Index i = 0;
+  for (; i + L <= n; i += L) pstoreu(dst + i, load<Acc>(src + i));
+  for (; i < n; ++i) dst[i] = widen<Acc>(src[i]);
+}
+
 /// Rows ahead of the one being read that the kernels prefetch. The kernels walk several K rows at once, or V rows
 /// a column block at a time, orders the hardware prefetchers follow poorly from DRAM; fetching rows this far ahead
 /// (8 KiB at D = 128, f32) keeps the stream going. Measured at H=32, D=128, S=16384, 2 threads, against a tile-wide
 /// prefetch of the next tile: GQA-8 8.2 -> 6.5 ms, GQA-4 5.3 -> 4.5 ms, GQA-2 3.4 -> 2.8 ms per token; 8 and
 /// 24-64 rows ahead were no better, and 16-bit caches gain too (bf16 MHA 14.6 -> 10.4 ms).
 inline constexpr Index kPrefetchRows = 16;
+/// The prefetch distance for rows of Src: kPrefetchRows, but 64 rows for int8, the same 8 KiB ahead as f32 at
+/// D = 128 (measured on the 2-core Xeon of bench/README.md, loaded, CPU time per token at H=32, S=16384, 1 thread:
+/// MHA 22.7 -> 20.3 ms and 17.3 -> 16.0 ms in two interleaved rounds; GQA-8 unchanged within noise).
+template <typename Src>
+inline constexpr Index prefetch_rows = std::is_same_v<Src, std::int8_t> ? 64 : kPrefetchRows;
 
 /// Software prefetch of a run of K/V rows, a given number of cache lines at a time. A kernel that passes over a
 /// block of rows several times (one column block or one packet of query rows per pass) spreads the next block's
@@ -122,7 +264,7 @@ class LinePrefetcher {
   }
   /// The rows [distance, distance + n) of `rows` that lie within its first `avail` rows.
   static LinePrefetcher ahead(const Src* rows, Index stride, Index n, Index avail, Index D,
-                              Index distance = kPrefetchRows) {
+                              Index distance = prefetch_rows<Src>) {
     return LinePrefetcher(rows + distance * stride, stride, std::min(n, avail - distance), D);
   }
   /// Lines per step that spread all of them evenly over `steps` steps.
@@ -156,7 +298,7 @@ struct PrefetchShare {
   Index per_key = 0;
 
   /// Prefetches the rows [distance, distance + n) ahead of `k` (within k.avail), spread over `steps` key reads.
-  static PrefetchShare ahead(const KVRows<Src>& k, Index n, Index steps, Index distance = kPrefetchRows) {
+  static PrefetchShare ahead(const KVRows<Src>& k, Index n, Index steps, Index distance = prefetch_rows<Src>) {
     auto lines = LinePrefetcher<Src>::ahead(k.data, k.stride, n, k.avail, k.cols, distance);
     const Index per_key = lines.per_step(steps);
     return {lines, per_key};
@@ -286,7 +428,7 @@ void scores_outer(Strided<const Acc> qt_m, const KVRows<Src>& k_rows, Strided<Ac
       Packet<Acc> qv[NB];
       for (int c = 0; c < NB; ++c) qv[c] = pload<Packet<Acc>>(qt + d * ldq + c * L);
       for (int a = 0; a < kb; ++a) {
-        const Packet<Acc> kv = pset1<Packet<Acc>>(Acc(key[a][d]));
+        const Packet<Acc> kv = pset1<Packet<Acc>>(widen<Acc>(key[a][d]));
         for (int c = 0; c < NB; ++c) acc[a][c] = pmadd(kv, qv[c], acc[a][c]);
       }
     }
@@ -388,7 +530,7 @@ void accumulate_pv(Strided<const Acc> pt, Index M, const KVRows<Src>& v_rows, St
   for (Index j0 = 0; j0 < n; j0 += chunk) {
     const Index nn = std::min(chunk, n - j0);
     const KVRows<Src> vj = v_rows.rows(j0, nn);
-    auto pf = PrefetchShare<Src>::ahead(vj, nn, blocks * nn, std::max(kPrefetchRows, chunk));
+    auto pf = PrefetchShare<Src>::ahead(vj, nn, blocks * nn, std::max(prefetch_rows<Src>, chunk));
     for_each_pv_row_block<Acc, Src>(M, [&](auto r_const, Index r0) {
       constexpr int R = decltype(r_const)::value;
       constexpr int NV = pv_columns(R);
@@ -592,7 +734,7 @@ void scores(DotPackets<NB>, const Acc* qpack, Index /*rows*/, const KVRows<Src>&
   const Index D = k.cols;
   for (Index j0 = 0; j0 < k.count; j0 += kChunk) {
     const KVRows<Src> chunk = k.rows(j0, std::min(kChunk, k.count - j0));
-    auto pf = PrefetchShare<Src>::ahead(chunk, chunk.count, NB * chunk.count, std::max(kChunk, kPrefetchRows));
+    auto pf = PrefetchShare<Src>::ahead(chunk, chunk.count, NB * chunk.count, std::max(kChunk, prefetch_rows<Src>));
     for (int c = 0; c < NB; ++c)
       scores_dot_packed<L>(qpack + c * L * D, chunk, Strided<Acc>{st + j0 * ld + c * L, ld}, pf);
   }

@@ -19,6 +19,15 @@
 namespace gqa {
 namespace detail {
 
+/// The per-row scales of a quantised (int8) K and V, as a KVCache<std::int8_t> keeps them: [B, G, rows] floats,
+/// the row (token) index contiguous; scale of (b, s, g) at k[b * stride_b + g * stride_h + s].
+struct KVScales {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  Index batch = 0, heads = 0, rows = 0;  // B, G, capacity
+  Index stride_b = 0, stride_h = 0;
+};
+
 template <typename T, typename KVT>
 struct AttentionParams {
   using Scalar = std::remove_const_t<T>;     // Q and output storage
@@ -29,6 +38,11 @@ struct AttentionParams {
   const KVScalar* k = nullptr;  // [B, Sk, G, D] via strides
   const KVScalar* v = nullptr;  // [B, Sk, G, D] via strides
   Scalar* o = nullptr;          // [B, Sq, H, D]
+  // int8 K/V only: element (b, s, g, d) means k[...] * k_scale[b * scale_stride_b + g * scale_stride_h + s]
+  // (likewise v); the kernels apply the K scale to the score and the V scale to the probability.
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
+  Index scale_stride_b = 0, scale_stride_h = 0;
 
   Index batch = 0;       // B
   Index q_len = 0;       // Sq
@@ -142,11 +156,27 @@ void set_bias(Params& p, const BiasView& bias) {
   p.bias_stride_b = bd[0] == 1 ? 0 : bs[0];
 }
 
-/// Validates q/k/v/out and options and returns the params the kernels run on.
+/// Checks the scales of an int8 K/V against its shape [B, Sk, G, D] and stores them in p.
+template <typename Params>
+void set_kv_scales(Params& p, const KVScales* scales) {
+  require(scales != nullptr && scales->k != nullptr && scales->v != nullptr, "null",
+          "int8 k/v: no per-row scales (attend to the gqa::KVCache<std::int8_t>, which holds them)");
+  require<shape_error>(scales->batch == p.batch && scales->heads == p.kv_heads && scales->rows >= p.k_len, "shape",
+                       "int8 k/v scales: [", scales->batch, ", ", scales->heads, ", ", scales->rows,
+                       "] do not cover k's [B = ", p.batch, ", G = ", p.kv_heads, ", Sk = ", p.k_len, "]");
+  p.k_scale = scales->k;
+  p.v_scale = scales->v;
+  p.scale_stride_b = scales->stride_b;
+  p.scale_stride_h = scales->stride_h;
+}
+
+/// Validates q/k/v/out and options and returns the params the kernels run on. `scales`: the per-row scales of an
+/// int8 k/v (required then, null otherwise).
 /// Throws shape_error / invalid_argument naming the argument, dimension and values.
 template <typename T, typename KVT>
 AttentionParams<T, KVT> make_params(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<const KVT> v,
-                                    TensorRef<T> out, const AttentionOptions& opt) {
+                                    TensorRef<T> out, const AttentionOptions& opt,
+                                    const KVScales* scales = nullptr) {
   check_ref_basics("q", q.dims, q.strides, q.data);
   check_ref_basics("k", k.dims, k.strides, k.data);
   check_ref_basics("v", v.dims, v.strides, v.data);
@@ -195,6 +225,9 @@ AttentionParams<T, KVT> make_params(TensorRef<const T> q, TensorRef<const KVT> k
   p.window = opt.window;
   p.causal = opt.causal || opt.window > 0;
 
+  if constexpr (std::is_same_v<std::remove_const_t<KVT>, std::int8_t>) set_kv_scales(p, scales);
+  GQA_ASSERT((std::is_same_v<std::remove_const_t<KVT>, std::int8_t>) || scales == nullptr);
+  (void)scales;
   if (!opt.bias.empty()) set_bias(p, opt.bias);
   if (opt.key_lengths.given()) {
     const KeyLengths& len = opt.key_lengths;
