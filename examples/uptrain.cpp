@@ -38,7 +38,7 @@ constexpr const char* usage =
     "  --steps N         Adam steps per layer (default 300)\n"
     "  --batch B         windows per step (default 4)\n"
     "  --window S        tokens per calibration window, positions 0..S-1 (default 512)\n"
-    "  --lr LR           peak learning rate, cosine decay to 0 (default 1e-3)\n"
+    "  --lr LR           peak learning rate, cosine decay to 0 (default 3e-3)\n"
     "  --seed N          mini-batch order seed (default 0)\n"
     "  --inputs I        converted (default): each layer's inputs come from the already-uptrained converted\n"
     "                    layers below it; original: from the original model\n"
