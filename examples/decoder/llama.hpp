@@ -238,6 +238,10 @@ class Model {
   Model& operator=(const Model&) = delete;
 
   const Config& config() const noexcept { return cfg_; }
+  /// Layer l's weights and the embedding table [vocab, hidden], for tools that run or train one layer at a time
+  /// (gqa-uptrain, examples/uptrain.cpp).
+  const Layer& layer(Index l) const { return layers_[size_t(l)]; }
+  const float* embedding() const noexcept { return embed_; }
   /// Bytes of weights one decode step reads: every layer's matrices, biases and norms, the final norm and
   /// lm_head, as float (the embedding row of the new token is left out: one row).
   std::uint64_t decode_weight_bytes() const;

@@ -1,0 +1,181 @@
+// gqa-uptrain — recover a converted (pooled) Llama-family checkpoint by layer-wise distillation of its K and V
+// projections against the original model (examples/uptrain/uptrain.hpp has the method, distill.hpp the math).
+//
+//   gqa-uptrain ORIGINAL_DIR CONVERTED_DIR OUTPUT_DIR --calibration IDS_FILE [--steps N] [--batch B] [--window S]
+//               [--lr LR] [--seed N] [--inputs converted|original] [--threads N] [--force] [--quiet]
+//
+// CONVERTED_DIR is gqa-convert's output of ORIGINAL_DIR (e.g. --groups 1); OUTPUT_DIR gets a checkpoint in the same
+// format with every layer's k_proj / v_proj trained. Prints one line per layer (loss before and after, relative to
+// the target's mean square, and the time) and a summary. Exit status: 0 done, 1 failed (nothing written), 2 bad
+// command line. On SIGINT or SIGTERM it stops, removes its temporary output and dies of the signal.
+#include "uptrain/uptrain.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <signal.h>
+
+namespace {
+
+constexpr const char* usage =
+    "usage: gqa-uptrain ORIGINAL_DIR CONVERTED_DIR OUTPUT_DIR --calibration IDS_FILE [--steps N] [--batch B]\n"
+    "                   [--window S] [--lr LR] [--seed N] [--inputs converted|original] [--threads N]\n"
+    "                   [--force] [--quiet]\n"
+    "\n"
+    "Trains the K/V projections of CONVERTED_DIR (gqa-convert's output of ORIGINAL_DIR) so that each attention\n"
+    "layer's output after o_proj matches the original's on the calibration ids (MSE, Adam, seeded), and writes\n"
+    "the result to OUTPUT_DIR in gqa-convert's format.\n"
+    "\n"
+    "  --calibration F   whitespace-separated token ids (not the evaluation text), at least one window\n"
+    "  --steps N         Adam steps per layer (default 300)\n"
+    "  --batch B         windows per step (default 4)\n"
+    "  --window S        tokens per calibration window, positions 0..S-1 (default 512)\n"
+    "  --lr LR           peak learning rate, cosine decay to 0 (default 3e-3)\n"
+    "  --seed N          mini-batch order seed (default 0)\n"
+    "  --inputs I        converted (default): each layer's inputs come from the already-uptrained converted\n"
+    "                    layers below it; original: from the original model\n"
+    "  --threads N       OpenMP threads (default: OMP_NUM_THREADS, else the cores); the output does not depend on it\n"
+    "  --force           replace OUTPUT_DIR if it is empty or a previous output\n"
+    "  --quiet           print only errors\n";
+
+[[noreturn]] void usage_error(const std::string& message) {
+  std::cerr << "gqa-uptrain: " << message << "\n\n" << usage;
+  std::exit(2);
+}
+
+std::optional<long long> parse_integer(const std::string& s) {
+  std::size_t used = 0;
+  try {
+    const long long v = std::stoll(s, &used, 10);
+    if (used == s.size() && !s.empty()) return v;
+  } catch (const std::exception&) {
+  }
+  return std::nullopt;
+}
+
+struct Command {
+  std::vector<std::string> positional;
+  std::string calibration;
+  uptrain::Options options;
+  bool quiet = false;
+};
+
+Command parse_command_line(int argc, char** argv) {
+  Command c;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) usage_error(arg + " needs a value");
+      return argv[++i];
+    };
+    auto integer = [&](long long min) {
+      const std::string text = value();
+      const auto v = parse_integer(text);
+      if (!v || *v < min) usage_error(arg + " needs an integer >= " + std::to_string(min) + ", not '" + text + "'");
+      return *v;
+    };
+    if (arg == "-h" || arg == "--help") {
+      std::cout << usage;
+      std::exit(0);
+    } else if (arg == "--calibration") {
+      c.calibration = value();
+    } else if (arg == "--steps") {
+      c.options.steps = gqa::Index(integer(1));
+    } else if (arg == "--batch") {
+      c.options.batch = gqa::Index(integer(1));
+    } else if (arg == "--window") {
+      c.options.window = gqa::Index(integer(2));
+    } else if (arg == "--seed") {
+      c.options.seed = std::uint64_t(integer(0));
+    } else if (arg == "--threads") {
+      c.options.threads = int(integer(0));
+    } else if (arg == "--lr") {
+      const std::string text = value();
+      std::size_t used = 0;
+      double lr = 0;
+      try {
+        lr = std::stod(text, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (used != text.size() || !(lr > 0) || !std::isfinite(lr)) usage_error("--lr needs a positive number, not '" + text + "'");
+      c.options.lr = lr;
+    } else if (arg == "--inputs") {
+      const std::string v = value();
+      if (v == "converted") c.options.inputs = uptrain::Inputs::converted;
+      else if (v == "original") c.options.inputs = uptrain::Inputs::original;
+      else usage_error("--inputs must be converted or original, not '" + v + "'");
+    } else if (arg == "--force") {
+      c.options.force = true;
+    } else if (arg == "--quiet") {
+      c.quiet = true;
+    } else if (arg.size() > 1 && arg[0] == '-') {
+      usage_error("unknown option '" + arg + "'");
+    } else {
+      c.positional.push_back(arg);
+    }
+  }
+  if (c.positional.size() != 3) usage_error("expected ORIGINAL_DIR, CONVERTED_DIR and OUTPUT_DIR");
+  if (c.calibration.empty()) usage_error("--calibration IDS_FILE is required");
+  return c;
+}
+
+std::atomic<int> received_signal{0};
+extern "C" void on_signal(int sig) { received_signal.store(sig); }
+
+void install_signal_handlers() {
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  for (int sig : {SIGINT, SIGTERM}) ::sigaction(sig, &sa, nullptr);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Command c = parse_command_line(argc, argv);
+  if (!c.quiet)
+    c.options.on_layer = [](const uptrain::LayerReport& r) {
+      std::printf("layer %td/%td: loss %.6g -> %.6g (relative %.4g -> %.4g)%s, %.1f s\n", r.layer + 1, r.layers,
+                  r.loss_before, r.loss_after, r.loss_before / r.target_power, r.loss_after / r.target_power,
+                  r.exact ? " exact already, not trained" : r.kept ? " no improvement, converted weights kept" : "",
+                  r.seconds);
+      std::fflush(stdout);
+    };
+  install_signal_handlers();
+  c.options.cancel = &received_signal;
+  const auto wall0 = std::chrono::steady_clock::now();
+  const std::clock_t cpu0 = std::clock();
+  try {
+    const auto reports = uptrain::uptrain_checkpoint(c.positional[0], c.positional[1], c.positional[2],
+                                                     c.calibration, c.options);
+    if (!c.quiet) {
+      double before = 0, after = 0;
+      for (const auto& r : reports) {
+        before += r.loss_before / r.target_power;
+        after += r.loss_after / r.target_power;
+      }
+      const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
+      std::printf("done: %s -> %s, %zu layers, mean relative loss %.4g -> %.4g; wall %.1f s, CPU %.1f s\n",
+                  c.positional[1].c_str(), c.positional[2].c_str(), reports.size(), before / double(reports.size()),
+                  after / double(reports.size()), wall, double(std::clock() - cpu0) / CLOCKS_PER_SEC);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    if (const int sig = received_signal.load()) {
+      std::cerr << "gqa-uptrain: interrupted by signal " << sig << "; nothing was written\n";
+      std::signal(sig, SIG_DFL);
+      std::raise(sig);
+    }
+    std::cerr << "gqa-uptrain: error: " << e.what() << "\n";
+    return 1;
+  }
+}

@@ -1,0 +1,375 @@
+// examples/uptrain/uptrain.hpp — gqa-uptrain's driver: layer-wise distillation of a converted (pooled) Llama-family
+// checkpoint against the original, written as a checkpoint in gqa-convert's format.
+//
+// Offers (namespace uptrain):
+//   Options, Inputs     what to train and how (the command line's flags, examples/uptrain.cpp)
+//   uptrain_checkpoint  the whole run: load, check, distill layer by layer, write; returns one LayerReport per layer
+//   check_compatible    the original and converted configs describe the same model but for num_key_value_heads
+//
+// The run, with N calibration windows of S tokens (each at positions 0 .. S-1, as example_decoder's perplexity):
+//   h_orig [N*S, hidden]: the original model's residual stream, advanced one layer at a time.
+//   For layer l: X = input_layernorm(h), Q = rope(X W_q^T + b_q), target Y = the original layer's attention output
+//   after o_proj (without o_proj's bias, which cancels). The converted layer's W_k, W_v (and biases) are trained
+//   with Adam on mini-batches of windows to minimise mean((A W_o^T - Y)^2) (uptrain/distill.hpp), with a cosine
+//   decay of the learning rate to 0 over the steps. Inputs::original takes X and Q from h_orig (every layer learns
+//   from the original's inputs, independently); Inputs::converted takes them from the converted model's own stream
+//   h_conv, advanced through the already-uptrained layers, so each layer also learns to undo the error of the
+//   earlier ones (the target is still the original's Y).
+//   A layer whose loss before training is at float rounding level (relative 1e-10: an exact expansion) is left
+//   as it is; a layer whose loss over all windows did not go down keeps its converted weights.
+//
+// Determinism: windows are threaded, each on one thread, and reduced in a fixed order (distill.hpp), so the output is
+// bitwise identical for every --threads.
+//
+// Output: the converted checkpoint with every layer's k_proj/v_proj weight (and bias) replaced, in the converted
+// tensor's dtype: the same safetensors files, tensor order, metadata and index, config.json and the other top-level
+// files copied. Written as gqa-convert writes (gqa/checkpoint.hpp: the output path rules, a staging directory moved
+// into place only when complete, removed on any failure or on cancel). Uses gqa::detail's output-directory helpers,
+// which gqa/checkpoint.hpp includes.
+//
+// Errors: gqa::invalid_argument [gqa.uptrain.*] for options out of range, architectures that differ, too few
+// calibration ids; llama::Model::load's and llama::read_ids's errors ([gqa.decoder.*], e.g. an id outside the
+// vocabulary) and gqa::convert_checkpoint's path rules ([gqa.checkpoint.*]) as they are.
+#pragma once
+
+#include "../decoder/llama.hpp"
+#include "distill.hpp"
+
+#include <gqa/checkpoint.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace uptrain {
+
+using llama::Matrix;
+
+enum class Inputs { original, converted };
+
+struct Options {
+  Index steps = 300;        ///< Adam steps per layer
+  Index batch = 4;          ///< windows per step
+  Index window = 512;       ///< S, tokens per calibration window
+  double lr = 3e-3;         ///< peak learning rate (cosine decay to 0); 3e-3 beat 1e-3 on SmolLM2 (50 steps)
+  std::uint64_t seed = 0;   ///< mini-batch order
+  int threads = 0;          ///< OpenMP threads (0: omp_get_max_threads())
+  bool force = false;       ///< replace OUTPUT_DIR (gqa-convert's --force rules)
+  Inputs inputs = Inputs::converted;
+  std::function<void(const struct LayerReport&)> on_layer;  ///< progress, once per layer
+  const std::atomic<int>* cancel = nullptr;                 ///< nonzero: stop (a signal handler sets it)
+};
+
+struct LayerReport {
+  Index layer = 0, layers = 0;
+  double loss_before = 0, loss_after = 0;  ///< mean squared error over all calibration windows
+  double target_power = 0;                 ///< mean(Y^2): loss / target_power is the relative error
+  bool exact = false;                      ///< loss at rounding level before training: not trained
+  bool kept = false;                       ///< training did not lower the loss: converted weights kept
+  double seconds = 0;
+};
+
+template <typename... Args>
+[[noreturn]] void fail(const char* id, Args&&... parts) {
+  std::ostringstream os;
+  os << "[gqa.uptrain." << id << "] ";
+  (os << ... << std::forward<Args>(parts));
+  throw gqa::invalid_argument(os.str());
+}
+
+template <typename... Args>
+void check(bool ok, const char* id, Args&&... parts) {
+  if (!ok) fail(id, std::forward<Args>(parts)...);
+}
+
+/// The configs must describe the same model but for num_key_value_heads.
+inline void check_compatible(const llama::Config& a, const llama::Config& b) {
+  const auto same = [](const char* field, auto x, auto y) {
+    check(x == y, "mismatch", "ORIGINAL_DIR and CONVERTED_DIR differ in ", field, ": ", x, " vs ", y,
+          " (the converted checkpoint must be gqa-convert's output of the original)");
+  };
+  same("num_hidden_layers", a.layers, b.layers);
+  same("hidden_size", a.hidden, b.hidden);
+  same("intermediate_size", a.intermediate, b.intermediate);
+  same("num_attention_heads", a.heads, b.heads);
+  same("head_dim", a.head_dim, b.head_dim);
+  same("vocab_size", a.vocab, b.vocab);
+  same("rope_theta", a.rope_theta, b.rope_theta);
+  same("rms_norm_eps", a.rms_norm_eps, b.rms_norm_eps);
+  same("rope_scaling (llama3)", a.llama3.has_value(), b.llama3.has_value());
+  same("sliding_window", a.sliding_window, b.sliding_window);
+  same("tie_word_embeddings", a.tie_word_embeddings, b.tie_word_embeddings);
+  check(b.kv_heads >= 1 && a.heads % b.kv_heads == 0, "mismatch", "CONVERTED_DIR: num_key_value_heads ", b.kv_heads,
+        " does not divide num_attention_heads ", a.heads);
+}
+
+inline void check_options(const Options& o, const llama::Config& c) {
+  check(o.steps >= 1, "options", "--steps ", o.steps, " must be >= 1");
+  check(o.batch >= 1, "options", "--batch ", o.batch, " must be >= 1");
+  check(o.window >= 2 && o.window <= c.max_positions, "options", "--window ", o.window,
+        " is not in [2, max_position_embeddings = ", c.max_positions, "]");
+  check(std::isfinite(o.lr) && o.lr > 0, "options", "--lr ", o.lr, " must be a positive number");
+  check(o.threads >= 0, "options", "--threads ", o.threads, " must be >= 0");
+}
+
+namespace detail {
+
+/// What one window of a layer's forward pass can hand back besides the updated residual stream.
+struct LayerOutputs {
+  Matrix* x_norm = nullptr;  ///< [S, hidden] input_layernorm(h)
+  Matrix* q = nullptr;       ///< [S, H*D] rotated queries
+  Matrix* attn = nullptr;    ///< [S, hidden] attention output after o_proj, without its bias
+};
+
+/// Runs one window (h: [S, hidden], positions 0 .. S-1) through layer L in place, on the calling thread.
+inline void run_layer(const llama::Layer& L, const llama::Config& c, const Rope<float>& rope, Matrix& h,
+                      const LayerOutputs& want) {
+  const Index S = h.rows(), H = c.heads, G = c.kv_heads, D = c.head_dim;
+  Matrix x, q, k, v, a(S, H * D), y, gate, up;
+  llama::detail::rms_norm(h, L.input_norm, c.rms_norm_eps, x);
+  llama::detail::linear(x, {{L.q, q}, {L.k, k}, {L.v, v}});
+  Mat<float> qm = std::move(q), km = std::move(k);
+  rope.apply(qm, H);
+  rope.apply(km, G);
+  gqa::attention(gqa::token_major<const float>(qm.data(), 1, S, H, D), gqa::token_major<const float>(km.data(), 1, S, G, D),
+                 gqa::token_major<const float>(v.data(), 1, S, G, D), gqa::token_major(a.data(), 1, S, H, D),
+                 layer_attention_options(c.sliding_window));
+  y.noalias() = a * L.o.w().transpose();
+  if (want.x_norm) *want.x_norm = x;
+  if (want.q) *want.q = qm;
+  if (want.attn) *want.attn = y;
+  h += y;
+  if (L.o.bias) h.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(L.o.bias, L.o.rows);
+  llama::detail::rms_norm(h, L.post_norm, c.rms_norm_eps, x);
+  llama::detail::linear(x, {{L.gate, gate}, {L.up, up}});
+  gate = gate.array() / (1.0f + (-gate.array()).exp()) * up.array();  // SwiGLU, as llama::Model::forward
+  llama::detail::linear(gate, {{L.down, y}});
+  h += y;
+}
+
+/// Runs every window of `stream` ([N*S, hidden]) through layer L, windows threaded; fills the wanted outputs as
+/// [N*S, ...] matrices.
+inline void run_layer_all(const llama::Layer& L, const llama::Config& c, const Rope<float>& rope, Index S,
+                          Matrix& stream, Matrix* x_norm, Matrix* q, Matrix* attn, int threads) {
+  const Index N = stream.rows() / S;
+  if (x_norm) x_norm->resize(N * S, c.hidden);
+  if (q) q->resize(N * S, c.heads * c.head_dim);
+  if (attn) attn->resize(N * S, c.hidden);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (Index w = 0; w < N; ++w) {
+    Matrix h = stream.middleRows(w * S, S), xn, qw, yw;
+    run_layer(L, c, rope, h, {x_norm ? &xn : nullptr, q ? &qw : nullptr, attn ? &yw : nullptr});
+    stream.middleRows(w * S, S) = h;
+    if (x_norm) x_norm->middleRows(w * S, S) = xn;
+    if (q) q->middleRows(w * S, S) = qw;
+    if (attn) attn->middleRows(w * S, S) = yw;
+  }
+}
+
+inline KVWeights<float> initial_weights(const llama::Layer& L) {
+  KVWeights<float> p;
+  p.wk = L.k.w();
+  p.wv = L.v.w();
+  if (L.k.bias) p.bk = Eigen::Map<const RowVec<float>>(L.k.bias, L.k.rows);
+  if (L.v.bias) p.bv = Eigen::Map<const RowVec<float>>(L.v.bias, L.v.rows);
+  return p;
+}
+
+inline void check_cancel(const Options& o) {
+  if (o.cancel && o.cancel->load() != 0)
+    throw gqa::io_error("[gqa.checkpoint.interrupted] interrupted (signal " + std::to_string(o.cancel->load()) +
+                        "); nothing was written");
+}
+
+/// Trains p on `prob` (see the header comment); fills the report's losses and flags.
+inline void train_layer(const LayerProblem<float>& prob, KVWeights<float>& p, const Options& o, Index layer,
+                        LayerReport& r) {
+  const Index N = prob.windows();
+  std::vector<Index> all(static_cast<size_t>(N));
+  for (Index w = 0; w < N; ++w) all[size_t(w)] = w;
+  r.target_power = prob.y.cast<double>().squaredNorm() / double(prob.y.size());
+  r.loss_before = batch_loss(prob, p, all, nullptr, o.threads);
+  if (r.loss_before <= 1e-10 * r.target_power) {
+    r.exact = true;
+    r.loss_after = r.loss_before;
+    return;
+  }
+  const KVWeights<float> start = p;
+  Adam<float> adam(p);
+  std::mt19937_64 rng(o.seed ^ (0x9e3779b97f4a7c15ULL * std::uint64_t(layer + 1)));
+  std::vector<Index> order = all;
+  size_t next = order.size();  // reshuffle on first use
+  const Index B = std::min(o.batch, N);
+  KVWeights<float> g;
+  for (Index step = 0; step < o.steps; ++step) {
+    check_cancel(o);
+    std::vector<Index> batch;
+    while (Index(batch.size()) < B) {
+      if (next == order.size()) {  // Fisher-Yates by hand: std::shuffle's draws are implementation-defined
+        for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[size_t(rng() % i)]);
+        next = 0;
+      }
+      batch.push_back(order[next++]);
+    }
+    batch_loss(prob, p, batch, &g, o.threads);
+    const double lr = o.lr * 0.5 * (1 + std::cos(M_PI * double(step) / double(o.steps)));
+    adam.step(p, g, lr);
+  }
+  r.loss_after = batch_loss(prob, p, all, nullptr, o.threads);
+  if (!(r.loss_after < r.loss_before)) {
+    p = start;
+    r.kept = true;
+    r.loss_after = r.loss_before;
+  }
+}
+
+/// Writes float values into a tensor of `dtype` (the float dtypes the decoder loads).
+inline void encode(const std::vector<float>& v, gqa::safetensors::Dtype dtype, gqa::span<std::byte> dst) {
+  namespace st = gqa::safetensors;
+  const auto put = [&](auto tag) {
+    using E = decltype(tag);
+    for (size_t i = 0; i < v.size(); ++i) {
+      const E e(v[i]);
+      std::memcpy(dst.data() + i * sizeof(E), &e, sizeof(E));
+    }
+  };
+  switch (dtype) {
+    case st::Dtype::F32: put(float{}); break;
+    case st::Dtype::F64: put(double{}); break;
+    case st::Dtype::BF16: put(gqa::bfloat16{}); break;
+    case st::Dtype::F16: put(gqa::half{}); break;
+    default: fail("dtype", "cannot write a K/V tensor of dtype ", st::dtype_name(dtype));
+  }
+}
+
+/// The converted checkpoint with the tensors named in `replaced` (float values) written in their stored dtype; see
+/// the header comment for the format and the atomicity.
+inline void write_checkpoint(const std::filesystem::path& converted, const gqa::detail::CheckpointPaths& paths,
+                             const std::map<std::string, std::vector<float>>& replaced, const Options& o) {
+  namespace st = gqa::safetensors;
+  const st::Directory dir = st::Directory::open(paths.in);
+  gqa::detail::OutputDirectory out(paths.out, paths.out_exists);
+  for (size_t f = 0; f < dir.files().size(); ++f) {
+    const st::File& file = dir.files()[f];
+    st::Metadata metadata = file.metadata();
+    metadata.emplace("format", "pt");
+    st::Writer writer(metadata);
+    for (const st::TensorView& t : file.tensors()) {
+      const auto it = replaced.find(t.name);
+      if (it == replaced.end()) {
+        writer.add(t.name, t.dtype, t.shape, t.bytes);
+        continue;
+      }
+      check(std::int64_t(it->second.size()) == st::numel(t.shape), "internal", "tensor '", t.name, "' has ",
+            st::numel(t.shape), " values in ", converted.string(), " but training produced ", it->second.size());
+      writer.add(t.name, t.dtype, t.shape, [&v = it->second, dtype = t.dtype](gqa::span<std::byte> dst) {
+        encode(v, dtype, dst);
+      });
+    }
+    writer.write(out.path() / dir.file_names()[f], o.cancel);
+  }
+  if (dir.sharded()) st::write_index(out.path() / st::index_file_name, *dir.index());
+  for (const auto& e : gqa::detail::list_entries(paths.in, true)) {
+    const bool weights = e.name == st::index_file_name ||
+                         (e.name.size() > 12 && e.name.compare(e.name.size() - 12, 12, ".safetensors") == 0);
+    if (!e.regular || weights || gqa::detail::is_weight_file(e.name)) continue;
+    check_cancel(o);
+    gqa::detail::copy_regular_file(paths.in / e.name, out.path() / e.name);
+  }
+  check_cancel(o);
+  out.commit();
+}
+
+}  // namespace detail
+
+/// Uptrains `converted` against `original` on the calibration ids and writes `output` (see the header comment).
+inline std::vector<LayerReport> uptrain_checkpoint(const std::filesystem::path& original,
+                                                   const std::filesystem::path& converted,
+                                                   const std::filesystem::path& output,
+                                                   const std::filesystem::path& calibration, const Options& o) {
+  using Clock = std::chrono::steady_clock;
+  // Output rules first, so that a bad OUTPUT_DIR fails before the training: never the original or the converted
+  // checkpoint, nor inside either; an existing one only with --force and if it looks like a previous output.
+  (void)gqa::detail::check_paths(original, output, o.force);
+  const gqa::detail::CheckpointPaths paths = gqa::detail::check_paths(converted, output, o.force);
+  const llama::Model orig = llama::Model::load(original), conv = llama::Model::load(converted);
+  const llama::Config& c = orig.config();
+  check_compatible(c, conv.config());
+  check_options(o, c);
+  const std::vector<std::int32_t> ids = llama::read_ids(calibration, c.vocab);
+  const Index S = o.window, N = Index(ids.size()) / S;
+  check(N >= 1, "calibration", calibration.string(), ": ", ids.size(), " ids are too few for one window of --window ",
+        S, " tokens");
+  const int threads = o.threads > 0 ? o.threads : omp_get_max_threads();
+  const Rope<float> rope(llama::detail::rotary_frequencies(c), S);
+  const llama::Config& cc = conv.config();
+  const Rope<float> rope_conv(llama::detail::rotary_frequencies(cc), S);
+
+  Matrix h_orig(N * S, c.hidden);
+  for (Index i = 0; i < N * S; ++i)
+    h_orig.row(i) = Eigen::Map<const Eigen::RowVectorXf>(orig.embedding() + Index(ids[size_t(i)]) * c.hidden, c.hidden);
+  Matrix h_conv = o.inputs == Inputs::converted ? h_orig : Matrix();
+
+  std::map<std::string, std::vector<float>> replaced;
+  std::vector<LayerReport> reports;
+  for (Index l = 0; l < c.layers; ++l) {
+    const auto t0 = Clock::now();
+    LayerProblem<float> prob;
+    prob.window = S;
+    prob.heads = cc.heads;
+    prob.kv_heads = cc.kv_heads;
+    prob.head_dim = cc.head_dim;
+    prob.sliding_window = cc.sliding_window;
+    prob.rope = &rope_conv;
+    const llama::Layer& Lc = conv.layer(l);
+    check((Lc.k.bias == nullptr) == (Lc.v.bias == nullptr), "unsupported", converted.string(), ": layer ", l,
+          " has a bias on only one of k_proj and v_proj (both or neither are trained)");
+    prob.wo = Lc.o.w();
+    Matrix xo, qo;
+    detail::run_layer_all(orig.layer(l), c, rope, S, h_orig, o.inputs == Inputs::original ? &xo : nullptr,
+                          o.inputs == Inputs::original ? &qo : nullptr, &prob.y, threads);
+    if (o.inputs == Inputs::original) {
+      prob.x = std::move(xo);
+      prob.q = std::move(qo);
+    } else {  // the converted model's own inputs: X and Q of h_conv (the layer's K/V do not matter for them)
+      Matrix scratch = h_conv;
+      detail::run_layer_all(Lc, cc, rope_conv, S, scratch, &prob.x, &prob.q, nullptr, threads);
+    }
+    KVWeights<float> p = detail::initial_weights(Lc);
+    LayerReport r;
+    r.layer = l;
+    r.layers = c.layers;
+    detail::train_layer(prob, p, o, l, r);
+
+    const std::string name = "model.layers." + std::to_string(l) + ".self_attn.";
+    replaced[name + "k_proj.weight"].assign(p.wk.data(), p.wk.data() + p.wk.size());
+    replaced[name + "v_proj.weight"].assign(p.wv.data(), p.wv.data() + p.wv.size());
+    if (p.has_bias()) {
+      replaced[name + "k_proj.bias"].assign(p.bk.data(), p.bk.data() + p.bk.size());
+      replaced[name + "v_proj.bias"].assign(p.bv.data(), p.bv.data() + p.bv.size());
+    }
+    if (o.inputs == Inputs::converted) {  // advance the converted stream through the uptrained layer
+      llama::Layer L = Lc;
+      L.k.weight = p.wk.data();
+      L.v.weight = p.wv.data();
+      L.k.bias = p.has_bias() ? p.bk.data() : nullptr;
+      L.v.bias = p.has_bias() ? p.bv.data() : nullptr;
+      detail::run_layer_all(L, cc, rope_conv, S, h_conv, nullptr, nullptr, nullptr, threads);
+    }
+    r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (o.on_layer) o.on_layer(r);
+    reports.push_back(r);
+  }
+  detail::write_checkpoint(converted, paths, replaced, o);
+  return reports;
+}
+
+}  // namespace uptrain

@@ -1,0 +1,353 @@
+// Tests of gqa-uptrain (examples/uptrain/distill.hpp, examples/uptrain/uptrain.hpp) on tiny random Llama
+// checkpoints (tests/support/llama_fixture.hpp: 2 layers, H = 8, G = 2, D = 16):
+//   * the K/V projection gradient (weights and biases, through o_proj, attention_backward and the RoPE transpose)
+//     against central finite differences of the layer loss, in double (tolerance 1e-6 of the largest gradient);
+//     the RoPE transpose against the adjoint identity <rope(a), b> = <a, rope^T(b)>;
+//   * pooling G = 2 -> 1 then uptraining lowers every layer's loss (by at least 30%), and the uptrained model's
+//     logits are closer to the original's than the pooled model's; the output loads in the decoder;
+//   * an exact expansion (G = 2 -> 8) is detected as exact: no layer trained, weights written back bit for bit;
+//   * the output is bitwise identical for 1, 2 and 3 threads;
+//   * refusals (typed, naming the argument), with nothing left in the output's parent directory.
+// When tests/cmake/uptrain.cmake passes GQA_UPTRAIN_EXE, the gqa-uptrain command line is run end to end too.
+#include "../examples/uptrain/uptrain.hpp"
+
+#include "gqa/checkpoint.hpp"
+#include "support/llama_fixture.hpp"
+#include "support/random.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <sys/wait.h>
+
+namespace {
+
+namespace fs = std::filesystem;
+using Catch::Matchers::Contains;
+using gqa::Index;
+using gqa_test::LlamaFixture;
+using gqa_test::TempDir;
+using uptrain::Mat;
+
+template <typename T>
+void fill(Mat<T>& m, Index rows, Index cols, gqa_test::Rng& rng, double stddev) {
+  m.resize(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = T(rng.normal(0, stddev));
+}
+
+struct GradCase {
+  const char* name;
+  Index S, hidden, H, G, D, windows, sliding;
+  bool bias;
+};
+
+/// A random double-precision layer problem with its rotary tables.
+struct RandomProblem {
+  uptrain::Rope<double> rope;
+  uptrain::LayerProblem<double> prob;
+  uptrain::KVWeights<double> p;
+
+  explicit RandomProblem(const GradCase& c, std::uint64_t seed = 7) {
+    gqa_test::Rng rng(seed);
+    std::vector<double> inv_freq(size_t(c.D / 2));
+    for (Index i = 0; i < c.D / 2; ++i) inv_freq[size_t(i)] = std::pow(10000.0, -double(2 * i) / double(c.D));
+    rope = uptrain::Rope<double>(inv_freq, c.S);
+    prob.window = c.S;
+    prob.heads = c.H;
+    prob.kv_heads = c.G;
+    prob.head_dim = c.D;
+    prob.sliding_window = c.sliding;
+    prob.rope = &rope;
+    fill(prob.x, c.windows * c.S, c.hidden, rng, 1.0);
+    fill(prob.q, c.windows * c.S, c.H * c.D, rng, 1.0);
+    fill(prob.y, c.windows * c.S, c.hidden, rng, 0.3);
+    fill(prob.wo, c.hidden, c.H * c.D, rng, 1.0 / std::sqrt(double(c.H * c.D)));
+    fill(p.wk, c.G * c.D, c.hidden, rng, 1.0 / std::sqrt(double(c.hidden)));
+    fill(p.wv, c.G * c.D, c.hidden, rng, 1.0 / std::sqrt(double(c.hidden)));
+    if (c.bias) {
+      Mat<double> b;
+      fill(b, 2, c.G * c.D, rng, 0.1);
+      p.bk = b.row(0);
+      p.bv = b.row(1);
+    }
+  }
+};
+
+TEST_CASE("the RoPE transpose is the adjoint of the rotation", "[uptrain]") {
+  gqa_test::Rng rng(3);
+  const std::vector<double> inv_freq = {1.0, 0.3, 0.05};
+  const uptrain::Rope<double> rope(inv_freq, 9);
+  Mat<double> a, b;
+  fill(a, 9, 12, rng, 1.0);  // 2 heads of D = 6
+  fill(b, 9, 12, rng, 1.0);
+  Mat<double> ra = a, rtb = b;
+  rope.apply(ra, 2);
+  rope.apply(rtb, 2, true);
+  CHECK(std::abs((ra.array() * b.array()).sum() - (a.array() * rtb.array()).sum()) < 1e-12);
+  rope.apply(ra, 2, true);  // the transpose undoes the rotation
+  CHECK((ra - a).cwiseAbs().maxCoeff() < 1e-14);
+}
+
+TEST_CASE("K/V projection gradient matches central finite differences", "[uptrain]") {
+  const GradCase cases[] = {
+      {"H:4/G:2/D:8/bias", 11, 24, 4, 2, 8, 2, 0, true},
+      {"H:4/G:1/D:8 (MQA)", 9, 20, 4, 1, 8, 3, 0, false},
+      {"H:2/G:2/D:6/window:4", 10, 16, 2, 2, 6, 1, 4, true},
+  };
+  for (const GradCase& c : cases) {
+    SECTION(c.name) {
+      RandomProblem r(c);
+      std::vector<Index> windows;
+      for (Index w = 0; w < c.windows; ++w) windows.push_back(w);
+      uptrain::KVWeights<double> g;
+      uptrain::batch_loss(r.prob, r.p, windows, &g, 2);
+      double gmax = std::max(g.wk.cwiseAbs().maxCoeff(), g.wv.cwiseAbs().maxCoeff());
+      REQUIRE(gmax > 1e-3);  // a gradient that is not all zero, so the comparison means something
+      const double h = 1e-5;
+      double worst = 0;
+      auto probe = [&](double& param, double analytic) {
+        const double saved = param;
+        param = saved + h;
+        const double up = uptrain::batch_loss(r.prob, r.p, windows, nullptr, 1);
+        param = saved - h;
+        const double down = uptrain::batch_loss(r.prob, r.p, windows, nullptr, 1);
+        param = saved;
+        worst = std::max(worst, std::abs((up - down) / (2 * h) - analytic));
+      };
+      for (Index i = 0; i < r.p.wk.size(); ++i) probe(r.p.wk.data()[i], g.wk.data()[i]);
+      for (Index i = 0; i < r.p.wv.size(); ++i) probe(r.p.wv.data()[i], g.wv.data()[i]);
+      for (Index i = 0; i < r.p.bk.size(); ++i) probe(r.p.bk.data()[i], g.bk.data()[i]);
+      for (Index i = 0; i < r.p.bv.size(); ++i) probe(r.p.bv.data()[i], g.bv.data()[i]);
+      INFO("largest |finite difference - analytic| " << worst << ", largest gradient " << gmax);
+      CHECK(worst <= 1e-6 * gmax);
+    }
+  }
+}
+
+/// Tiny original (G = 2) and a pooled or expanded conversion of it, plus calibration ids.
+struct Checkpoints {
+  TempDir dir;
+  LlamaFixture f;
+  fs::path original, converted, output, ids;
+
+  explicit Checkpoints(Index kv_heads, bool biases = false, gqa::PoolMethod method = gqa::PoolMethod::mean,
+                       Index n_ids = 64) {
+    f.biases = biases;
+    original = dir / "original";
+    converted = dir / "converted";
+    output = dir / "output";
+    ids = dir / "calibration.ids";
+    f.write(original);
+    gqa::CheckpointOptions opt;
+    opt.kv_heads = kv_heads;
+    opt.convert.method = method;
+    gqa::convert_checkpoint(original, converted, opt);
+    gqa_test::Rng rng(11);
+    std::ofstream out(ids);
+    for (Index i = 0; i < n_ids; ++i) out << rng.integer(0, f.vocab - 2) << (i % 16 == 15 ? "\n" : " ");
+  }
+
+  uptrain::Options options(int threads = 2) const {
+    uptrain::Options o;
+    o.window = 16;
+    o.batch = 2;
+    o.steps = 60;
+    o.lr = 1e-2;
+    o.threads = threads;
+    return o;
+  }
+
+  std::vector<uptrain::LayerReport> run(const uptrain::Options& o, const fs::path& out) const {
+    return uptrain::uptrain_checkpoint(original, converted, out, ids, o);
+  }
+};
+
+/// Logits of every position of `ids` through a model directory.
+llama::Matrix logits_of(const fs::path& dir, const std::vector<std::int32_t>& ids) {
+  const llama::Model m = llama::Model::load(dir);
+  llama::State<float> state(m.config(), Index(ids.size()));
+  llama::Matrix logits;
+  m.forward(gqa::span<const std::int32_t>(ids.data(), Index(ids.size())), state, &logits, true);
+  return logits;
+}
+
+TEST_CASE("pooling to G = 1 then uptraining lowers the loss of every layer", "[uptrain]") {
+  for (const bool bias : {false, true}) {
+    SECTION(bias ? "q/k/v biases (Qwen2)" : "no biases") {
+      Checkpoints c(1, bias);
+      for (const auto inputs : {uptrain::Inputs::converted, uptrain::Inputs::original}) {
+        uptrain::Options o = c.options();
+        o.inputs = inputs;
+        const auto reports = c.run(o, c.output);
+        REQUIRE(reports.size() == 2);
+        for (const auto& r : reports) {
+          INFO("layer " << r.layer << ": " << r.loss_before << " -> " << r.loss_after);
+          CHECK(!r.exact);
+          CHECK(!r.kept);
+          CHECK(r.loss_after < 0.7 * r.loss_before);
+        }
+        // The output is a G = 1 checkpoint the decoder loads, with the tokenizer copied, and its logits are closer
+        // to the original's than the pooled model's are.
+        const llama::Model m = llama::Model::load(c.output);
+        CHECK(m.config().kv_heads == 1);
+        CHECK(fs::exists(c.output / "tokenizer.json"));
+        std::vector<std::int32_t> ids = llama::read_ids(c.ids, c.f.vocab);
+        ids.resize(32);
+        const llama::Matrix base = logits_of(c.original, ids);
+        const double pooled = (logits_of(c.converted, ids) - base).squaredNorm();
+        const double uptrained = (logits_of(c.output, ids) - base).squaredNorm();
+        INFO("squared logit error: pooled " << pooled << ", uptrained " << uptrained);
+        CHECK(uptrained < 0.9 * pooled);  // measured: 0.73 to 0.87 of the pooled error
+        c.output = c.dir / (inputs == uptrain::Inputs::converted ? "output2" : "output3");
+      }
+    }
+  }
+}
+
+TEST_CASE("an exact expansion (G = H) is left exact", "[uptrain]") {
+  for (const bool bias : {false, true}) {
+    SECTION(bias ? "biases" : "no biases") {
+      Checkpoints c(8, bias);
+      const auto reports = c.run(c.options(), c.output);
+      for (const auto& r : reports) {
+        INFO("layer " << r.layer << ": relative loss " << r.loss_before / r.target_power);
+        CHECK(r.exact);
+        CHECK(r.loss_before <= 1e-10 * r.target_power);
+      }
+      // Untrained weights go back as they were read: the safetensors file is the converted one, byte for byte.
+      CHECK(gqa_test::read_bytes(c.output / "model.safetensors") == gqa_test::read_bytes(c.converted / "model.safetensors"));
+      CHECK(gqa_test::read_text(c.output / "config.json") == gqa_test::read_text(c.converted / "config.json"));
+    }
+  }
+}
+
+TEST_CASE("the output is bitwise identical for every thread count", "[uptrain]") {
+  Checkpoints c(1, true);
+  uptrain::Options o = c.options(1);
+  o.steps = 20;
+  c.run(o, c.dir / "t1");
+  const auto reference = gqa_test::read_bytes(c.dir / "t1" / "model.safetensors");
+  for (const int threads : {2, 3}) {
+    o.threads = threads;
+    const fs::path out = c.dir / ("t" + std::to_string(threads));
+    c.run(o, out);
+    INFO(threads << " threads");
+    CHECK(gqa_test::read_bytes(out / "model.safetensors") == reference);
+  }
+  // A different seed draws other mini-batches: a different result (so the comparison above can fail).
+  o.seed = 1;
+  c.run(o, c.dir / "seed1");
+  CHECK(gqa_test::read_bytes(c.dir / "seed1" / "model.safetensors") != reference);
+}
+
+/// The entries of a directory (to check that a failed run left nothing behind).
+std::vector<std::string> entries(const fs::path& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+template <typename E>
+void require_refused(const Checkpoints& c, const uptrain::Options& o, const fs::path& ids_file, const char* text,
+                     const fs::path& converted = {}) {
+  const auto before = entries(c.dir.path());
+  try {
+    uptrain::uptrain_checkpoint(c.original, converted.empty() ? c.converted : converted, c.output, ids_file, o);
+    FAIL("not refused: " << text);
+  } catch (const E& e) {
+    CHECK_THAT(e.what(), Contains(text));
+  }
+  CHECK(entries(c.dir.path()) == before);  // no output, no staging directory
+}
+
+TEST_CASE("bad input is refused with a typed error naming it, and nothing is written", "[uptrain]") {
+  Checkpoints c(1);
+  const uptrain::Options o = c.options();
+  SECTION("calibration ids outside the vocabulary") {
+    gqa_test::write_text(c.dir / "bad.ids", "1 2 3 300 4\n");
+    require_refused<gqa::invalid_argument>(c, o, c.dir / "bad.ids", "token id 300");
+  }
+  SECTION("too few calibration ids for one window") {
+    gqa_test::write_text(c.dir / "short.ids", "1 2 3 4 5\n");
+    require_refused<gqa::invalid_argument>(c, o, c.dir / "short.ids", "[gqa.uptrain.calibration]");
+  }
+  SECTION("options out of range") {
+    uptrain::Options bad = o;
+    bad.steps = 0;
+    require_refused<gqa::invalid_argument>(c, bad, c.ids, "--steps 0");
+    bad = o;
+    bad.window = 65;
+    require_refused<gqa::invalid_argument>(c, bad, c.ids, "--window 65");
+    bad = o;
+    bad.lr = -1;
+    require_refused<gqa::invalid_argument>(c, bad, c.ids, "--lr -1");
+  }
+  SECTION("architectures that differ") {
+    LlamaFixture other;
+    other.intermediate = 96;
+    other.kv_heads = 1;
+    other.write(c.dir / "other");
+    require_refused<gqa::invalid_argument>(c, o, c.ids, "intermediate_size: 80 vs 96", c.dir / "other");
+  }
+  SECTION("converted num_key_value_heads that does not divide H") {
+    LlamaFixture other;
+    other.kv_heads = 3;
+    other.write(c.dir / "g3");
+    require_refused<gqa::format_error>(c, o, c.ids, "num_key_value_heads 3", c.dir / "g3");
+  }
+  SECTION("the output is an input, or exists without --force") {
+    try {
+      uptrain::uptrain_checkpoint(c.original, c.converted, c.converted, c.ids, o);
+      FAIL("output == converted accepted");
+    } catch (const gqa::invalid_argument& e) {
+      CHECK_THAT(e.what(), Contains("[gqa.checkpoint.output_exists]"));
+    }
+    try {
+      uptrain::uptrain_checkpoint(c.original, c.converted, c.original, c.ids, o);
+      FAIL("output == original accepted");
+    } catch (const gqa::invalid_argument& e) {
+      CHECK_THAT(e.what(), Contains("[gqa.checkpoint.output_exists]"));
+    }
+    fs::create_directories(c.output);
+    gqa_test::write_text(c.output / "notes.txt", "mine\n");
+    uptrain::Options forced = o;
+    forced.force = true;
+    require_refused<gqa::invalid_argument>(c, forced, c.ids, "neither empty nor a converted checkpoint");
+    CHECK(gqa_test::read_text(c.output / "notes.txt") == "mine\n");
+  }
+}
+
+#ifdef GQA_UPTRAIN_EXE
+int run_command(const std::string& command) {
+  const int status = std::system(command.c_str());
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+TEST_CASE("gqa-uptrain command line", "[uptrain][cli]") {
+  Checkpoints c(1);
+  const std::string exe = GQA_UPTRAIN_EXE;
+  const std::string log = (c.dir / "log.txt").string();
+  const std::string args = " " + c.original.string() + " " + c.converted.string() + " " + c.output.string() +
+                           " --calibration " + c.ids.string() + " --window 16 --batch 2 --steps 10 --lr 0.01";
+  REQUIRE(run_command(exe + args + " > " + log + " 2>&1") == 0);
+  const std::string out = gqa_test::read_text(log);
+  CHECK_THAT(out, Contains("layer 1/2: loss"));
+  CHECK_THAT(out, Contains("done:"));
+  CHECK(llama::Model::load(c.output).config().kv_heads == 1);
+  CHECK(run_command(exe + args + " > " + log + " 2>&1") == 1);  // exists, no --force
+  CHECK_THAT(gqa_test::read_text(log), Contains("[gqa.checkpoint.output_exists]"));
+  CHECK(run_command(exe + args + " --force --quiet > " + log + " 2>&1") == 0);
+  CHECK(gqa_test::read_text(log).empty());
+  CHECK(run_command(exe + args + " --steps 0 > " + log + " 2>&1") == 2);
+  CHECK(run_command(exe + args + " --inputs sideways > " + log + " 2>&1") == 2);
+  CHECK(run_command(exe + " a b c > " + log + " 2>&1") == 2);  // no --calibration
+}
+#endif
+
+}  // namespace
