@@ -19,8 +19,10 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <sys/wait.h>
@@ -587,9 +589,17 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
     std::snprintf(expected, sizeof expected, "perplexity %.4f over 28 tokens",
                   llama::perplexity<float>(m, ids, 16).value());
     CHECK(last_line(r.out) == expected);
-    const Run bf = run_decoder(model + "perplexity --ids " + ids_file + " --context 16 --kv bf16");
-    CHECK(bf.status == 0);
-    CHECK_THAT(last_line(bf.out), Catch::Matchers::StartsWith("perplexity ") && Contains(" over 28 tokens"));
+    // The 16- and 8-bit caches: the library's perplexity with the same cache type, to the printed digits.
+    const std::pair<const char*, double> kvs[] = {{"bf16", llama::perplexity<gqa::bfloat16>(m, ids, 16).value()},
+                                                  {"f16", llama::perplexity<gqa::half>(m, ids, 16).value()},
+                                                  {"i8", llama::perplexity<std::int8_t>(m, ids, 16).value()}};
+    for (const auto& [kv, value] : kvs) {
+      INFO("--kv " << kv);
+      const Run q = run_decoder(model + "perplexity --ids " + ids_file + " --context 16 --kv " + kv);
+      CHECK(q.status == 0);
+      std::snprintf(expected, sizeof expected, "perplexity %.4f over 28 tokens", value);
+      CHECK(last_line(q.out) == expected);
+    }
   }
   SECTION("generate: greedy ids equal the library's argmax continuation") {
     const Run r = run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new 5 --kv bf16");
@@ -632,9 +642,9 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
     const Run tok = run_decoder(model + "generate --prompt-ids '" + (dir / "bad.txt").string() + "'");
     CHECK(tok.status == 1);
     CHECK_THAT(tok.out, Contains("[gqa.decoder.token]") && Contains("1000"));
-    const Run usage = run_decoder(model + "generate --prompt-ids " + ids_file + " --kv f16");
+    const Run usage = run_decoder(model + "generate --prompt-ids " + ids_file + " --kv f8");
     CHECK(usage.status == 2);
-    CHECK_THAT(usage.out, Contains("--kv f16") && Contains("usage:"));
+    CHECK_THAT(usage.out, Contains("--kv f8") && Contains("usage:"));
     CHECK(run_decoder(model + "perplexity").status == 2);
     CHECK(run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new 0").status == 2);
     const Run long_gen = run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new 40");
