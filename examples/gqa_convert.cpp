@@ -8,9 +8,8 @@
 // conversion failed (nothing was written), 2 bad command line. On SIGINT or SIGTERM it removes its temporary
 // directory and then dies of the signal (exit status 128 + signal in a shell).
 #include "gqa/checkpoint.hpp"
+#include "tool_cli.hpp"
 
-#include <atomic>
-#include <csignal>
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
@@ -19,8 +18,6 @@
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <signal.h>  // sigaction
 
 namespace {
 
@@ -48,31 +45,6 @@ constexpr const char* usage =
 [[noreturn]] void usage_error(const std::string& message) {
   std::cerr << "gqa-convert: " << message << "\n\n" << usage;
   std::exit(2);
-}
-
-std::optional<long long> parse_integer(const std::string& s) {
-  if (s.empty()) return std::nullopt;
-  std::size_t used = 0;
-  try {
-    const long long v = std::stoll(s, &used, 10);
-    if (used != s.size()) return std::nullopt;
-    return v;
-  } catch (const std::exception&) {
-    return std::nullopt;
-  }
-}
-
-/// 0 .. 2^64-1 in decimal; std::stoull alone would accept "-1" as 2^64-1.
-std::optional<std::uint64_t> parse_uint64(const std::string& s) {
-  if (s.empty() || s[0] < '0' || s[0] > '9') return std::nullopt;
-  std::size_t used = 0;
-  try {
-    const unsigned long long v = std::stoull(s, &used, 10);
-    if (used != s.size()) return std::nullopt;
-    return static_cast<std::uint64_t>(v);
-  } catch (const std::exception&) {
-    return std::nullopt;
-  }
 }
 
 std::string shape_pair(const gqa::ConvertedTensor& t) {
@@ -109,7 +81,7 @@ Command parse_command_line(int argc, char** argv) {
       std::cout << usage;
       std::exit(0);
     } else if (arg == "--groups") {
-      const auto g = parse_integer(value());
+      const auto g = tool_cli::parse_integer(value());
       if (!g || *g <= 0) usage_error("--groups needs a positive integer");
       c.options.kv_heads = static_cast<gqa::Index>(*g);
       c.have_groups = true;
@@ -121,14 +93,14 @@ Command parse_command_line(int argc, char** argv) {
       c.have_method = true;
     } else if (arg == "--seed") {
       const std::string text = value();
-      const auto s = parse_uint64(text);
+      const auto s = tool_cli::parse_uint64(text);
       if (!s) usage_error("--seed needs an integer in 0 .. 18446744073709551615, not '" + text + "'");
       c.options.convert.seed = *s;
       c.have_seed = true;
     } else if (arg == "--assignment") {
       std::stringstream list(value());
       for (std::string item; std::getline(list, item, ',');) {
-        const auto g = parse_integer(item);
+        const auto g = tool_cli::parse_integer(item);
         if (!g) usage_error("--assignment needs comma-separated integers, not '" + item + "'");
         c.options.convert.assignment.push_back(static_cast<gqa::Index>(*g));
       }
@@ -190,20 +162,6 @@ void print_summary(const Command& c, const gqa::CheckpointSummary& s) {
   }
 }
 
-// Set by SIGINT/SIGTERM; the conversion checks it between tensors, removes its temporary directory and throws.
-std::atomic<int> received_signal{0};
-static_assert(std::atomic<int>::is_always_lock_free, "the signal flag must be lock-free to be set in a handler");
-
-extern "C" void on_signal(int sig) { received_signal.store(sig); }
-
-void install_signal_handlers() {
-  struct sigaction sa {};
-  sa.sa_handler = on_signal;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = 0;  // no SA_RESTART: a blocked read or write returns EINTR, and the writer's loop checks the flag
-  for (int sig : {SIGINT, SIGTERM}) ::sigaction(sig, &sa, nullptr);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -216,8 +174,8 @@ int main(int argc, char** argv) {
         std::cout << (i ? ", " : " ") << short_name(p.tensors[i].name) << " " << shape_pair(p.tensors[i]);
       std::cout << std::endl;
     };
-  install_signal_handlers();
-  c.options.cancel = &received_signal;
+  tool_cli::cancel_on_signals();
+  c.options.cancel = &tool_cli::received_signal;
   try {
     const gqa::CheckpointSummary s = gqa::convert_checkpoint(c.positional[0], c.positional[1], c.options);
     if (c.have_method && !s.pooled)
@@ -228,11 +186,7 @@ int main(int argc, char** argv) {
     if (!c.quiet) print_summary(c, s);
     return 0;
   } catch (const std::exception& e) {
-    if (const int sig = received_signal.load()) {
-      std::cerr << "gqa-convert: interrupted by signal " << sig << "; nothing was written\n";
-      std::signal(sig, SIG_DFL);
-      std::raise(sig);
-    }
+    tool_cli::die_if_cancelled("gqa-convert");
     std::cerr << "gqa-convert: error: " << e.what() << "\n";
     return 1;
   }

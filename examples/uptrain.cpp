@@ -9,10 +9,9 @@
 // the target's mean square, and the time) and a summary. Exit status: 0 done, 1 failed (nothing written), 2 bad
 // command line. On SIGINT or SIGTERM it stops, removes its temporary output and dies of the signal.
 #include "uptrain/uptrain.hpp"
+#include "tool_cli.hpp"
 
-#include <atomic>
 #include <chrono>
-#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -20,8 +19,6 @@
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <signal.h>
 
 namespace {
 
@@ -51,16 +48,6 @@ constexpr const char* usage =
   std::exit(2);
 }
 
-std::optional<long long> parse_integer(const std::string& s) {
-  std::size_t used = 0;
-  try {
-    const long long v = std::stoll(s, &used, 10);
-    if (used == s.size() && !s.empty()) return v;
-  } catch (const std::exception&) {
-  }
-  return std::nullopt;
-}
-
 struct Command {
   std::vector<std::string> positional;
   std::string calibration;
@@ -78,7 +65,7 @@ Command parse_command_line(int argc, char** argv) {
     };
     auto integer = [&](long long min) {
       const std::string text = value();
-      const auto v = parse_integer(text);
+      const auto v = tool_cli::parse_integer(text);
       if (!v || *v < min) usage_error(arg + " needs an integer >= " + std::to_string(min) + ", not '" + text + "'");
       return *v;
     };
@@ -128,16 +115,6 @@ Command parse_command_line(int argc, char** argv) {
   return c;
 }
 
-std::atomic<int> received_signal{0};
-extern "C" void on_signal(int sig) { received_signal.store(sig); }
-
-void install_signal_handlers() {
-  struct sigaction sa {};
-  sa.sa_handler = on_signal;
-  sigemptyset(&sa.sa_mask);
-  for (int sig : {SIGINT, SIGTERM}) ::sigaction(sig, &sa, nullptr);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -150,8 +127,8 @@ int main(int argc, char** argv) {
                   r.seconds);
       std::fflush(stdout);
     };
-  install_signal_handlers();
-  c.options.cancel = &received_signal;
+  tool_cli::cancel_on_signals();
+  c.options.cancel = &tool_cli::received_signal;
   const auto wall0 = std::chrono::steady_clock::now();
   const std::clock_t cpu0 = std::clock();
   try {
@@ -170,11 +147,7 @@ int main(int argc, char** argv) {
     }
     return 0;
   } catch (const std::exception& e) {
-    if (const int sig = received_signal.load()) {
-      std::cerr << "gqa-uptrain: interrupted by signal " << sig << "; nothing was written\n";
-      std::signal(sig, SIG_DFL);
-      std::raise(sig);
-    }
+    tool_cli::die_if_cancelled("gqa-uptrain");
     std::cerr << "gqa-uptrain: error: " << e.what() << "\n";
     return 1;
   }
