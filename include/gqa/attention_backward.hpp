@@ -35,8 +35,6 @@
 #include "gqa/options.hpp"
 #include "gqa/types.hpp"
 
-#include <type_traits>
-
 namespace gqa {
 
 /// Gradients of attention(q, k, v, options) = out given d_out; writes d_q, d_k, d_v and, when given, d_bias.
