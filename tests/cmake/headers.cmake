@@ -26,7 +26,7 @@ foreach(header IN LISTS gqa_public_headers)
 endforeach()
 if(gqa_header_tus)
   add_library(gqa_header_check OBJECT ${gqa_header_tus})
-  target_link_libraries(gqa_header_check PRIVATE gqa::checkpoint gqa_dev_flags)
+  target_link_libraries(gqa_header_check PRIVATE gqa::checkpoint gqa_dev_flags gqa_test_code_flags)
 endif()
 
 file(GLOB gqa_detail_headers CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/include/gqa/detail/*.hpp")

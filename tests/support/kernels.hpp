@@ -4,7 +4,8 @@
 // (test_kv_cache.cpp: 34 s of CPU in Release, 8 s without it; measured on the 2-core Xeon of bench/README.md).
 // The tests listed in tests/CMakeLists.txt (GQA_TESTS_SHARING_KERNELS) get this header force-included: its
 // explicit instantiation declarations tell each TU to call the kernels, not to compile them, and
-// tests/support/kernels.cpp compiles them once, with the same flags, into the gqa_test_kernels library.
+// tests/support/kernels.cpp and kernels_backward.cpp compile them once, with the same flags, into the
+// gqa_test_kernels library.
 // A pair missing here is still compiled implicitly where it is used, so the list only affects build time.
 #pragma once
 
@@ -22,10 +23,10 @@
 #define GQA_TEST_FORWARD(DECLARE, T, KVT)                                                                       \
   DECLARE template void gqa::detail::flash_fwd<gqa::detail::AttentionParams<T, KVT>>(                           \
       const gqa::detail::AttentionParams<T, KVT>&);
-#define GQA_TEST_KERNELS(DECLARE, T, KVT)                                                                       \
-  GQA_TEST_FORWARD(DECLARE, T, KVT)                                                                             \
+#define GQA_TEST_BACKWARD(DECLARE, T, KVT)                                                                      \
   DECLARE template void gqa::detail::flash_attention_backward<gqa::detail::BackwardParams<T, KVT>>(             \
       const gqa::detail::BackwardParams<T, KVT>&);
+#define GQA_TEST_KERNELS(DECLARE, T, KVT) GQA_TEST_FORWARD(DECLARE, T, KVT) GQA_TEST_BACKWARD(DECLARE, T, KVT)
 
 #ifndef GQA_TEST_KERNELS_DEFINE
 #define GQA_TEST_EXTERN_KERNELS(T, KVT) GQA_TEST_KERNELS(extern, T, KVT)
