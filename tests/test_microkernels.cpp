@@ -114,6 +114,8 @@ TEST_CASE("score_tile: every row count in every form matches double dot products
       check_scores<gqa::bfloat16>(rows, D, 29);
       check_scores<gqa::half>(rows, D, 3);
     }
+    // Whole pairs of packets: bf16 rows are read as split pairs on AVX-512 (mk::kSplitPairs), queries packed to match.
+    for (Index D : {2 * L, 8 * L}) check_scores<gqa::bfloat16>(rows, D, 37);
   }
 }
 
@@ -145,6 +147,13 @@ TEST_CASE("accumulate_pv: every row count matches double sums, and writes only t
       for (Index n : {Index(1), Index(9), Index(70)}) check_pv<float>(M, D, n);
       check_pv<gqa::bfloat16>(M, D, 13);
     }
+}
+
+TEST_CASE("accumulate_pv: bf16 rows of whole packet pairs (split pairs on AVX-512) match double sums",
+          "[microkernels][pv]") {
+  constexpr Index L = mk::kLanes<float>;
+  for (Index M = 1; M <= mk::kMaxRows<float>; ++M)
+    for (Index D : {2 * L, 8 * L, 10 * L}) check_pv<gqa::bfloat16>(M, D, 21);
 }
 
 TEST_CASE("The softmax's exp: within 2 ulp over [-87, 0], exact zeros below -87 and at -inf, NaN kept", "[microkernels][exp]") {

@@ -36,6 +36,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace gqa {
 
 template <typename T = float>
@@ -55,6 +59,8 @@ class KVCache {
     detail::require<shape_error>(head_dim > 0, "kv_cache", "KVCache: head_dim = ", head_dim, " must be positive");
     keys_ = Tensor4<T>(batch, kv_heads, capacity, head_dim);
     values_ = Tensor4<T>(batch, kv_heads, capacity, head_dim);
+    advise_huge_pages(keys_.data(), std::size_t(keys_.size()) * sizeof(T));  // before the first touch (setZero)
+    advise_huge_pages(values_.data(), std::size_t(values_.size()) * sizeof(T));
     keys_.setZero();
     values_.setZero();
     if constexpr (kQuantized) {
@@ -177,6 +183,25 @@ class KVCache {
   }
 
  private:
+  /// Asks Linux for transparent huge pages (2 MiB) over the whole 2 MiB pages inside [p, p + bytes), before they
+  /// are first touched; elsewhere, or where THP is off ("never"), nothing. Decode streams the whole cache once per
+  /// token, and with 4 KiB pages that is a TLB miss (and a page walk) every 4 KiB. Measured on the 2-core Xeon of
+  /// bench/README.md, bf16, H = 32, G = 32, S = 16384, 1 thread, small and huge pages interleaved in one process,
+  /// medians of 5 at load ~1: decode 26.5 -> 24.8 ms per token, the stream read of the same cache 20.8 -> 18.5 ms;
+  /// at load ~7 (CPU time) G = 32 43 -> 29 ms, G = 8 14.0 -> 8.0 ms. With THP "always" the kernel does this
+  /// anyway; with "madvise" (this machine's setting) only memory advised so gets huge pages. A failed madvise only
+  /// leaves the small pages.
+  static void advise_huge_pages(void* p, std::size_t bytes) noexcept {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    constexpr std::uintptr_t kHuge = std::uintptr_t(1) << 21;
+    const std::uintptr_t lo = (reinterpret_cast<std::uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+    const std::uintptr_t hi = (reinterpret_cast<std::uintptr_t>(p) + bytes) & ~(kHuge - 1);
+    if (hi > lo) (void)::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+    (void)p, (void)bytes;
+#endif
+  }
+
   template <typename Src>
   static void store(T* dst, const Src* src, Index n) {
     using S = std::remove_const_t<Src>;

@@ -227,6 +227,58 @@ void widen_row(const Src* src, Acc* dst, Index n) {
   for (; i < n; ++i) dst[i] = widen<Acc>(src[i]);
 }
 
+// ------------------------------------------------------------------------- bf16 pairs, split even / odd
+//
+// A bf16 is the top half of a float, so on AVX-512 one 64-byte load of 32 bf16 values gives two float packets with
+// one shift and one mask: the even columns (each 32-bit word shifted left by 16) and the odd ones (the low halves
+// cleared). That is 4 vector operations per 32 values instead of 6 (two zero-extending loads, each a load and a
+// shuffle on port 5, and two shifts). The decode kernels take such pairs with their columns split (kept in that
+// order in the dot products, whose queries pack_rows packs split the same way, and interleaved back once per block
+// of output in pv_block). Measured on the 2-core Xeon of bench/README.md (AVX-512), bf16, H = 32, D = 128,
+// S = 16384, 1 thread, CPU time per token, split off/on interleaved in one process, medians of 7 (load ~7, so
+// noisy): G = 32 43.1 -> 40.5 ms (huge pages: 28.9 -> 26.7), G = 8 14.0 -> 12.6 (8.0 -> 7.6), G = 1 5.3 -> 4.1.
+
+/// Whether the decode kernels read rows of Src as split pairs of packets (bf16 into float on AVX-512).
+template <typename Acc, typename Src>
+inline constexpr bool kSplitPairs =
+#if defined(EIGEN_VECTORIZE_AVX512)
+    std::is_same_v<Acc, float> && std::is_same_v<Src, bfloat16>;
+#else
+    false;
+#endif
+
+/// Whether rows of D columns are read as split pairs: kSplitPairs, and D a whole number of packet pairs.
+template <typename Acc, typename Src>
+constexpr bool split_pairs(Index D) {
+  return kSplitPairs<Acc, Src> && D % (2 * kLanes<Acc>) == 0;
+}
+
+#if defined(EIGEN_VECTORIZE_AVX512)
+/// The 32 bf16 values at p as two float packets: even = p[0, 2, .., 30], odd = p[1, 3, .., 31].
+EIGEN_STRONG_INLINE void load_split_pair(const bfloat16* p, __m512& even, __m512& odd) {
+  const __m512i x = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u))));
+}
+
+/// The inverse of the split: dst[0, 32) += the columns of (even, odd) in their natural order.
+EIGEN_STRONG_INLINE void add_interleaved(float* dst, __m512 even, __m512 odd) {
+  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_permutex2var_ps(even, lo, odd)));
+  _mm512_storeu_ps(dst + 16, _mm512_add_ps(_mm512_loadu_ps(dst + 16), _mm512_permutex2var_ps(even, hi, odd)));
+}
+#endif
+
+/// Loads the split pair at p (kSplitPairs only; elsewhere never called).
+template <typename Acc, typename Src>
+EIGEN_STRONG_INLINE void load_pair(const Src* p, Packet<Acc>& even, Packet<Acc>& odd) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (kSplitPairs<Acc, Src>) return load_split_pair(p, even, odd);
+#endif
+  even = load<Acc>(p), odd = load<Acc>(p + kLanes<Acc>);  // unreachable: callers test kSplitPairs
+}
+
 /// Rows ahead of the one being read that the kernels prefetch. The kernels walk several K rows at once, or V rows
 /// a column block at a time, orders the hardware prefetchers follow poorly from DRAM; fetching rows this far ahead
 /// (8 KiB at D = 128, f32) keeps the stream going. Measured at H=32, D=128, S=16384, 2 threads, against a tile-wide
@@ -318,14 +370,24 @@ EIGEN_STRONG_INLINE void with_block_size(Index i, F&& f) {
 
 /// Query rows in the layout the dot kernels read: q [rows, D] (row stride D) in groups of `group` rows (the last
 /// may be smaller), each group [D / lanes][group][lanes], so the packets of one column block of all the group's rows
-/// sit at fixed offsets from one pointer. D is a multiple of the packet size.
+/// sit at fixed offsets from one pointer. D is a multiple of the packet size. `split`: each pair of column blocks
+/// holds the pair's even columns, then its odd ones (the order of load_pair; D a multiple of two packets).
 template <typename Acc>
-void pack_rows(const Acc* q, Index rows, Index D, Index group, Acc* out) {
+void pack_rows(const Acc* q, Index rows, Index D, Index group, Acc* out, bool split = false) {
   constexpr Index L = kLanes<Acc>;
   for (Index g0 = 0; g0 < rows; g0 += group) {
     const Index size = std::min(group, rows - g0);
     for (Index d = 0; d < D; d += L)
-      for (Index r = 0; r < size; ++r) std::copy_n(q + (g0 + r) * D + d, L, out + g0 * D + d * size + r * L);
+      for (Index r = 0; r < size; ++r) {
+        const Acc* src = q + (g0 + r) * D;
+        Acc* dst = out + g0 * D + d * size + r * L;
+        if (!split) {
+          std::copy_n(src + d, L, dst);
+        } else {  // block d of a pair starting at d0 holds columns d0 + 2i (+ 1 for the pair's second block)
+          const Index d0 = d / (2 * L) * (2 * L), odd = (d - d0) / L;
+          for (Index i = 0; i < L; ++i) dst[i] = src[d0 + 2 * i + odd];
+        }
+      }
   }
 }
 
@@ -339,6 +401,7 @@ void scores_dot(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st_m, Pre
   Acc* st = st_m.data;
   // Enough independent accumulators (KB * M, up to 12) to cover the FMA latency, without spilling registers.
   constexpr int KB = std::max(1, std::min(8, kAccRegisters / M));
+  const bool split = split_pairs<Acc, Src>(D);
   Index j = 0;
   auto block = [&](auto kb_const) {
     constexpr int kb = decltype(kb_const)::value;
@@ -346,12 +409,24 @@ void scores_dot(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st_m, Pre
     Packet<Acc> acc[kb][M];
     for (int a = 0; a < kb; ++a)
       for (int r = 0; r < M; ++r) acc[a][r] = pset1<Packet<Acc>>(Acc(0));
-    for (Index d = 0; d < D; d += L) {
-      Packet<Acc> kv[kb];
-      for (int a = 0; a < kb; ++a) kv[a] = load<Acc>(k + (j + a) * k_stride + d);
-      for (int r = 0; r < M; ++r) {
-        const Packet<Acc> qv = ploadu<Packet<Acc>>(qp + d * M + r * L);
-        for (int a = 0; a < kb; ++a) acc[a][r] = pmadd(kv[a], qv, acc[a][r]);
+    if (split) {
+      for (Index d = 0; d < D; d += 2 * L) {
+        Packet<Acc> ke[kb], ko[kb];
+        for (int a = 0; a < kb; ++a) load_pair<Acc>(k + (j + a) * k_stride + d, ke[a], ko[a]);
+        for (int r = 0; r < M; ++r) {
+          const Packet<Acc> qe = ploadu<Packet<Acc>>(qp + d * M + r * L);
+          const Packet<Acc> qo = ploadu<Packet<Acc>>(qp + (d + L) * M + r * L);
+          for (int a = 0; a < kb; ++a) acc[a][r] = pmadd(ko[a], qo, pmadd(ke[a], qe, acc[a][r]));
+        }
+      }
+    } else {
+      for (Index d = 0; d < D; d += L) {
+        Packet<Acc> kv[kb];
+        for (int a = 0; a < kb; ++a) kv[a] = load<Acc>(k + (j + a) * k_stride + d);
+        for (int r = 0; r < M; ++r) {
+          const Packet<Acc> qv = ploadu<Packet<Acc>>(qp + d * M + r * L);
+          for (int a = 0; a < kb; ++a) acc[a][r] = pmadd(kv[a], qv, acc[a][r]);
+        }
       }
     }
     for (int a = 0; a < kb; ++a)
@@ -385,18 +460,34 @@ void scores_dot_packed(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st
   Acc* st = st_m.data;
   constexpr int KB = L / M;
   static_assert(KB * M == L, "M must divide the packet size");
+  const bool split = split_pairs<Acc, Src>(D);
   Index j = 0;
   for (; j + KB <= n; j += KB) {
     pf.issue(KB);
     Packet<Acc> acc[KB * M];
     for (int i = 0; i < KB * M; ++i) acc[i] = pset1<Packet<Acc>>(Acc(0));
     const Src* rows = k + j * k_stride;
-    for (Index d = 0; d < D; d += L) {
-      Packet<Acc> qv[M];
-      for (int r = 0; r < M; ++r) qv[r] = ploadu<Packet<Acc>>(qp + d * M + r * L);
-      for (int a = 0; a < KB; ++a) {
-        const Packet<Acc> kv = load<Acc>(rows + a * k_stride + d);
-        for (int r = 0; r < M; ++r) acc[a * M + r] = pmadd(kv, qv[r], acc[a * M + r]);
+    if (split) {
+      for (Index d = 0; d < D; d += 2 * L) {
+        Packet<Acc> qe[M], qo[M];
+        for (int r = 0; r < M; ++r) {
+          qe[r] = ploadu<Packet<Acc>>(qp + d * M + r * L);
+          qo[r] = ploadu<Packet<Acc>>(qp + (d + L) * M + r * L);
+        }
+        for (int a = 0; a < KB; ++a) {
+          Packet<Acc> ke, ko;
+          load_pair<Acc>(rows + a * k_stride + d, ke, ko);
+          for (int r = 0; r < M; ++r) acc[a * M + r] = pmadd(ko, qo[r], pmadd(ke, qe[r], acc[a * M + r]));
+        }
+      }
+    } else {
+      for (Index d = 0; d < D; d += L) {
+        Packet<Acc> qv[M];
+        for (int r = 0; r < M; ++r) qv[r] = ploadu<Packet<Acc>>(qp + d * M + r * L);
+        for (int a = 0; a < KB; ++a) {
+          const Packet<Acc> kv = load<Acc>(rows + a * k_stride + d);
+          for (int r = 0; r < M; ++r) acc[a * M + r] = pmadd(kv, qv[r], acc[a * M + r]);
+        }
       }
     }
     pstoreu(st + j * ld_st, predux_transposed(acc));
@@ -453,14 +544,37 @@ EIGEN_STRONG_INLINE void pv_block(Strided<const Acc> pt_m, const KVRows<Src>& v_
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = pset1<Packet<Acc>>(Acc(0));
   pf.issue(n);
-  for (Index j = 0; j < n; ++j) {
-    Packet<Acc> vv[NV];
-    for (int c = 0; c < NV; ++c) vv[c] = load<Acc>(v + j * v_stride + d0 + c * L);
-    for (int r = 0; r < R; ++r) {
-      const Packet<Acc> prob = pset1<Packet<Acc>>(pt[j * ld_pt + r]);
-      for (int c = 0; c < NV; ++c) acc[r][c] = pmadd(prob, vv[c], acc[r][c]);
+  // Split pairs (packets c and c + 1 of the block, c even, hold the even and odd columns of 2 * lanes) where the
+  // block is whole pairs of a row read as pairs.
+  const bool split = NV % 2 == 0 && d0 % (2 * L) == 0 && split_pairs<Acc, Src>(v_rows.cols);
+  if (split) {
+    for (Index j = 0; j < n; ++j) {
+      Packet<Acc> vv[NV];
+      for (int c = 0; c < NV; c += 2) load_pair<Acc>(v + j * v_stride + d0 + c * L, vv[c], vv[c + 1]);
+      for (int r = 0; r < R; ++r) {
+        const Packet<Acc> prob = pset1<Packet<Acc>>(pt[j * ld_pt + r]);
+        for (int c = 0; c < NV; ++c) acc[r][c] = pmadd(prob, vv[c], acc[r][c]);
+      }
+    }
+  } else {
+    for (Index j = 0; j < n; ++j) {
+      Packet<Acc> vv[NV];
+      for (int c = 0; c < NV; ++c) vv[c] = load<Acc>(v + j * v_stride + d0 + c * L);
+      for (int r = 0; r < R; ++r) {
+        const Packet<Acc> prob = pset1<Packet<Acc>>(pt[j * ld_pt + r]);
+        for (int c = 0; c < NV; ++c) acc[r][c] = pmadd(prob, vv[c], acc[r][c]);
+      }
     }
   }
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (kSplitPairs<Acc, Src> && NV % 2 == 0) {
+    if (split) {
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < NV; c += 2) add_interleaved(out + r * ld_out + d0 + c * L, acc[r][c], acc[r][c + 1]);
+      return;
+    }
+  }
+#endif
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NV; ++c) {
       Acc* dst = out + r * ld_out + d0 + c * L;
@@ -711,7 +825,7 @@ void pack_queries(const Acc* q, Index rows, Index D, Acc* buf) {
     qt.setZero();
     qt.leftCols(rows) = Eigen::Map<const Matrix>(q, rows, D).transpose();
   } else {
-    pack_rows(q, rows, D, std::min<Index>(rows, L), buf);
+    pack_rows(q, rows, D, std::min<Index>(rows, L), buf, split_pairs<Acc, Src>(D));
   }
 }
 
