@@ -346,6 +346,9 @@ TEST_CASE("Attention on an int8 cache: the reference on its dequantised values (
   const Index Sq = GENERATE(Index(1), Index(2), Index(37));
   const int option = GENERATE(0, 1, 2, 3);  // causal; window + softcap; bias; no mask
   const Index B = 3, C = 400, H = hg.first, G = hg.second;
+  // The chunked prefill at 16 and 32 query heads would be three quarters of this test's reference work (51 s of the
+  // sanitizer stage) and takes no path that H = 9, G = 1 (333 rows per KV head: several GEMM tiles) does not.
+  if (Sq == 37 && H >= 16) return;
   DYNAMIC_SECTION("H=" << H << " G=" << G << " D=" << D << " Sq=" << Sq << " option " << option) {
     Tensor4<float> k(B, 350, G, D), v(B, 350, G, D);
     gqa_test::fill_uniform(k, 11);

@@ -208,7 +208,7 @@ EIGEN_STRONG_INLINE Packet<Acc> load(const Src* p) {
   } else {
     using SrcPacket = typename Eigen::internal::packet_traits<Src>::type;
     if constexpr (Eigen::internal::type_casting_traits<Src, Acc>::VectorizedCast &&
-                  Eigen::internal::unpacket_traits<SrcPacket>::size == kLanes<Acc>) {
+                  Eigen::internal::packet_traits<Src>::size == kLanes<Acc>) {
       return Eigen::internal::pcast<SrcPacket, Packet<Acc>>(ploadu<SrcPacket>(p));
     } else {
       EIGEN_ALIGN_MAX Acc tmp[kLanes<Acc>];
