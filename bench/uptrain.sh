@@ -4,10 +4,11 @@
 # example_decoder on the fixed eval ids (bench/eval, the project's own prose) and on the model-generated held-out
 # ids (bench/uptrain_data/heldout.ids), before and after. Prints one table row per method.
 #
-#   bench/uptrain.sh [--build DIR] [--models DIR] [--work DIR] [--steps N] [--lr LR] [--threads N] [METHOD ...]
+#   bench/uptrain.sh [--build DIR] [--models DIR] [--work DIR] [--steps N] [--lr LR] [--train T] [--target T]
+#                    [--threads N] [METHOD ...]
 #
 # Defaults: build/ (configured; builds gqa-convert, gqa-uptrain, example_decoder), /work/models, /tmp/gqa-uptrain,
-# the tool's --steps and --lr, 2 threads, methods mean first random. Calibration and held-out ids come from
+# the tool's --steps, --lr, --train and --target, 2 threads, methods mean first random. Calibration and held-out ids come from
 # bench/uptrain_calibration.py (committed under bench/uptrain_data/). Timing runs with OMP_WAIT_POLICY=passive:
 # on a shared machine, report the load (uptime) next to the wall and CPU times this prints.
 set -euo pipefail
@@ -21,6 +22,8 @@ while [ $# -gt 0 ]; do
     --work) work="$2"; shift 2 ;;
     --steps) extra+=(--steps "$2"); shift 2 ;;
     --lr) extra+=(--lr "$2"); shift 2 ;;
+    --train) extra+=(--train "$2"); shift 2 ;;
+    --target) extra+=(--target "$2"); shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
     -*) echo "uptrain.sh: unknown option $1" >&2; exit 2 ;;
     *) methods+=("$1"); shift ;;

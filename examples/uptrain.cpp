@@ -1,11 +1,12 @@
-// gqa-uptrain — recover a converted (pooled) Llama-family checkpoint by layer-wise distillation of its K and V
+// gqa-uptrain — recover a converted (pooled) Llama-family checkpoint by layer-wise distillation of its attention
 // projections against the original model (examples/uptrain/uptrain.hpp has the method, distill.hpp the math).
 //
 //   gqa-uptrain ORIGINAL_DIR CONVERTED_DIR OUTPUT_DIR --calibration IDS_FILE [--steps N] [--batch B] [--window S]
-//               [--lr LR] [--seed N] [--inputs converted|original] [--threads N] [--force] [--quiet]
+//               [--lr LR] [--seed N] [--train kv|qkvo] [--inputs converted|original] [--target output|residual]
+//               [--threads N] [--force] [--quiet]
 //
 // CONVERTED_DIR is gqa-convert's output of ORIGINAL_DIR (e.g. --groups 1); OUTPUT_DIR gets a checkpoint in the same
-// format with every layer's k_proj / v_proj trained. Prints one line per layer (loss before and after, relative to
+// format with every layer's k_proj / v_proj (and with --train qkvo, the default, q_proj / o_proj) trained. Prints one line per layer (loss before and after, relative to
 // the target's mean square, and the time) and a summary. Exit status: 0 done, 1 failed (nothing written), 2 bad
 // command line. On SIGINT or SIGTERM it stops, removes its temporary output and dies of the signal.
 #include "uptrain/uptrain.hpp"
@@ -24,21 +25,25 @@ namespace {
 
 constexpr const char* usage =
     "usage: gqa-uptrain ORIGINAL_DIR CONVERTED_DIR OUTPUT_DIR --calibration IDS_FILE [--steps N] [--batch B]\n"
-    "                   [--window S] [--lr LR] [--seed N] [--inputs converted|original] [--threads N]\n"
-    "                   [--force] [--quiet]\n"
+    "                   [--window S] [--lr LR] [--seed N] [--train kv|qkvo] [--inputs converted|original]\n"
+    "                   [--target output|residual] [--threads N] [--force] [--quiet]\n"
     "\n"
-    "Trains the K/V projections of CONVERTED_DIR (gqa-convert's output of ORIGINAL_DIR) so that each attention\n"
-    "layer's output after o_proj matches the original's on the calibration ids (MSE, Adam, seeded), and writes\n"
-    "the result to OUTPUT_DIR in gqa-convert's format.\n"
+    "Trains the attention projections of CONVERTED_DIR (gqa-convert's output of ORIGINAL_DIR) so that each\n"
+    "attention layer's output after o_proj matches the original's on the calibration ids (MSE, Adam, seeded),\n"
+    "and writes the result to OUTPUT_DIR in gqa-convert's format.\n"
     "\n"
     "  --calibration F   whitespace-separated token ids (not the evaluation text), at least one window\n"
     "  --steps N         Adam steps per layer (default 300)\n"
     "  --batch B         windows per step (default 4)\n"
     "  --window S        tokens per calibration window, positions 0..S-1 (default 512)\n"
-    "  --lr LR           peak learning rate, cosine decay to 0 (default 3e-3)\n"
+    "  --lr LR           peak learning rate, cosine decay to 0 (default 2e-3)\n"
     "  --seed N          mini-batch order seed (default 0)\n"
+    "  --train T         qkvo (default): q_proj, k_proj, v_proj and o_proj (and biases); kv: k_proj, v_proj only\n"
     "  --inputs I        converted (default): each layer's inputs come from the already-uptrained converted\n"
     "                    layers below it; original: from the original model\n"
+    "  --target T        output (default): the original layer's attention output; residual: that plus the\n"
+    "                    residual stream's drift (original - converted) at the layer's input, so each layer also\n"
+    "                    undoes the error of the layers below it (needs --inputs converted)\n"
     "  --threads N       OpenMP threads (default: OMP_NUM_THREADS, else the cores); the output does not depend on it\n"
     "  --force           replace OUTPUT_DIR if it is empty or a previous output\n"
     "  --quiet           print only errors\n";
@@ -100,6 +105,16 @@ Command parse_command_line(int argc, char** argv) {
       if (v == "converted") c.options.inputs = uptrain::Inputs::converted;
       else if (v == "original") c.options.inputs = uptrain::Inputs::original;
       else usage_error("--inputs must be converted or original, not '" + v + "'");
+    } else if (arg == "--train") {
+      const std::string v = value();
+      if (v == "kv") c.options.train = uptrain::Train::kv;
+      else if (v == "qkvo") c.options.train = uptrain::Train::qkvo;
+      else usage_error("--train must be kv or qkvo, not '" + v + "'");
+    } else if (arg == "--target") {
+      const std::string v = value();
+      if (v == "output") c.options.target = uptrain::Target::output;
+      else if (v == "residual") c.options.target = uptrain::Target::residual;
+      else usage_error("--target must be output or residual, not '" + v + "'");
     } else if (arg == "--force") {
       c.options.force = true;
     } else if (arg == "--quiet") {

@@ -1,12 +1,14 @@
 // Tests of gqa-uptrain (examples/uptrain/distill.hpp, examples/uptrain/uptrain.hpp) on tiny random Llama
 // checkpoints (tests/support/llama_fixture.hpp: 2 layers, H = 8, G = 2, D = 16):
-//   * the K/V projection gradient (weights and biases, through o_proj, attention_backward and the RoPE transpose)
-//     against central finite differences of the layer loss, in double (tolerance 1e-6 of the largest gradient);
-//     the RoPE transpose against the adjoint identity <rope(a), b> = <a, rope^T(b)>;
-//   * pooling G = 2 -> 1 then uptraining lowers every layer's loss (by at least 30%), and the uptrained model's
-//     logits are closer to the original's than the pooled model's; the output loads in the decoder;
+//   * the gradient of every trained tensor (W_k, W_v and their biases; with --train qkvo also W_q, b_q and W_o;
+//     through o_proj, attention_backward and the RoPE transpose) against central finite differences of the layer
+//     loss, in double (tolerance 1e-6 of the largest gradient); the RoPE transpose against the adjoint identity
+//     <rope(a), b> = <a, rope^T(b)>;
+//   * pooling G = 2 -> 1 then uptraining (each --train, --inputs and --target) lowers every layer's loss (by at
+//     least 30%), and the uptrained model's logits are closer to the original's than the pooled model's; the output
+//     loads in the decoder; --train kv leaves q_proj/o_proj as converted, qkvo replaces them;
 //   * an exact expansion (G = 2 -> 8) is detected as exact: no layer trained, weights written back bit for bit;
-//   * the output is bitwise identical for 1, 2 and 3 threads;
+//   * the output is bitwise identical for 1, 2 and 3 threads (both --train sets);
 //   * refusals (typed, naming the argument), with nothing left in the output's parent directory.
 // When tests/cmake/uptrain.cmake passes GQA_UPTRAIN_EXE, the gqa-uptrain command line is run end to end too.
 #include "../examples/uptrain/uptrain.hpp"
@@ -44,13 +46,14 @@ struct GradCase {
   const char* name;
   Index S, hidden, H, G, D, windows, sliding;
   bool bias;
+  bool qo;  ///< W_q, b_q and W_o trained too (--train qkvo)
 };
 
 /// A random double-precision layer problem with its rotary tables.
 struct RandomProblem {
   uptrain::Rope<double> rope;
   uptrain::LayerProblem<double> prob;
-  uptrain::KVWeights<double> p;
+  uptrain::LayerWeights<double> p;
 
   explicit RandomProblem(const GradCase& c, std::uint64_t seed = 7) {
     gqa_test::Rng rng(seed);
@@ -64,16 +67,21 @@ struct RandomProblem {
     prob.sliding_window = c.sliding;
     prob.rope = &rope;
     fill(prob.x, c.windows * c.S, c.hidden, rng, 1.0);
-    fill(prob.q, c.windows * c.S, c.H * c.D, rng, 1.0);
     fill(prob.y, c.windows * c.S, c.hidden, rng, 0.3);
-    fill(prob.wo, c.hidden, c.H * c.D, rng, 1.0 / std::sqrt(double(c.H * c.D)));
+    // Queries of unit scale either way: fixed (--train kv), or from W_q of fan-in scale (qkvo).
+    fill(c.qo ? p.wo : prob.wo, c.hidden, c.H * c.D, rng, 1.0 / std::sqrt(double(c.H * c.D)));
+    if (c.qo)
+      fill(p.wq, c.H * c.D, c.hidden, rng, 1.0 / std::sqrt(double(c.hidden)));
+    else
+      fill(prob.q, c.windows * c.S, c.H * c.D, rng, 1.0);
     fill(p.wk, c.G * c.D, c.hidden, rng, 1.0 / std::sqrt(double(c.hidden)));
     fill(p.wv, c.G * c.D, c.hidden, rng, 1.0 / std::sqrt(double(c.hidden)));
     if (c.bias) {
       Mat<double> b;
-      fill(b, 2, c.G * c.D, rng, 0.1);
-      p.bk = b.row(0);
-      p.bv = b.row(1);
+      fill(b, 3, c.H * c.D, rng, 0.1);
+      p.bk = b.row(0).head(c.G * c.D);
+      p.bv = b.row(1).head(c.G * c.D);
+      if (c.qo) p.bq = b.row(2);
     }
   }
 };
@@ -93,38 +101,58 @@ TEST_CASE("the RoPE transpose is the adjoint of the rotation", "[uptrain]") {
   CHECK((ra - a).cwiseAbs().maxCoeff() < 1e-14);
 }
 
-TEST_CASE("K/V projection gradient matches central finite differences", "[uptrain]") {
+TEST_CASE("the gradient of every trained tensor matches central finite differences", "[uptrain]") {
   const GradCase cases[] = {
-      {"H:4/G:2/D:8/bias", 11, 24, 4, 2, 8, 2, 0, true},
-      {"H:4/G:1/D:8 (MQA)", 9, 20, 4, 1, 8, 3, 0, false},
-      {"H:2/G:2/D:6/window:4", 10, 16, 2, 2, 6, 1, 4, true},
+      {"kv/H:4/G:2/D:8/bias", 11, 24, 4, 2, 8, 2, 0, true, false},
+      {"kv/H:4/G:1/D:8 (MQA)", 9, 20, 4, 1, 8, 3, 0, false, false},
+      {"kv/H:2/G:2/D:6/window:4", 10, 16, 2, 2, 6, 1, 4, true, false},
+      {"qkvo/H:4/G:2/D:8/bias", 11, 24, 4, 2, 8, 2, 0, true, true},
+      {"qkvo/H:4/G:1/D:8 (MQA)", 9, 20, 4, 1, 8, 3, 0, false, true},
+      {"qkvo/H:2/G:2/D:6/window:4/bias", 10, 16, 2, 2, 6, 1, 4, true, true},
   };
   for (const GradCase& c : cases) {
     SECTION(c.name) {
       RandomProblem r(c);
       std::vector<Index> windows;
       for (Index w = 0; w < c.windows; ++w) windows.push_back(w);
-      uptrain::KVWeights<double> g;
+      uptrain::LayerWeights<double> g;
       uptrain::batch_loss(r.prob, r.p, windows, &g, 2);
-      double gmax = std::max(g.wk.cwiseAbs().maxCoeff(), g.wv.cwiseAbs().maxCoeff());
-      REQUIRE(gmax > 1e-3);  // a gradient that is not all zero, so the comparison means something
+      // Every trained tensor has a gradient of its own shape, and no other tensor has one.
+      const auto same_shape = [](const auto& a, const auto& b) { return a.rows() == b.rows() && a.cols() == b.cols(); };
+      CHECK(same_shape(g.wq, r.p.wq));
+      CHECK(same_shape(g.wk, r.p.wk));
+      CHECK(same_shape(g.wv, r.p.wv));
+      CHECK(same_shape(g.wo, r.p.wo));
+      CHECK(same_shape(g.bq, r.p.bq));
+      CHECK(same_shape(g.bk, r.p.bk));
+      CHECK(same_shape(g.bv, r.p.bv));
+      CHECK(r.p.trains_qo() == c.qo);
       const double h = 1e-5;
-      double worst = 0;
-      auto probe = [&](double& param, double analytic) {
-        const double saved = param;
-        param = saved + h;
-        const double up = uptrain::batch_loss(r.prob, r.p, windows, nullptr, 1);
-        param = saved - h;
-        const double down = uptrain::batch_loss(r.prob, r.p, windows, nullptr, 1);
-        param = saved;
-        worst = std::max(worst, std::abs((up - down) / (2 * h) - analytic));
+      const auto check_tensor = [&](const char* name, auto& param, const auto& analytic) {
+        if (param.size() == 0) return;
+        const double gmax = analytic.cwiseAbs().maxCoeff();
+        double worst = 0;
+        for (Index i = 0; i < param.size(); ++i) {
+          double& x = param.data()[i];
+          const double saved = x;
+          x = saved + h;
+          const double up = uptrain::batch_loss(r.prob, r.p, windows, nullptr, 1);
+          x = saved - h;
+          const double down = uptrain::batch_loss(r.prob, r.p, windows, nullptr, 1);
+          x = saved;
+          worst = std::max(worst, std::abs((up - down) / (2 * h) - analytic.data()[i]));
+        }
+        INFO(name << ": largest |finite difference - analytic| " << worst << ", largest gradient " << gmax);
+        CHECK(gmax > 1e-4);  // a gradient that is not all zero, so the comparison means something
+        CHECK(worst <= 1e-6 * gmax);
       };
-      for (Index i = 0; i < r.p.wk.size(); ++i) probe(r.p.wk.data()[i], g.wk.data()[i]);
-      for (Index i = 0; i < r.p.wv.size(); ++i) probe(r.p.wv.data()[i], g.wv.data()[i]);
-      for (Index i = 0; i < r.p.bk.size(); ++i) probe(r.p.bk.data()[i], g.bk.data()[i]);
-      for (Index i = 0; i < r.p.bv.size(); ++i) probe(r.p.bv.data()[i], g.bv.data()[i]);
-      INFO("largest |finite difference - analytic| " << worst << ", largest gradient " << gmax);
-      CHECK(worst <= 1e-6 * gmax);
+      check_tensor("W_q", r.p.wq, g.wq);
+      check_tensor("W_k", r.p.wk, g.wk);
+      check_tensor("W_v", r.p.wv, g.wv);
+      check_tensor("W_o", r.p.wo, g.wo);
+      check_tensor("b_q", r.p.bq, g.bq);
+      check_tensor("b_k", r.p.bk, g.bk);
+      check_tensor("b_v", r.p.bv, g.bv);
     }
   }
 }
@@ -176,13 +204,40 @@ llama::Matrix logits_of(const fs::path& dir, const std::vector<std::int32_t>& id
   return logits;
 }
 
+/// True when layer l's tensor `name` (e.g. "q_proj") has the same weights in both model directories.
+bool same_weights(const fs::path& a, const fs::path& b, Index l, const char* name) {
+  const llama::Model ma = llama::Model::load(a), mb = llama::Model::load(b);
+  const auto pick = [name](const llama::Layer& L) -> const llama::Linear& {
+    return std::string(name) == "q_proj" ? L.q : std::string(name) == "k_proj" ? L.k : L.o;
+  };
+  return pick(ma.layer(l)).w() == pick(mb.layer(l)).w();
+}
+
 TEST_CASE("pooling to G = 1 then uptraining lowers the loss of every layer", "[uptrain]") {
+  struct Setting {
+    const char* name;
+    uptrain::Train train;
+    uptrain::Inputs inputs;
+    uptrain::Target target;
+  };
+  using uptrain::Inputs;
+  using uptrain::Target;
+  using uptrain::Train;
+  const Setting settings[] = {
+      {"kv, converted inputs", Train::kv, Inputs::converted, Target::output},
+      {"kv, original inputs", Train::kv, Inputs::original, Target::output},
+      {"qkvo, converted inputs", Train::qkvo, Inputs::converted, Target::output},
+      {"qkvo, original inputs", Train::qkvo, Inputs::original, Target::output},
+      {"qkvo, converted inputs, residual target", Train::qkvo, Inputs::converted, Target::residual},
+  };
   for (const bool bias : {false, true}) {
-    SECTION(bias ? "q/k/v biases (Qwen2)" : "no biases") {
-      Checkpoints c(1, bias);
-      for (const auto inputs : {uptrain::Inputs::converted, uptrain::Inputs::original}) {
+    for (const Setting& setting : settings) {
+      DYNAMIC_SECTION((bias ? "q/k/v biases (Qwen2), " : "no biases, ") << setting.name) {
+        Checkpoints c(1, bias);
         uptrain::Options o = c.options();
-        o.inputs = inputs;
+        o.train = setting.train;
+        o.inputs = setting.inputs;
+        o.target = setting.target;
         const auto reports = c.run(o, c.output);
         REQUIRE(reports.size() == 2);
         for (const auto& r : reports) {
@@ -202,8 +257,13 @@ TEST_CASE("pooling to G = 1 then uptraining lowers the loss of every layer", "[u
         const double pooled = (logits_of(c.converted, ids) - base).squaredNorm();
         const double uptrained = (logits_of(c.output, ids) - base).squaredNorm();
         INFO("squared logit error: pooled " << pooled << ", uptrained " << uptrained);
-        CHECK(uptrained < 0.9 * pooled);  // measured: 0.73 to 0.87 of the pooled error
-        c.output = c.dir / (inputs == uptrain::Inputs::converted ? "output2" : "output3");
+        CHECK(uptrained < 0.9 * pooled);  // measured: 0.73 to 0.87 of the pooled error with --train kv
+        // K/V are always trained; Q and O only with qkvo.
+        for (Index l = 0; l < 2; ++l) {
+          CHECK(!same_weights(c.output, c.converted, l, "k_proj"));
+          CHECK(same_weights(c.output, c.converted, l, "q_proj") == (setting.train == Train::kv));
+          CHECK(same_weights(c.output, c.converted, l, "o_proj") == (setting.train == Train::kv));
+        }
       }
     }
   }
@@ -230,6 +290,8 @@ TEST_CASE("the output is bitwise identical for every thread count", "[uptrain]")
   Checkpoints c(1, true);
   uptrain::Options o = c.options(1);
   o.steps = 20;
+  o.train = GENERATE(uptrain::Train::kv, uptrain::Train::qkvo);
+  o.target = GENERATE(uptrain::Target::output, uptrain::Target::residual);
   c.run(o, c.dir / "t1");
   const auto reference = gqa_test::read_bytes(c.dir / "t1" / "model.safetensors");
   for (const int threads : {2, 3}) {
@@ -287,6 +349,10 @@ TEST_CASE("bad input is refused with a typed error naming it, and nothing is wri
     bad = o;
     bad.lr = -1;
     require_refused<gqa::invalid_argument>(c, bad, c.ids, "--lr -1");
+    bad = o;
+    bad.target = uptrain::Target::residual;
+    bad.inputs = uptrain::Inputs::original;
+    require_refused<gqa::invalid_argument>(c, bad, c.ids, "--target residual needs --inputs converted");
   }
   SECTION("architectures that differ") {
     LlamaFixture other;
@@ -346,6 +412,17 @@ TEST_CASE("gqa-uptrain command line", "[uptrain][cli]") {
   CHECK(gqa_test::read_text(log).empty());
   CHECK(run_command(exe + args + " --steps 0 > " + log + " 2>&1") == 2);
   CHECK(run_command(exe + args + " --inputs sideways > " + log + " 2>&1") == 2);
+  CHECK(run_command(exe + args + " --train qk > " + log + " 2>&1") == 2);
+  CHECK_THAT(gqa_test::read_text(log), Contains("--train must be kv or qkvo, not 'qk'"));
+  CHECK(run_command(exe + args + " --target drift > " + log + " 2>&1") == 2);
+  CHECK_THAT(gqa_test::read_text(log), Contains("--target must be output or residual, not 'drift'"));
+  CHECK(run_command(exe + args + " --inputs original --target residual --force > " + log + " 2>&1") == 1);
+  CHECK_THAT(gqa_test::read_text(log), Contains("[gqa.uptrain.options] --target residual needs --inputs converted"));
+  // --train kv leaves q_proj as converted; the default (qkvo) trains it; --target residual is accepted.
+  REQUIRE(run_command(exe + args + " --train kv --force --quiet > " + log + " 2>&1") == 0);
+  CHECK(same_weights(c.output, c.converted, 0, "q_proj"));
+  REQUIRE(run_command(exe + args + " --target residual --force --quiet > " + log + " 2>&1") == 0);
+  CHECK(!same_weights(c.output, c.converted, 0, "q_proj"));
   CHECK(run_command(exe + " a b c > " + log + " 2>&1") == 2);  // no --calibration
 }
 #endif

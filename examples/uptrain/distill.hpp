@@ -1,21 +1,25 @@
-// examples/uptrain/distill.hpp — the math of gqa-uptrain: one attention layer's K and V projections trained so that
-// its output after o_proj matches a target (layer-wise distillation), with gqa::attention forward and
-// gqa::attention_backward for the gradient.
+// examples/uptrain/distill.hpp — the math of gqa-uptrain: one attention layer's projections (K and V, or Q, K, V and
+// O) trained so that its output after o_proj matches a target (layer-wise distillation), with gqa::attention forward
+// and gqa::attention_backward for the gradient.
 //
 // Offers (namespace uptrain):
 //   Rope<T>              Hugging Face's rotary embedding (rotate_half) for positions 0 .. S-1, and its transpose
-//   KVWeights<T>         the trainable parameters: W_k, W_v [G*D, hidden], b_k, b_v [G*D] (biases optional)
-//   LayerProblem<T>      one layer's fixed data: normed inputs X [N*S, hidden], rotated queries Q [N*S, H*D], target
-//                        Y [N*S, hidden], o_proj W_o [hidden, H*D]; N windows of S tokens, each at positions 0..S-1
-//   window_loss()        sum over one window of (out - y)^2, and optionally its gradient with respect to KVWeights
+//   LayerWeights<T>      the trainable parameters: W_k, W_v [G*D, hidden], b_k, b_v [G*D]; and, when queries and
+//                        output are trained, W_q [H*D, hidden], b_q [H*D], W_o [hidden, H*D] (biases optional)
+//   LayerProblem<T>      one layer's fixed data: normed inputs X [N*S, hidden], target Y [N*S, hidden], and when
+//                        W_q, W_o are not trained the rotated queries Q [N*S, H*D] and o_proj W_o [hidden, H*D];
+//                        N windows of S tokens, each at positions 0..S-1
+//   window_loss()        sum over one window of (out - y)^2, and optionally its gradient with respect to LayerWeights
 //   batch_loss()         mean squared error over a list of windows (threads over windows) and its gradient
-//   Adam                 the optimizer, on KVWeights
+//   Adam                 the optimizer, on LayerWeights
 //
 // Gradient path of one window (S tokens, all shapes row-major):
 //   K = rope(X W_k^T + b_k) [S, G*D], V = X W_v^T + b_v [S, G*D], A = attention(Q, K, V, causal) [S, H*D],
 //   out = A W_o^T [S, hidden], loss = sum (out - Y)^2
 //   d_out = 2 (out - Y);  d_A = d_out W_o;  (d_K, d_V) = gqa::attention_backward (d_K, d_V summed per group);
 //   d_K <- rope^T(d_K) (the rotation's transpose: the inverse rotation);  dW_k = d_K^T X, db_k = sum_rows d_K; same for V.
+//   Queries and output trained too: Q = rope(X W_q^T + b_q) is computed from the weights, d_Q <- rope^T(d_Q),
+//   dW_q = d_Q^T X, db_q = sum_rows d_Q, and dW_o = d_out^T A.
 //
 // Determinism: every window is computed on one thread (Eigen products inside an OpenMP region and gqa calls with
 // num_threads = 1 run single-threaded), its gradient goes to its own buffer, and the buffers are summed in window
@@ -82,34 +86,38 @@ class Rope {
   Mat<T> cos_, sin_;
 };
 
-/// The trainable parameters of one layer (or their gradients): W_k, W_v [G*D, hidden]; b_k, b_v [G*D] when the
-/// checkpoint has K/V biases (empty otherwise).
+/// The trainable parameters of one layer (or their gradients): W_k, W_v [G*D, hidden] always; W_q [H*D, hidden] and
+/// W_o [hidden, H*D] when queries and output are trained too (empty otherwise: the problem's fixed rotated queries
+/// and o_proj are used). Biases b_q [H*D], b_k, b_v [G*D] when the checkpoint has them (empty otherwise).
 template <typename T>
-struct KVWeights {
-  Mat<T> wk, wv;
-  RowVec<T> bk, bv;
+struct LayerWeights {
+  Mat<T> wq, wk, wv, wo;
+  RowVec<T> bq, bk, bv;
 
   bool has_bias() const { return bk.size() != 0; }
+  bool trains_qo() const { return wq.size() != 0; }
   /// Zeros of the same shapes.
-  KVWeights zeros_like() const {
-    KVWeights z;
-    z.wk = Mat<T>::Zero(wk.rows(), wk.cols());
-    z.wv = Mat<T>::Zero(wv.rows(), wv.cols());
-    z.bk = RowVec<T>::Zero(bk.size());
-    z.bv = RowVec<T>::Zero(bv.size());
+  LayerWeights zeros_like() const {
+    LayerWeights z;
+    z.for_each_with(*this, [](auto& a, const auto& b) { a.setZero(b.rows(), b.cols()); });
     return z;
   }
-  void add(const KVWeights& o) {
-    wk += o.wk;
-    wv += o.wv;
-    bk += o.bk;
-    bv += o.bv;
+  void add(const LayerWeights& o) {
+    for_each_with(o, [](auto& a, const auto& b) { a += b; });
   }
   void scale(T s) {
-    wk *= s;
-    wv *= s;
-    bk *= s;
-    bv *= s;
+    for_each_with(*this, [s](auto& a, const auto&) { a *= s; });
+  }
+  /// f(this tensor, other's tensor of the same name), over every tensor (empty ones too, which Eigen no-ops on).
+  template <typename F>
+  void for_each_with(const LayerWeights& o, F&& f) {
+    f(wq, o.wq);
+    f(wk, o.wk);
+    f(wv, o.wv);
+    f(wo, o.wo);
+    f(bq, o.bq);
+    f(bk, o.bk);
+    f(bv, o.bv);
   }
 };
 
@@ -120,9 +128,10 @@ struct LayerProblem {
   Index heads = 0, kv_heads = 0, head_dim = 0;
   Index sliding_window = 0;           ///< gqa::AttentionOptions::window (0: none)
   Mat<T> x;                           ///< [N*S, hidden] the layer's input after input_layernorm
-  Mat<T> q;                           ///< [N*S, H*D] queries, bias added and rotated
-  Mat<T> y;                           ///< [N*S, hidden] the target: the original layer's attention output after o_proj
-  Mat<T> wo;                          ///< [hidden, H*D] o_proj (o_proj's bias, if any, cancels in out - y)
+  Mat<T> q;                           ///< [N*S, H*D] queries, bias added and rotated (only when W_q is not trained)
+  Mat<T> y;                           ///< [N*S, hidden] the target (the original layer's attention output after
+                                      ///< o_proj, or that plus the residual drift: uptrain.hpp's Target)
+  Mat<T> wo;                          ///< [hidden, H*D] o_proj when not trained (its bias, if any, cancels in out - y)
   const Rope<T>* rope = nullptr;
 
   Index windows() const { return window ? x.rows() / window : 0; }
@@ -147,11 +156,17 @@ inline gqa::AttentionOptions layer_attention_options(Index sliding_window) {
 /// Sum over window w of (out - y)^2 with weights `p`; when `grad` is given, overwrites it with the gradient of that
 /// sum (same shapes as p).
 template <typename T>
-double window_loss(const LayerProblem<T>& prob, const KVWeights<T>& p, Index w,
-                   typename NoDeduce<KVWeights<T>>::type* grad = nullptr) {
+double window_loss(const LayerProblem<T>& prob, const LayerWeights<T>& p, Index w,
+                   typename NoDeduce<LayerWeights<T>>::type* grad = nullptr) {
   const Index S = prob.window, H = prob.heads, G = prob.kv_heads, D = prob.head_dim;
+  const bool qo = p.trains_qo();
   const auto X = prob.x.middleRows(w * S, S);
-  const auto Q = prob.q.middleRows(w * S, S);
+  Mat<T> Q;  // only when trained: otherwise the problem's fixed queries are read in place
+  if (qo) {
+    Q.noalias() = X * p.wq.transpose();
+    if (p.bq.size()) Q.rowwise() += p.bq;
+    prob.rope->apply(Q, H);
+  }
   Mat<T> K = X * p.wk.transpose(), V = X * p.wv.transpose();
   if (p.has_bias()) {
     K.rowwise() += p.bk;
@@ -162,15 +177,18 @@ double window_loss(const LayerProblem<T>& prob, const KVWeights<T>& p, Index w,
   std::vector<float> lse(size_t(H * S));
   gqa::AttentionOptions opt = layer_attention_options(prob.sliding_window);
   opt.lse = gqa::span<float>(lse.data(), H * S);
-  const auto q_ref = gqa::token_major<const T>(Q.data(), 1, S, H, D);
+  const T* q_data = qo ? Q.data() : prob.q.middleRows(w * S, S).data();
+  const auto q_ref = gqa::token_major<const T>(q_data, 1, S, H, D);
   const auto k_ref = gqa::token_major<const T>(K.data(), 1, S, G, D);
   const auto v_ref = gqa::token_major<const T>(V.data(), 1, S, G, D);
   gqa::attention(q_ref, k_ref, v_ref, gqa::token_major(A.data(), 1, S, H, D), opt);
-  const Mat<T> diff = A * prob.wo.transpose() - prob.y.middleRows(w * S, S);
-  const double loss = diff.template cast<double>().squaredNorm();
+  const Mat<T>& wo = qo ? p.wo : prob.wo;
+  Mat<T> d_out = A * wo.transpose() - prob.y.middleRows(w * S, S);  // out - y, then its gradient 2 (out - y)
+  const double loss = d_out.template cast<double>().squaredNorm();
   if (!grad) return loss;
 
-  const Mat<T> dA = T(2) * diff * prob.wo;  // [S, H*D]
+  d_out *= T(2);
+  const Mat<T> dA = d_out * wo;  // [S, H*D]
   Mat<T> dQ(S, H * D), dK(S, G * D), dV(S, G * D);
   gqa::attention_backward(q_ref, k_ref, v_ref, gqa::token_major<const T>(A.data(), 1, S, H, D),
                           gqa::token_major<const T>(dA.data(), 1, S, H, D), gqa::token_major(dQ.data(), 1, S, H, D),
@@ -178,12 +196,17 @@ double window_loss(const LayerProblem<T>& prob, const KVWeights<T>& p, Index w,
   prob.rope->apply(dK, G, /*inverse=*/true);
   grad->wk.noalias() = dK.transpose() * X;
   grad->wv.noalias() = dV.transpose() * X;
-  if (p.has_bias()) {
-    grad->bk = dK.colwise().sum();
-    grad->bv = dV.colwise().sum();
+  grad->bk = p.has_bias() ? RowVec<T>(dK.colwise().sum()) : RowVec<T>();
+  grad->bv = p.has_bias() ? RowVec<T>(dV.colwise().sum()) : RowVec<T>();
+  if (qo) {
+    prob.rope->apply(dQ, H, /*inverse=*/true);
+    grad->wq.noalias() = dQ.transpose() * X;
+    grad->bq = p.bq.size() ? RowVec<T>(dQ.colwise().sum()) : RowVec<T>();
+    grad->wo.noalias() = d_out.transpose() * A;
   } else {
-    grad->bk.resize(0);
-    grad->bv.resize(0);
+    grad->wq.resize(0, 0);
+    grad->wo.resize(0, 0);
+    grad->bq.resize(0);
   }
   return loss;
 }
@@ -192,11 +215,11 @@ double window_loss(const LayerProblem<T>& prob, const KVWeights<T>& p, Index w,
 /// gradient. Windows run in parallel on `threads` OpenMP threads (0: omp_get_max_threads()); the result does not
 /// depend on the thread count (see the header comment).
 template <typename T>
-double batch_loss(const LayerProblem<T>& prob, const KVWeights<T>& p, const std::vector<Index>& windows,
-                  typename NoDeduce<KVWeights<T>>::type* grad = nullptr, int threads = 0) {
+double batch_loss(const LayerProblem<T>& prob, const LayerWeights<T>& p, const std::vector<Index>& windows,
+                  typename NoDeduce<LayerWeights<T>>::type* grad = nullptr, int threads = 0) {
   const Index n = Index(windows.size());
   std::vector<double> losses(size_t(n), 0.0);
-  std::vector<KVWeights<T>> grads(grad ? size_t(n) : 0);
+  std::vector<LayerWeights<T>> grads(grad ? size_t(n) : 0);
   const int team = threads > 0 ? threads : omp_get_max_threads();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team)
   for (Index i = 0; i < n; ++i)
@@ -212,19 +235,22 @@ double batch_loss(const LayerProblem<T>& prob, const KVWeights<T>& p, const std:
   return total / count;
 }
 
-/// Adam (Kingma & Ba) with bias correction, on KVWeights.
+/// Adam (Kingma & Ba) with bias correction, on LayerWeights.
 template <typename T>
 class Adam {
  public:
-  Adam(const KVWeights<T>& shape, double beta1 = 0.9, double beta2 = 0.999, double eps = 1e-8)
+  Adam(const LayerWeights<T>& shape, double beta1 = 0.9, double beta2 = 0.999, double eps = 1e-8)
       : m_(shape.zeros_like()), v_(shape.zeros_like()), b1_(beta1), b2_(beta2), eps_(eps) {}
 
   /// One step of size lr along the gradient g.
-  void step(KVWeights<T>& p, const KVWeights<T>& g, double lr) {
+  void step(LayerWeights<T>& p, const LayerWeights<T>& g, double lr) {
     ++t_;
     const double c1 = 1 - std::pow(b1_, double(t_)), c2 = 1 - std::pow(b2_, double(t_));
+    update(p.wq, g.wq, m_.wq, v_.wq, lr, c1, c2);
     update(p.wk, g.wk, m_.wk, v_.wk, lr, c1, c2);
     update(p.wv, g.wv, m_.wv, v_.wv, lr, c1, c2);
+    update(p.wo, g.wo, m_.wo, v_.wo, lr, c1, c2);
+    update(p.bq, g.bq, m_.bq, v_.bq, lr, c1, c2);
     update(p.bk, g.bk, m_.bk, v_.bk, lr, c1, c2);
     update(p.bv, g.bv, m_.bv, v_.bv, lr, c1, c2);
   }
@@ -242,7 +268,7 @@ class Adam {
     }
   }
 
-  KVWeights<T> m_, v_;
+  LayerWeights<T> m_, v_;
   double b1_, b2_, eps_;
   long t_ = 0;
 };

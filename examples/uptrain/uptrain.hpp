@@ -2,28 +2,30 @@
 // checkpoint against the original, written as a checkpoint in gqa-convert's format.
 //
 // Offers (namespace uptrain):
-//   Options, Inputs     what to train and how (the command line's flags, examples/uptrain.cpp)
+//   Options, Train, Inputs, Target  what to train and how (the command line's flags, examples/uptrain.cpp)
 //   uptrain_checkpoint  the whole run: load, check, distill layer by layer, write; returns one LayerReport per layer
 //   check_compatible    the original and converted configs describe the same model but for num_key_value_heads
 //
 // The run, with N calibration windows of S tokens (each at positions 0 .. S-1, as example_decoder's perplexity):
 //   h_orig [N*S, hidden]: the original model's residual stream, advanced one layer at a time.
-//   For layer l: X = input_layernorm(h), Q = rope(X W_q^T + b_q), target Y = the original layer's attention output
-//   after o_proj (without o_proj's bias, which cancels). The converted layer's W_k, W_v (and biases) are trained
-//   with Adam on mini-batches of windows to minimise mean((A W_o^T - Y)^2) (uptrain/distill.hpp), with a cosine
-//   decay of the learning rate to 0 over the steps. Inputs::original takes X and Q from h_orig (every layer learns
-//   from the original's inputs, independently); Inputs::converted takes them from the converted model's own stream
-//   h_conv, advanced through the already-uptrained layers, so each layer also learns to undo the error of the
-//   earlier ones (the target is still the original's Y).
+//   For layer l: X = input_layernorm(h), target Y = the original layer's attention output after o_proj (without
+//   o_proj's bias, which cancels). The converted layer's W_k, W_v (and biases), and with Train::qkvo also W_q (and
+//   its bias) and W_o, are trained with Adam on mini-batches of windows to minimise mean((A W_o^T - Y)^2)
+//   (uptrain/distill.hpp), with a cosine decay of the learning rate to 0 over the steps. Train::kv keeps the
+//   queries Q = rope(X W_q^T + b_q) and W_o fixed. Inputs::original takes X from h_orig (every layer learns from
+//   the original's inputs, independently); Inputs::converted takes it from the converted model's own stream
+//   h_conv, advanced through the already-uptrained layers, so each layer sees the error of the earlier ones.
+//   Target::residual then asks for Y + (h_orig - h_conv) at the layer's input: the attention output that makes the
+//   converted stream after attention equal to the original's, so the layer also undoes the drift from below.
 //   A layer whose loss before training is at float rounding level (relative 1e-10: an exact expansion) is left
 //   as it is; a layer whose loss over all windows did not go down keeps its converted weights.
 //
 // Determinism: windows are threaded, each on one thread, and reduced in a fixed order (distill.hpp), so the output is
 // bitwise identical for every --threads.
 //
-// Output: the converted checkpoint with every layer's k_proj/v_proj weight (and bias) replaced, in the converted
-// tensor's dtype: the same safetensors files, tensor order, metadata and index, config.json and the other top-level
-// files copied. Written as gqa-convert writes (gqa/checkpoint.hpp: the output path rules, a staging directory moved
+// Output: the converted checkpoint with every layer's trained tensors (k_proj/v_proj weight and bias; with qkvo also
+// q_proj weight and bias and o_proj weight) replaced, in the converted tensor's dtype: the same safetensors files,
+// tensor order, metadata and index, config.json and the other top-level files copied. Written as gqa-convert writes (gqa/checkpoint.hpp: the output path rules, a staging directory moved
 // into place only when complete, removed on any failure or on cancel). Uses gqa::detail's output-directory helpers,
 // which gqa/checkpoint.hpp includes.
 //
@@ -54,16 +56,24 @@ namespace uptrain {
 using llama::Matrix;
 
 enum class Inputs { original, converted };
+/// What each layer trains: K/V projections (and biases) only, or Q, K, V and O (the paper uptrains everything; with
+/// one K/V head the queries must also adapt to the shared key).
+enum class Train { kv, qkvo };
+/// The layer's target: the original layer's attention output, or that plus the residual drift h_orig - h_conv at the
+/// layer's input, so that the converted residual stream after attention equals the original's.
+enum class Target { output, residual };
 
 struct Options {
   Index steps = 300;        ///< Adam steps per layer
   Index batch = 4;          ///< windows per step
   Index window = 512;       ///< S, tokens per calibration window
-  double lr = 3e-3;         ///< peak learning rate (cosine decay to 0); 3e-3 beat 1e-3 on SmolLM2 (50 steps)
+  double lr = 2e-3;         ///< peak learning rate (cosine decay to 0); see README "Uptraining after conversion"
   std::uint64_t seed = 0;   ///< mini-batch order
   int threads = 0;          ///< OpenMP threads (0: omp_get_max_threads())
   bool force = false;       ///< replace OUTPUT_DIR (gqa-convert's --force rules)
   Inputs inputs = Inputs::converted;
+  Train train = Train::qkvo;
+  Target target = Target::output;
   std::function<void(const struct LayerReport&)> on_layer;  ///< progress, once per layer
   const std::atomic<int>* cancel = nullptr;                 ///< nonzero: stop (a signal handler sets it)
 };
@@ -118,6 +128,8 @@ inline void check_options(const Options& o, const llama::Config& c) {
         " is not in [2, max_position_embeddings = ", c.max_positions, "]");
   check(std::isfinite(o.lr) && o.lr > 0, "options", "--lr ", o.lr, " must be a positive number");
   check(o.threads >= 0, "options", "--threads ", o.threads, " must be >= 0");
+  check(o.target == Target::output || o.inputs == Inputs::converted, "options",
+        "--target residual needs --inputs converted (with the original's inputs there is no drift to undo)");
 }
 
 namespace detail {
@@ -174,13 +186,48 @@ inline void run_layer_all(const llama::Layer& L, const llama::Config& c, const R
   }
 }
 
-inline KVWeights<float> initial_weights(const llama::Layer& L) {
-  KVWeights<float> p;
+inline LayerWeights<float> initial_weights(const llama::Layer& L, Train train) {
+  LayerWeights<float> p;
   p.wk = L.k.w();
   p.wv = L.v.w();
   if (L.k.bias) p.bk = Eigen::Map<const RowVec<float>>(L.k.bias, L.k.rows);
   if (L.v.bias) p.bv = Eigen::Map<const RowVec<float>>(L.v.bias, L.v.rows);
+  if (train == Train::qkvo) {
+    p.wq = L.q.w();
+    p.wo = L.o.w();
+    if (L.q.bias) p.bq = Eigen::Map<const RowVec<float>>(L.q.bias, L.q.rows);
+  }
   return p;
+}
+
+/// The layer with its trained tensors in place of the converted ones (pointers into p).
+inline llama::Layer with_weights(const llama::Layer& converted, const LayerWeights<float>& p) {
+  llama::Layer L = converted;
+  L.k.weight = p.wk.data();
+  L.v.weight = p.wv.data();
+  L.k.bias = p.has_bias() ? p.bk.data() : nullptr;
+  L.v.bias = p.has_bias() ? p.bv.data() : nullptr;
+  if (p.trains_qo()) {
+    L.q.weight = p.wq.data();
+    L.q.bias = p.bq.size() ? p.bq.data() : nullptr;
+    L.o.weight = p.wo.data();
+  }
+  return L;
+}
+
+/// Adds layer l's trained tensors, by checkpoint name, to `replaced`.
+inline void record_weights(Index l, const LayerWeights<float>& p, std::map<std::string, std::vector<float>>& replaced) {
+  const std::string name = "model.layers." + std::to_string(l) + ".self_attn.";
+  const auto put = [&](const std::string& tensor, const auto& m) {
+    if (m.size()) replaced[name + tensor].assign(m.data(), m.data() + m.size());
+  };
+  put("q_proj.weight", p.wq);
+  put("q_proj.bias", p.bq);
+  put("k_proj.weight", p.wk);
+  put("k_proj.bias", p.bk);
+  put("v_proj.weight", p.wv);
+  put("v_proj.bias", p.bv);
+  put("o_proj.weight", p.wo);
 }
 
 inline void check_cancel(const Options& o) {
@@ -190,7 +237,7 @@ inline void check_cancel(const Options& o) {
 }
 
 /// Trains p on `prob` (see the header comment); fills the report's losses and flags.
-inline void train_layer(const LayerProblem<float>& prob, KVWeights<float>& p, const Options& o, Index layer,
+inline void train_layer(const LayerProblem<float>& prob, LayerWeights<float>& p, const Options& o, Index layer,
                         LayerReport& r) {
   const Index N = prob.windows();
   std::vector<Index> all(static_cast<size_t>(N));
@@ -202,13 +249,13 @@ inline void train_layer(const LayerProblem<float>& prob, KVWeights<float>& p, co
     r.loss_after = r.loss_before;
     return;
   }
-  const KVWeights<float> start = p;
+  const LayerWeights<float> start = p;
   Adam<float> adam(p);
   std::mt19937_64 rng(o.seed ^ (0x9e3779b97f4a7c15ULL * std::uint64_t(layer + 1)));
   std::vector<Index> order = all;
   size_t next = order.size();  // reshuffle on first use
   const Index B = std::min(o.batch, N);
-  KVWeights<float> g;
+  LayerWeights<float> g;
   for (Index step = 0; step < o.steps; ++step) {
     check_cancel(o);
     std::vector<Index> batch;
@@ -322,6 +369,9 @@ inline std::vector<LayerReport> uptrain_checkpoint(const std::filesystem::path& 
   std::vector<LayerReport> reports;
   for (Index l = 0; l < c.layers; ++l) {
     const auto t0 = Clock::now();
+    const llama::Layer& Lc = conv.layer(l);
+    check((Lc.k.bias == nullptr) == (Lc.v.bias == nullptr), "unsupported", converted.string(), ": layer ", l,
+          " has a bias on only one of k_proj and v_proj (both or neither are trained)");
     LayerProblem<float> prob;
     prob.window = S;
     prob.heads = cc.heads;
@@ -329,41 +379,26 @@ inline std::vector<LayerReport> uptrain_checkpoint(const std::filesystem::path& 
     prob.head_dim = cc.head_dim;
     prob.sliding_window = cc.sliding_window;
     prob.rope = &rope_conv;
-    const llama::Layer& Lc = conv.layer(l);
-    check((Lc.k.bias == nullptr) == (Lc.v.bias == nullptr), "unsupported", converted.string(), ": layer ", l,
-          " has a bias on only one of k_proj and v_proj (both or neither are trained)");
-    prob.wo = Lc.o.w();
-    Matrix xo, qo;
-    detail::run_layer_all(orig.layer(l), c, rope, S, h_orig, o.inputs == Inputs::original ? &xo : nullptr,
-                          o.inputs == Inputs::original ? &qo : nullptr, &prob.y, threads);
-    if (o.inputs == Inputs::original) {
-      prob.x = std::move(xo);
-      prob.q = std::move(qo);
-    } else {  // the converted model's own inputs: X and Q of h_conv (the layer's K/V do not matter for them)
+    if (o.train == Train::kv) prob.wo = Lc.o.w();
+    Matrix* q_wanted = o.train == Train::kv ? &prob.q : nullptr;  // fixed queries only when W_q is not trained
+    Matrix drift;
+    if (o.target == Target::residual) drift = h_orig - h_conv;  // at the layer's input, before h_orig advances
+    detail::run_layer_all(orig.layer(l), c, rope, S, h_orig, o.inputs == Inputs::original ? &prob.x : nullptr,
+                          o.inputs == Inputs::original ? q_wanted : nullptr, &prob.y, threads);
+    if (o.inputs == Inputs::converted) {  // the converted model's own inputs: X (and Q) of h_conv
       Matrix scratch = h_conv;
-      detail::run_layer_all(Lc, cc, rope_conv, S, scratch, &prob.x, &prob.q, nullptr, threads);
+      detail::run_layer_all(Lc, cc, rope_conv, S, scratch, &prob.x, q_wanted, nullptr, threads);
     }
-    KVWeights<float> p = detail::initial_weights(Lc);
+    if (o.target == Target::residual) prob.y += drift;
+    drift = Matrix();
+    LayerWeights<float> p = detail::initial_weights(Lc, o.train);
     LayerReport r;
     r.layer = l;
     r.layers = c.layers;
     detail::train_layer(prob, p, o, l, r);
-
-    const std::string name = "model.layers." + std::to_string(l) + ".self_attn.";
-    replaced[name + "k_proj.weight"].assign(p.wk.data(), p.wk.data() + p.wk.size());
-    replaced[name + "v_proj.weight"].assign(p.wv.data(), p.wv.data() + p.wv.size());
-    if (p.has_bias()) {
-      replaced[name + "k_proj.bias"].assign(p.bk.data(), p.bk.data() + p.bk.size());
-      replaced[name + "v_proj.bias"].assign(p.bv.data(), p.bv.data() + p.bv.size());
-    }
-    if (o.inputs == Inputs::converted) {  // advance the converted stream through the uptrained layer
-      llama::Layer L = Lc;
-      L.k.weight = p.wk.data();
-      L.v.weight = p.wv.data();
-      L.k.bias = p.has_bias() ? p.bk.data() : nullptr;
-      L.v.bias = p.has_bias() ? p.bv.data() : nullptr;
-      detail::run_layer_all(L, cc, rope_conv, S, h_conv, nullptr, nullptr, nullptr, threads);
-    }
+    detail::record_weights(l, p, replaced);
+    if (o.inputs == Inputs::converted)  // advance the converted stream through the uptrained layer
+      detail::run_layer_all(detail::with_weights(Lc, p), cc, rope_conv, S, h_conv, nullptr, nullptr, nullptr, threads);
     r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     if (o.on_layer) o.on_layer(r);
     reports.push_back(r);
