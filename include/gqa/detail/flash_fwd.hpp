@@ -7,7 +7,8 @@
 // is O(tile), never Sq x Sk. Scores are kept transposed, S^T [keys, rows], so the softmax vectorises across rows.
 // Tile products: with few rows (decode, up to 4 SIMD packets) the register-blocked micro-kernels of
 // microkernels.hpp read K/V rows in place and widen 16-bit and int8 values in registers; with many rows (prefill)
-// Eigen's GEMM runs on maps of the caller's memory (16-bit, int8 and mixed-precision K/V widened one tile at a time).
+// the register-blocked products of tile_gemm.hpp (where tile::kUsed: AVX-512) or Eigen's GEMM run on the caller's
+// K/V rows (16-bit, int8 and mixed-precision K/V widened one tile at a time), tile_gemm.hpp packing only the queries.
 // int8 K/V (KVCache<std::int8_t>) multiply raw rows; each tile's scores are then scaled by the K rows' scales, and
 // its probabilities (after the running sum took them) by the V rows' scales (scale_tile_rows). Key tiles
 // that no row of an item can see (causal, window, key lengths) are never visited (the mask contract of masks.hpp).
@@ -33,6 +34,7 @@
 #include "gqa/detail/masks.hpp"
 #include "gqa/detail/microkernels.hpp"
 #include "gqa/detail/params.hpp"
+#include "gqa/detail/tile_gemm.hpp"
 
 #include <Eigen/Core>
 
@@ -53,19 +55,21 @@ namespace detail {
 ///  * Prefill (many rows): T rows per item (T / (H/G) queries of the group) and T keys per tile, with the largest T
 ///    in {128, 64, 32} whose working set -- Qg and O [T, D], the score block [T, T], one K and one V tile [T, D] --
 ///    takes at most 3/4 of the L2 cache Eigen detects (512 KiB L2, D = 128: T = 128, 320 KiB), so the tile
-///    products run from L2 while each GEMM is still large enough for Eigen's kernel to pay for packing.
+///    products run from L2 while each GEMM is still large enough for Eigen's kernel to pay for packing. With
+///    tile_gemm.hpp's products (nothing packed but the queries) larger tiles measured no better.
 ///  * Decode (rows <= 4 packets, D a multiple of the packet size): the micro-kernels read K/V in place, 256 keys
 ///    per tile (the score tile, at most 32 KiB, stays in L1/L2). The kernels walk a tile in chunks of keys small
 ///    enough for L1, so a longer tile only amortises the per-tile softmax and output rescaling: against 64 keys,
 ///    L2-resident, 55 -> 47 cycles per (key, row) at 1 row, 27.5 -> 25.9 at 4, 20.7 -> 20.1 at 8.
 /// Tile sizes depend on the machine's cache sizes and the shapes, never on the thread count.
 struct TilePlan {
-  Index q_tile = 1;    // queries per item
-  Index k_tile = 128;  // keys per inner step
-  Index splits = 1;    // key-range splits per (b, g, query tile)
-  Index q_tiles = 1;   // ceil(Sq / q_tile)
-  Index rows_max = 1;  // q_tile * group_size
-  bool small = false;  // register-blocked micro-kernels instead of Eigen GEMM
+  Index q_tile = 1;        // queries per item
+  Index k_tile = 128;      // keys per inner step
+  Index splits = 1;        // key-range splits per (b, g, query tile)
+  Index q_tiles = 1;       // ceil(Sq / q_tile)
+  Index rows_max = 1;      // q_tile * group_size
+  bool small = false;      // decode: the register-blocked micro-kernels instead of Eigen's GEMM
+  bool tile_gemm = false;  // prefill: tile_gemm.hpp's products instead of Eigen's GEMM
 };
 
 /// Number of (b, g, query-tile[, split]) work items below which the key range is split (flash-decoding). Fixed,
@@ -93,6 +97,7 @@ TilePlan plan_tiles(const P& p) {
     while (tile > 32 && Index(sizeof(Acc)) * (4 * tile * p.head_dim + tile * tile) > budget) tile /= 2;
     t.q_tile = std::max<Index>(1, std::min<Index>(p.q_len, tile / p.group_size));
     t.k_tile = tile;
+    t.tile_gemm = vector_d && tile::kUsed<Acc>;
   }
   t.q_tiles = p.q_len == 0 ? 0 : (p.q_len + t.q_tile - 1) / t.q_tile;
   t.rows_max = t.q_tile * p.group_size;
@@ -123,20 +128,22 @@ using RowVector = Eigen::Matrix<Acc, 1, Eigen::Dynamic>;
 /// Per-thread buffers, allocated once per call and reused by every item the thread runs.
 template <typename Acc>
 struct Workspace {
-  RowMatrix<Acc> qg;       // [rows_max, D]       the group's queries, pre-multiplied by scale
-  RowVector<Acc> q_small;  // [D * 4 packets]    qg as the micro-kernels read it (mk::pack_queries)
-  RowMatrix<Acc> out;      // [rows_max, D]       unnormalised output
-  RowMatrix<Acc> scores;   // [k_tile rounded up to 64, rows_max] S^T: a row per key, a column per query row
-  RowMatrix<Acc> k_buf;    // [k_tile, D]         widened K tile (GEMM path with 16-bit or mixed K/V)
-  RowMatrix<Acc> v_buf;    // [k_tile, D]
+  RowMatrix<Acc> qg;        // [rows_max, D]       the group's queries, pre-multiplied by scale
+  RowVector<Acc> q_small;   // [D * 4 packets]     qg as the micro-kernels read it (mk::pack_queries)
+  RowVector<Acc> q_panels;  // [rows_max + pad, D] qg as tile_gemm.hpp reads it (tile::pack_qt_panels)
+  RowMatrix<Acc> out;       // [rows_max, D]       unnormalised output
+  RowMatrix<Acc> scores;    // [k_tile rounded up to 64, rows_max] S^T: a row per key, a column per query row
+  RowMatrix<Acc> k_buf;     // [k_tile, D]         widened K tile (prefill with 16-bit, int8 or mixed K/V)
+  RowMatrix<Acc> v_buf;     // [k_tile, D]
   RowVector<Acc> row_max, row_sum, tile_max, shift, correction;  // [rows_max]
-  RowVector<Acc> pattern;  // [2 * rows_max * lanes] column reductions and shifts of the flat score view (2 periods)
+  RowVector<Acc> pattern;   // [2 * rows_max * lanes] column reductions and shifts of the flat score view (2 periods)
 
   Workspace(const TilePlan& t, Index head_dim, bool widen)
       : qg(t.rows_max, head_dim), out(t.rows_max, head_dim), scores((t.k_tile + 63) / 64 * 64, t.rows_max),
         row_max(t.rows_max), row_sum(t.rows_max), tile_max(t.rows_max), shift(t.rows_max), correction(t.rows_max),
         pattern(2 * t.rows_max * mk::kLanes<Acc>) {
     if (t.small) q_small.resize(mk::packed_queries_size<Acc>(head_dim));
+    if (t.tile_gemm) q_panels.resize(tile::qt_panels_size<Acc>(t.rows_max, head_dim));
     if (widen && !t.small) {
       k_buf.resize(t.k_tile, head_dim);
       v_buf.resize(t.k_tile, head_dim);
@@ -231,6 +238,7 @@ void load_queries(const P& p, const TilePlan& t, const ItemCoords& c, Workspace<
     ws.qg.row(r) = Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(src, D).template cast<Acc>() * scale;
   }
   if (t.small) mk::pack_queries<Acc, typename P::KVScalar>(ws.qg.data(), c.rows, D, ws.q_small.data());
+  if (t.tile_gemm) tile::pack_qt_panels(ws.qg.data(), c.rows, D, ws.q_panels.data());
   ws.out.topRows(c.rows).setZero();
   ws.row_max.head(c.rows).setConstant(-std::numeric_limits<Acc>::infinity());
   ws.row_sum.head(c.rows).setZero();
@@ -272,6 +280,9 @@ template <typename Acc, typename KVScalar>
 void tile_scores(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>& k, Workspace<Acc>& ws) {
   if (t.small) {
     mk::score_tile(ws.q_small.data(), c.rows, k, ws.scores.data());
+  } else if (t.tile_gemm) {
+    const ConstTile<Acc> kt = load_tile<Acc>(k, ws.k_buf);
+    tile::scores(ws.q_panels.data(), c.rows, kt.data(), kt.outerStride(), k.count, k.cols, ws.scores.data());
   } else {
     Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), k.count, c.rows);
     s.noalias() = load_tile<Acc>(k, ws.k_buf) * ws.qg.topRows(c.rows).transpose();
@@ -408,6 +419,11 @@ void tile_pv(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>&
   if (t.small)
     return mk::accumulate_pv(mk::Strided<const Acc>{ws.scores.data(), rows}, rows, v,
                              mk::Strided<Acc>{ws.out.data(), ws.out.cols()});
+  if (t.tile_gemm) {
+    const ConstTile<Acc> vt = load_tile<Acc>(v, ws.v_buf);
+    return tile::accumulate_pv(ws.scores.data(), rows, vt.data(), vt.outerStride(), v.count, v.cols, ws.out.data(),
+                               ws.out.cols());
+  }
   Eigen::Map<const RowMatrix<Acc>> s(ws.scores.data(), v.count, rows);
   ws.out.topRows(rows).noalias() += s.transpose() * load_tile<Acc>(v, ws.v_buf);
 }
