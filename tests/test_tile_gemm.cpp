@@ -77,7 +77,7 @@ void check_pv(Index rows, Index D, Index n) {
   for (auto& x : out) x = T(rng.normal());
   before = out;
   const auto v = strided_rows<T>(n, D, stride, std::uint64_t(3 * rows + n));
-  tile::accumulate_pv(pt.data(), rows, v.data(), stride, n, D, out.data(), ld_out);
+  tile::add_product(tile::ColMajor<T>{pt.data(), rows}, rows, v.data(), stride, n, D, out.data(), ld_out);
   Index bad = 0, touched = 0;
   for (Index r = 0; r < rows; ++r) {
     for (Index d = 0; d < D; ++d) {
@@ -106,11 +106,11 @@ TEMPLATE_TEST_CASE("tile::scores matches long double dot products", "[tile_gemm]
       for (Index D : {L, 3 * L, Index(128)}) check_scores<TestType>(rows, D, n);
 }
 
-TEMPLATE_TEST_CASE("tile::accumulate_pv adds P V to the output and nothing else", "[tile_gemm][pv]", float, double) {
+TEMPLATE_TEST_CASE("tile::add_product (ColMajor) adds P V to the output and nothing else", "[tile_gemm][pv]", float, double) {
   constexpr Index L = gqa::detail::mk::kLanes<TestType>;
-  for (Index rows : {Index(1), Index(tile::kPvRows - 1), Index(tile::kPvRows), Index(13), Index(128)})
+  for (Index rows : {Index(1), Index(tile::kProductRows - 1), Index(tile::kProductRows), Index(13), Index(128)})
     for (Index n : {Index(1), Index(7), Index(128)})
-      for (Index D : {L, Index(tile::kPvPackets + 1) * L, Index(128)}) check_pv<TestType>(rows, D, n);
+      for (Index D : {L, Index(tile::kProductPackets + 1) * L, Index(128)}) check_pv<TestType>(rows, D, n);
 }
 
 TEST_CASE("tile::pack_qt_panels zero-pads the last panel", "[tile_gemm]") {

@@ -6,8 +6,9 @@
 //   dV = P^T dO,  dK = dS^T (scale Q),  dQ = scale * dS K
 // Work items are (b, g, query chunk): an item stacks the H/G query heads of KV head g as the rows of its tiles, as
 // the forward does, so every product sums over the group at once and dK/dV come out per KV head. Keys are streamed
-// in tiles; per (query tile, key tile) block the five products run as Eigen GEMMs on L2-resident tiles, so memory
-// is O(tile) plus the gradients themselves, never Sq x Sk.
+// in tiles; per (query tile, key tile) block the five products run on L2-resident tiles, so memory is O(tile) plus
+// the gradients themselves, never Sq x Sk: S and dP as Eigen GEMMs, dV, dK and dQ as tile_gemm.hpp's add_product
+// where the forward uses it (tile::kUsed), which packs nothing (else Eigen GEMMs too).
 //
 // Determinism without atomics: an item owns dQ of its query rows outright. dK/dV of head (b, g) are accumulated by
 // the item that owns the whole query range (chunks = 1: straight into d_k/d_v when they are Acc, else into a
@@ -15,9 +16,11 @@
 // buffers (chunks x 2 x Sk x D per head, capped at kBwdMaxPartialBytes) that are summed afterwards in chunk order.
 // The chunk count depends on the shapes only, so every thread count gives bitwise identical results.
 //
-// Measured (Xeon, AVX-512, 1 thread, CPU time), causal S = 2048, H = 32, G = 8, D = 128: 128 x 128 tiles give
-// 74-92 GFLOP/s of useful flops (5 products) against the forward's 76-86, 2.3-2.6x its time; 256-row and 256-key
-// tiles and contiguous (not in-place) dK/dV accumulators measured the same within the shared machine's noise.
+// Measured (Xeon of bench/README.md, AVX-512), causal S = 2048, H = 32, G = 8, D = 128, 2 threads, 7 runs of
+// bench_backward: 2.4-2.7x the forward's time with add_product for dV, dK and dQ (2.5-3.0x with five Eigen GEMMs,
+// since the forward's own products got faster), 196-233 GFLOP/s of useful flops (5 products). Earlier, with Eigen
+// only: 256-row and 256-key tiles and contiguous (not in-place) dK/dV accumulators measured the same within the
+// shared machine's noise.
 #pragma once
 
 #include "gqa/detail/internal_header_check.hpp"
@@ -25,6 +28,7 @@
 #include "gqa/detail/flash_fwd.hpp"
 #include "gqa/detail/masks.hpp"
 #include "gqa/detail/params.hpp"
+#include "gqa/detail/tile_gemm.hpp"
 
 #include <Eigen/Core>
 
@@ -316,6 +320,16 @@ void backward_block(const P& p, Index b, Index g, Index q0, Index nq, Index len,
       Eigen::Map<Eigen::Array<float, 1, Eigen::Dynamic>>(db, n) = ds_row.template cast<float>();
     }
     if (f.softcap > 0 && e > a) ds_row.segment(a, e - a) *= ws.cap.row(r).segment(a, e - a).array();
+  }
+  if (tile::kUsed<Acc> && D % mk::kLanes<Acc> == 0) {  // the forward's prefill products (tile_gemm.hpp)
+    const Index ld = ws.s.cols();
+    tile::add_product(tile::ColMajor<Acc>{ws.s.data(), ld}, n, ws.dos.data(), D, rows, D, acc.dv + kb * acc.ld_v,
+                      acc.ld_v);
+    tile::add_product(tile::ColMajor<Acc>{ws.dp.data(), ld}, n, ws.qs.data(), D, rows, D, acc.dk + kb * acc.ld_k,
+                      acc.ld_k);
+    tile::add_product(tile::RowMajor<Acc>{ws.dp.data(), ld}, rows, k_tile.data(), k_tile.outerStride(), n, D,
+                      ws.dq.data(), D);
+    return;
   }
   OutMap(acc.dv + kb * acc.ld_v, n, D, Eigen::OuterStride<>(acc.ld_v)).noalias() += s.transpose() * dos;
   OutMap(acc.dk + kb * acc.ld_k, n, D, Eigen::OuterStride<>(acc.ld_k)).noalias() += dp.transpose() * qs;

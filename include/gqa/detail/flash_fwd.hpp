@@ -421,8 +421,8 @@ void tile_pv(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>&
                              mk::Strided<Acc>{ws.out.data(), ws.out.cols()});
   if (t.tile_gemm) {
     const ConstTile<Acc> vt = load_tile<Acc>(v, ws.v_buf);
-    return tile::accumulate_pv(ws.scores.data(), rows, vt.data(), vt.outerStride(), v.count, v.cols, ws.out.data(),
-                               ws.out.cols());
+    return tile::add_product(tile::ColMajor<Acc>{ws.scores.data(), rows}, rows, vt.data(), vt.outerStride(), v.count,
+                             v.cols, ws.out.data(), ws.out.cols());
   }
   Eigen::Map<const RowMatrix<Acc>> s(ws.scores.data(), v.count, rows);
   ws.out.topRows(rows).noalias() += s.transpose() * load_tile<Acc>(v, ws.v_buf);

@@ -1,8 +1,8 @@
 // gqa/detail/tile_gemm.hpp — register-blocked tile products for prefill (many query rows per KV head), no packing
 // of K or V.
 //
-// Prefill multiplies, per key tile of n keys and an item's R = q_tile * H/G query rows, S^T [n, R] = K Q^T and then
-// O [R, D] += P [R, n] V. A general GEMM packs both operands of every such call; at the tile shapes of prefill
+// Prefill multiplies, per key tile of n keys and an item's R = q_tile * H/G query rows, S^T [n, R] = K Q^T (scores)
+// and then O [R, D] += P [R, n] V (add_product, which also serves the backward's dV, dK and dQ). A general GEMM packs both operands of every such call; at the tile shapes of prefill
 // (n = R = D = 128) that packing took a quarter of the time (perf, causal S = 4096, H = 32, G = 8, 1 thread, the
 // 2-core Xeon of bench/README.md: Eigen's gebp kernel 62%, gemm_pack_lhs/rhs 24%). Here only Q is packed, once per
 // item (pack_qt_panels), because it is reused by every key tile; K and V rows are read in place, as the tile
@@ -36,14 +36,14 @@ using mk::kLanes;
 
 /// Vector registers of the target, as Eigen counts them.
 inline constexpr int kRegisters = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
-/// Score blocks: kScoreKeys keys x kScorePackets packets of Q^T rows; output blocks: kPvRows rows x kPvPackets
+/// Score blocks: kScoreKeys keys x kScorePackets packets of Q^T rows; output blocks: kProductRows rows x kProductPackets
 /// packets of D. 6 x 4 is 24 accumulators, 4 operand packets and a broadcast in AVX-512's 32 registers; 6 x 2 is
 /// 12 + 2 + 1 of AVX2's 16. (AVX2 code on the Xeon, 1 thread, causal S = 4096, G = 8: 4 x 3 and 4 x 2 blocks
 /// 53-56 GFLOP/s, 6 x 2 61, Eigen's GEMM 61.)
 inline constexpr int kScorePackets = kRegisters >= 32 ? 4 : 2;
 inline constexpr int kScoreKeys = 6;
-inline constexpr int kPvRows = 6;
-inline constexpr int kPvPackets = kRegisters >= 32 ? 4 : 2;
+inline constexpr int kProductRows = 6;
+inline constexpr int kProductPackets = kRegisters >= 32 ? 4 : 2;
 
 /// Whether flash_fwd's prefill uses these products for accumulators of type Acc: where they measured faster than
 /// Eigen's GEMM. AVX-512 (the Xeon of bench/README.md, causal S = 4096, H = 32, G = 8, 1 thread): 97 -> 115-117
@@ -125,24 +125,38 @@ void scores(const Acc* qt_panels, Index rows, const Acc* k, Index ks, Index n, I
   }
 }
 
-/// out(r, d0 + x) += sum_j pt(j, r) * v(j, d0 + x) for RB rows from r0 and NV packets of columns from d0, over n
-/// keys: pt [n, ld_pt] the probabilities transposed, v [n, D] (row stride vs), out row stride ld_out.
-template <int RB, int NV, typename Acc>
-EIGEN_ALWAYS_INLINE void pv_block(const Acc* pt, Index ld_pt, const Acc* v, Index vs, Index n, Acc* out,
-                                  Index ld_out) {
+/// A matrix A [rows, inner] that add_product reads one element at a time (each is broadcast): A(r, j) at
+/// data[j * ld + r] (ColMajor: the forward's probabilities S^T, key-major) or data[r * ld + j] (RowMajor).
+template <typename Acc>
+struct ColMajor {
+  const Acc* data;
+  Index ld;
+  EIGEN_ALWAYS_INLINE Acc operator()(Index r, Index j) const { return data[j * ld + r]; }
+  ColMajor rows_from(Index r0) const { return {data + r0, ld}; }
+};
+template <typename Acc>
+struct RowMajor {
+  const Acc* data;
+  Index ld;
+  EIGEN_ALWAYS_INLINE Acc operator()(Index r, Index j) const { return data[r * ld + j]; }
+  RowMajor rows_from(Index r0) const { return {data + r0 * ld, ld}; }
+};
+
+/// out(r, x) += sum_j a(r, j) * b(j, x) for RB rows and NV packets of columns, over `inner` values of j: b rows at
+/// b (row stride ldb), out row stride ld_out.
+template <int RB, int NV, typename Acc, typename A>
+EIGEN_ALWAYS_INLINE void product_block(const A& a, const Acc* b, Index ldb, Index inner, Acc* out, Index ld_out) {
   constexpr int L = kLanes<Acc>;
   using P = Packet<Acc>;
   P acc[RB][NV];
   for (int r = 0; r < RB; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = mk::pset1<P>(Acc(0));
-  for (Index j = 0; j < n; ++j) {
+  for (Index j = 0; j < inner; ++j) {
     P x[NV];
-    for (int c = 0; c < NV; ++c) {
-      x[c] = mk::ploadu<P>(v + j * vs + c * L);
-    }
+    for (int c = 0; c < NV; ++c) x[c] = mk::ploadu<P>(b + j * ldb + c * L);
     for (int r = 0; r < RB; ++r) {
-      const P p = mk::pset1<P>(pt[j * ld_pt + r]);
-      for (int c = 0; c < NV; ++c) acc[r][c] = mk::pmadd(p, x[c], acc[r][c]);
+      const P w = mk::pset1<P>(a(r, j));
+      for (int c = 0; c < NV; ++c) acc[r][c] = mk::pmadd(w, x[c], acc[r][c]);
     }
   }
   for (int r = 0; r < RB; ++r)
@@ -152,26 +166,28 @@ EIGEN_ALWAYS_INLINE void pv_block(const Acc* pt, Index ld_pt, const Acc* v, Inde
     }
 }
 
-/// Calls f(integral_constant<int, NV>, d0) over the column blocks of D: kPvPackets packets at a time, then the rest
+/// Calls f(integral_constant<int, NV>, d0) over the column blocks of D: kProductPackets packets at a time, then the rest
 /// one packet at a time.
 template <typename Acc, typename F>
 EIGEN_ALWAYS_INLINE void for_each_column_block(Index D, F&& f) {
   constexpr Index L = kLanes<Acc>;
   Index d0 = 0;
-  for (; d0 + kPvPackets * L <= D; d0 += kPvPackets * L) f(std::integral_constant<int, kPvPackets>{}, d0);
+  for (; d0 + kProductPackets * L <= D; d0 += kProductPackets * L) f(std::integral_constant<int, kProductPackets>{}, d0);
   for (; d0 < D; d0 += L) f(std::integral_constant<int, 1>{}, d0);
 }
 
-/// out [rows, D] (row stride ld_out) += P V: pt = P^T [n, rows] (row stride rows), V rows [n, D] at v (stride vs).
-template <typename Acc>
-void accumulate_pv(const Acc* pt, Index rows, const Acc* v, Index vs, Index n, Index D, Acc* out, Index ld_out) {
+/// out [rows, D] (row stride ld_out) += A B: A [rows, inner] read through `a` (ColMajor or RowMajor), B rows
+/// [inner, D] at b (row stride ldb). The forward's O += P V is a = ColMajor{S^T, rows}, B = the V tile; the backward's
+/// dV += P^T dO and dK += dS^T Q read its row-major P and dS as ColMajor, and dQ += dS K reads dS as RowMajor.
+template <typename Acc, typename A>
+void add_product(const A& a, Index rows, const Acc* b, Index ldb, Index inner, Index D, Acc* out, Index ld_out) {
   for_each_column_block<Acc>(D, [&](auto nv, Index d0) {
     constexpr int NV = decltype(nv)::value;
     Index r0 = 0;
-    for (; r0 + kPvRows <= rows; r0 += kPvRows)
-      pv_block<kPvRows, NV>(pt + r0, rows, v + d0, vs, n, out + r0 * ld_out + d0, ld_out);
-    mk::with_block_size<kPvRows - 1>(rows - r0, [&](auto rb) {
-      pv_block<decltype(rb)::value, NV>(pt + r0, rows, v + d0, vs, n, out + r0 * ld_out + d0, ld_out);
+    for (; r0 + kProductRows <= rows; r0 += kProductRows)
+      product_block<kProductRows, NV>(a.rows_from(r0), b + d0, ldb, inner, out + r0 * ld_out + d0, ld_out);
+    mk::with_block_size<kProductRows - 1>(rows - r0, [&](auto rb) {
+      product_block<decltype(rb)::value, NV>(a.rows_from(r0), b + d0, ldb, inner, out + r0 * ld_out + d0, ld_out);
     });
   });
 }
