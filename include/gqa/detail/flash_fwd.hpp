@@ -502,8 +502,11 @@ void merge_splits(const P& p, const TilePlan& t, const ItemCoords& first, const 
   }
 }
 
-/// Runs attention for validated params. Threads: OpenMP over work items, dynamic schedule with the most expensive
-/// (latest, for causal masks) query tiles handed out first.
+/// Runs attention for validated params. Threads: OpenMP over work items, dynamic schedule. The items of one (b, g,
+/// split) are handed out together, latest query tile first: consecutive items read the same K/V rows while they are
+/// still in cache, and the cheapest (earliest, for causal masks) items come last, which keeps the threads balanced.
+/// Against handing out every head's latest tile first (Xeon of bench/README.md, causal S = 4096, H = 32, G = 8, 7
+/// paired rounds): 1 thread 85 -> 102 GFLOP/s on average (6 of 7 rounds faster), 2 threads 184 -> 195.
 template <typename P>
 void flash_fwd(const P& p) {
   using Acc = typename P::Acc;
@@ -530,8 +533,8 @@ void flash_fwd(const P& p) {
     Workspace<Acc> ws(t, p.head_dim, widen);
 #pragma omp for schedule(dynamic, 1)
     for (Index item = 0; item < items; ++item) {
-      const Index qt = t.q_tiles - 1 - item / per_qt;
-      Index rest = item % per_qt;
+      const Index qt = t.q_tiles - 1 - item % t.q_tiles;
+      Index rest = item / t.q_tiles;
       const Index split = rest % t.splits;
       rest /= t.splits;
       run_item(p, t, item_coords(p, t, rest / p.kv_heads, rest % p.kv_heads, qt, split), ws, parts);
