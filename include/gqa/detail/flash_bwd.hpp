@@ -321,7 +321,7 @@ void backward_block(const P& p, Index b, Index g, Index q0, Index nq, Index len,
     }
     if (f.softcap > 0 && e > a) ds_row.segment(a, e - a) *= ws.cap.row(r).segment(a, e - a).array();
   }
-  if (tile::kUsed<Acc> && D % mk::kLanes<Acc> == 0) {  // the forward's prefill products (tile_gemm.hpp)
+  if (tile::used_for<Acc>(D)) {  // the forward's prefill products (tile_gemm.hpp)
     const Index ld = ws.s.cols();
     tile::add_product(tile::ColMajor<Acc>{ws.s.data(), ld}, n, ws.dos.data(), D, rows, D, acc.dv + kb * acc.ld_v,
                       acc.ld_v);

@@ -109,7 +109,7 @@ TilePlan plan_tiles(const P& p) {
     while (tile > 32 && Index(sizeof(Acc)) * (4 * tile * p.head_dim + tile * tile) > budget) tile /= 2;
     t.q_tile = std::max<Index>(1, std::min<Index>(p.q_len, tile / p.group_size));
     t.k_tile = tile;
-    t.tile_gemm = vector_d && tile::kUsed<Acc>;
+    t.tile_gemm = tile::used_for<Acc>(p.head_dim);
   }
   using KVScalar = typename P::KVScalar;
   constexpr bool costly_widening = std::is_same_v<KVScalar, half> || std::is_same_v<KVScalar, std::int8_t>;
@@ -183,9 +183,10 @@ ConstTile<Acc> load_tile(const mk::KVRows<KVScalar>& kv, RowMatrix<Acc>& buf) {
   }
 }
 
-/// The rows of `kv` widened into `buf` (load_tile), as rows of Acc for the micro-kernels: no prefetch past them.
+/// The rows of `kv` as rows of Acc (load_tile: the caller's rows, or widened into `buf`), for the kernels that read
+/// Acc rows; no prefetch past them.
 template <typename Acc, typename KVScalar>
-mk::KVRows<Acc> widened_rows(const mk::KVRows<KVScalar>& kv, RowMatrix<Acc>& buf) {
+mk::KVRows<Acc> acc_rows(const mk::KVRows<KVScalar>& kv, RowMatrix<Acc>& buf) {
   const ConstTile<Acc> tile = load_tile<Acc>(kv, buf);
   return {tile.data(), tile.outerStride(), kv.count, kv.cols, kv.count};
 }
@@ -259,8 +260,10 @@ void load_queries(const P& p, const TilePlan& t, const ItemCoords& c, Workspace<
     const Scalar* src = p.q + c.b * p.q_stride_b + i * p.q_stride_s + h * p.q_stride_h;
     ws.qg.row(r) = Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(src, D).template cast<Acc>() * scale;
   }
-  if (t.small && t.widen_tile) mk::pack_queries<Acc, Acc>(ws.qg.data(), c.rows, D, ws.q_small.data());
-  if (t.small && !t.widen_tile) mk::pack_queries<Acc, typename P::KVScalar>(ws.qg.data(), c.rows, D, ws.q_small.data());
+  if (t.widen_tile)  // the kernels read Acc rows (acc_rows)
+    mk::pack_queries<Acc, Acc>(ws.qg.data(), c.rows, D, ws.q_small.data());
+  else if (t.small)
+    mk::pack_queries<Acc, typename P::KVScalar>(ws.qg.data(), c.rows, D, ws.q_small.data());
   if (t.tile_gemm) tile::pack_qt_panels(ws.qg.data(), c.rows, D, ws.q_panels.data());
   ws.out.topRows(c.rows).setZero();
   ws.row_max.head(c.rows).setConstant(-std::numeric_limits<Acc>::infinity());
@@ -301,13 +304,13 @@ void scale_tile_rows(Acc* tile, Index n, Index rows, const float* scale) {
 /// S^T [n, rows] = K_tile Qg^T into ws.scores (times the rows' scales for an int8 K).
 template <typename Acc, typename KVScalar>
 void tile_scores(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>& k, Workspace<Acc>& ws) {
-  if (t.small && t.widen_tile) {
-    mk::score_tile(ws.q_small.data(), c.rows, widened_rows(k, ws.k_buf), ws.scores.data());
+  if (t.widen_tile) {  // implies t.small
+    mk::score_tile(ws.q_small.data(), c.rows, acc_rows(k, ws.k_buf), ws.scores.data());
   } else if (t.small) {
     mk::score_tile(ws.q_small.data(), c.rows, k, ws.scores.data());
   } else if (t.tile_gemm) {
-    const ConstTile<Acc> kt = load_tile<Acc>(k, ws.k_buf);
-    tile::scores(ws.q_panels.data(), c.rows, kt.data(), kt.outerStride(), k.count, k.cols, ws.scores.data());
+    const mk::KVRows<Acc> kt = acc_rows(k, ws.k_buf);
+    tile::scores(ws.q_panels.data(), c.rows, kt.data, kt.stride, kt.count, kt.cols, ws.scores.data());
   } else {
     Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), k.count, c.rows);
     s.noalias() = load_tile<Acc>(k, ws.k_buf) * ws.qg.topRows(c.rows).transpose();
@@ -441,16 +444,16 @@ void tile_pv(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>&
   const Index rows = c.rows;
   if constexpr (std::is_same_v<KVScalar, std::int8_t>) scale_tile_rows(ws.scores.data(), v.count, rows, v.scale);
   if (may_mask && !rows_finite(v)) return accumulate_pv_skipping_zeros(ws.scores.data(), rows, v, ws.out);
-  if (t.small && t.widen_tile)
-    return mk::accumulate_pv(mk::Strided<const Acc>{ws.scores.data(), rows}, rows, widened_rows(v, ws.v_buf),
+  if (t.widen_tile)  // implies t.small
+    return mk::accumulate_pv(mk::Strided<const Acc>{ws.scores.data(), rows}, rows, acc_rows(v, ws.v_buf),
                              mk::Strided<Acc>{ws.out.data(), ws.out.cols()});
   if (t.small)
     return mk::accumulate_pv(mk::Strided<const Acc>{ws.scores.data(), rows}, rows, v,
                              mk::Strided<Acc>{ws.out.data(), ws.out.cols()});
   if (t.tile_gemm) {
-    const ConstTile<Acc> vt = load_tile<Acc>(v, ws.v_buf);
-    return tile::add_product(tile::ColMajor<Acc>{ws.scores.data(), rows}, rows, vt.data(), vt.outerStride(), v.count,
-                             v.cols, ws.out.data(), ws.out.cols());
+    const mk::KVRows<Acc> vt = acc_rows(v, ws.v_buf);
+    return tile::add_product(tile::ColMajor<Acc>{ws.scores.data(), rows}, rows, vt.data, vt.stride, vt.count, vt.cols,
+                             ws.out.data(), ws.out.cols());
   }
   Eigen::Map<const RowMatrix<Acc>> s(ws.scores.data(), v.count, rows);
   ws.out.topRows(rows).noalias() += s.transpose() * load_tile<Acc>(v, ws.v_buf);

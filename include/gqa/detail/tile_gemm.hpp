@@ -50,6 +50,11 @@ inline constexpr int kProductPackets = kRegisters >= 32 ? 4 : 2;
 /// GFLOP/s. With 16 registers they only matched Eigen (above), so Eigen's GEMM stays there.
 template <typename Acc>
 inline constexpr bool kUsed = kRegisters >= 32 && (std::is_same_v<Acc, float> || std::is_same_v<Acc, double>);
+/// Whether flash_fwd and flash_bwd multiply their tiles here for head_dim D: kUsed, and D whole packets.
+template <typename Acc>
+constexpr bool used_for(Index head_dim) {
+  return kUsed<Acc> && head_dim % kLanes<Acc> == 0;
+}
 
 /// Width of one Q^T panel, in rows.
 template <typename Acc>
