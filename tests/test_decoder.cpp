@@ -562,6 +562,15 @@ Run run_decoder(const std::string& args) {
   r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return r;
 }
+/// The perplexity in a "perplexity X over N tokens" line; NaN if the line is not one.
+double printed_perplexity(const std::string& line, int tokens) {
+  double value = 0;
+  int n = 0;
+  return std::sscanf(line.c_str(), "perplexity %lf over %d tokens", &value, &n) == 2 && n == tokens ? value : NAN;
+}
+/// The printed value (%.4f) against the library's: half a unit of the last printed digit, plus 1e-6 relative for
+/// the order of the sums, which differs between the example program (-O3) and this test (-O1 test code).
+bool same_printed(double printed, double value) { return std::fabs(printed - value) <= 0.5e-4 + 1e-6 * value; }
 std::string last_line(const std::string& s) {
   const auto end = s.find_last_not_of('\n');
   const auto begin = s.rfind('\n', end);
@@ -585,20 +594,18 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
     INFO(r.out);
     REQUIRE(r.status == 0);
     const llama::Model m = llama::Model::load(dir / "model");
-    char expected[64];
-    std::snprintf(expected, sizeof expected, "perplexity %.4f over 28 tokens",
-                  llama::perplexity<float>(m, ids, 16).value());
-    CHECK(last_line(r.out) == expected);
+    const double value = llama::perplexity<float>(m, ids, 16).value();
+    CHECK(same_printed(printed_perplexity(last_line(r.out), 28), value));
     // The 16- and 8-bit caches: the library's perplexity with the same cache type, to the printed digits.
     const std::pair<const char*, double> kvs[] = {{"bf16", llama::perplexity<gqa::bfloat16>(m, ids, 16).value()},
                                                   {"f16", llama::perplexity<gqa::half>(m, ids, 16).value()},
                                                   {"i8", llama::perplexity<std::int8_t>(m, ids, 16).value()}};
-    for (const auto& [kv, value] : kvs) {
+    for (const auto& [kv, kv_value] : kvs) {
       INFO("--kv " << kv);
       const Run q = run_decoder(model + "perplexity --ids " + ids_file + " --context 16 --kv " + kv);
       CHECK(q.status == 0);
-      std::snprintf(expected, sizeof expected, "perplexity %.4f over 28 tokens", value);
-      CHECK(last_line(q.out) == expected);
+      INFO(q.out);
+      CHECK(same_printed(printed_perplexity(last_line(q.out), 28), kv_value));
     }
   }
   SECTION("generate: greedy ids equal the library's argmax continuation") {

@@ -33,7 +33,7 @@
 // name the field and the value.
 #pragma once
 
-#include <gqa/checkpoint.hpp>  // gqa::parse_model_config: the geometry exactly as gqa-convert reads it
+#include <gqa/checkpoint_plan.hpp>  // gqa::parse_model_config: the geometry exactly as gqa-convert reads it
 #include <gqa/kv_cache.hpp>
 #include <gqa/safetensors.hpp>
 

@@ -46,6 +46,8 @@
 
 #include "gqa/errors.hpp"
 #include "gqa/types.hpp"
+#define GQA_DETAIL_ALLOWED  // the detail headers below check it (gqa/detail/internal_header_check.hpp)
+#include "gqa/detail/warnings.hpp"
 
 #include <Eigen/Eigenvalues>
 
@@ -60,6 +62,7 @@
 #include <utility>
 #include <vector>
 
+GQA_DETAIL_WARNINGS_OFF
 namespace gqa {
 
 /// How a group of heads becomes one head (see the header comment). `fit` reads the whole layer, so it works only
@@ -598,7 +601,14 @@ struct AttentionWeights {
 
 namespace detail {
 
-using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+// The fit machinery below is templated on its scalar (always double) so that none of Eigen's products and
+// eigensolvers is instantiated in a translation unit that does not pool with fit: as inline non-template functions
+// they cost every TU that includes gqa/gqa.hpp ~7 s of compile time.
+template <typename Real>
+using Mat = Eigen::Matrix<Real, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <typename Real>
+using Vec = Eigen::Matrix<Real, Eigen::Dynamic, 1>;
+using MatD = Mat<double>;
 
 template <typename T>
 double to_double(T x) {
@@ -677,20 +687,23 @@ inline double balance(double target, double current) {
 }
 
 /// The layer in double: [W, b] per projection (a zero bias column where there is none), the output projection.
+template <typename Real>
 struct LayerMatrices {
-  MatD q, k, v, o;      // [H*D, d+1], [Hkv*D, d+1] (G*D in the result), same, [d, H*D]
-  Eigen::VectorXd bo;   // [d]
+  Mat<Real> q, k, v, o;      // [H*D, d+1], [Hkv*D, d+1] (G*D in the result), same, [d, H*D]
+  Vec<Real> bo;         // [d]
 };
 
 /// The context every group's fit reads.
+template <typename Real>
 struct FitContext {
-  const LayerMatrices& in;
-  LayerMatrices& out;
+  const LayerMatrices<Real>& in;
+  LayerMatrices<Real>& out;
   const InputMetric& metric;
   Index r, D;  // query heads per input KV head, head_dim
 };
 
-inline bool group_is_copy(const MatD& m, const std::vector<Index>& heads, Index D) {
+template <typename Real>
+bool group_is_copy(const Mat<Real>& m, const std::vector<Index>& heads, Index D) {
   for (Index k : heads)
     if (m.middleRows(heads[0] * D, D) != m.middleRows(k * D, D)) return false;
   return true;
@@ -698,24 +711,26 @@ inline bool group_is_copy(const MatD& m, const std::vector<Index>& heads, Index 
 
 /// A group's shared head and, per input KV head i, the D x D map carrying the shared head back to head i's
 /// readers: a query head's refitted rows are coupling[i]^T Q~_h, an output head's refitted columns O_h coupling[i].
+template <typename Real>
 struct SharedHead {
-  MatD head;
-  std::vector<MatD> coupling;
+  Mat<Real> head;
+  std::vector<Mat<Real>> coupling;
 };
 
 /// The shared head of `rows` (the group's heads stacked, [n*D, d+1]) given its Gram matrix and the per-head reader
 /// energies (D x D each), scaled to the group's mean weight energy (the function does not care; people comparing
 /// weights across methods do).
-inline SharedHead fit_shared_rows(const MatD& rows, const MatD& gram, const std::vector<MatD>& readers, Index D) {
+template <typename Real>
+SharedHead<Real> fit_shared_rows(const Mat<Real>& rows, const Mat<Real>& gram, const std::vector<Mat<Real>>& readers, Index D) {
   const Index n = static_cast<Index>(readers.size()), d = rows.cols() - 1;
-  MatD weight = MatD::Zero(n * D, n * D);
+  Mat<Real> weight = Mat<Real>::Zero(n * D, n * D);
   for (Index i = 0; i < n; ++i) weight.block(i * D, i * D, D, D) = readers[static_cast<std::size_t>(i)];
-  const MatD y = top_combinations<MatD>(gram, weight, D);
-  SharedHead out;
+  const Mat<Real> y = top_combinations<Mat<Real>>(gram, weight, D);
+  SharedHead<Real> out;
   out.head = y.transpose() * rows;
   const double scale = balance(rows.leftCols(d).squaredNorm() / double(n), out.head.leftCols(d).squaredNorm());
   out.head *= scale;
-  const MatD back = gram * y / scale;
+  const Mat<Real> back = gram * y / scale;
   for (Index i = 0; i < n; ++i) out.coupling.push_back(back.middleRows(i * D, D));
   return out;
 }
@@ -725,24 +740,25 @@ inline SharedHead fit_shared_rows(const MatD& rows, const MatD& gram, const std:
 namespace detail {
 
 /// V of group g (input KV heads `heads`) into out.v rows g*D.., refitting its query heads' output columns.
-inline void fit_values(const FitContext& c, const std::vector<Index>& heads, Index g, bool bias_in_fit) {
+template <typename Real>
+void fit_values(const FitContext<Real>& c, const std::vector<Index>& heads, Index g, bool bias_in_fit) {
   const Index D = c.D;
   if (group_is_copy(c.in.v, heads, D)) {
     c.out.v.middleRows(g * D, D) = c.in.v.middleRows(heads[0] * D, D);
     return;  // output columns stay as they are
   }
-  MatD rows(static_cast<Index>(heads.size()) * D, c.in.v.cols());
-  std::vector<MatD> readers;
+  Mat<Real> rows(static_cast<Index>(heads.size()) * D, c.in.v.cols());
+  std::vector<Mat<Real>> readers;
   for (std::size_t i = 0; i < heads.size(); ++i) {
     rows.middleRows(Index(i) * D, D) = c.in.v.middleRows(heads[i] * D, D);
-    MatD e = MatD::Zero(D, D);
+    Mat<Real> e = Mat<Real>::Zero(D, D);
     for (Index t = 0; t < c.r; ++t) {
       const auto oh = c.in.o.middleCols((heads[i] * c.r + t) * D, D);
       e += oh.transpose() * oh;
     }
     readers.push_back(e);
   }
-  const SharedHead sh = fit_shared_rows(rows, c.metric.gram(rows, bias_in_fit), readers, D);
+  const SharedHead<Real> sh = fit_shared_rows(rows, c.metric.template gram<Mat<Real>>(rows, bias_in_fit), readers, D);
   c.out.v.middleRows(g * D, D) = sh.head;
   for (std::size_t i = 0; i < heads.size(); ++i)
     for (Index t = 0; t < c.r; ++t) {
@@ -752,22 +768,24 @@ inline void fit_values(const FitContext& c, const std::vector<Index>& heads, Ind
 }
 
 /// Query energy Q~_h S Q~_h^T (D x D) of the query heads reading input KV head k.
-inline MatD query_energy(const FitContext& c, Index k) {
-  MatD e = MatD::Zero(c.D, c.D);
-  for (Index t = 0; t < c.r; ++t) e += c.metric.gram<MatD>(c.in.q.middleRows((k * c.r + t) * c.D, c.D), true);
+template <typename Real>
+Mat<Real> query_energy(const FitContext<Real>& c, Index k) {
+  Mat<Real> e = Mat<Real>::Zero(c.D, c.D);
+  for (Index t = 0; t < c.r; ++t) e += c.metric.template gram<Mat<Real>>(c.in.q.middleRows((k * c.r + t) * c.D, c.D), true);
   return e;
 }
 
 /// K of group g without rotary embedding, refitting its query heads' rows (a key bias cannot matter: left out).
-inline void fit_keys(const FitContext& c, const std::vector<Index>& heads, Index g) {
+template <typename Real>
+void fit_keys(const FitContext<Real>& c, const std::vector<Index>& heads, Index g) {
   const Index D = c.D;
-  MatD rows(static_cast<Index>(heads.size()) * D, c.in.k.cols());
-  std::vector<MatD> readers;
+  Mat<Real> rows(static_cast<Index>(heads.size()) * D, c.in.k.cols());
+  std::vector<Mat<Real>> readers;
   for (std::size_t i = 0; i < heads.size(); ++i) {
     rows.middleRows(Index(i) * D, D) = c.in.k.middleRows(heads[i] * D, D);
     readers.push_back(query_energy(c, heads[i]));
   }
-  const SharedHead sh = fit_shared_rows(rows, c.metric.gram(rows, false), readers, D);
+  const SharedHead<Real> sh = fit_shared_rows(rows, c.metric.template gram<Mat<Real>>(rows, false), readers, D);
   c.out.k.middleRows(g * D, D) = sh.head;
   for (std::size_t i = 0; i < heads.size(); ++i)
     for (Index t = 0; t < c.r; ++t) {
@@ -784,9 +802,10 @@ inline std::pair<Index, Index> rotary_rows(RotaryPairs pairs, Index p, Index D) 
 
 /// Rotary pair p of the head starting at row `first` of m: its two rows [2, d+1], the real and imaginary parts of
 /// one complex row.
-inline MatD pair_rows(const MatD& m, Index first, Index p, Index D, RotaryPairs pairs) {
+template <typename Real>
+Mat<Real> pair_rows(const Mat<Real>& m, Index first, Index p, Index D, RotaryPairs pairs) {
   const auto [re, im] = rotary_rows(pairs, p, D);
-  MatD z(2, m.cols());
+  Mat<Real> z(2, m.cols());
   z.row(0) = m.row(first + re);
   z.row(1) = m.row(first + im);
   return z;
@@ -796,35 +815,36 @@ inline MatD pair_rows(const MatD& m, Index first, Index p, Index D, RotaryPairs 
 /// the heads' pairs (a scale and rotation per head commute with RoPE), and each query pair is refitted to it. The
 /// key bias rotates too, so it counts like any feature. The n x n Hermitian problem (gram = A + iB) is solved in its
 /// real form [[A, -B], [B, A]] on [Re u; Im u], where products of Hermitian matrices stay products.
-inline void fit_rotary_keys(const FitContext& c, const std::vector<Index>& heads, Index g, RotaryPairs pairs) {
+template <typename Real>
+void fit_rotary_keys(const FitContext<Real>& c, const std::vector<Index>& heads, Index g, RotaryPairs pairs) {
   const Index n = static_cast<Index>(heads.size()), D = c.D, d = c.in.k.cols() - 1;
   for (Index p = 0; p < D / 2; ++p) {
-    MatD rows(2 * n, d + 1);  // real parts of the n heads' pairs, then imaginary parts
-    MatD weight = MatD::Zero(2 * n, 2 * n);
+    Mat<Real> rows(2 * n, d + 1);  // real parts of the n heads' pairs, then imaginary parts
+    Mat<Real> weight = Mat<Real>::Zero(2 * n, 2 * n);
     double target = 0;
     for (Index i = 0; i < n; ++i) {
       const Index k = heads[static_cast<std::size_t>(i)];
-      const MatD z = pair_rows(c.in.k, k * D, p, D, pairs);
+      const Mat<Real> z = pair_rows(c.in.k, k * D, p, D, pairs);
       rows.row(i) = z.row(0);
       rows.row(n + i) = z.row(1);
       target += z.leftCols(d).squaredNorm() / double(n);
-      for (Index t = 0; t < c.r; ++t) weight(i, i) += c.metric.gram(pair_rows(c.in.q, (k * c.r + t) * D, p, D, pairs), true).trace();
+      for (Index t = 0; t < c.r; ++t) weight(i, i) += c.metric.template gram<Mat<Real>>(pair_rows(c.in.q, (k * c.r + t) * D, p, D, pairs), true).trace();
       weight(n + i, n + i) = weight(i, i);
     }
-    const MatD g2 = c.metric.gram(rows, true);  // [[P, Q], [Q^T, T]]: A = P + T, B = Q^T - Q
-    const MatD a = g2.topLeftCorner(n, n) + g2.bottomRightCorner(n, n);
-    const MatD b = g2.bottomLeftCorner(n, n) - g2.topRightCorner(n, n);
-    MatD gram(2 * n, 2 * n);
+    const Mat<Real> g2 = c.metric.template gram<Mat<Real>>(rows, true);  // [[P, Q], [Q^T, T]]: A = P + T, B = Q^T - Q
+    const Mat<Real> a = g2.topLeftCorner(n, n) + g2.bottomRightCorner(n, n);
+    const Mat<Real> b = g2.bottomLeftCorner(n, n) - g2.topRightCorner(n, n);
+    Mat<Real> gram(2 * n, 2 * n);
     gram << a, -b, b, a;
-    const MatD u = top_combinations<MatD>(gram, weight, 1);  // [x; y], u = x + iy
+    const Mat<Real> u = top_combinations<Mat<Real>>(gram, weight, 1);  // [x; y], u = x + iy
     const auto x = u.topRows(n), y = u.bottomRows(n);
     // shared = u^H rows = (x^T Re + y^T Im) + i (x^T Im - y^T Re)
-    MatD shared(2, d + 1);
+    Mat<Real> shared(2, d + 1);
     shared.row(0) = x.transpose() * rows.topRows(n) + y.transpose() * rows.bottomRows(n);
     shared.row(1) = x.transpose() * rows.bottomRows(n) - y.transpose() * rows.topRows(n);
     const double scale = balance(target, shared.leftCols(d).squaredNorm());
     shared *= scale;
-    const MatD coupling = gram * u / scale;  // [Re; Im] of gram u
+    const Mat<Real> coupling = gram * u / scale;  // [Re; Im] of gram u
     const auto [re, im] = rotary_rows(pairs, p, D);
     c.out.k.row(g * D + re) = shared.row(0);
     c.out.k.row(g * D + im) = shared.row(1);
@@ -832,7 +852,7 @@ inline void fit_rotary_keys(const FitContext& c, const std::vector<Index>& heads
       for (Index t = 0; t < c.r; ++t) {
         const Index h = heads[static_cast<std::size_t>(i)] * c.r + t;
         // a * conj(coupling_i)
-        const MatD q = pair_rows(c.in.q, h * D, p, D, pairs);
+        const Mat<Real> q = pair_rows(c.in.q, h * D, p, D, pairs);
         const double cr = coupling(i, 0), ci = coupling(n + i, 0);
         c.out.q.row(h * D + re) = q.row(0) * cr + q.row(1) * ci;
         c.out.q.row(h * D + im) = q.row(1) * cr - q.row(0) * ci;
@@ -842,23 +862,25 @@ inline void fit_rotary_keys(const FitContext& c, const std::vector<Index>& heads
 
 /// Energy of query head h's score form against key head `kh` of `keys`: ||S^1/2 Q~_h^T K_x S_x^1/2||^2, per rotary
 /// pair (a pair's form is rank one: the product of the two pairs' energies) with rotary embedding.
-inline double score_energy(const FitContext& c, const MatD& q, Index h, const MatD& keys, Index kh,
+template <typename Real>
+double score_energy(const FitContext<Real>& c, const Mat<Real>& q, Index h, const Mat<Real>& keys, Index kh,
                            RotaryPairs pairs) {
   const Index D = c.D;
   if (pairs == RotaryPairs::none) {
-    const MatD eq = c.metric.gram<MatD>(q.middleRows(h * D, D), true);
-    const MatD ek = c.metric.gram<MatD>(keys.middleRows(kh * D, D), false);
+    const Mat<Real> eq = c.metric.template gram<Mat<Real>>(q.middleRows(h * D, D), true);
+    const Mat<Real> ek = c.metric.template gram<Mat<Real>>(keys.middleRows(kh * D, D), false);
     return (eq.cwiseProduct(ek)).sum();  // tr(eq ek), both symmetric
   }
   double e = 0;
   for (Index p = 0; p < D / 2; ++p)
-    e += c.metric.gram(pair_rows(q, h * D, p, D, pairs), true).trace() *
-         c.metric.gram(pair_rows(keys, kh * D, p, D, pairs), true).trace();
+    e += c.metric.template gram<Mat<Real>>(pair_rows(q, h * D, p, D, pairs), true).trace() *
+         c.metric.template gram<Mat<Real>>(pair_rows(keys, kh * D, p, D, pairs), true).trace();
   return e;
 }
 
 /// Scales every query head of fitted group g back to its original score energy (see "WHAT FIT KEEPS").
-inline void restore_score_energy(const FitContext& c, const std::vector<Index>& heads, Index g, RotaryPairs pairs) {
+template <typename Real>
+void restore_score_energy(const FitContext<Real>& c, const std::vector<Index>& heads, Index g, RotaryPairs pairs) {
   for (Index k : heads)
     for (Index t = 0; t < c.r; ++t) {
       const Index h = k * c.r + t;
@@ -920,14 +942,15 @@ MatD with_bias(span<const T> w, span<const T> b, Index rows, Index hidden) {
 /// norm_bias could be carried the same way, Wo_h Wv_h b; measured on all-MiniLM-L6-v2 that keeps less than leaving
 /// it in the metric: 0.702 against 0.706 mean cosine at G = 1.) Fitted V groups only, so a layer with none keeps
 /// bo bit for bit.
-inline void carry_value_bias(const FitContext& c, const std::vector<std::vector<Index>>& members,
+template <typename Real>
+void carry_value_bias(const FitContext<Real>& c, const std::vector<std::vector<Index>>& members,
                              const std::vector<char>& fitted) {
   const Index D = c.D, d = c.in.v.cols() - 1;
   for (std::size_t g = 0; g < members.size(); ++g) {
     if (!fitted[g]) continue;
-    const Eigen::VectorXd after = c.out.v.block(Index(g) * D, d, D, 1);
+    const Vec<Real> after = c.out.v.block(Index(g) * D, d, D, 1);
     for (Index k : members[g]) {
-      const Eigen::VectorXd before = c.in.v.block(k * D, d, D, 1);
+      const Vec<Real> before = c.in.v.block(k * D, d, D, 1);
       for (Index t = 0; t < c.r; ++t) {
         const Index h = k * c.r + t;
         c.out.bo += c.in.o.middleCols(h * D, D) * before - c.out.o.middleCols(h * D, D) * after;
@@ -945,11 +968,11 @@ AttentionWeights<T> pool_attention_fit(const AttentionView<T>& w, const Attentio
   const Index D = s.head_dim, d = s.hidden, G = static_cast<Index>(members.size());
   InputMetric metric{w.norm_weight.empty() ? Eigen::VectorXd::Ones(d) : to_matrix(w.norm_weight, d, 1).col(0).eval(),
                      to_matrix(w.norm_bias, d, 1).col(0)};
-  const LayerMatrices in{with_bias(w.wq, w.bq, s.query_heads * D, d), with_bias(w.wk, w.bk, s.kv_heads * D, d),
+  const LayerMatrices<double> in{with_bias(w.wq, w.bq, s.query_heads * D, d), with_bias(w.wk, w.bk, s.kv_heads * D, d),
                          with_bias(w.wv, w.bv, s.kv_heads * D, d), to_matrix(w.wo, d, s.query_heads * D),
                          to_matrix(w.bo, d, 1).col(0)};
-  LayerMatrices out{in.q, MatD::Zero(G * D, d + 1), MatD::Zero(G * D, d + 1), in.o, in.bo};
-  const FitContext c{in, out, metric, s.query_heads / s.kv_heads, D};
+  LayerMatrices<double> out{in.q, MatD::Zero(G * D, d + 1), MatD::Zero(G * D, d + 1), in.o, in.bo};
+  const FitContext<double> c{in, out, metric, s.query_heads / s.kv_heads, D};
   // With an output bias the value bias is carried exactly through bo, so V is fitted on the weights alone;
   // without one the bias column is fitted too.
   const bool bias_into_bo = !w.bo.empty() && !w.bv.empty();
@@ -1035,3 +1058,4 @@ AttentionWeights<T> pool_attention(const AttentionView<T>& w, const AttentionSha
 }
 
 }  // namespace gqa
+GQA_DETAIL_WARNINGS_ON

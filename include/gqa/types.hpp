@@ -16,8 +16,14 @@
 // All tensors are row-major (last index fastest), the memory order of PyTorch tensors and safetensors data.
 #pragma once
 
+#define GQA_DETAIL_ALLOWED  // the detail headers below check it (gqa/detail/internal_header_check.hpp)
+#include "gqa/detail/warnings.hpp"
+
+// Eigen's own packet code warns the same way (gqa/detail/warnings.hpp); this covers it where gqa includes Eigen first.
+GQA_DETAIL_WARNINGS_OFF
 #include <Eigen/Core>
 #include <unsupported/Eigen/CXX11/Tensor>
+GQA_DETAIL_WARNINGS_ON
 
 #include <array>
 #include <cstddef>

@@ -15,5 +15,7 @@ foreach(mode find_package add_subdirectory)
       -DMAKE_PROGRAM=${CMAKE_MAKE_PROGRAM}
       -DBUILD_TYPE=Debug
       -P ${CMAKE_CURRENT_SOURCE_DIR}/packaging/run_consumer.cmake)
-  set_tests_properties(packaging_${mode} PROPERTIES LABELS packaging TIMEOUT 600)
+  # The longest tests (a CMake configure and build each): a high COST makes ctest -j start them first, beside the
+  # rest, instead of last and alone.
+  set_tests_properties(packaging_${mode} PROPERTIES LABELS packaging TIMEOUT 600 COST 1000)
 endforeach()

@@ -4,7 +4,8 @@
 #         -DCXX_COMPILER=<c++> [-DGENERATOR=<gen>] [-DMAKE_PROGRAM=<make>] [-DBUILD_TYPE=<type>]
 #         -P run_consumer.cmake
 #
-# find_package:     configures gqa into WORK_DIR/gqa-build with tests, benchmarks and examples OFF, installs it
+# find_package:     configures gqa into WORK_DIR/gqa-build with tests, benchmarks, examples and the gqa-convert tool
+#                   OFF (the headers and the CMake package are under test; the tool is a 40 s compile), installs it
 #                   into WORK_DIR/prefix, then configures, builds and runs tests/packaging/find_package against
 #                   that prefix (app: gqa::gqa, app_checkpoint: gqa::checkpoint). Also checks that the version
 #                   file rejects an incompatible request (0.2).
@@ -52,7 +53,7 @@ if(MODE STREQUAL "find_package")
   set(prefix "${WORK_DIR}/prefix")
   run_step("configure gqa" "${CMAKE_COMMAND}" -S "${GQA_SOURCE_DIR}" -B "${WORK_DIR}/gqa-build" ${common_args}
            "-DCMAKE_BUILD_TYPE=${BUILD_TYPE}" -DGQA_BUILD_TESTS=OFF -DGQA_BUILD_BENCHMARKS=OFF
-           -DGQA_BUILD_EXAMPLES=OFF "-DCMAKE_INSTALL_PREFIX=${prefix}")
+           -DGQA_BUILD_EXAMPLES=OFF -DGQA_BUILD_TOOLS=OFF "-DCMAKE_INSTALL_PREFIX=${prefix}")
   run_step("build gqa" "${CMAKE_COMMAND}" --build "${WORK_DIR}/gqa-build")
   run_step("install gqa" "${CMAKE_COMMAND}" --install "${WORK_DIR}/gqa-build")
 

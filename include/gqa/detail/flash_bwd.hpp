@@ -24,6 +24,7 @@
 #pragma once
 
 #include "gqa/detail/internal_header_check.hpp"
+#include "gqa/detail/warnings.hpp"
 
 #include "gqa/detail/flash_fwd.hpp"
 #include "gqa/detail/masks.hpp"
@@ -43,6 +44,7 @@
 #include <omp.h>
 #endif
 
+GQA_DETAIL_WARNINGS_OFF
 namespace gqa {
 namespace detail {
 
@@ -444,3 +446,4 @@ void flash_attention_backward(const P& p) {
 
 }  // namespace detail
 }  // namespace gqa
+GQA_DETAIL_WARNINGS_ON

@@ -30,6 +30,7 @@
 #pragma once
 
 #include "gqa/detail/internal_header_check.hpp"
+#include "gqa/detail/warnings.hpp"
 
 #include "gqa/detail/assert.hpp"
 #include "gqa/detail/masks.hpp"
@@ -49,6 +50,7 @@
 #include <omp.h>
 #endif
 
+GQA_DETAIL_WARNINGS_OFF
 namespace gqa {
 namespace detail {
 
@@ -583,3 +585,4 @@ void flash_fwd(const P& p) {
 
 }  // namespace detail
 }  // namespace gqa
+GQA_DETAIL_WARNINGS_ON

@@ -16,6 +16,7 @@
 #pragma once
 
 #include "gqa/detail/internal_header_check.hpp"
+#include "gqa/detail/warnings.hpp"
 
 #include "gqa/detail/assert.hpp"
 #include "gqa/types.hpp"
@@ -33,6 +34,7 @@
 #include <immintrin.h>
 #endif
 
+GQA_DETAIL_WARNINGS_OFF
 namespace gqa {
 namespace detail {
 namespace mk {
@@ -881,3 +883,4 @@ void score_tile(const Acc* qpack, Index rows, const KVRows<Src>& k, Acc* st) {
 }  // namespace mk
 }  // namespace detail
 }  // namespace gqa
+GQA_DETAIL_WARNINGS_ON

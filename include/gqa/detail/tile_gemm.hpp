@@ -18,6 +18,7 @@
 #pragma once
 
 #include "gqa/detail/internal_header_check.hpp"
+#include "gqa/detail/warnings.hpp"
 
 #include "gqa/detail/assert.hpp"
 #include "gqa/detail/microkernels.hpp"
@@ -27,6 +28,7 @@
 #include <algorithm>
 #include <type_traits>
 
+GQA_DETAIL_WARNINGS_OFF
 namespace gqa {
 namespace detail {
 namespace tile {
@@ -200,3 +202,4 @@ void add_product(const A& a, Index rows, const Acc* b, Index ldb, Index inner, I
 }  // namespace tile
 }  // namespace detail
 }  // namespace gqa
+GQA_DETAIL_WARNINGS_ON
