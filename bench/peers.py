@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Peer comparison: gqa against PyTorch SDPA and ONNX Runtime's GroupQueryAttention on the same shapes.
+"""Peer comparison: gqa against PyTorch SDPA, ONNX Runtime's GroupQueryAttention and ggml on the same shapes.
 
 Optional tooling (never a test, never in CI). Needs python3 with numpy and torch; onnxruntime and onnx are used
 when importable (`pip install onnxruntime onnx` in the venv), else those columns are skipped. gqa's times come
@@ -8,7 +8,12 @@ in the same session as the peers, interleaved: every round runs each case with g
 from other processes falls on all three alike. Per case it prints the medians over rounds and peer time / gqa time
 (> 1: gqa is faster), and for prefill gqa's useful GFLOP/s against the same-run SGEMM baseline of bench_prefill.
 
-Cases (H = 32 query heads, D = 128, f32 everywhere, one sequence):
+ggml (optional, --ggml DIR): ggml_flash_attn_ext through bench/ggml_peer.cpp, which this script compiles against a
+ggml source tree DIR built with CMake into DIR/build (e.g. `cmake -S DIR -B DIR/build -DCMAKE_BUILD_TYPE=Release
+-DGGML_NATIVE=ON && cmake --build DIR/build -j`); ggml's own threads (its OpenMP build), K/V head-major like gqa's
+KVCache, each run checked against a double-precision reference by ggml_peer itself.
+
+Cases (H = 32 query heads, D = 128, f32 unless --decode-kv adds others, one sequence):
   prefill  causal, S = 2048 and 4096, G = 8:
            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
            ORT GroupQueryAttention (com.microsoft) on a one-node model, S new tokens, no past
@@ -18,10 +23,13 @@ Cases (H = 32 query heads, D = 128, f32 everywhere, one sequence):
            ORT GroupQueryAttention with past and present K/V bound to one shared buffer of Sk tokens (IOBinding;
            the new token is written in place, as ORT's decoders run it)
            gqa: decode/H:32/G:<g>/D:128/S:16384/kv:f32/threads:<t> (a KVCache<float> of Sk tokens)
+           --decode-kv f16 i8: the same with 16-bit and 8-bit caches, against ggml only (f16, q8_0); torch and
+           ORT take f32 K/V here
 Threads: torch.set_num_threads(t), ORT intra_op_num_threads = t, gqa num_threads = t; t = 1 and 2 by default.
 
   bench/peers.py                         # builds nothing; needs build/bench/bench_{decode,prefill}
   bench/peers.py --build DIR --rounds 5 --threads 1 --only decode
+  bench/peers.py --ggml ~/ggml --decode-kv f32 f16 i8
 Before timing, a small causal prefill and a decode are checked: torch and ORT against a float64 numpy reference,
 so a misconfigured peer (wrong mask, wrong head mapping) stops the script instead of giving a flattering ratio.
 """
@@ -57,21 +65,24 @@ DECODE_SK = 16384
 
 # ------------------------------------------------------------------------------------------------ the cases
 
+GGML_KV = {"f32": "f32", "f16": "f16", "i8": "q8_0"}  # gqa's cache type -> ggml's K/V type
+
+
 class Case:
-    def __init__(self, kind, S, G, threads):
-        self.kind, self.S, self.G, self.threads = kind, S, G, threads
+    def __init__(self, kind, S, G, threads, kv="f32"):
+        self.kind, self.S, self.G, self.threads, self.kv = kind, S, G, threads, kv
 
     @property
     def label(self):
         if self.kind == "prefill":
             return f"prefill causal S={self.S} G={self.G} thr={self.threads}"
-        return f"decode Sk={self.S} G={self.G} thr={self.threads}"
+        return f"decode Sk={self.S} G={self.G} kv={self.kv} thr={self.threads}"
 
     @property
     def gqa_name(self):
         if self.kind == "prefill":
             return f"prefill/H:{H}/G:{self.G}/D:{D}/S:{self.S}/kv:f32/threads:{self.threads}/causal:1"
-        return f"decode/H:{H}/G:{self.G}/D:{D}/S:{self.S}/kv:f32/threads:{self.threads}"
+        return f"decode/H:{H}/G:{self.G}/D:{D}/S:{self.S}/kv:{self.kv}/threads:{self.threads}"
 
     @property
     def flops(self):  # useful flops, as bench_prefill / bench_decode count them
@@ -287,6 +298,31 @@ def run_gqa(args, case, reps):
     return t, sgemm
 
 
+def build_ggml_peer(ggml_dir):
+    """Compiles bench/ggml_peer.cpp against the ggml tree at ggml_dir (built into ggml_dir/build); its path."""
+    lib = os.path.join(ggml_dir, "build", "src")
+    if not os.path.isfile(os.path.join(ggml_dir, "include", "ggml.h")) or not os.path.isdir(lib):
+        sys.exit(f"peers.py: --ggml {ggml_dir}: need {ggml_dir}/include/ggml.h and a CMake build in {ggml_dir}/build")
+    exe = os.path.join(tempfile.mkdtemp(prefix="gqa-peers-"), "ggml_peer")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ggml_peer.cpp")
+    cmd = ["g++", "-O2", "-std=c++17", "-I" + os.path.join(ggml_dir, "include"), src, "-L" + lib, "-lggml",
+           "-lggml-base", "-lggml-cpu", "-Wl,-rpath," + lib, "-o", exe]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"peers.py: compiling {src} failed:\n{done.stderr[-2000:]}")
+    return exe
+
+
+def run_ggml(exe, case, reps):
+    """Median time (s) of ggml_flash_attn_ext on the case (ggml_peer checks its result, exit 1 if wrong)."""
+    cmd = [exe, case.kind, str(H), str(case.G), str(D), str(case.S), GGML_KV[case.kv], str(case.threads), str(reps)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_WAIT_POLICY="passive"))
+    if done.returncode != 0:
+        sys.exit(f"peers.py: {' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}{done.stderr[-2000:]}")
+    fields = dict(f.split("=", 1) for f in done.stdout.split() if "=" in f)
+    return float(fields["median_ms"]) * 1e-3
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 def main():
@@ -300,6 +336,9 @@ def main():
     ap.add_argument("--prefill-seq", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--decode-groups", type=int, nargs="+", default=[32, 8, 1])
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime even if installed")
+    ap.add_argument("--ggml", metavar="DIR", help="ggml source tree built into DIR/build: adds ggml_flash_attn_ext")
+    ap.add_argument("--decode-kv", nargs="+", default=["f32"], choices=sorted(GGML_KV),
+                    help="decode cache types (f16 and i8: gqa against ggml only)")
     args = ap.parse_args()
     global ort
     if args.no_ort:
@@ -310,34 +349,40 @@ def main():
         if args.only != "decode":
             cases += [Case("prefill", s, 8, t) for s in args.prefill_seq]
         if args.only != "prefill":
-            cases += [Case("decode", DECODE_SK, g, t) for g in args.decode_groups]
+            cases += [Case("decode", DECODE_SK, g, t, kv) for kv in args.decode_kv for g in args.decode_groups]
     rng = np.random.default_rng(7)
     print(f"torch {torch.__version__}" + (f", onnxruntime {ort.__version__}" if ort else ", no onnxruntime"))
     print(f"cpu: {cpu_model()}; load average at start: {os.getloadavg()[0]:.2f}")
     check_peers(rng)
+    ggml_exe = build_ggml_peer(args.ggml) if args.ggml else None
 
-    times = {c.label: {"gqa": [], "torch": [], "ort": [], "sgemm": []} for c in cases}
+    times = {c.label: {"gqa": [], "torch": [], "ort": [], "ggml": [], "sgemm": []} for c in cases}
     for r in range(args.rounds):
         for c in cases:
             tg, sgemm = run_gqa(args, c, args.reps)
             times[c.label]["gqa"].append(tg)
             if sgemm:
                 times[c.label]["sgemm"].append(sgemm)
-            times[c.label]["torch"].append(median_time(torch_runner(c, rng), args.reps))
-            if ort:
-                run, _ = ort_runner(c, rng)
-                times[c.label]["ort"].append(median_time(run, args.reps))
+            if c.kv == "f32":
+                times[c.label]["torch"].append(median_time(torch_runner(c, rng), args.reps))
+                if ort:
+                    run, _ = ort_runner(c, rng)
+                    times[c.label]["ort"].append(median_time(run, args.reps))
+            if ggml_exe:
+                times[c.label]["ggml"].append(run_ggml(ggml_exe, c, args.reps))
         print(f"round {r + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.2f}", flush=True)
 
     print(f"\nmedians of {args.rounds} interleaved rounds; ratio = peer time / gqa time (> 1: gqa faster); "
           f"load average at end {os.getloadavg()[0]:.2f}")
-    print(f"{'case':34s} {'gqa ms':>9s} {'torch ms':>9s} {'torch/gqa':>9s} {'ORT ms':>9s} {'ORT/gqa':>8s}  gqa GFLOP/s (vs sgemm)")
+    print(f"{'case':40s} {'gqa ms':>9s} {'torch ms':>9s} {'torch/gqa':>9s} {'ORT ms':>9s} {'ORT/gqa':>8s} "
+          f"{'ggml ms':>9s} {'ggml/gqa':>8s}  gqa GFLOP/s (vs sgemm)")
     for c in cases:
         t = times[c.label]
-        g, tt = statistics.median(t["gqa"]), statistics.median(t["torch"])
-        o = statistics.median(t["ort"]) if t["ort"] else None
-        line = f"{c.label:34s} {g * 1e3:9.2f} {tt * 1e3:9.2f} {tt / g:8.2f}x "
-        line += f"{o * 1e3:9.2f} {o / g:7.2f}x " if o else f"{'-':>9s} {'-':>8s} "
+        g = statistics.median(t["gqa"])
+        line = f"{c.label:40s} {g * 1e3:9.2f} "
+        for peer, width in (("torch", 9), ("ort", 8), ("ggml", 8)):
+            p = statistics.median(t[peer]) if t[peer] else None
+            line += f"{p * 1e3:9.2f} {p / g:{width - 1}.2f}x " if p else f"{'-':>9s} {'-':>{width}s} "
         rate = c.flops / g / 1e9
         if t["sgemm"]:
             sg = statistics.median(t["sgemm"])
