@@ -306,10 +306,9 @@ void scale_tile_rows(Acc* tile, Index n, Index rows, const float* scale) {
 /// S^T [n, rows] = K_tile Qg^T into ws.scores (times the rows' scales for an int8 K).
 template <typename Acc, typename KVScalar>
 void tile_scores(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>& k, Workspace<Acc>& ws) {
-  if (t.widen_tile) {  // implies t.small
-    mk::score_tile(ws.q_small.data(), c.rows, acc_rows(k, ws.k_buf), ws.scores.data());
-  } else if (t.small) {
-    mk::score_tile(ws.q_small.data(), c.rows, k, ws.scores.data());
+  if (t.small) {  // the micro-kernels, on the rows as stored or widened first (widen_tile)
+    auto score = [&](const auto& rows) { mk::score_tile(ws.q_small.data(), c.rows, rows, ws.scores.data()); };
+    t.widen_tile ? score(acc_rows(k, ws.k_buf)) : score(k);
   } else if (t.tile_gemm) {
     const mk::KVRows<Acc> kt = acc_rows(k, ws.k_buf);
     tile::scores(ws.q_panels.data(), c.rows, kt.data, kt.stride, kt.count, kt.cols, ws.scores.data());
@@ -446,12 +445,13 @@ void tile_pv(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>&
   const Index rows = c.rows;
   if constexpr (std::is_same_v<KVScalar, std::int8_t>) scale_tile_rows(ws.scores.data(), v.count, rows, v.scale);
   if (may_mask && !rows_finite(v)) return accumulate_pv_skipping_zeros(ws.scores.data(), rows, v, ws.out);
-  if (t.widen_tile)  // implies t.small
-    return mk::accumulate_pv(mk::Strided<const Acc>{ws.scores.data(), rows}, rows, acc_rows(v, ws.v_buf),
-                             mk::Strided<Acc>{ws.out.data(), ws.out.cols()});
-  if (t.small)
-    return mk::accumulate_pv(mk::Strided<const Acc>{ws.scores.data(), rows}, rows, v,
-                             mk::Strided<Acc>{ws.out.data(), ws.out.cols()});
+  if (t.small) {  // the micro-kernels, on the rows as stored or widened first (widen_tile)
+    auto accumulate = [&](const auto& rows_of_v) {
+      mk::accumulate_pv(mk::Strided<const Acc>{ws.scores.data(), rows}, rows, rows_of_v,
+                        mk::Strided<Acc>{ws.out.data(), ws.out.cols()});
+    };
+    return t.widen_tile ? accumulate(acc_rows(v, ws.v_buf)) : accumulate(v);
+  }
   if (t.tile_gemm) {
     const mk::KVRows<Acc> vt = acc_rows(v, ws.v_buf);
     return tile::add_product(tile::ColMajor<Acc>{ws.scores.data(), rows}, rows, vt.data, vt.stride, vt.count, vt.cols,

@@ -443,11 +443,11 @@ void scores_dot(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st_m, Pre
 /// and 15 adds where a 16x16 transpose and its 15 adds take ~80 shuffles, all on the one shuffle port of Intel's
 /// cores. The tree leaves sum(in[4t + k]) at lane 4k + t, so it is fed acc[4k + t] as in[4t + k].
 EIGEN_STRONG_INLINE __m512 predux_transposed_tree(const __m512* acc) {
+  auto in = [acc](int j) { return acc[(j % 4) * 4 + j / 4]; };
   __m512 l1[8], l2[4], l3[2];
-  for (int i = 0; i < 8; ++i) {  // in[2i], in[2i+1] -> their 256-bit halves added: 8 sums of 8 lanes each
-    const __m512 a = acc[((2 * i) % 4) * 4 + (2 * i) / 4], b = acc[((2 * i + 1) % 4) * 4 + (2 * i + 1) / 4];
-    l1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  }
+  for (int i = 0; i < 8; ++i)  // in[2i], in[2i+1] -> their 256-bit halves added: 8 sums of 8 lanes each
+    l1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(in(2 * i), in(2 * i + 1), 0x44),
+                          _mm512_shuffle_f32x4(in(2 * i), in(2 * i + 1), 0xEE));
   for (int i = 0; i < 4; ++i)  // -> 128-bit lane k of l2[i] sums to in[4i + k]
     l2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(l1[2 * i], l1[2 * i + 1], 0x88),
                           _mm512_shuffle_f32x4(l1[2 * i], l1[2 * i + 1], 0xDD));
@@ -463,15 +463,18 @@ template <typename PacketT>
 EIGEN_STRONG_INLINE PacketT predux_transposed(const PacketT* acc) {
   constexpr int L = Eigen::internal::unpacket_traits<PacketT>::size;
 #if defined(EIGEN_VECTORIZE_AVX512)
-  if constexpr (std::is_same_v<typename Eigen::internal::unpacket_traits<PacketT>::type, float> && L == 16)
+  if constexpr (std::is_same_v<typename Eigen::internal::unpacket_traits<PacketT>::type, float> && L == 16) {
     return predux_transposed_tree(acc);
+  } else
 #endif
-  Eigen::internal::PacketBlock<PacketT, L> block;
-  for (int i = 0; i < L; ++i) block.packet[i] = acc[i];
-  Eigen::internal::ptranspose(block);
-  PacketT sum = block.packet[0];
-  for (int i = 1; i < L; ++i) sum = padd(sum, block.packet[i]);
-  return sum;
+  {
+    Eigen::internal::PacketBlock<PacketT, L> block;
+    for (int i = 0; i < L; ++i) block.packet[i] = acc[i];
+    Eigen::internal::ptranspose(block);
+    PacketT sum = block.packet[0];
+    for (int i = 1; i < L; ++i) sum = padd(sum, block.packet[i]);
+    return sum;
+  }
 }
 
 /// Dot-product form for M rows where M divides the packet size, KB = lanes / M keys at a time:
