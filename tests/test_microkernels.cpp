@@ -1,5 +1,5 @@
 // Tests of gqa/detail/microkernels.hpp, the decode path's register-blocked products, on their own: the score
-// product in each of its forms (every row count up to kMaxRows, which covers every DotRows, DotPackets and
+// product in each of its forms (every row count up to kMaxRows, which covers every DotRows and
 // OuterPackets instantiation), the probabilities x V product, and the softmax's exp. Inputs are normal(0, 1); the
 // references are double.
 //
@@ -14,6 +14,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -31,13 +32,18 @@ constexpr double kUnit = 0x1.0p-24;  // float unit roundoff
 
 double gamma(Index n) { return double(n) * kUnit / (1.0 - double(n) * kUnit); }
 
-/// Rows of `cols` values in a buffer with row stride `stride` > cols (NaN in between, which must never be read).
+/// Rows of `cols` values in a buffer with row stride `stride` > cols, with values that must never be read in
+/// between: NaN, or for int8 (normal values times 16, rounded) the extreme -128.
 template <typename T>
 std::vector<T> strided_rows(Index rows, Index cols, Index stride, std::uint64_t seed) {
-  std::vector<T> buf(size_t(rows * stride), T(std::numeric_limits<float>::quiet_NaN()));
+  constexpr bool is_int8 = std::is_same_v<T, std::int8_t>;
+  std::vector<T> buf(size_t(rows * stride), is_int8 ? T(-128) : T(std::numeric_limits<float>::quiet_NaN()));
   gqa_test::Rng rng(seed);
   for (Index j = 0; j < rows; ++j)
-    for (Index d = 0; d < cols; ++d) buf[size_t(j * stride + d)] = T(float(rng.normal()));
+    for (Index d = 0; d < cols; ++d) {
+      const float x = float(rng.normal());
+      buf[size_t(j * stride + d)] = is_int8 ? T(std::clamp(std::lround(16 * x), -127L, 127L)) : T(x);
+    }
   return buf;
 }
 
@@ -112,7 +118,10 @@ TEST_CASE("score_tile: every row count in every form matches double dot products
     for (Index D : {L, 3 * L}) {
       for (Index n : {Index(1), Index(5), Index(37)}) check_scores<float>(rows, D, n);
       check_scores<gqa::bfloat16>(rows, D, 29);
+      // More keys than a widened chunk (24) where the outer form widens 16-bit and int8 K a chunk at a time.
       check_scores<gqa::half>(rows, D, 3);
+      check_scores<gqa::half>(rows, D, 53);
+      check_scores<std::int8_t>(rows, D, 53);
     }
     // Whole pairs of packets: bf16 rows are read as split pairs on AVX-512 (mk::kSplitPairs), queries packed to match.
     for (Index D : {2 * L, 8 * L}) check_scores<gqa::bfloat16>(rows, D, 37);
@@ -125,18 +134,18 @@ TEST_CASE("score_tile: the form chosen for a row count", "[microkernels][scores]
   auto count = [&](auto form) {
     using F = decltype(form);
     if constexpr (std::is_same_v<F, mk::DotRows<1>> || std::is_same_v<F, mk::DotRows<3>>) ++dot_rows;
-    if constexpr (std::is_same_v<F, mk::DotPackets<1>> || std::is_same_v<F, mk::DotPackets<2>>) ++dot_packets;
+    if constexpr (std::is_same_v<F, mk::DotRows<L>>) ++dot_packets;
     if constexpr (std::is_same_v<F, mk::OuterPackets<2>> || std::is_same_v<F, mk::OuterPackets<4>>) ++outer;
   };
-  mk::with_score_form<float, float>(1, count);
-  mk::with_score_form<float, float>(3, count);
-  mk::with_score_form<float, float>(L, count);                   // one whole packet: dot form
-  mk::with_score_form<float, gqa::bfloat16>(2 * L, count);       // 16-bit K: dot form for whole packets
-  mk::with_score_form<float, float>(2 * L, count);               // f32 K, two packets: outer form
-  mk::with_score_form<float, float>(mk::kMaxRows<float> - 1, count);  // not whole packets: outer form
+  mk::with_score_form<float>(1, count);
+  mk::with_score_form<float>(3, count);
+  mk::with_score_form<float>(L, count);                       // one whole packet: dot form
+  mk::with_score_form<float>(2 * L, count);                   // two packets: outer form
+  mk::with_score_form<float>(4 * L, count);
+  mk::with_score_form<float>(2 * L - 1, count);               // not whole packets: outer form
   CHECK(dot_rows == 2);
-  CHECK(dot_packets == 2);
-  CHECK(outer == 2);
+  CHECK(dot_packets == 1);
+  CHECK(outer == 3);
 }
 
 TEST_CASE("accumulate_pv: every row count matches double sums, and writes only the output's columns",
@@ -146,7 +155,20 @@ TEST_CASE("accumulate_pv: every row count matches double sums, and writes only t
     for (Index D : {L, 8 * L + L}) {  // 9 packets: every column-block tail
       for (Index n : {Index(1), Index(9), Index(70)}) check_pv<float>(M, D, n);
       check_pv<gqa::bfloat16>(M, D, 13);
+      // Several chunks, widened once each where more than one block of rows reads them (M > 6).
+      check_pv<gqa::half>(M, D, 150);
+      check_pv<std::int8_t>(M, D, 150);
     }
+}
+
+TEST_CASE("score_tile and accumulate_pv: rows too wide for a widened chunk are read in place", "[microkernels]") {
+  constexpr Index L = mk::kLanes<float>;
+  const Index D = mk::WidenedChunk<float>::kBytes / Index(sizeof(float)) + L;  // one row exceeds the L1 buffer
+  REQUIRE(mk::WidenedChunk<float>::keys_that_fit(24, D) == 0);
+  check_scores<gqa::half>(L + 1, D, 30);
+  check_scores<gqa::bfloat16>(2 * L, D, 30);
+  check_pv<gqa::half>(mk::kPvRows + 1, D, 20);
+  check_pv<std::int8_t>(mk::kPvRows + 1, D, 20);
 }
 
 TEST_CASE("accumulate_pv: bf16 rows of whole packet pairs (split pairs on AVX-512) match double sums",

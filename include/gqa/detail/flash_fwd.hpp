@@ -6,8 +6,8 @@
 // tiles of k_tile rows with the online softmax (running max m, running sum l, unnormalised output O), so memory
 // is O(tile), never Sq x Sk. Scores are kept transposed, S^T [keys, rows], so the softmax vectorises across rows.
 // Tile products: with few rows (decode, up to 4 SIMD packets) the register-blocked micro-kernels of
-// microkernels.hpp read K/V rows in place and widen 16-bit and int8 values in registers (f16 and int8 tiles with 8
-// or more rows are widened once into buffers first, kWidenTileRows); with many rows (prefill)
+// microkernels.hpp read K/V rows in place and widen 16-bit and int8 values in registers (or a chunk at a time into
+// L1, where they would widen each value more than once); with many rows (prefill)
 // the register-blocked products of tile_gemm.hpp (where tile::kUsed: AVX-512) or Eigen's GEMM run on the caller's
 // K/V rows (16-bit, int8 and mixed-precision K/V widened one tile at a time), tile_gemm.hpp packing only the queries.
 // int8 K/V (KVCache<std::int8_t>) multiply raw rows; each tile's scores are then scaled by the K rows' scales, and
@@ -73,18 +73,7 @@ struct TilePlan {
   Index rows_max = 1;      // q_tile * group_size
   bool small = false;      // decode: the register-blocked micro-kernels instead of Eigen's GEMM
   bool tile_gemm = false;  // prefill: tile_gemm.hpp's products instead of Eigen's GEMM
-  bool widen_tile = false; // decode, f16 or int8 cache, many rows: widen each tile once (kWidenTileRows)
 };
-
-/// Rows from which decode on an f16 or int8 cache widens each K/V tile once into Acc buffers and runs the
-/// micro-kernels of an Acc cache on them. In place, the kernels widen a V packet once per block of 6 rows and a K
-/// packet once per packet of rows (or a K element per broadcast, in the outer form), so the compute-bound small G
-/// pay for the conversion (vcvtph2ps, int8 sign extension and conversion) several times over. Xeon of
-/// bench/README.md, S = 16384, H = 32, 3 interleaved rounds (medians; the VM varies 20-30% between runs): f16 G = 1
-/// 1.40x / 1.61x faster (1 / 2 threads), G = 2 1.07x / 1.09x, G = 4 0.91x / 1.11x; int8 G = 4 1.56x, G = 1 1.74x
-/// (one round). bf16 stays in place: its widening is a shift (split pairs on AVX-512), and widened it measured
-/// 0.57x / 0.75x at G = 2.
-inline constexpr Index kWidenTileRows = 8;
 
 /// Number of (b, g, query-tile[, split]) work items below which the key range is split (flash-decoding). Fixed,
 /// not derived from the thread count, so that the reduction order (and the result) never depends on threads.
@@ -113,9 +102,6 @@ TilePlan plan_tiles(const P& p) {
     t.k_tile = tile;
     t.tile_gemm = tile::used_for<Acc>(p.head_dim);
   }
-  using KVScalar = typename P::KVScalar;
-  constexpr bool costly_widening = std::is_same_v<KVScalar, half> || std::is_same_v<KVScalar, std::int8_t>;
-  t.widen_tile = t.small && costly_widening && t.q_tile * p.group_size >= kWidenTileRows;
   t.q_tiles = p.q_len == 0 ? 0 : (p.q_len + t.q_tile - 1) / t.q_tile;
   t.rows_max = t.q_tile * p.group_size;
   const Index items = p.batch * p.kv_heads * t.q_tiles;
@@ -161,7 +147,7 @@ struct Workspace {
         pattern(2 * t.rows_max * mk::kLanes<Acc>) {
     if (t.small) q_small.resize(mk::packed_queries_size<Acc>(head_dim));
     if (t.tile_gemm) q_panels.resize(tile::qt_panels_size<Acc>(t.rows_max, head_dim));
-    if (widen && (!t.small || t.widen_tile)) {
+    if (widen && !t.small) {
       k_buf.resize(t.k_tile, head_dim);
       v_buf.resize(t.k_tile, head_dim);
     }
@@ -262,9 +248,7 @@ void load_queries(const P& p, const TilePlan& t, const ItemCoords& c, Workspace<
     const Scalar* src = p.q + c.b * p.q_stride_b + i * p.q_stride_s + h * p.q_stride_h;
     ws.qg.row(r) = Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(src, D).template cast<Acc>() * scale;
   }
-  if (t.widen_tile)  // the kernels read Acc rows (acc_rows)
-    mk::pack_queries<Acc, Acc>(ws.qg.data(), c.rows, D, ws.q_small.data());
-  else if (t.small)
+  if (t.small)
     mk::pack_queries<Acc, typename P::KVScalar>(ws.qg.data(), c.rows, D, ws.q_small.data());
   if (t.tile_gemm) tile::pack_qt_panels(ws.qg.data(), c.rows, D, ws.q_panels.data());
   ws.out.topRows(c.rows).setZero();
@@ -306,9 +290,8 @@ void scale_tile_rows(Acc* tile, Index n, Index rows, const float* scale) {
 /// S^T [n, rows] = K_tile Qg^T into ws.scores (times the rows' scales for an int8 K).
 template <typename Acc, typename KVScalar>
 void tile_scores(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>& k, Workspace<Acc>& ws) {
-  if (t.small) {  // the micro-kernels, on the rows as stored or widened first (widen_tile)
-    auto score = [&](const auto& rows) { mk::score_tile(ws.q_small.data(), c.rows, rows, ws.scores.data()); };
-    t.widen_tile ? score(acc_rows(k, ws.k_buf)) : score(k);
+  if (t.small) {
+    mk::score_tile(ws.q_small.data(), c.rows, k, ws.scores.data());
   } else if (t.tile_gemm) {
     const mk::KVRows<Acc> kt = acc_rows(k, ws.k_buf);
     tile::scores(ws.q_panels.data(), c.rows, kt.data, kt.stride, kt.count, kt.cols, ws.scores.data());
@@ -445,13 +428,9 @@ void tile_pv(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>&
   const Index rows = c.rows;
   if constexpr (std::is_same_v<KVScalar, std::int8_t>) scale_tile_rows(ws.scores.data(), v.count, rows, v.scale);
   if (may_mask && !rows_finite(v)) return accumulate_pv_skipping_zeros(ws.scores.data(), rows, v, ws.out);
-  if (t.small) {  // the micro-kernels, on the rows as stored or widened first (widen_tile)
-    auto accumulate = [&](const auto& rows_of_v) {
-      mk::accumulate_pv(mk::Strided<const Acc>{ws.scores.data(), rows}, rows, rows_of_v,
-                        mk::Strided<Acc>{ws.out.data(), ws.out.cols()});
-    };
-    return t.widen_tile ? accumulate(acc_rows(v, ws.v_buf)) : accumulate(v);
-  }
+  if (t.small)
+    return mk::accumulate_pv(mk::Strided<const Acc>{ws.scores.data(), rows}, rows, v,
+                             mk::Strided<Acc>{ws.out.data(), ws.out.cols()});
   if (t.tile_gemm) {
     const mk::KVRows<Acc> vt = acc_rows(v, ws.v_buf);
     return tile::add_product(tile::ColMajor<Acc>{ws.scores.data(), rows}, rows, vt.data, vt.stride, vt.count, vt.cols,

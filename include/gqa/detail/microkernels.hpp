@@ -281,6 +281,45 @@ EIGEN_STRONG_INLINE void load_pair(const Src* p, Packet<Acc>& even, Packet<Acc>&
   even = load<Acc>(p), odd = load<Acc>(p + kLanes<Acc>);  // unreachable: callers test kSplitPairs
 }
 
+// ------------------------------------------------------------------- rows widened once per chunk, into L1
+//
+// A kernel that reads each K or V value more than once (several register blocks of rows over the same V packet,
+// or the outer form, which broadcasts single K elements) would widen it each time: a vcvtph2ps or an int8 sign
+// extension and conversion (2 uops each) per packet per block, or a scalar conversion per element broadcast. Such
+// kernels widen a chunk of rows once into an L1 buffer (WidenedChunk) and read float rows from it, while their
+// prefetches still run ahead on the stored rows, so the stream from memory overlaps the products. bf16 read as
+// split pairs costs a shift per packet and stays in place where packets are loaded (reads_in_place). This replaced
+// widening each 256-key tile into buffers before the products (which then waited on the stored rows: a quarter
+// of f16 GQA-2 decode, perf): medians of 3 interleaved rounds, 2-core Xeon of bench/README.md, H = 32, D = 128,
+// S = 16384, 1 thread, ms per token: f16 G = 2 3.54 -> 2.81, G = 4 6.47 -> 4.50; int8 G = 2 3.52 -> 2.81, G = 4
+// 6.08 -> 4.62; bf16 G = 4 (outer form, which broadcast widened scalars) 8.28 -> 4.38.
+
+/// Whether kernels that load whole packets of Src rows read them in place at no more than a shift per packet: rows
+/// of Acc itself, or bf16 read as split pairs.
+template <typename Acc, typename Src>
+constexpr bool reads_in_place(Index D) {
+  return std::is_same_v<Src, Acc> || split_pairs<Acc, Src>(D);
+}
+
+/// An L1 buffer for a chunk of rows widened to Acc. 16 KiB: a third of the Xeon's 48 KiB L1, half of Zen's 32 KiB,
+/// leaving room for the queries or probabilities and the output the kernels read beside it.
+template <typename Acc>
+struct WidenedChunk {
+  static constexpr Index kBytes = 16 * 1024;
+  EIGEN_ALIGN_MAX Acc data[kBytes / sizeof(Acc)];
+
+  /// Rows of D values that fit, up to `keys`: 0 when one row does not.
+  static constexpr Index keys_that_fit(Index keys, Index D) { return std::min(keys, kBytes / (D * Index(sizeof(Acc)))); }
+  /// Widens `rows` (at most keys_that_fit(rows.count, rows.cols)) into the buffer and returns them as Acc rows (no
+  /// rows past them to prefetch: the caller prefetches the stored rows).
+  template <typename Src>
+  KVRows<Acc> widen(const KVRows<Src>& rows) {
+    GQA_ASSERT(rows.count <= keys_that_fit(rows.count, rows.cols));
+    for (Index j = 0; j < rows.count; ++j) widen_row(rows.row(j), data + j * rows.cols, rows.cols);
+    return {data, rows.cols, rows.count, rows.cols, rows.count};
+  }
+};
+
 /// Rows ahead of the one being read that the kernels prefetch. The kernels walk several K rows at once, or V rows
 /// a column block at a time, orders the hardware prefetchers follow poorly from DRAM; fetching rows this far ahead
 /// (8 KiB at D = 128, f32) keeps the stream going. Measured at H=32, D=128, S=16384, 2 threads, against a tile-wide
@@ -395,8 +434,8 @@ void pack_rows(const Acc* q, Index rows, Index D, Index group, Acc* out, bool sp
 
 /// Dot-product form for M < lanes rows: st(j, r) = sum_d q[r][d] * k_rows.row(j)[d], q packed by pack_rows (one
 /// group of M rows). KB keys are processed together so each q packet load feeds KB FMAs.
-template <int M, typename Acc, typename Src>
-void scores_dot(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st_m, PrefetchShare<Src>& pf) {
+template <int M, typename Acc, typename Src, typename Pf>
+void scores_dot(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st_m, Pf& pf) {
   constexpr int L = kLanes<Acc>;
   const Src* k = k_rows.data;
   const Index k_stride = k_rows.stride, n = k_rows.count, D = k_rows.cols, ld_st = st_m.ld;
@@ -481,8 +520,8 @@ EIGEN_STRONG_INLINE PacketT predux_transposed(const PacketT* acc) {
 /// st(j, r) = sum_d q[r][d] * k_rows.row(j)[d], q packed by pack_rows (one group of M rows). The KB * M = lanes
 /// accumulators are reduced together into one packet, stored at st.row(j): KB consecutive rows of S^T when
 /// st.ld == M, or (M = lanes) one packet of the rows of a wider S^T.
-template <int M, typename Acc, typename Src>
-void scores_dot_packed(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st_m, PrefetchShare<Src>& pf) {
+template <int M, typename Acc, typename Src, typename Pf>
+void scores_dot_packed(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st_m, Pf& pf) {
   constexpr int L = kLanes<Acc>;
   const Src* k = k_rows.data;
   const Index k_stride = k_rows.stride, n = k_rows.count, D = k_rows.cols, ld_st = st_m.ld;
@@ -526,9 +565,9 @@ void scores_dot_packed(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st
 
 /// Outer-product form for NB packets of rows (M <= NB * lanes): qt is Q^T, [D, >= NB * lanes] (columns past M
 /// zero). st(j, r) = sum_d k_rows.row(j)[d] * qt(d, r): each K element is broadcast once and multiplies a whole
-/// packet of rows.
-template <int NB, typename Acc, typename Src>
-void scores_outer(Strided<const Acc> qt_m, const KVRows<Src>& k_rows, Strided<Acc> st_m, PrefetchShare<Src>& pf) {
+/// packet of rows. `pf` (a PrefetchShare, of rows of any type) issues a share per key.
+template <int NB, typename Acc, typename Src, typename Pf>
+void scores_outer(Strided<const Acc> qt_m, const KVRows<Src>& k_rows, Strided<Acc> st_m, Pf& pf) {
   constexpr int L = kLanes<Acc>;
   const Acc* qt = qt_m.data;
   const Src* k = k_rows.data;
@@ -561,9 +600,9 @@ void scores_outer(Strided<const Acc> qt_m, const KVRows<Src>& k_rows, Strided<Ac
 
 /// out(r, d) += sum_j pt(j, r) * v_rows.row(j)[d] for r < R, d in [d0, d0 + NV * lanes), first issuing the
 /// prefetches of all v_rows' keys (at once: issued key by key, they measured no better, at a higher instruction cost).
-template <int R, int NV, typename Acc, typename Src>
+template <int R, int NV, typename Acc, typename Src, typename Pf>
 EIGEN_STRONG_INLINE void pv_block(Strided<const Acc> pt_m, const KVRows<Src>& v_rows, Strided<Acc> out_m, Index d0,
-                                  PrefetchShare<Src>& pf) {
+                                  Pf& pf) {
   constexpr int L = kLanes<Acc>;
   const Acc* pt = pt_m.data;
   const Src* v = v_rows.data;
@@ -655,35 +694,54 @@ EIGEN_ALWAYS_INLINE void for_each_pv_column_block(Index D, F&& f) {
   for (; d0 < D; d0 += L) f(std::integral_constant<int, 1>{}, d0);
 }
 
-/// O += probabilities x V for M rows: out [M, D] += pt^T [M, n] * v_rows [n, D], pt [n, M] the probabilities
-/// transposed. V is taken in chunks of keys; within a chunk, blocks of R rows x NV packets keep R * NV accumulators (8-12) in registers while the
-/// chunk's V rows come from L1 (row blocks: for_each_pv_row_block; columns: pv_columns, so even one row has enough
-/// independent FMA chains). While one chunk is multiplied, the rows max(kPrefetchRows, chunk) ahead are prefetched,
-/// spread evenly over the chunk's register blocks.
-template <typename Acc, typename Src>
-void accumulate_pv(Strided<const Acc> pt, Index M, const KVRows<Src>& v_rows, Strided<Acc> out) {
+/// accumulate_pv's loop over chunks of `chunk` keys, the register blocks reading the rows `read(stored chunk)`
+/// returns (KVRows<Read>: the stored rows, or the chunk widened).
+template <typename Acc, typename Read, typename Src, typename ReadRows>
+void accumulate_pv_chunks(Strided<const Acc> pt, Index M, const KVRows<Src>& v_rows, Strided<Acc> out, Index chunk,
+                          ReadRows&& read) {
   const Index n = v_rows.count, D = v_rows.cols;
-  // Chunks of 2M keys (at least 8, at most kPvChunkBytes of V): long enough to amortise loading and storing the
-  // accumulators, short enough that the rows are read from DRAM nearly in order and stay in L1.
-  const Index chunk = std::clamp<Index>(2 * M, 8, std::max<Index>(8, kPvChunkBytes / (D * Index(sizeof(Src)))));
   Index blocks = 0;  // register blocks per chunk, to spread the prefetches over
-  for_each_pv_row_block<Acc, Src>(M, [&](auto r_const, Index) {
+  for_each_pv_row_block<Acc, Read>(M, [&](auto r_const, Index) {
     for_each_pv_column_block<Acc, pv_columns(decltype(r_const)::value)>(D, [&](auto, Index) { ++blocks; });
   });
   for (Index j0 = 0; j0 < n; j0 += chunk) {
     const Index nn = std::min(chunk, n - j0);
     const KVRows<Src> vj = v_rows.rows(j0, nn);
     auto pf = PrefetchShare<Src>::ahead(vj, nn, blocks * nn, std::max(prefetch_rows<Src>, chunk));
-    for_each_pv_row_block<Acc, Src>(M, [&](auto r_const, Index r0) {
+    const KVRows<Read> rows = read(vj);
+    for_each_pv_row_block<Acc, Read>(M, [&](auto r_const, Index r0) {
       constexpr int R = decltype(r_const)::value;
       constexpr int NV = pv_columns(R);
       const Strided<const Acc> ptj{pt.row(j0) + r0, pt.ld};
       const Strided<Acc> o{out.row(r0), out.ld};
       for_each_pv_column_block<Acc, NV>(D, [&](auto nv_const, Index d0) {
-        pv_block<R, decltype(nv_const)::value>(ptj, vj, o, d0, pf);
+        pv_block<R, decltype(nv_const)::value>(ptj, rows, o, d0, pf);
       });
     });
   }
+}
+
+/// O += probabilities x V for M rows: out [M, D] += pt^T [M, n] * v_rows [n, D], pt [n, M] the probabilities
+/// transposed. V is taken in chunks of keys; within a chunk, blocks of R rows x NV packets keep R * NV accumulators
+/// (8-12) in registers while the chunk's V rows come from L1 (row blocks: for_each_pv_row_block; columns:
+/// pv_columns, so even one row has enough independent FMA chains). Where several row blocks would each widen the
+/// chunk's V packets again (more than kPvRows rows, V not read in place), the chunk is widened once (WidenedChunk).
+/// While one chunk is multiplied, the stored rows max(kPrefetchRows, chunk) ahead are prefetched, spread evenly over
+/// the chunk's register blocks.
+template <typename Acc, typename Src>
+void accumulate_pv(Strided<const Acc> pt, Index M, const KVRows<Src>& v_rows, Strided<Acc> out) {
+  const Index D = v_rows.cols;
+  // Chunks of 2M keys (at least 8, at most kPvChunkBytes of V): long enough to amortise loading and storing the
+  // accumulators, short enough that the rows are read from DRAM nearly in order and stay in L1.
+  const Index chunk = std::clamp<Index>(2 * M, 8, std::max<Index>(8, kPvChunkBytes / (D * Index(sizeof(Src)))));
+  if constexpr (!std::is_same_v<Src, Acc>) {
+    const Index widened = WidenedChunk<Acc>::keys_that_fit(chunk, D);
+    if (M > kPvRows && !reads_in_place<Acc, Src>(D) && widened > 0) {
+      WidenedChunk<Acc> buf;
+      return accumulate_pv_chunks<Acc, Acc>(pt, M, v_rows, out, widened, [&](const KVRows<Src>& vj) { return buf.widen(vj); });
+    }
+  }
+  accumulate_pv_chunks<Acc, Src>(pt, M, v_rows, out, chunk, [](const KVRows<Src>& vj) { return vj; });
 }
 
 /// exp(v) lane by lane for v <= 0 (the softmax's s - max), exactly 0 where v is -inf; NaN stays NaN. A masked score
@@ -786,31 +844,31 @@ template <typename Acc>
 inline constexpr Index kMaxRows = 4 * kLanes<Acc>;
 
 /// Whether `rows` go to the outer-product form (which multiplies by Q^T, broadcasting single K elements) rather than
-/// the dot forms: rows that are not whole packets, from 8 up; and, for a K/V cache of Acc itself, also two or more
-/// whole packets. There the dot form loads (1 + lanes) / lanes packets per FMA and the outer form (NB + KB) /
-/// (NB * KB), KB keys x NB packets of rows: 8 / 12 at 2 packets. Measured L2-resident, f32, 16 rows: 20.2 -> 18.5
-/// cycles per (key, row); 24 and 32 rows the same either way; but with 16-bit K each broadcast widens a scalar,
-/// and the dot form (widening whole packets) stays ahead (bf16, 16 rows: 21.2 against 24.4).
-template <typename Acc, typename Src>
+/// the dot forms: rows that are not whole packets, from 8 up, and two or more whole packets. There the dot form
+/// loads (1 + lanes) / lanes packets per FMA and the outer form (NB + KB) / (NB * KB), KB keys x NB packets of rows:
+/// 8 / 12 at 2 packets. Measured L2-resident, f32, 16 rows (AVX2): 20.2 -> 18.5 cycles per (key, row); 24 and 32
+/// rows the same either way. With 16-bit or int8 K, whose chunks the outer form widens once (WidenedChunk), 32 rows
+/// on the Xeon of bench/README.md (S = 16384, medians of 3 interleaved rounds, 1 / 2 threads, ms per token): bf16
+/// 2.62 / 1.35 -> 2.49 / 1.32, f16 2.82 / 1.47 -> 2.68 / 1.27, int8 2.78 / 1.40 -> 2.39 / 1.23. One whole packet
+/// stays in the dot form (the outer form there: bf16 and f32 GQA-2 7-14% slower).
+template <typename Acc>
 constexpr bool uses_outer_form(Index rows) {
   constexpr Index L = kLanes<Acc>;
   if (rows < std::min<Index>(8, L)) return false;
-  return rows % L != 0 || (std::is_same_v<Src, Acc> && rows > L);
+  return rows % L != 0 || rows > L;
 }
 
 /// The forms of the score product, as tags (the row count is a template parameter so accumulators live in registers):
-///   DotRows<M>       M < min(8, lanes) rows, one dot product per (key, row) (scores_dot / scores_dot_packed)
-///   DotPackets<NB>   NB whole packets of rows, the dot form a packet at a time (scores_dot_packed)
+///   DotRows<M>       M < min(8, lanes) rows, or one whole packet (M = lanes), one dot product per (key, row)
+///                    (scores_dot / scores_dot_packed)
 ///   OuterPackets<NB> up to NB packets of rows, outer products with Q^T (scores_outer)
 template <int M>
 struct DotRows {};
 template <int NB>
-struct DotPackets {};
-template <int NB>
 struct OuterPackets {};
 
-/// Calls f with the tag of the form that score_tile uses for `rows` (1 <= rows <= kMaxRows<Acc>) of a Src cache.
-template <typename Acc, typename Src, typename F>
+/// Calls f with the tag of the form that score_tile uses for `rows` (1 <= rows <= kMaxRows<Acc>), any type of K.
+template <typename Acc, typename F>
 void with_score_form(Index rows, F&& f) {
   constexpr int L = kLanes<Acc>;
   GQA_ASSERT(rows >= 1 && rows <= kMaxRows<Acc>);
@@ -826,12 +884,12 @@ void with_score_form(Index rows, F&& f) {
       default: break;
     }
   }
-  const bool outer = uses_outer_form<Acc, Src>(rows);
+  if (!uses_outer_form<Acc>(rows)) return f(DotRows<L>{});  // one whole packet
   switch ((rows + L - 1) / L) {
-    case 1: return outer ? f(OuterPackets<1>{}) : f(DotPackets<1>{});
-    case 2: return outer ? f(OuterPackets<2>{}) : f(DotPackets<2>{});
-    case 3: return outer ? f(OuterPackets<3>{}) : f(DotPackets<3>{});
-    default: return outer ? f(OuterPackets<4>{}) : f(DotPackets<4>{});
+    case 1: return f(OuterPackets<1>{});
+    case 2: return f(OuterPackets<2>{});
+    case 3: return f(OuterPackets<3>{});
+    default: return f(OuterPackets<4>{});
   }
 }
 
@@ -848,7 +906,7 @@ template <typename Acc, typename Src>
 void pack_queries(const Acc* q, Index rows, Index D, Acc* buf) {
   constexpr Index L = kLanes<Acc>;
   GQA_ASSERT(reinterpret_cast<std::uintptr_t>(buf) % EIGEN_MAX_ALIGN_BYTES == 0);
-  if (uses_outer_form<Acc, Src>(rows)) {
+  if (uses_outer_form<Acc>(rows)) {
     using Matrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     Eigen::Map<Matrix> qt(buf, D, kMaxRows<Acc>);
     qt.setZero();
@@ -868,43 +926,38 @@ void scores(DotRows<M>, const Acc* qpack, Index /*rows*/, const KVRows<Src>& k, 
     scores_dot<M>(qpack, k, Strided<Acc>{st, M}, pf);
 }
 
-/// Scores of DotPackets: one packet of rows at a time, in chunks of keys that stay in L1 for all the packets; each
-/// chunk prefetches the next over all of them (16 rows ahead over all the packets of a tile fell behind the first
-/// packet's reads: 2 packets ~20% slower from DRAM).
-template <int NB, typename Acc, typename Src>
-void scores(DotPackets<NB>, const Acc* qpack, Index /*rows*/, const KVRows<Src>& k, Acc* st) {
-  constexpr Index L = kLanes<Acc>, ld = NB * L, kChunk = 16;
-  const Index D = k.cols;
-  for (Index j0 = 0; j0 < k.count; j0 += kChunk) {
-    const KVRows<Src> chunk = k.rows(j0, std::min(kChunk, k.count - j0));
-    auto pf = PrefetchShare<Src>::ahead(chunk, chunk.count, NB * chunk.count, std::max(kChunk, prefetch_rows<Src>));
-    for (int c = 0; c < NB; ++c)
-      scores_dot_packed<L>(qpack + c * L * D, chunk, Strided<Acc>{st + j0 * ld + c * L, ld}, pf);
-  }
-}
-
 /// Scores of OuterPackets: all packets of rows at once, keys in chunks that are whole register blocks (KB = 3, 4, 6
 /// or 8 keys), written straight into S^T when the rows are whole packets, else into a padded row stride and
-/// compacted. Prefetches the rows kPrefetchRows ahead of the tile, a share per key.
+/// compacted. K that is not Acc is widened a chunk at a time (WidenedChunk) rather than element by element as it is
+/// broadcast. Prefetches the stored rows kPrefetchRows ahead of the tile, a share per key.
 template <int NB, typename Acc, typename Src>
 void scores(OuterPackets<NB>, const Acc* qpack, Index rows, const KVRows<Src>& k, Acc* st) {
   constexpr Index ld = NB * kLanes<Acc>, kChunk = 24;
   auto pf = PrefetchShare<Src>::ahead(k, k.count, k.count);
   EIGEN_ALIGN_MAX Acc tmp[kChunk * kMaxRows<Acc>];
-  for (Index j0 = 0; j0 < k.count; j0 += kChunk) {
-    const Index nn = std::min(kChunk, k.count - j0);
-    Acc* dst = ld == rows ? st + j0 * ld : tmp;
-    scores_outer<NB>(Strided<const Acc>{qpack, kMaxRows<Acc>}, k.rows(j0, nn), Strided<Acc>{dst, ld}, pf);
-    if (ld != rows)
-      for (Index j = 0; j < nn; ++j) std::copy_n(tmp + j * ld, rows, st + (j0 + j) * rows);
+  auto run = [&](Index chunk, auto&& read) {
+    for (Index j0 = 0; j0 < k.count; j0 += chunk) {
+      const Index nn = std::min(chunk, k.count - j0);
+      Acc* dst = ld == rows ? st + j0 * ld : tmp;
+      scores_outer<NB>(Strided<const Acc>{qpack, kMaxRows<Acc>}, read(k.rows(j0, nn)), Strided<Acc>{dst, ld}, pf);
+      if (ld != rows)
+        for (Index j = 0; j < nn; ++j) std::copy_n(tmp + j * ld, rows, st + (j0 + j) * rows);
+    }
+  };
+  if constexpr (!std::is_same_v<Src, Acc>) {
+    if (const Index widened = WidenedChunk<Acc>::keys_that_fit(kChunk, k.cols); widened > 0) {
+      WidenedChunk<Acc> buf;
+      return run(widened, [&](const KVRows<Src>& kj) { return buf.widen(kj); });
+    }
   }
+  run(kChunk, [](const KVRows<Src>& kj) { return kj; });
 }
 
 /// S^T [k.count, rows] (row stride rows) = K Q^T for `rows` queries packed by pack_queries<Acc, Src>, in the form
 /// with_score_form picks for the row count.
 template <typename Acc, typename Src>
 void score_tile(const Acc* qpack, Index rows, const KVRows<Src>& k, Acc* st) {
-  with_score_form<Acc, Src>(rows, [&](auto form) { scores(form, qpack, rows, k, st); });
+  with_score_form<Acc>(rows, [&](auto form) { scores(form, qpack, rows, k, st); });
 }
 
 }  // namespace mk
