@@ -600,8 +600,12 @@ void scores_outer(Strided<const Acc> qt_m, const KVRows<Src>& k_rows, Strided<Ac
 
 /// out(r, d) += sum_j pt(j, r) * v_rows.row(j)[d] for r < R, d in [d0, d0 + NV * lanes), first issuing the
 /// prefetches of all v_rows' keys (at once: issued key by key, they measured no better, at a higher instruction cost).
+/// Always inlined: GCC kept some instantiations out of line (which ones changed with unrelated code), and those ran
+/// slower: G = 8 (4 rows), 2-core Xeon of bench/README.md, S = 16384, medians of 3 interleaved rounds,
+/// 1 / 2 threads, bf16 4.27 / 2.28 -> 3.58 / 1.83, f16 4.49 / 2.22 -> 3.74 / 1.92, int8 4.46 / 2.35 -> 3.72 / 1.88
+/// ms per token; other G unchanged.
 template <int R, int NV, typename Acc, typename Src, typename Pf>
-EIGEN_STRONG_INLINE void pv_block(Strided<const Acc> pt_m, const KVRows<Src>& v_rows, Strided<Acc> out_m, Index d0,
+EIGEN_ALWAYS_INLINE void pv_block(Strided<const Acc> pt_m, const KVRows<Src>& v_rows, Strided<Acc> out_m, Index d0,
                                   Pf& pf) {
   constexpr int L = kLanes<Acc>;
   const Acc* pt = pt_m.data;
