@@ -140,6 +140,9 @@ TEST_CASE("score_tile: the form chosen for a row count", "[microkernels][scores]
   mk::with_score_form<float>(1, count);
   mk::with_score_form<float>(3, count);
   mk::with_score_form<float>(L, count);                       // one whole packet: dot form
+  int dot_eight = 0;  // 8 rows divide AVX-512's 16 lanes: the dot form, no half-empty packets
+  mk::with_score_form<float>(8, [&](auto form) { dot_eight += std::is_same_v<decltype(form), mk::DotRows<8>>; });
+  CHECK(dot_eight == (L % 8 == 0 ? 1 : 0));
   mk::with_score_form<float>(2 * L, count);                   // two packets: outer form
   mk::with_score_form<float>(4 * L, count);
   mk::with_score_form<float>(2 * L - 1, count);               // not whole packets: outer form

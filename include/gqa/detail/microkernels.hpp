@@ -848,23 +848,25 @@ template <typename Acc>
 inline constexpr Index kMaxRows = 4 * kLanes<Acc>;
 
 /// Whether `rows` go to the outer-product form (which multiplies by Q^T, broadcasting single K elements) rather than
-/// the dot forms: rows that are not whole packets, from 8 up, and two or more whole packets. There the dot form
-/// loads (1 + lanes) / lanes packets per FMA and the outer form (NB + KB) / (NB * KB), KB keys x NB packets of rows:
-/// 8 / 12 at 2 packets. Measured L2-resident, f32, 16 rows (AVX2): 20.2 -> 18.5 cycles per (key, row); 24 and 32
-/// rows the same either way. With 16-bit or int8 K, whose chunks the outer form widens once (WidenedChunk), 32 rows
-/// on the Xeon of bench/README.md (S = 16384, medians of 3 interleaved rounds, 1 / 2 threads, ms per token): bf16
-/// 2.62 / 1.35 -> 2.49 / 1.32, f16 2.82 / 1.47 -> 2.68 / 1.27, int8 2.78 / 1.40 -> 2.39 / 1.23. One whole packet
-/// stays in the dot form (the outer form there: bf16 and f32 GQA-2 7-14% slower).
+/// the dot forms: from 8 rows up, all but the divisors of the packet (one whole packet; 8 rows of AVX-512's 16
+/// lanes). There the dot form loads (1 + lanes) / lanes packets per FMA and the outer form (NB + KB) / (NB * KB), KB
+/// keys x NB packets of rows: 8 / 12 at 2 packets. Measured L2-resident, f32, 16 rows (AVX2): 20.2 -> 18.5 cycles
+/// per (key, row); 24 and 32 rows the same either way. With 16-bit or int8 K, whose chunks the outer form widens
+/// once (WidenedChunk), 32 rows on the Xeon of bench/README.md (S = 16384, medians of 3 interleaved rounds, 1 / 2
+/// threads, ms per token): bf16 2.62 / 1.35 -> 2.49 / 1.32, f16 2.82 / 1.47 -> 2.68 / 1.27, int8 2.78 / 1.40 ->
+/// 2.39 / 1.23. A divisor of the packet stays in the dot form, whose lanes are all rows: one whole packet (the
+/// outer form there: bf16 and f32 GQA-2 7-14% slower), and 8 rows on AVX-512, where the outer form left half of
+/// every packet zero (GQA-4, the same machine and method, f32 4.96 / 2.61 -> 3.26 / 1.68, bf16 4.43 / 2.37 ->
+/// 2.89 / 1.47, f16 4.51 / 2.41 -> 3.24 / 1.65, int8 4.51 / 2.49 -> 3.28 / 1.67).
 template <typename Acc>
 constexpr bool uses_outer_form(Index rows) {
   constexpr Index L = kLanes<Acc>;
-  if (rows < std::min<Index>(8, L)) return false;
-  return rows % L != 0 || rows > L;
+  return rows >= std::min<Index>(8, L) && L % rows != 0;
 }
 
 /// The forms of the score product, as tags (the row count is a template parameter so accumulators live in registers):
-///   DotRows<M>       M < min(8, lanes) rows, or one whole packet (M = lanes), one dot product per (key, row)
-///                    (scores_dot / scores_dot_packed)
+///   DotRows<M>       M < min(8, lanes) rows, or M from 8 up that divides the packet (8 on AVX-512, one whole
+///                    packet), one dot product per (key, row) (scores_dot / scores_dot_packed)
 ///   OuterPackets<NB> up to NB packets of rows, outer products with Q^T (scores_outer)
 template <int M>
 struct DotRows {};
@@ -888,7 +890,11 @@ void with_score_form(Index rows, F&& f) {
       default: break;
     }
   }
-  if (!uses_outer_form<Acc>(rows)) return f(DotRows<L>{});  // one whole packet
+  if (!uses_outer_form<Acc>(rows)) {  // a divisor of the packet from 8 rows up: 8 (of 16 lanes) or one packet
+    if constexpr (L > 8 && L % 8 == 0)
+      if (rows == 8) return f(DotRows<8>{});
+    return f(DotRows<L>{});
+  }
   switch ((rows + L - 1) / L) {
     case 1: return f(OuterPackets<1>{});
     case 2: return f(OuterPackets<2>{});
