@@ -310,15 +310,29 @@ struct WidenedChunk {
 
   /// Rows of D values that fit, up to `keys`: 0 when one row does not.
   static constexpr Index keys_that_fit(Index keys, Index D) { return std::min(keys, kBytes / (D * Index(sizeof(Acc)))); }
-  /// Widens `rows` (at most keys_that_fit(rows.count, rows.cols)) into the buffer and returns them as Acc rows (no
-  /// rows past them to prefetch: the caller prefetches the stored rows).
+  /// Widens `rows` (that fit) into the buffer and returns them as Acc rows (no rows past them to prefetch: the
+  /// caller prefetches the stored rows).
   template <typename Src>
   KVRows<Acc> widen(const KVRows<Src>& rows) {
-    GQA_ASSERT(rows.count <= keys_that_fit(rows.count, rows.cols));
+    GQA_ASSERT(rows.count * rows.cols * Index(sizeof(Acc)) <= kBytes);
     for (Index j = 0; j < rows.count; ++j) widen_row(rows.row(j), data + j * rows.cols, rows.cols);
     return {data, rows.cols, rows.count, rows.cols, rows.count};
   }
 };
+
+/// Calls f(keys, read) for a kernel that walks stored rows of D values in chunks of `keys`: read(chunk) gives the
+/// rows the kernel multiplies. Where `widen` (and the rows are not Acc already, and a row fits), each chunk is
+/// widened into a WidenedChunk and keys is cut to what fits; otherwise read returns the stored rows themselves.
+template <typename Acc, typename Src, typename F>
+void with_chunk_rows(bool widen, Index keys, Index D, F&& f) {
+  if constexpr (!std::is_same_v<Src, Acc>) {
+    if (const Index fit = WidenedChunk<Acc>::keys_that_fit(keys, D); widen && fit > 0) {
+      WidenedChunk<Acc> buf;
+      return f(fit, [&buf](const KVRows<Src>& rows) { return buf.widen(rows); });
+    }
+  }
+  f(keys, [](const KVRows<Src>& rows) { return rows; });
+}
 
 /// Rows ahead of the one being read that the kernels prefetch. The kernels walk several K rows at once, or V rows
 /// a column block at a time, orders the hardware prefetchers follow poorly from DRAM; fetching rows this far ahead
@@ -434,8 +448,8 @@ void pack_rows(const Acc* q, Index rows, Index D, Index group, Acc* out, bool sp
 
 /// Dot-product form for M < lanes rows: st(j, r) = sum_d q[r][d] * k_rows.row(j)[d], q packed by pack_rows (one
 /// group of M rows). KB keys are processed together so each q packet load feeds KB FMAs.
-template <int M, typename Acc, typename Src, typename Pf>
-void scores_dot(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st_m, Pf& pf) {
+template <int M, typename Acc, typename Src>
+void scores_dot(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st_m, PrefetchShare<Src>& pf) {
   constexpr int L = kLanes<Acc>;
   const Src* k = k_rows.data;
   const Index k_stride = k_rows.stride, n = k_rows.count, D = k_rows.cols, ld_st = st_m.ld;
@@ -520,8 +534,8 @@ EIGEN_STRONG_INLINE PacketT predux_transposed(const PacketT* acc) {
 /// st(j, r) = sum_d q[r][d] * k_rows.row(j)[d], q packed by pack_rows (one group of M rows). The KB * M = lanes
 /// accumulators are reduced together into one packet, stored at st.row(j): KB consecutive rows of S^T when
 /// st.ld == M, or (M = lanes) one packet of the rows of a wider S^T.
-template <int M, typename Acc, typename Src, typename Pf>
-void scores_dot_packed(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st_m, Pf& pf) {
+template <int M, typename Acc, typename Src>
+void scores_dot_packed(const Acc* qp, const KVRows<Src>& k_rows, Strided<Acc> st_m, PrefetchShare<Src>& pf) {
   constexpr int L = kLanes<Acc>;
   const Src* k = k_rows.data;
   const Index k_stride = k_rows.stride, n = k_rows.count, D = k_rows.cols, ld_st = st_m.ld;
@@ -699,10 +713,11 @@ EIGEN_ALWAYS_INLINE void for_each_pv_column_block(Index D, F&& f) {
 }
 
 /// accumulate_pv's loop over chunks of `chunk` keys, the register blocks reading the rows `read(stored chunk)`
-/// returns (KVRows<Read>: the stored rows, or the chunk widened).
-template <typename Acc, typename Read, typename Src, typename ReadRows>
+/// returns (the stored rows, or the chunk widened: with_chunk_rows).
+template <typename Acc, typename Src, typename ReadRows>
 void accumulate_pv_chunks(Strided<const Acc> pt, Index M, const KVRows<Src>& v_rows, Strided<Acc> out, Index chunk,
                           ReadRows&& read) {
+  using Read = std::remove_const_t<std::remove_pointer_t<decltype(read(v_rows).data)>>;
   const Index n = v_rows.count, D = v_rows.cols;
   Index blocks = 0;  // register blocks per chunk, to spread the prefetches over
   for_each_pv_row_block<Acc, Read>(M, [&](auto r_const, Index) {
@@ -738,14 +753,9 @@ void accumulate_pv(Strided<const Acc> pt, Index M, const KVRows<Src>& v_rows, St
   // Chunks of 2M keys (at least 8, at most kPvChunkBytes of V): long enough to amortise loading and storing the
   // accumulators, short enough that the rows are read from DRAM nearly in order and stay in L1.
   const Index chunk = std::clamp<Index>(2 * M, 8, std::max<Index>(8, kPvChunkBytes / (D * Index(sizeof(Src)))));
-  if constexpr (!std::is_same_v<Src, Acc>) {
-    const Index widened = WidenedChunk<Acc>::keys_that_fit(chunk, D);
-    if (M > kPvRows && !reads_in_place<Acc, Src>(D) && widened > 0) {
-      WidenedChunk<Acc> buf;
-      return accumulate_pv_chunks<Acc, Acc>(pt, M, v_rows, out, widened, [&](const KVRows<Src>& vj) { return buf.widen(vj); });
-    }
-  }
-  accumulate_pv_chunks<Acc, Src>(pt, M, v_rows, out, chunk, [](const KVRows<Src>& vj) { return vj; });
+  with_chunk_rows<Acc, Src>(M > kPvRows && !reads_in_place<Acc, Src>(D), chunk, D, [&](Index keys, auto&& read) {
+    accumulate_pv_chunks(pt, M, v_rows, out, keys, read);
+  });
 }
 
 /// exp(v) lane by lane for v <= 0 (the softmax's s - max), exactly 0 where v is -inf; NaN stays NaN. A masked score
@@ -945,7 +955,7 @@ void scores(OuterPackets<NB>, const Acc* qpack, Index rows, const KVRows<Src>& k
   constexpr Index ld = NB * kLanes<Acc>, kChunk = 24;
   auto pf = PrefetchShare<Src>::ahead(k, k.count, k.count);
   EIGEN_ALIGN_MAX Acc tmp[kChunk * kMaxRows<Acc>];
-  auto run = [&](Index chunk, auto&& read) {
+  with_chunk_rows<Acc, Src>(true, kChunk, k.cols, [&](Index chunk, auto&& read) {
     for (Index j0 = 0; j0 < k.count; j0 += chunk) {
       const Index nn = std::min(chunk, k.count - j0);
       Acc* dst = ld == rows ? st + j0 * ld : tmp;
@@ -953,14 +963,7 @@ void scores(OuterPackets<NB>, const Acc* qpack, Index rows, const KVRows<Src>& k
       if (ld != rows)
         for (Index j = 0; j < nn; ++j) std::copy_n(tmp + j * ld, rows, st + (j0 + j) * rows);
     }
-  };
-  if constexpr (!std::is_same_v<Src, Acc>) {
-    if (const Index widened = WidenedChunk<Acc>::keys_that_fit(kChunk, k.cols); widened > 0) {
-      WidenedChunk<Acc> buf;
-      return run(widened, [&](const KVRows<Src>& kj) { return buf.widen(kj); });
-    }
-  }
-  run(kChunk, [](const KVRows<Src>& kj) { return kj; });
+  });
 }
 
 /// S^T [k.count, rows] (row stride rows) = K Q^T for `rows` queries packed by pack_queries<Acc, Src>, in the form
