@@ -4,7 +4,7 @@ transformers (PyTorch) on the same model directory and the same ids.
 
     python3 bench/hf_perplexity.py MODEL_DIR --ids FILE [--context N] [--dtype float32|float64] [--threads N]
 
-The definition is example_decoder's (examples/decoder/llama.hpp, llama::perplexity): the ids are cut into
+The definition is example_decoder's (examples/model/llama.hpp, llama::perplexity): the ids are cut into
 consecutive non-overlapping windows of --context tokens (the last one may be shorter; a last window of one token
 is dropped), each window is run from an empty cache starting at position 0, and every token of a window except
 its first is scored by the model's prediction from the tokens before it in the same window. Perplexity is

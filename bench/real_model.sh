@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/real_model.sh — a real checkpoint, measured: SmolLM2-135M-Instruct (H = 9 query heads, G = 3 KV heads) on
-# gqa through examples/decoder (example_decoder). Optional tooling: Python and PyPI packages, never in the tests.
+# gqa through example_decoder (examples/decoder.cpp, examples/model/). Optional tooling: Python and PyPI packages, never in the tests.
 #
 #   bench/real_model.sh [options]
 #     --build DIR      CMake build directory (default: build); configured Release if it has no CMakeCache.txt,

@@ -1,5 +1,5 @@
 // decoder.cpp — example_decoder: a Llama-family model (Llama, Mistral, Qwen2) from a Hugging Face directory,
-// decoding with gqa's KV cache and attention. The model code is examples/decoder/llama.hpp; this file is the
+// decoding with gqa's KV cache and attention. The model code is examples/model/llama.hpp; this file is the
 // command line.
 //
 //   example_decoder MODEL_DIR generate --prompt-ids FILE [--max-new N] [--kv f32|bf16|f16|i8]
@@ -23,8 +23,8 @@
 //            On cores shared with other work, run with OMP_WAIT_POLICY=passive (see README.md).
 //
 // Exit status: 0, 1 on an error (message on stderr, "[gqa.<id>] ..."), 2 on a usage error.
-#include "decoder/llama.hpp"
-#include "decoder/tokenizer.hpp"
+#include "model/llama.hpp"
+#include "model/tokenizer.hpp"
 
 #include <omp.h>
 

@@ -8,7 +8,7 @@
 // conversion failed (nothing was written), 2 bad command line. On SIGINT or SIGTERM it removes its temporary
 // directory and then dies of the signal (exit status 128 + signal in a shell).
 #include "gqa/checkpoint.hpp"
-#include "tool_cli.hpp"
+#include "cli/tool_cli.hpp"
 
 #include <cstdint>
 #include <cstdlib>

@@ -10,7 +10,7 @@
 // the target's mean square, and the time) and a summary. Exit status: 0 done, 1 failed (nothing written), 2 bad
 // command line. On SIGINT or SIGTERM it stops, removes its temporary output and dies of the signal.
 #include "uptrain/uptrain.hpp"
-#include "tool_cli.hpp"
+#include "cli/tool_cli.hpp"
 
 #include <chrono>
 #include <cstdio>

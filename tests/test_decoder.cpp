@@ -1,4 +1,4 @@
-// Tests of the example decoder (examples/decoder/llama.hpp, examples/decoder/tokenizer.hpp) on tiny random
+// Tests of the example decoder (examples/model/llama.hpp, examples/model/tokenizer.hpp) on tiny random
 // Llama-style checkpoints (tests/support/llama_fixture.hpp: 2 layers, H = 8, G = 2, D = 16; with and without q/k/v
 // biases, tied and separate lm_head, F32 and BF16 weights, llama3 rope scaling, head_dim != hidden / H):
 //   * logits against a naive double-precision transformer written here (per-head attention over K/V repeated to
@@ -10,8 +10,8 @@
 //     max_position_embeddings, malformed ids files.
 // When tests/cmake/decoder.cmake passes GQA_DECODER_EXE (examples built), the example_decoder command line is run
 // end to end as well.
-#include "../examples/decoder/llama.hpp"
-#include "../examples/decoder/tokenizer.hpp"
+#include "../examples/model/llama.hpp"
+#include "../examples/model/tokenizer.hpp"
 
 #include "gqa/checkpoint.hpp"
 #include "support/llama_fixture.hpp"

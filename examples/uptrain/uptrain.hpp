@@ -34,7 +34,7 @@
 // vocabulary) and gqa::convert_checkpoint's path rules ([gqa.checkpoint.*]) as they are.
 #pragma once
 
-#include "../decoder/llama.hpp"
+#include "../model/llama.hpp"
 #include "distill.hpp"
 
 #include <gqa/checkpoint.hpp>

@@ -1,4 +1,4 @@
-// examples/tool_cli.hpp — what gqa-convert and gqa-uptrain share on their command lines: strict integer parsing,
+// examples/cli/tool_cli.hpp — what gqa-convert and gqa-uptrain share on their command lines: strict integer parsing,
 // and SIGINT / SIGTERM turned into a cancel flag that the library checks between tensors, so that an interrupted
 // run removes its temporary directory, says so, and then dies of the signal (exit status 128 + signal in a shell).
 #pragma once

@@ -1,4 +1,4 @@
-// examples/decoder/tokenizer.hpp — token ids back to text, for display only (no encoder: turning text into ids is
+// examples/model/tokenizer.hpp — token ids back to text, for display only (no encoder: turning text into ids is
 // a tokenizer library's job, see bench/text_ids.py).
 //
 // Reads tokenizer.json's "model.vocab" (piece -> id) and "added_tokens" (id, content). Two piece spellings:
