@@ -37,8 +37,8 @@
 # into the committed bench/eval/gqa_docs.ids, makes G = 9 (exact expansion) and G = 1 (mean, first, random
 # pooling) with gqa-convert, measures perplexity of all five with example_decoder and of the native model with
 # transformers (bench/hf_perplexity.py) (and of the GGUF converter's own output with example_decoder: both config
-# forms must give one model), times decode at each context for G = 9, 3, 1 (mean) at each thread count with `example_decoder bench` (f32 weights and cache),
-# and prints one table with the bars (bench/real_model_report.py) and the plot.
+# forms must give one model), times decode at each context for G = 9, 3, 1 (mean) at each thread count with
+# `example_decoder bench` (f32 weights and cache), and prints one table with the issue's bars (bench/real_model_report.py) and the plot.
 #
 # The roofline's bandwidth is example_decoder bench's own: the best of five parallel reads, with the same thread
 # count, of a buffer as large as the bytes one token reads, in the same process right after the timed steps.
