@@ -2,15 +2,19 @@
 // decoding with gqa's KV cache and attention. The model code is examples/model/llama.hpp; this file is the
 // command line.
 //
-//   example_decoder MODEL_DIR generate --prompt-ids FILE [--max-new N] [--kv f32|bf16|f16|i8]
+//   example_decoder MODEL_DIR generate (--prompt TEXT | --prompt-ids FILE) [--max-new N] [--kv f32|bf16|f16|i8]
 //                                     [--temperature T --top-k K --seed S] [--threads N]
-//   example_decoder MODEL_DIR perplexity --ids FILE [--context N] [--kv f32|bf16|f16|i8] [--threads N]
+//   example_decoder MODEL_DIR perplexity (--text FILE | --ids FILE) [--context N] [--kv f32|bf16|f16|i8]
+//                                       [--threads N]
 //   example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16|f16|i8] [--threads N]
+//   example_decoder MODEL_DIR tokenize --text FILE
 //
 // MODEL_DIR holds config.json and model.safetensors (or model.safetensors.index.json and its shards), and
-// optionally tokenizer.json (used to show ids as text). Ids files hold whitespace-separated integers
-// (bench/text_ids.py writes them). --kv is the KV cache's element type (default f32; i8 is the int8 cache with
-// per-row scales); --threads defaults to OpenMP's (OMP_NUM_THREADS, else the cores).
+// optionally tokenizer.json: it shows ids as text, and encodes --prompt TEXT and --text FILE (UTF-8) into ids as
+// Hugging Face `tokenizers` does, special tokens of its post_processor (a BOS, say) included
+// (examples/model/encoder.hpp). Ids files hold whitespace-separated integers (bench/text_ids.py writes them).
+// --kv is the KV cache's element type (default f32; i8 is the int8 cache with per-row scales); --threads defaults
+// to OpenMP's (OMP_NUM_THREADS, else the cores).
 //
 // generate   prefills the prompt in chunks, then decodes up to --max-new tokens (default 32; stops at the
 //            config's eos_token_id): greedy, or sampled with --temperature (> 0), --top-k (0 = all) and --seed.
@@ -21,8 +25,11 @@
 //            steps; prints ms per token, the bytes one token reads (weights + KV cache) and a memory roofline from
 //            parallel reads of that many bytes between the steps (medians of both); last line is key=value pairs.
 //            On cores shared with other work, run with OMP_WAIT_POLICY=passive (see README.md).
+// tokenize   prints the ids of --text FILE (20 to a line, an ids file) and, on stderr, their count and the encode
+//            time; needs only MODEL_DIR/tokenizer.json.
 //
 // Exit status: 0, 1 on an error (message on stderr, "[gqa.<id>] ..."), 2 on a usage error.
+#include "model/encoder.hpp"
 #include "model/llama.hpp"
 #include "model/tokenizer.hpp"
 
@@ -33,6 +40,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <map>
 #include <string>
 #include <vector>
@@ -44,10 +52,12 @@ using Clock = std::chrono::steady_clock;
 
 const char* const usage_text =
     "usage:\n"
-    "  example_decoder MODEL_DIR generate --prompt-ids FILE [--max-new N] [--kv f32|bf16|f16|i8]\n"
-    "                                    [--temperature T --top-k K --seed S] [--threads N]\n"
-    "  example_decoder MODEL_DIR perplexity --ids FILE [--context N] [--kv f32|bf16|f16|i8] [--threads N]\n"
-    "  example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16|f16|i8] [--threads N]\n";
+    "  example_decoder MODEL_DIR generate (--prompt TEXT | --prompt-ids FILE) [--max-new N]\n"
+    "                                    [--kv f32|bf16|f16|i8] [--temperature T --top-k K --seed S] [--threads N]\n"
+    "  example_decoder MODEL_DIR perplexity (--text FILE | --ids FILE) [--context N] [--kv f32|bf16|f16|i8]\n"
+    "                                      [--threads N]\n"
+    "  example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16|f16|i8] [--threads N]\n"
+    "  example_decoder MODEL_DIR tokenize --text FILE\n";
 
 struct usage_error : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -93,9 +103,11 @@ Args parse(int argc, char** argv) {
   if (argc < 3) throw usage_error("missing MODEL_DIR or mode");
   Args a{argv[1], argv[2], {}};
   const std::map<std::string, std::vector<std::string>> allowed = {
-      {"generate", {"--prompt-ids", "--max-new", "--kv", "--temperature", "--top-k", "--seed", "--threads"}},
-      {"perplexity", {"--ids", "--context", "--kv", "--threads"}},
-      {"bench", {"--context", "--tokens", "--kv", "--threads"}}};
+      {"generate",
+       {"--prompt-ids", "--prompt", "--max-new", "--kv", "--temperature", "--top-k", "--seed", "--threads"}},
+      {"perplexity", {"--ids", "--text", "--context", "--kv", "--threads"}},
+      {"bench", {"--context", "--tokens", "--kv", "--threads"}},
+      {"tokenize", {"--text"}}};
   const auto mode = allowed.find(a.mode);
   if (mode == allowed.end()) throw usage_error("unknown mode '" + a.mode + "'");
   for (int i = 3; i < argc; i += 2) {
@@ -105,8 +117,17 @@ Args parse(int argc, char** argv) {
     if (i + 1 >= argc) throw usage_error(f + " needs a value");
     if (!a.flags.emplace(f, argv[i + 1]).second) throw usage_error(f + " given twice");
   }
-  const char* required = a.mode == "generate" ? "--prompt-ids" : a.mode == "perplexity" ? "--ids" : "--context";
-  if (!a.has(required)) throw usage_error(a.mode + " needs " + required);
+  // The input: ids, or text for the checkpoint's tokenizer; exactly one of the two where a mode takes both.
+  const std::map<std::string, std::vector<std::string>> inputs = {{"generate", {"--prompt-ids", "--prompt"}},
+                                                                  {"perplexity", {"--ids", "--text"}},
+                                                                  {"bench", {"--context"}},
+                                                                  {"tokenize", {"--text"}}};
+  const std::vector<std::string>& input = inputs.at(a.mode);
+  const auto given = std::count_if(input.begin(), input.end(), [&](const std::string& f) { return a.has(f); });
+  if (given != 1) {
+    const std::string either = input.size() == 1 ? input[0] : input[0] + " or " + input[1];
+    throw usage_error(a.mode + (given == 0 ? " needs " : " takes one of ") + either);
+  }
   if (a.has("--kv") && a.text("--kv") != "f32" && a.text("--kv") != "bf16" && a.text("--kv") != "f16" &&
       a.text("--kv") != "i8")
     throw usage_error("--kv " + a.text("--kv") + ": expected f32, bf16, f16 or i8");
@@ -114,6 +135,31 @@ Args parse(int argc, char** argv) {
 }
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+/// The whole of a text file, as bytes (the encoder checks that they are UTF-8).
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  llama::check<gqa::io_error>(bool(in), "io", "cannot open text file ", path);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  llama::check<gqa::io_error>(!in.bad(), "io", "cannot read text file ", path);
+  return text;
+}
+
+llama::Encoder open_encoder(const std::string& dir, const std::string& flag) {
+  std::optional<llama::Encoder> e = llama::Encoder::open(dir);
+  llama::check(e.has_value(), "tokenizer", flag, " needs MODEL_DIR/tokenizer.json, and ", dir, " has none");
+  return std::move(*e);
+}
+
+/// The ids of --ids-style `ids_flag` (a file of ids) or `text_flag` (text for the tokenizer), checked against the
+/// vocabulary.
+std::vector<std::int32_t> input_ids(const Args& a, const char* ids_flag, const char* text_flag,
+                                    const std::string& text, gqa::Index vocab) {
+  if (a.has(ids_flag)) return llama::read_ids(a.text(ids_flag), vocab);
+  const std::vector<std::int32_t> ids = open_encoder(a.dir, text_flag).encode(text);
+  llama::check_ids(ids, vocab, std::string(text_flag) + " (encoded with tokenizer.json)");
+  return ids;
+}
 
 std::string join(const std::vector<std::int32_t>& ids) {
   std::string s;
@@ -124,7 +170,9 @@ std::string join(const std::vector<std::int32_t>& ids) {
 template <typename KV>
 void generate(const llama::Model& model, const Args& a) {
   const llama::Config& c = model.config();
-  const std::vector<std::int32_t> prompt = llama::read_ids(a.text("--prompt-ids"), c.vocab);
+  const std::vector<std::int32_t> prompt = input_ids(a, "--prompt-ids", "--prompt", a.text("--prompt"), c.vocab);
+  llama::check(!prompt.empty() || !a.has("--prompt"), "token", "--prompt \"", a.text("--prompt"),
+               "\" encodes to no token");
   const Index max_new = a.integer("--max-new", 32, 1);
   const Index total = Index(prompt.size()) + max_new;
   llama::check(total <= c.max_positions, "context", "the prompt's ", prompt.size(), " ids + --max-new ", max_new,
@@ -171,7 +219,8 @@ void generate(const llama::Model& model, const Args& a) {
 template <typename KV>
 void perplexity(const llama::Model& model, const Args& a) {
   const llama::Config& c = model.config();
-  const std::vector<std::int32_t> ids = llama::read_ids(a.text("--ids"), c.vocab);
+  const std::vector<std::int32_t> ids =
+      input_ids(a, "--ids", "--text", a.has("--text") ? read_file(a.text("--text")) : std::string(), c.vocab);
   const Index context = a.integer("--context", std::min<Index>(2048, c.max_positions), 0);
   const auto t0 = Clock::now();
   const llama::PerplexityResult r = llama::perplexity<KV>(model, ids, context);
@@ -279,6 +328,19 @@ void bench(const llama::Model& model, const Args& a, const char* kv_name) {
               median / roofline_ms);
 }
 
+/// tokenize: the ids of --text FILE on stdout as an ids file, the count and the encode time on stderr.
+void tokenize(const Args& a) {
+  const llama::Encoder encoder = open_encoder(a.dir, "--text");
+  const std::string text = read_file(a.text("--text"));
+  const auto t0 = Clock::now();
+  const std::vector<std::int32_t> ids = encoder.encode(text);
+  const double s = seconds_since(t0);
+  for (std::size_t i = 0; i < ids.size(); ++i)
+    std::printf("%d%c", ids[i], i % 20 == 19 || i + 1 == ids.size() ? '\n' : ' ');
+  std::fprintf(stderr, "tokenize: %zu tokens from %zu bytes in %.4f s (%.2f MB/s)\n", ids.size(), text.size(), s,
+               double(text.size()) / 1e6 / s);
+}
+
 template <typename KV>
 void run(const llama::Model& model, const Args& a, const char* kv_name) {
   if (a.mode == "generate") generate<KV>(model, a);
@@ -291,6 +353,10 @@ void run(const llama::Model& model, const Args& a, const char* kv_name) {
 int main(int argc, char** argv) {
   try {
     const Args a = parse(argc, argv);
+    if (a.mode == "tokenize") {  // the tokenizer alone: no model is loaded
+      tokenize(a);
+      return 0;
+    }
     if (a.has("--threads")) omp_set_num_threads(int(a.integer("--threads", 0, 1)));
     const llama::Model model = llama::Model::load(a.dir);
     if (a.text("--kv", "f32") == "bf16")

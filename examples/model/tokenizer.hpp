@@ -1,11 +1,14 @@
-// examples/model/tokenizer.hpp — token ids back to text, for display only (no encoder: turning text into ids is
-// a tokenizer library's job, see bench/text_ids.py).
+// examples/model/tokenizer.hpp — token ids back to text, for display (the Detokenizer; the encoder, text to ids,
+// is examples/model/encoder.hpp).
 //
 // Reads tokenizer.json's "model.vocab" (piece -> id) and "added_tokens" (id, content). Two piece spellings:
 //   byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM2; the "decoder" is ByteLevel): every byte of the text is one
 //     printable character of GPT-2's bytes_to_unicode table ('Ġ' is the space byte), mapped back byte by byte;
 //   SentencePiece-style (Llama 2, Mistral): '▁' is a space and "<0x0A>" a raw byte.
 // Added tokens (<|endoftext|>, ...) are literal text either way. Unknown ids print as "<unk:ID>".
+//
+// Memory is bounded by the file's entries (a hash map from id to piece), whatever the ids' values: an id must be an
+// integer in [0, 2^31), else gqa::format_error names the piece and the id. Text to ids: encoder.hpp.
 #pragma once
 
 #include <gqa/errors.hpp>
@@ -19,6 +22,7 @@
 #include <fstream>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace llama {
@@ -41,12 +45,11 @@ class Detokenizer {
       throw gqa::format_error("[gqa.decoder.tokenizer] " + path.string() + ": no \"model.vocab\" object");
     Detokenizer d;
     d.byte_level_ = j.contains("decoder") && j["decoder"].dump().find("\"ByteLevel\"") != std::string::npos;
-    for (const auto& [piece, id] : j["model"]["vocab"].items())
-      if (id.is_number_integer()) d.set(id.get<std::int64_t>(), piece, false);
+    for (const auto& [piece, id] : j["model"]["vocab"].items()) d.set(id, piece, false, path);
     if (j.contains("added_tokens") && j["added_tokens"].is_array())
       for (const auto& t : j["added_tokens"])
-        if (t.contains("id") && t["id"].is_number_integer() && t.contains("content") && t["content"].is_string())
-          d.set(t["id"].get<std::int64_t>(), t["content"].get<std::string>(), true);
+        if (t.contains("id") && t.contains("content") && t["content"].is_string())
+          d.set(t["id"], t["content"].get<std::string>(), true, path);
     return d;
   }
 
@@ -54,28 +57,30 @@ class Detokenizer {
   std::string decode(gqa::span<const std::int32_t> ids) const {
     std::string out;
     for (const std::int32_t id : ids) {
-      if (id < 0 || size_t(id) >= pieces_.size() || !known_[size_t(id)]) {
+      const auto it = pieces_.find(id);
+      if (it == pieces_.end()) {
         out += "<unk:" + std::to_string(id) + ">";
-      } else if (literal_[size_t(id)]) {
-        out += pieces_[size_t(id)];
+      } else if (it->second.literal) {
+        out += it->second.text;
       } else {
-        out += byte_level_ ? from_byte_level(pieces_[size_t(id)]) : from_sentencepiece(pieces_[size_t(id)]);
+        out += byte_level_ ? from_byte_level(it->second.text) : from_sentencepiece(it->second.text);
       }
     }
     return out;
   }
 
  private:
-  void set(std::int64_t id, const std::string& piece, bool literal) {
-    if (id < 0 || id > (std::int64_t(1) << 24)) return;  // a vocabulary is far smaller; ignore nonsense ids
-    if (size_t(id) >= pieces_.size()) {
-      pieces_.resize(size_t(id) + 1);
-      known_.resize(size_t(id) + 1, false);
-      literal_.resize(size_t(id) + 1, false);
-    }
-    pieces_[size_t(id)] = piece;
-    known_[size_t(id)] = true;
-    literal_[size_t(id)] = literal;
+  struct Piece {
+    std::string text;
+    bool literal = false;  // an added token: shown as written
+  };
+
+  void set(const nlohmann::json& id, const std::string& piece, bool literal, const std::filesystem::path& path) {
+    if (!id.is_number_integer() || id.get<std::int64_t>() < 0 || id.get<std::int64_t>() > INT32_MAX)
+      throw gqa::format_error("[gqa.decoder.tokenizer] " + path.string() + ": the id of \"" + piece + "\" is " +
+                              id.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) +
+                              ", not an integer in [0, 2^31)");
+    pieces_[std::int32_t(id.get<std::int64_t>())] = Piece{piece, literal};
   }
 
   /// GPT-2's bytes_to_unicode, inverted: printable Latin-1 bytes stand for themselves, the other 68 bytes are
@@ -138,8 +143,7 @@ class Detokenizer {
     return out;
   }
 
-  std::vector<std::string> pieces_;
-  std::vector<bool> known_, literal_;
+  std::unordered_map<std::int32_t, Piece> pieces_;
   bool byte_level_ = false;
 };
 
