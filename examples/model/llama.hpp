@@ -27,8 +27,8 @@
 // across threads, q/k/v and gate/up each in one parallel region (detail::linear). gqa::attention threads itself.
 //
 // Errors: gqa::format_error for a malformed config.json, ids file or weight shape; gqa::invalid_argument for what
-// is well-formed but unsupported (rope_scaling kinds other than llama3, hidden_act other than silu, per-head q/k
-// norms, MLP biases, sliding windows on some layers only), a token id outside the vocabulary, or a context longer
+// is well-formed but unsupported (config.hpp: rope types other than transformers' six, partial rotary, hidden_act
+// other than silu; per-head q/k norms, MLP biases), a token id outside the vocabulary, or a context longer
 // than max_position_embeddings; gqa::io_error when a file cannot be read. Messages start "[gqa.decoder.<id>]" and
 // name the field and the value.
 #pragma once
@@ -113,7 +113,7 @@ class Model {
   Model() = default;
   const float* tensor(const std::string& name, std::vector<std::int64_t> shape, bool required = true);
   Linear linear(const std::string& prefix, Index rows, Index cols, bool bias_allowed);
-  void rope(Matrix& t, Index heads, Index pos0) const;
+  void rope(Matrix& t, Index heads, Index pos0, const std::vector<double>& inv_freq) const;
 
   Config cfg_;
   CheckpointFiles files_;                  // the mapping F32 weights point into
@@ -122,7 +122,6 @@ class Model {
   const float* final_norm_ = nullptr;      // [hidden]
   Linear lm_head_;                         // [vocab, hidden]; the embedding when tied
   std::vector<Layer> layers_;
-  std::vector<double> inv_freq_;           // [D/2] rotary frequencies, scaled as the config says
 };
 
 /// The decoding state of one sequence: a KV cache per layer, all of the same length.
@@ -256,7 +255,6 @@ inline Model Model::load(const std::filesystem::path& dir) {
                              ": no tensor 'lm_head.weight' and tie_word_embeddings is not true in config.json");
     m.lm_head_ = m.linear("lm_head", c.vocab, hidden, false);
   }
-  m.inv_freq_ = detail::rotary_frequencies(c);
   return m;
 }
 
@@ -305,15 +303,17 @@ inline std::uint64_t Model::decode_weight_bytes() const {
   return b;
 }
 
-/// Hugging Face's rotary embedding (rotate_half layout): in each head, dimension i pairs with i + D/2.
-inline void Model::rope(Matrix& t, Index heads, Index pos0) const {
+/// Hugging Face's rotary embedding (rotate_half layout): in each head, dimension i pairs with i + D/2; cos and sin
+/// scaled by the rope type's attention factor (yarn, longrope), as transformers' rotary forward does.
+inline void Model::rope(Matrix& t, Index heads, Index pos0, const std::vector<double>& inv_freq) const {
   const Index D = cfg_.head_dim, half = D / 2;
+  const double scale = detail::rotary_scaling(cfg_);
   std::vector<float> cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
   for (Index s = 0; s < t.rows(); ++s) {
     for (Index i = 0; i < half; ++i) {
-      const double angle = double(pos0 + s) * inv_freq_[size_t(i)];
-      cs[size_t(i)] = float(std::cos(angle));
-      sn[size_t(i)] = float(std::sin(angle));
+      const double angle = double(pos0 + s) * inv_freq[size_t(i)];
+      cs[size_t(i)] = float(std::cos(angle) * scale);
+      sn[size_t(i)] = float(std::sin(angle) * scale);
     }
     for (Index h = 0; h < heads; ++h) {
       float* x = t.row(s).data() + h * D;
@@ -338,15 +338,18 @@ void Model::forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix*
     check(ids[s] >= 0 && ids[s] < c.vocab, "token", "token id ", ids[s], " is outside the vocabulary [0, ", c.vocab, ")");
     x.row(s) = Eigen::Map<const Eigen::RowVectorXf>(embed_ + Index(ids[s]) * c.hidden, c.hidden);
   }
+  // Frequencies per forward call, as transformers computes them from the call's last position (longrope's short or
+  // long factors; see config.hpp): a prefill in chunks equals transformers run on the same chunks.
+  const std::vector<double> inv_freq = detail::rotary_frequencies(c, pos0 + S);
   gqa::AttentionOptions opt;
   opt.causal = true;
-  opt.window = c.sliding_window;
   for (Index l = 0; l < c.layers; ++l) {
     const Layer& L = layers_[size_t(l)];
+    opt.window = c.windows[size_t(l)];
     detail::rms_norm(x, L.input_norm, c.rms_norm_eps, h);
     detail::linear(h, {{L.q, q}, {L.k, k}, {L.v, v}});
-    rope(q, H, pos0);
-    rope(k, G, pos0);
+    rope(q, H, pos0, inv_freq);
+    rope(k, G, pos0, inv_freq);
     gqa::KVCache<KV>& cache = state.cache(l);
     cache.append(gqa::token_major<const float>(k.data(), 1, S, G, D), gqa::token_major<const float>(v.data(), 1, S, G, D));
     gqa::attention(gqa::token_major<const float>(q.data(), 1, S, H, D), cache, gqa::token_major(attn.data(), 1, S, H, D),
