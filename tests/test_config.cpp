@@ -303,6 +303,12 @@ TEST_CASE("config fields the code cannot read faithfully are refused by name", "
        "rope_type = \"proportional\""},
       {"partial rotary with linear", {{"rope_parameters", {{"rope_type", "linear"}, {"factor", 2}}},
                                       {"partial_rotary_factor", 0.5}}, "llama", "partial_rotary_factor = 0.5"},
+      {"partial rotary past any integer", {{"rope_parameters", {{"rope_type", "linear"}, {"factor", 2},
+                                                                {"partial_rotary_factor", 1e300}}}}, "llama",
+       "partial_rotary_factor = 1e+300"},
+      {"yarn beta_fast negative", {{"rope_parameters", {{"rope_type", "yarn"}, {"factor", 2}, {"beta_fast", -1}}}},
+       "llama", "\"beta_fast\" = -1"},
+      {"linear without factor", {{"rope_parameters", {{"rope_type", "linear"}}}}, "llama", "missing \"factor\""},
       {"longrope factors of the wrong length", {{"rope_parameters", longrope}}, "llama", "short_factor"},
       {"per-layer-type rope_parameters", {{"rope_parameters", {{"full_attention", {{"rope_type", "default"}}}}}},
        "llama", "full_attention"},
@@ -346,6 +352,22 @@ TEST_CASE("config values in messages are escaped", "[config]") {
   } catch (const gqa::invalid_argument& e) {
     const std::string what = e.what();
     CHECK_THAT(what, Contains(R"("ll\u0000a\u0001ma\u00e9")"));
+    CHECK(std::none_of(what.begin(), what.end(), [](char ch) { return (unsigned char)ch < 0x20 || (unsigned char)ch > 0x7E; }));
+  }
+}
+
+// The same for bytes of a config.json that is not JSON at all: the parser's message quotes them.
+TEST_CASE("a config.json that is not JSON is refused with its bytes escaped", "[config]") {
+  TempDir dir;
+  LlamaFixture f;
+  f.write(dir.path());
+  gqa_test::write_text(dir / "config.json", std::string("{\"vocab_size\": \xFF\x01\x00\xC3\xA9}", 21));
+  try {
+    (void)llama::Model::load(dir.path());
+    FAIL("not refused");
+  } catch (const gqa::format_error& e) {
+    const std::string what = e.what();
+    CHECK_THAT(what, Contains("[gqa.decoder.config]") && Contains("not valid JSON"));
     CHECK(std::none_of(what.begin(), what.end(), [](char ch) { return (unsigned char)ch < 0x20 || (unsigned char)ch > 0x7E; }));
   }
 }

@@ -101,6 +101,12 @@ inline std::string dump(const Json& v) {
   return s.size() > 64 ? s.substr(0, 61) + "..." : s;
 }
 
+/// Text for a message with control and non-ASCII bytes escaped as JSON does (\u0000), invalid UTF-8 replaced.
+inline std::string escaped(const std::string& text) {
+  const std::string s = Json(text).dump(-1, ' ', true, Json::error_handler_t::replace);
+  return s.substr(1, s.size() - 2);
+}
+
 inline bool has(const Json& j, const char* name) { return j.contains(name) && !j[name].is_null(); }
 
 /// j[name] as a finite positive number (integers too).
@@ -199,13 +205,14 @@ inline void parse_rope_type(const Json& top, const Json& r, const Config& c, Rot
     // transformers reads `get("beta_fast") or 32`: absent, null and 0 all mean the default.
     const auto or_default = [&](const char* name, double fallback) {
       if (!has(r, name)) return fallback;
-      check<gqa::format_error>(r[name].is_number() && std::isfinite(r[name].get<double>()), "config", w, ": \"", name,
-                               "\" = ", dump(r[name]), " is not a number");
+      check<gqa::format_error>(r[name].is_number() && std::isfinite(r[name].get<double>()) && r[name].get<double>() >= 0,
+                               "config", w, ": \"", name, "\" = ", dump(r[name]), " is not a number >= 0");
       return r[name].get<double>() == 0 ? fallback : r[name].get<double>();
     };
     rope.beta_fast = or_default("beta_fast", 32);
     rope.beta_slow = or_default("beta_slow", 1);
-    rope.truncate = boolean(r, "truncate", true, w);
+    // get("truncate", True): a null is Python's None, false.
+    rope.truncate = r.contains("truncate") && r["truncate"].is_null() ? false : boolean(r, "truncate", true, w);
     const double mscale = or_default("mscale", 0), mscale_all_dim = or_default("mscale_all_dim", 0);
     rope.attention_factor = has(r, "attention_factor") ? positive_number(r, "attention_factor", w)
                             : mscale != 0 && mscale_all_dim != 0
@@ -213,6 +220,9 @@ inline void parse_rope_type(const Json& top, const Json& r, const Config& c, Rot
                                 : yarn_mscale(rope.factor, 1);
   }
   if (rope.type == "longrope") {
+    check<gqa::format_error>(rope.original_max_positions > 1 || has(r, "attention_factor"), "config", w,
+                             ": original_max_position_embeddings = ", rope.original_max_positions,
+                             " must exceed 1 (its log divides the attention factor)");
     rope.short_factor = factor_list(r, "short_factor", c.head_dim / 2, w);
     rope.long_factor = factor_list(r, "long_factor", c.head_dim / 2, w);
     rope.attention_factor =
@@ -251,10 +261,12 @@ inline Rotary parse_rotary(const Json& j, const Config& c, const std::string& wh
   rope.type = type;
   rope.theta = rope_field(j, r, "rope_theta", where).value_or(10000.0);
   const double partial = rope_field(j, r, "partial_rotary_factor", where).value_or(1.0);
-  check(type == "default" || Index(double(c.head_dim) * partial) == c.head_dim, "unsupported", where,
-        ": partial_rotary_factor = ", partial, " with rope_type ", dump(type), " rotates ",
-        Index(double(c.head_dim) * partial), " of head_dim = ", c.head_dim,
+  const double rotated = std::floor(double(c.head_dim) * partial);  // int(head_dim * partial_rotary_factor)
+  check(type == "default" || rotated == double(c.head_dim), "unsupported", where, ": partial_rotary_factor = ",
+        partial, " with rope_type ", dump(type), " rotates ", rotated, " of head_dim = ", c.head_dim,
         " dimensions, which transformers' Llama, Mistral and Qwen2 cannot run (only \"default\" ignores it)");
+  check(type != "dynamic" || c.head_dim > 2, "unsupported", where,
+        ": rope_type \"dynamic\" with head_dim = 2 (its exponent dim / (dim - 2) divides by zero)");
   parse_rope_type(j, r, c, rope, where);
   return rope;
 }

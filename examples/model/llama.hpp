@@ -216,7 +216,7 @@ inline Model Model::load(const std::filesystem::path& dir) {
   try {
     j = nlohmann::ordered_json::parse(in);
   } catch (const nlohmann::json::exception& e) {
-    fail<gqa::format_error>("config", config_path.string(), ": not valid JSON: ", e.what());
+    fail<gqa::format_error>("config", config_path.string(), ": not valid JSON: ", detail::escaped(e.what()));
   }
   Model m;
   m.cfg_ = parse_config(j, config_path.string());
@@ -417,7 +417,10 @@ struct PerplexityResult {
 
 /// Perplexity over consecutive, non-overlapping windows of `context` ids; each window starts from an empty cache
 /// and scores its tokens 2 .. n given the ones before them in the window (a last window shorter than 2 ids
-/// scores nothing). Windows are prefilled in chunks of `chunk` tokens.
+/// scores nothing). Windows are prefilled in chunks of `chunk` tokens. For rope_type longrope that is the one
+/// place this differs from transformers run on whole windows: transformers picks long_factor for a whole forward
+/// call whose last position + 1 exceeds original_max_position_embeddings, so a chunk that ends at or before that
+/// length gets short factors here; chunk >= context gives transformers' numbers exactly.
 template <typename KV>
 PerplexityResult perplexity(const Model& model, gqa::span<const std::int32_t> ids, Index context, Index chunk = 256) {
   const Config& c = model.config();
