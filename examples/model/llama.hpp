@@ -105,9 +105,12 @@ class Model {
 
   /// Runs ids (S >= 1 new tokens at positions state.position() ..) through the model, appending their K/V to
   /// `state`. With `logits`, writes [S, vocab] (all_positions) or [1, vocab] (the last position).
+  /// `call_length`: the sequence length transformers' rotary embedding would see for this call (rope_type longrope
+  /// picks its factors by it); 0 means state.position() + S. A prefill split into chunks passes the whole
+  /// prefill's length, so that it gets the numbers of transformers' one call over it.
   template <typename KV>
   void forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix* logits = nullptr,
-               bool all_positions = false) const;
+               bool all_positions = false, Index call_length = 0) const;
 
  private:
   Model() = default;
@@ -327,7 +330,8 @@ inline void Model::rope(Matrix& t, Index heads, Index pos0, const std::vector<do
 }
 
 template <typename KV>
-void Model::forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix* logits, bool all_positions) const {
+void Model::forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix* logits, bool all_positions,
+                    Index call_length) const {
   const Config& c = cfg_;
   const Index S = ids.size(), H = c.heads, G = c.kv_heads, D = c.head_dim, pos0 = state.position();
   check(S > 0, "forward", "forward: no tokens");
@@ -338,9 +342,11 @@ void Model::forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix*
     check(ids[s] >= 0 && ids[s] < c.vocab, "token", "token id ", ids[s], " is outside the vocabulary [0, ", c.vocab, ")");
     x.row(s) = Eigen::Map<const Eigen::RowVectorXf>(embed_ + Index(ids[s]) * c.hidden, c.hidden);
   }
-  // Frequencies per forward call, as transformers computes them from the call's last position (longrope's short or
-  // long factors; see config.hpp): a prefill in chunks equals transformers run on the same chunks.
-  const std::vector<double> inv_freq = detail::rotary_frequencies(c, pos0 + S);
+  check(call_length == 0 || call_length >= pos0 + S, "forward", "forward: call_length ", call_length,
+        " is shorter than the ", pos0 + S, " positions of the call");
+  // Frequencies per forward call, as transformers computes them from the call's length (longrope's short or long
+  // factors; see config.hpp).
+  const std::vector<double> inv_freq = detail::rotary_frequencies(c, call_length ? call_length : pos0 + S);
   gqa::AttentionOptions opt;
   opt.causal = true;
   for (Index l = 0; l < c.layers; ++l) {
@@ -417,10 +423,9 @@ struct PerplexityResult {
 
 /// Perplexity over consecutive, non-overlapping windows of `context` ids; each window starts from an empty cache
 /// and scores its tokens 2 .. n given the ones before them in the window (a last window shorter than 2 ids
-/// scores nothing). Windows are prefilled in chunks of `chunk` tokens. For rope_type longrope that is the one
-/// place this differs from transformers run on whole windows: transformers picks long_factor for a whole forward
-/// call whose last position + 1 exceeds original_max_position_embeddings, so a chunk that ends at or before that
-/// length gets short factors here; chunk >= context gives transformers' numbers exactly.
+/// scores nothing). Windows are prefilled in chunks of `chunk` tokens, each with the rotary frequencies of the whole
+/// window (Model::forward's call_length), so that longrope's factors are those of transformers run on the window in
+/// one call.
 template <typename KV>
 PerplexityResult perplexity(const Model& model, gqa::span<const std::int32_t> ids, Index context, Index chunk = 256) {
   const Config& c = model.config();
@@ -437,7 +442,7 @@ PerplexityResult perplexity(const Model& model, gqa::span<const std::int32_t> id
     state.clear();
     for (Index s = 0; s < n; s += chunk) {
       const Index m = std::min(chunk, n - s);
-      model.forward(gqa::span<const std::int32_t>(ids.data() + w + s, m), state, &logits, true);
+      model.forward(gqa::span<const std::int32_t>(ids.data() + w + s, m), state, &logits, true, n);
       for (Index i = 0; i < m && s + i + 1 < n; ++i) {
         r.nll -= log_prob(logits.row(i).data(), c.vocab, ids[w + s + i + 1]);
         ++r.tokens;
