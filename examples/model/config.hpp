@@ -19,8 +19,10 @@
 //     rotate int(head_dim * partial_rotary_factor) dimensions, which fails in transformers' apply_rotary_pos_emb
 //     unless that is head_dim: refused unless it is;
 //   * "dynamic" recomputes its frequencies only past max_position_embeddings, which a State never reaches, so it
-//     equals "default" on every context this code runs; "longrope" picks long_factor when the forward call's last
-//     position + 1 exceeds original_max_position_embeddings (transformers' longrope_frequency_update, per call);
+//     equals "default" on every context this code runs; "longrope" picks long_factor when the forward call's
+//     length exceeds original_max_position_embeddings (transformers' longrope_frequency_update, per call: a cached
+//     key keeps the factors of the call that computed it; Model::forward's call_length gives a prefill in chunks
+//     the length of the whole prefill, as transformers' one call over it);
 //   * keys of the dict that transformers does not read for the type are ignored, as transformers ignores them
 //     (it logs a warning); types other than these six (proportional, axial, ...) are refused.
 // Windows (gqa::AttentionOptions::window per layer):
