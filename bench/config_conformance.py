@@ -68,9 +68,14 @@ def transformers_logits(directory, ids):
     return prefill.double(), torch.stack(steps).double()
 
 
+def nine(v):
+    """9 significant digits: every float32 logit exactly, far below the tolerance for the log-sum-exp."""
+    return float(f"{float(v):.9g}")
+
+
 def summary(logits):
-    return {"logits": [[float(v) for v in logits[p, :COLUMNS]] for p in POSITIONS],
-            "logsumexp": [float(torch.logsumexp(logits[p], 0)) for p in POSITIONS]}
+    return {"logits": [[nine(v) for v in logits[p, :COLUMNS]] for p in POSITIONS],
+            "logsumexp": [nine(torch.logsumexp(logits[p], 0)) for p in POSITIONS]}
 
 
 def main():
@@ -104,9 +109,16 @@ def main():
     out = {"generated_by": "bench/config_conformance.py with transformers " + transformers.__version__ +
                            ", torch " + torch.__version__ + " (float32, eager attention)",
            "ids": ids, "positions": POSITIONS, "cases": cases}
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
+    with open(a.out, "w") as f:  # one line per case and mode
+        f.write("{\n")
+        for key in ("generated_by", "ids", "positions"):
+            f.write(f" {json.dumps(key)}: {json.dumps(out[key])},\n")
+        f.write(' "cases": {\n')
+        for i, (name, modes) in enumerate(cases.items()):
+            f.write(f"  {json.dumps(name)}: {{\n")
+            f.write(",\n".join(f"   {json.dumps(m)}: {json.dumps(v)}" for m, v in modes.items()))
+            f.write("\n  }" + ("," if i + 1 < len(cases) else "") + "\n")
+        f.write(" }\n}\n")
     print("wrote", a.out, f"(worst llama::Model / transformers difference: {worst:.3f} of the tolerance)")
     return 0 if worst <= 1 else 1
 
