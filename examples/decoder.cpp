@@ -186,7 +186,9 @@ void generate(const llama::Model& model, const Args& a) {
   for (Index s = 0; s < Index(prompt.size()); s += chunk) {
     const Index n = std::min(chunk, Index(prompt.size()) - s);
     const bool last = s + n == Index(prompt.size());
-    model.forward(gqa::span<const std::int32_t>(prompt.data() + s, n), state, last ? &logits : nullptr);
+    // The prompt's whole length as the call's (longrope: transformers' generate() runs the prompt in one call).
+    model.forward(gqa::span<const std::int32_t>(prompt.data() + s, n), state, last ? &logits : nullptr, false,
+                  Index(prompt.size()));
   }
   const double prefill_s = seconds_since(t0);
 

@@ -301,7 +301,7 @@ TEST_CASE("a Mistral sliding window matches the reference", "[decoder]") {
   f.config_overrides["sliding_window"] = 5;
   f.write(dir.path());
   const llama::Model m = llama::Model::load(dir.path());
-  REQUIRE(m.config().sliding_window == 5);
+  REQUIRE(m.config().windows == std::vector<Index>{5, 5});
   const auto ids = test_ids(17, f.vocab, 13);
   Reference ref{f};
   ref.window = 5;
@@ -455,13 +455,14 @@ TEST_CASE("unsupported configs are refused, naming the field and value", "[decod
     const char* expected;
   };
   const Case cases[] = {
-      {"rope_scaling", {{"rope_type", "yarn"}, {"factor", 4.0}}, "rope_type = \"yarn\""},
-      {"rope_scaling", {{"type", "linear"}, {"factor", 2.0}}, "type = \"linear\""},
+      {"rope_scaling", {{"rope_type", "proportional"}, {"rope_theta", 1e4}}, "rope_type = \"proportional\""},
+      {"rope_scaling", {{"type", "axial"}}, "rope_type = \"axial\""},
       {"hidden_act", "gelu", "hidden_act = \"gelu\""},
       {"model_type", "gpt2", "model_type = \"gpt2\""},
-      {"use_sliding_window", true, "use_sliding_window = true"},
+      {"model_type", 7, "model_type = 7"},
       {"mlp_bias", true, "mlp_bias = true"},
-      {"partial_rotary_factor", 0.5, "partial_rotary_factor = 0.5"},
+      {"rope_parameters", {{"rope_type", "linear"}, {"factor", 2.0}, {"partial_rotary_factor", 0.5}},
+       "partial_rotary_factor = 0.5"},
   };
   for (const Case& c : cases) {
     DYNAMIC_SECTION(c.field << " = " << c.value.dump()) {

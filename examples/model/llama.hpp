@@ -27,8 +27,8 @@
 // across threads, q/k/v and gate/up each in one parallel region (detail::linear). gqa::attention threads itself.
 //
 // Errors: gqa::format_error for a malformed config.json, ids file or weight shape; gqa::invalid_argument for what
-// is well-formed but unsupported (rope_scaling kinds other than llama3, hidden_act other than silu, per-head q/k
-// norms, MLP biases, sliding windows on some layers only), a token id outside the vocabulary, or a context longer
+// is well-formed but unsupported (config.hpp: rope types other than transformers' six, partial rotary, hidden_act
+// other than silu; per-head q/k norms, MLP biases), a token id outside the vocabulary, or a context longer
 // than max_position_embeddings; gqa::io_error when a file cannot be read. Messages start "[gqa.decoder.<id>]" and
 // name the field and the value.
 #pragma once
@@ -105,15 +105,18 @@ class Model {
 
   /// Runs ids (S >= 1 new tokens at positions state.position() ..) through the model, appending their K/V to
   /// `state`. With `logits`, writes [S, vocab] (all_positions) or [1, vocab] (the last position).
+  /// `call_length`: the sequence length transformers' rotary embedding would see for this call (rope_type longrope
+  /// picks its factors by it); 0 means state.position() + S. A prefill split into chunks passes the whole
+  /// prefill's length, so that it gets the numbers of transformers' one call over it.
   template <typename KV>
   void forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix* logits = nullptr,
-               bool all_positions = false) const;
+               bool all_positions = false, Index call_length = 0) const;
 
  private:
   Model() = default;
   const float* tensor(const std::string& name, std::vector<std::int64_t> shape, bool required = true);
   Linear linear(const std::string& prefix, Index rows, Index cols, bool bias_allowed);
-  void rope(Matrix& t, Index heads, Index pos0) const;
+  void rope(Matrix& t, Index heads, Index pos0, const std::vector<double>& inv_freq) const;
 
   Config cfg_;
   CheckpointFiles files_;                  // the mapping F32 weights point into
@@ -122,7 +125,6 @@ class Model {
   const float* final_norm_ = nullptr;      // [hidden]
   Linear lm_head_;                         // [vocab, hidden]; the embedding when tied
   std::vector<Layer> layers_;
-  std::vector<double> inv_freq_;           // [D/2] rotary frequencies, scaled as the config says
 };
 
 /// The decoding state of one sequence: a KV cache per layer, all of the same length.
@@ -217,7 +219,7 @@ inline Model Model::load(const std::filesystem::path& dir) {
   try {
     j = nlohmann::ordered_json::parse(in);
   } catch (const nlohmann::json::exception& e) {
-    fail<gqa::format_error>("config", config_path.string(), ": not valid JSON: ", e.what());
+    fail<gqa::format_error>("config", config_path.string(), ": not valid JSON: ", detail::escaped(e.what()));
   }
   Model m;
   m.cfg_ = parse_config(j, config_path.string());
@@ -256,7 +258,6 @@ inline Model Model::load(const std::filesystem::path& dir) {
                              ": no tensor 'lm_head.weight' and tie_word_embeddings is not true in config.json");
     m.lm_head_ = m.linear("lm_head", c.vocab, hidden, false);
   }
-  m.inv_freq_ = detail::rotary_frequencies(c);
   return m;
 }
 
@@ -305,15 +306,17 @@ inline std::uint64_t Model::decode_weight_bytes() const {
   return b;
 }
 
-/// Hugging Face's rotary embedding (rotate_half layout): in each head, dimension i pairs with i + D/2.
-inline void Model::rope(Matrix& t, Index heads, Index pos0) const {
+/// Hugging Face's rotary embedding (rotate_half layout): in each head, dimension i pairs with i + D/2; cos and sin
+/// scaled by the rope type's attention factor (yarn, longrope), as transformers' rotary forward does.
+inline void Model::rope(Matrix& t, Index heads, Index pos0, const std::vector<double>& inv_freq) const {
   const Index D = cfg_.head_dim, half = D / 2;
+  const double scale = detail::rotary_scaling(cfg_);
   std::vector<float> cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
   for (Index s = 0; s < t.rows(); ++s) {
     for (Index i = 0; i < half; ++i) {
-      const double angle = double(pos0 + s) * inv_freq_[size_t(i)];
-      cs[size_t(i)] = float(std::cos(angle));
-      sn[size_t(i)] = float(std::sin(angle));
+      const double angle = double(pos0 + s) * inv_freq[size_t(i)];
+      cs[size_t(i)] = float(std::cos(angle) * scale);
+      sn[size_t(i)] = float(std::sin(angle) * scale);
     }
     for (Index h = 0; h < heads; ++h) {
       float* x = t.row(s).data() + h * D;
@@ -327,7 +330,8 @@ inline void Model::rope(Matrix& t, Index heads, Index pos0) const {
 }
 
 template <typename KV>
-void Model::forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix* logits, bool all_positions) const {
+void Model::forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix* logits, bool all_positions,
+                    Index call_length) const {
   const Config& c = cfg_;
   const Index S = ids.size(), H = c.heads, G = c.kv_heads, D = c.head_dim, pos0 = state.position();
   check(S > 0, "forward", "forward: no tokens");
@@ -338,15 +342,20 @@ void Model::forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix*
     check(ids[s] >= 0 && ids[s] < c.vocab, "token", "token id ", ids[s], " is outside the vocabulary [0, ", c.vocab, ")");
     x.row(s) = Eigen::Map<const Eigen::RowVectorXf>(embed_ + Index(ids[s]) * c.hidden, c.hidden);
   }
+  check(call_length == 0 || call_length >= pos0 + S, "forward", "forward: call_length ", call_length,
+        " is shorter than the ", pos0 + S, " positions of the call");
+  // Frequencies per forward call, as transformers computes them from the call's length (longrope's short or long
+  // factors; see config.hpp).
+  const std::vector<double> inv_freq = detail::rotary_frequencies(c, call_length ? call_length : pos0 + S);
   gqa::AttentionOptions opt;
   opt.causal = true;
-  opt.window = c.sliding_window;
   for (Index l = 0; l < c.layers; ++l) {
     const Layer& L = layers_[size_t(l)];
+    opt.window = c.windows[size_t(l)];
     detail::rms_norm(x, L.input_norm, c.rms_norm_eps, h);
     detail::linear(h, {{L.q, q}, {L.k, k}, {L.v, v}});
-    rope(q, H, pos0);
-    rope(k, G, pos0);
+    rope(q, H, pos0, inv_freq);
+    rope(k, G, pos0, inv_freq);
     gqa::KVCache<KV>& cache = state.cache(l);
     cache.append(gqa::token_major<const float>(k.data(), 1, S, G, D), gqa::token_major<const float>(v.data(), 1, S, G, D));
     gqa::attention(gqa::token_major<const float>(q.data(), 1, S, H, D), cache, gqa::token_major(attn.data(), 1, S, H, D),
@@ -414,7 +423,9 @@ struct PerplexityResult {
 
 /// Perplexity over consecutive, non-overlapping windows of `context` ids; each window starts from an empty cache
 /// and scores its tokens 2 .. n given the ones before them in the window (a last window shorter than 2 ids
-/// scores nothing). Windows are prefilled in chunks of `chunk` tokens.
+/// scores nothing). Windows are prefilled in chunks of `chunk` tokens, each with the rotary frequencies of the whole
+/// window (Model::forward's call_length), so that longrope's factors are those of transformers run on the window in
+/// one call.
 template <typename KV>
 PerplexityResult perplexity(const Model& model, gqa::span<const std::int32_t> ids, Index context, Index chunk = 256) {
   const Config& c = model.config();
@@ -431,7 +442,7 @@ PerplexityResult perplexity(const Model& model, gqa::span<const std::int32_t> id
     state.clear();
     for (Index s = 0; s < n; s += chunk) {
       const Index m = std::min(chunk, n - s);
-      model.forward(gqa::span<const std::int32_t>(ids.data() + w + s, m), state, &logits, true);
+      model.forward(gqa::span<const std::int32_t>(ids.data() + w + s, m), state, &logits, true, n);
       for (Index i = 0; i < m && s + i + 1 < n; ++i) {
         r.nll -= log_prob(logits.row(i).data(), c.vocab, ids[w + s + i + 1]);
         ++r.tokens;

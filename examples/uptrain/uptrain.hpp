@@ -100,6 +100,14 @@ void check(bool ok, const char* id, Args&&... parts) {
   if (!ok) fail(id, std::forward<Args>(parts)...);
 }
 
+/// The one window of every layer; per-layer windows (Qwen2's max_window_layers, layer_types) are refused.
+inline Index uniform_window(const llama::Config& c) {
+  for (const Index w : c.windows)
+    check(w == c.windows.front(), "unsupported", "sliding windows that differ between layers (", c.windows.front(),
+          " and ", w, ") are not supported by gqa-uptrain");
+  return c.windows.front();
+}
+
 /// The configs must describe the same model but for num_key_value_heads.
 inline void check_compatible(const llama::Config& a, const llama::Config& b) {
   const auto same = [](const char* field, auto x, auto y) {
@@ -112,10 +120,15 @@ inline void check_compatible(const llama::Config& a, const llama::Config& b) {
   same("num_attention_heads", a.heads, b.heads);
   same("head_dim", a.head_dim, b.head_dim);
   same("vocab_size", a.vocab, b.vocab);
-  same("rope_theta", a.rope_theta, b.rope_theta);
+  same("rope_theta", a.rope.theta, b.rope.theta);
   same("rms_norm_eps", a.rms_norm_eps, b.rms_norm_eps);
-  same("rope_scaling (llama3)", a.llama3.has_value(), b.llama3.has_value());
-  same("sliding_window", a.sliding_window, b.sliding_window);
+  same("rope_type", a.rope.type, b.rope.type);
+  same("the rotary frequencies", llama::detail::rotary_frequencies(a, a.max_positions) ==
+                                     llama::detail::rotary_frequencies(b, b.max_positions), true);
+  same("sliding_window", uniform_window(a), uniform_window(b));
+  // Rope (distill.hpp) rotates by frequencies only; transformers' yarn and longrope also scale cos and sin.
+  check(llama::detail::rotary_scaling(a) == 1.0, "unsupported", "ORIGINAL_DIR: rope_type \"", a.rope.type,
+        "\" scales cos and sin by ", llama::detail::rotary_scaling(a), ", which gqa-uptrain does not implement");
   same("tie_word_embeddings", a.tie_word_embeddings, b.tie_word_embeddings);
   check(b.kv_heads >= 1 && a.heads % b.kv_heads == 0, "mismatch", "CONVERTED_DIR: num_key_value_heads ", b.kv_heads,
         " does not divide num_attention_heads ", a.heads);
@@ -153,7 +166,7 @@ inline void run_layer(const llama::Layer& L, const llama::Config& c, const Rope<
   rope.apply(km, G);
   gqa::attention(gqa::token_major<const float>(qm.data(), 1, S, H, D), gqa::token_major<const float>(km.data(), 1, S, G, D),
                  gqa::token_major<const float>(v.data(), 1, S, G, D), gqa::token_major(a.data(), 1, S, H, D),
-                 layer_attention_options(c.sliding_window));
+                 layer_attention_options(uniform_window(c)));
   y.noalias() = a * L.o.w().transpose();
   if (want.x_norm) *want.x_norm = x;
   if (want.q) *want.q = qm;
@@ -356,9 +369,9 @@ inline std::vector<LayerReport> uptrain_checkpoint(const std::filesystem::path& 
   check(N >= 1, "calibration", calibration.string(), ": ", ids.size(), " ids are too few for one window of --window ",
         S, " tokens");
   const int threads = o.threads > 0 ? o.threads : omp_get_max_threads();
-  const Rope<float> rope(llama::detail::rotary_frequencies(c), S);
+  const Rope<float> rope(llama::detail::rotary_frequencies(c, S), S);  // one window per call
   const llama::Config& cc = conv.config();
-  const Rope<float> rope_conv(llama::detail::rotary_frequencies(cc), S);
+  const Rope<float> rope_conv(llama::detail::rotary_frequencies(cc, S), S);
 
   Matrix h_orig(N * S, c.hidden);
   for (Index i = 0; i < N * S; ++i)
@@ -377,7 +390,7 @@ inline std::vector<LayerReport> uptrain_checkpoint(const std::filesystem::path& 
     prob.heads = cc.heads;
     prob.kv_heads = cc.kv_heads;
     prob.head_dim = cc.head_dim;
-    prob.sliding_window = cc.sliding_window;
+    prob.sliding_window = uniform_window(cc);
     prob.rope = &rope_conv;
     if (o.train == Train::kv) prob.wo = Lc.o.w();
     Matrix* q_wanted = o.train == Train::kv ? &prob.q : nullptr;  // fixed queries only when W_q is not trained

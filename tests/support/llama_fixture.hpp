@@ -2,7 +2,7 @@
 // own safetensors writer, together with the exact values written (after rounding to the stored dtype) so that a
 // reference can be computed without going through the decoder's loader.
 //
-//   gqa_test::LlamaFixture f;              // sizes, biases (Qwen2), tied lm_head, dtype, rope scaling: see fields
+//   gqa_test::LlamaFixture f;              // sizes, biases (Qwen2), tied lm_head, dtype, config forms: see fields
 //   f.write(dir);                           // config.json, model.safetensors, tokenizer.json (byte-level)
 //   f.values.at("model.norm.weight")        // std::vector<double>, row-major as stored
 //
@@ -22,6 +22,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -39,8 +40,16 @@ struct LlamaFixture {
   std::string model_type = "llama";
   st::Dtype dtype = st::Dtype::F32;
   std::uint64_t seed = 1;
-  /// Extra fields for config.json (overwrite the generated ones), for the refusal tests.
+  /// transformers 5's form: "rope_parameters" (this object) and no top-level "rope_theta"; unset: the older form
+  /// (top-level rope_theta, and rope_scaling with llama3_scaling).
+  std::optional<nlohmann::ordered_json> rope_parameters;
+  /// Extra fields for config.json (overwrite the generated ones), for the refusal and conformance tests.
   nlohmann::ordered_json config_overrides = nlohmann::ordered_json::object();
+  /// Generated fields left out of config.json.
+  std::vector<std::string> config_removals;
+  /// A whole config.json used as is instead of the generated one (e.g. one written by transformers'
+  /// save_pretrained); it must describe this fixture's sizes.
+  std::optional<nlohmann::ordered_json> config_file;
 
   /// Filled by write(): every tensor's values as stored.
   std::map<std::string, std::vector<double>> values;
@@ -48,8 +57,11 @@ struct LlamaFixture {
   std::int64_t d() const { return head_dim ? head_dim : hidden / heads; }
 
   nlohmann::ordered_json config() const {
+    if (config_file) return *config_file;
     nlohmann::ordered_json c;
-    c["architectures"] = {model_type == "qwen2" ? "Qwen2ForCausalLM" : "LlamaForCausalLM"};
+    c["architectures"] = {model_type == "qwen2"     ? "Qwen2ForCausalLM"
+                          : model_type == "mistral" ? "MistralForCausalLM"
+                                                    : "LlamaForCausalLM"};
     c["model_type"] = model_type;
     c["hidden_size"] = hidden;
     c["intermediate_size"] = intermediate;
@@ -60,7 +72,10 @@ struct LlamaFixture {
     c["hidden_act"] = "silu";
     c["max_position_embeddings"] = max_positions;
     c["rms_norm_eps"] = 1e-05;
-    c["rope_theta"] = rope_theta;
+    if (rope_parameters)
+      c["rope_parameters"] = *rope_parameters;
+    else
+      c["rope_theta"] = rope_theta;
     if (llama3_scaling)
       // original_max_position_embeddings small enough that, with D = 16, some wavelengths fall in each of the
       // three llama3 bands (kept, blended, divided by factor).
@@ -70,6 +85,7 @@ struct LlamaFixture {
     c["vocab_size"] = vocab;
     c["eos_token_id"] = vocab - 1;
     for (const auto& [k, v] : config_overrides.items()) c[k] = v;
+    for (const auto& k : config_removals) c.erase(k);
     return c;
   }
 
