@@ -124,7 +124,7 @@ struct CheckpointOptions {
   Index kv_heads = 0;
   /// method, seed (see gqa/checkpoint.hpp) and an optional assignment of the current G heads to kv_heads groups.
   ConvertOptions convert;
-  /// Replace an existing output directory, if it is empty or holds a previous output (gqa/checkpoint.hpp).
+  /// Replace an existing output directory, if it is empty or gqa wrote it (its .gqa-output marker; gqa/checkpoint.hpp).
   bool force = false;
   /// Called once per converted layer (from the calling thread). What it throws aborts the conversion cleanly.
   std::function<void(const LayerProgress&)> on_layer;
