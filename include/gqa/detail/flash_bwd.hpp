@@ -20,7 +20,9 @@
 // outside each row's visible range, under a -inf bias entry (even where lse, Delta or dP is NaN) and in rows with lse
 // -inf; with finite K, Q and dO the tile products then add exact zeros for them, and a block holding NaN or inf in
 // one of those (all_finite, a vectorised check per block: ~0.1% of its work) takes add_visible_products instead,
-// which visits visible pairs only. A NaN lse (a row that a NaN or +inf logit reached, from the forward or recomputed)
+// which visits visible pairs only. Measured: bench_backward H = 32, G = 8, D = 128, S = 512, causal, 1 thread,
+// before and after interleaved, 16 runs each on the shared 2-core AMD EPYC (load 4-10): CPU-time median 41.31 ms
+// before, 41.42 ms after (minimum 37.6 / 38.6 ms), no difference beyond the noise. A NaN lse (a row that a NaN or +inf logit reached, from the forward or recomputed)
 // is not "no visible key": its P and dS are NaN, so NaN reaches that row's dQ and the dK/dV of every key it sees, as
 // autograd of the naive formula puts it.
 //
