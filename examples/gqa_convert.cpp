@@ -39,7 +39,8 @@ constexpr const char* usage =
     "  --seed N          seed of --method random, 0 .. 2^64-1 (default 0); refused with other methods\n"
     "  --assignment L    group of each current K/V head, comma-separated (default: adjacent heads); query\n"
     "                    heads and o_proj columns are reordered to match\n"
-    "  --force           replace OUTPUT_DIR if it is empty or a previous gqa-convert output\n"
+    "  --force           replace OUTPUT_DIR if it is empty or an output of gqa-convert or gqa-uptrain (which hold a\n"
+    "                    .gqa-output marker file); never a checkpoint they did not write\n"
     "  --quiet           print only errors and warnings\n";
 
 [[noreturn]] void usage_error(const std::string& message) {

@@ -45,7 +45,8 @@ constexpr const char* usage =
     "                    residual stream's drift (original - converted) at the layer's input, so each layer also\n"
     "                    undoes the error of the layers below it (needs --inputs converted)\n"
     "  --threads N       OpenMP threads (default: OMP_NUM_THREADS, else the cores); the output does not depend on it\n"
-    "  --force           replace OUTPUT_DIR if it is empty or a previous output\n"
+    "  --force           replace OUTPUT_DIR if it is empty or an output of gqa-uptrain or gqa-convert (which hold\n"
+    "                    a .gqa-output marker file); never a checkpoint they did not write\n"
     "  --quiet           print only errors\n";
 
 [[noreturn]] void usage_error(const std::string& message) {

@@ -501,6 +501,194 @@ TEST_CASE("the forward's lse and a recomputed one give the same gradients to flo
   check_grad("d_v", given.d_v, gqa_test::to_double(again.d_v), kFloatTol);
 }
 
+// ------------------------------------------------------------------------------------------- non-finite inputs
+// The forward's rule (gqa/options.hpp): a masked key is never read into a result, and a visible NaN or inf goes
+// wherever the formulas carry it. The reference (tests/support/reference_backward.hpp) leaves masked pairs out of
+// every sum and runs the formulas as written on the others, so each gradient element must be non-finite exactly
+// where the reference's is, and within the sweep's tolerance everywhere else.
+
+namespace {
+
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+const float kInf = std::numeric_limits<float>::infinity();
+
+/// Non-finite exactly where `ref` is; the finite elements within tol * (max finite |ref| + 1). Returns how many
+/// elements are non-finite in the reference.
+template <typename T>
+Index check_grad_like_reference(const char* what, const Tensor4<T>& out, const Tensor4<double>& ref, double tol) {
+  double magnitude = 0;
+  for (Index i = 0; i < ref.size(); ++i)
+    if (std::isfinite(ref.data()[i])) magnitude = std::max(magnitude, std::abs(ref.data()[i]));
+  Index non_finite = 0, wrong_class = 0, bad = 0;
+  for (Index i = 0; i < ref.size(); ++i) {
+    const double o = gqa_test::to_double(out.data()[i]), e = ref.data()[i];
+    non_finite += !std::isfinite(e);
+    if (std::isfinite(o) != std::isfinite(e))
+      ++wrong_class;
+    else if (std::isfinite(e))
+      bad += !(std::abs(o - e) <= tol * (magnitude + 1));
+  }
+  INFO(what << ": " << non_finite << " of " << ref.size() << " elements non-finite in the reference, " << wrong_class
+            << " differ from it in finiteness, " << bad << " finite ones out of tolerance (magnitude " << magnitude
+            << ")");
+  CHECK(wrong_class == 0);
+  CHECK(bad == 0);
+  return non_finite;
+}
+
+/// K and V of key j of sequence b set to `value` in every KV head and element.
+template <typename KVT>
+void poison_key(Tensor4<KVT>& k, Tensor4<KVT>& v, Index b, Index j, float value) {
+  for (Index g = 0; g < k.dimension(2); ++g)
+    for (Index d = 0; d < k.dimension(3); ++d) k(b, j, g, d) = v(b, j, g, d) = KVT(value);
+}
+
+/// The inputs of one non-finite case; edit them, then run() compares the backward (forward's lse given, or
+/// recomputed) with the reference and returns the reference.
+struct NonFiniteProblem {
+  Case c;
+  gqa_test::Inputs<float, float> in;
+  Tensor4<float> d_out;
+  std::vector<float> bias;  // [B, H, Sq, Sk] when not empty
+  gqa::AttentionOptions opt;
+  std::vector<float> lse;
+
+  explicit NonFiniteProblem(const Case& cs) : c(cs), in(gqa_test::random_inputs<float>(cs.s, cs.seed)) {
+    d_out = Tensor4<float>(c.s.B, c.s.Sq, c.s.H, c.s.D);
+    gqa_test::fill_normal(d_out, c.seed * 7 + 5);
+    opt.causal = c.causal;
+    opt.window = c.window;
+  }
+  float& bias_at(Index b, Index h, Index i, Index j) {
+    const Shape& s = c.s;
+    if (bias.empty()) bias.assign(size_t(s.B * s.H * s.Sq * s.Sk), 0.0f);
+    return bias[size_t(((b * s.H + h) * s.Sq + i) * s.Sk + j)];
+  }
+
+  struct Result {
+    gqa_test::ReferenceGradients ref;
+    gqa::AttentionGradients<float, float> got;
+    Index non_finite_dq, non_finite_dk, non_finite_dv;
+  };
+  Result run(bool lse_given) {
+    const Shape& s = c.s;
+    if (!bias.empty()) opt.bias = gqa::BiasView(bias.data(), s.B, s.H, s.Sq, s.Sk);
+    lse.assign(size_t(s.B * s.H * s.Sq), 0.0f);
+    gqa::AttentionOptions fwd = opt;
+    fwd.lse = lse;
+    const Tensor4<float> out = gqa::attention(in.q, in.k, in.v, fwd);
+    gqa::AttentionOptions bwd = opt;
+    if (lse_given) bwd.lse = lse;
+    Result r{gqa_test::reference_backward<float, float>(gqa::make_ref(in.q), gqa::make_ref(in.k), gqa::make_ref(in.v),
+                                                        gqa::make_ref(d_out), opt),
+             gqa::attention_backward(in.q, in.k, in.v, out, d_out, bwd), 0, 0, 0};
+    r.non_finite_dq = check_grad_like_reference("d_q", r.got.d_q, r.ref.d_q, kFloatTol);
+    r.non_finite_dk = check_grad_like_reference("d_k", r.got.d_k, r.ref.d_k, kFloatTol);
+    r.non_finite_dv = check_grad_like_reference("d_v", r.got.d_v, r.ref.d_v, kFloatTol);
+    return r;
+  }
+};
+
+/// Elements of d_k and d_v at key j of sequence b that are not exactly 0.
+Index nonzero_at_key(const gqa::AttentionGradients<float, float>& g, Index b, Index j) {
+  Index n = 0;
+  for (Index h = 0; h < g.d_k.dimension(2); ++h)
+    for (Index d = 0; d < g.d_k.dimension(3); ++d) n += g.d_k(b, j, h, d) != 0.0f || g.d_v(b, j, h, d) != 0.0f;
+  return n;
+}
+
+/// A prefill with several query tiles, few queries per item (B*G >= 8: no query chunks), MQA with a window.
+std::vector<Case> nonfinite_cases() {
+  std::vector<Case> cases(3);
+  cases[0].s = {1, 300, 300, 8, 2, 32}, cases[0].causal = true, cases[0].seed = 900;
+  cases[1].s = {4, 3, 200, 8, 2, 16}, cases[1].causal = true, cases[1].seed = 901;
+  cases[2].s = {1, 120, 150, 4, 1, 32}, cases[2].causal = true, cases[2].window = 40, cases[2].seed = 903;
+  return cases;
+}
+
+}  // namespace
+
+TEST_CASE("backward: NaN in a key masked for every row changes nothing; its d_k, d_v are exact zeros",
+          "[backward][nonfinite]") {
+  const Case c = GENERATE(from_range(nonfinite_cases()));
+  const bool lse_given = GENERATE(true, false);
+  const float bad = GENERATE(kNaN, kInf);
+  DYNAMIC_SECTION(c.name() << (lse_given ? "" : "/lse:recomputed") << "/value:" << bad) {
+    NonFiniteProblem pr(c);
+    const Index j = c.s.Sk - 1 - c.s.Sq / 2;  // visible to the later rows, but masked for all by the bias
+    poison_key(pr.in.k, pr.in.v, 0, j, bad);
+    for (Index h = 0; h < c.s.H; ++h)
+      for (Index i = 0; i < c.s.Sq; ++i) pr.bias_at(0, h, i, j) = -kInf;
+    const auto r = pr.run(lse_given);
+    CHECK(r.non_finite_dq + r.non_finite_dk + r.non_finite_dv == 0);
+    CHECK(nonzero_at_key(r.got, 0, j) == 0);
+  }
+}
+
+TEST_CASE("backward: NaN or inf in K/V of a key some rows cannot see reaches only the rows that see it",
+          "[backward][nonfinite]") {
+  const Case c = GENERATE(from_range(nonfinite_cases()));
+  const bool lse_given = GENERATE(true, false);
+  DYNAMIC_SECTION(c.name() << (lse_given ? "" : "/lse:recomputed")) {
+    NonFiniteProblem pr(c);
+    SECTION("NaN K/V of the last key (the causal future of every row but the last)") {
+      poison_key(pr.in.k, pr.in.v, 0, c.s.Sk - 1, kNaN);
+      const auto r = pr.run(lse_given);
+      CHECK(r.non_finite_dq > 0);
+      CHECK(r.non_finite_dq < c.s.B * c.s.Sq * c.s.H * c.s.D);  // the rows that do not see it stay finite
+      CHECK(r.non_finite_dk > 0);  // the keys that the last row sees get its NaN
+    }
+    SECTION("NaN in one element of a visible K") {
+      pr.in.k(0, c.s.Sk - 1 - c.s.Sq / 2, 0, 1) = kNaN;
+      const auto r = pr.run(lse_given);
+      CHECK(r.non_finite_dk > 0);
+      CHECK(r.non_finite_dv > 0);
+    }
+    SECTION("+inf in one element of a visible K") {
+      pr.in.k(0, c.s.Sk - 1, c.s.G - 1, 2) = kInf;
+      pr.run(lse_given);
+    }
+    SECTION("NaN in the V of the middle query's key") {
+      pr.in.v(0, c.s.Sk - c.s.Sq + c.s.Sq / 2, 0, 3) = kNaN;
+      const auto r = pr.run(lse_given);
+      CHECK(r.non_finite_dq > 0);
+      CHECK(r.non_finite_dq < c.s.B * c.s.Sq * c.s.H * c.s.D);
+    }
+  }
+}
+
+TEST_CASE("backward: NaN in one query or d_out row reaches that row's d_q and the keys it sees, nothing else",
+          "[backward][nonfinite]") {
+  const Case c = GENERATE(from_range(nonfinite_cases()));
+  DYNAMIC_SECTION(c.name()) {
+    NonFiniteProblem pr(c);
+    SECTION("q") { pr.in.q(0, c.s.Sq / 2, 1, 3) = kNaN; }
+    SECTION("d_out") { pr.d_out(0, c.s.Sq / 2, 1, 3) = kNaN; }
+    const auto r = pr.run(true);
+    CHECK(r.non_finite_dq > 0);
+    CHECK(r.non_finite_dq < c.s.B * c.s.Sq * c.s.H * c.s.D);
+    CHECK(r.non_finite_dk > 0);
+    CHECK(r.non_finite_dk < c.s.B * c.s.Sk * c.s.G * c.s.D);  // keys the row cannot see stay finite
+  }
+}
+
+TEST_CASE("backward: a -inf bias over a whole key tile before a visible one (recomputed lse)", "[backward][nonfinite]") {
+  // The recomputed lse once met a tile whose logits were all -inf with max -inf: exp(-inf - -inf) = NaN in the
+  // running sum, and the row was then taken as one with no visible key (zero gradients).
+  Case c;
+  c.s = {1, 4, 300, 4, 2, 16};
+  c.seed = 905;
+  NonFiniteProblem pr(c);
+  for (Index h = 0; h < c.s.H; ++h)
+    for (Index i = 0; i < c.s.Sq; ++i)
+      for (Index j = 0; j < 200; ++j) pr.bias_at(0, h, i, j) = -kInf;
+  const auto r = pr.run(false);
+  CHECK(r.non_finite_dq + r.non_finite_dk + r.non_finite_dv == 0);
+  double norm = 0;
+  for (Index i = 0; i < r.got.d_q.size(); ++i) norm += std::abs(r.got.d_q.data()[i]);
+  CHECK(norm > 0);
+}
+
 // ------------------------------------------------------------------------------------------------- threads
 
 TEST_CASE("backward results are bitwise identical for every num_threads", "[backward][threads]") {

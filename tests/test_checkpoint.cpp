@@ -686,7 +686,8 @@ TEST_CASE("convert_checkpoint: every file is fsynced, cancellation and stale tem
   // Issue 11: copied files (tokenizer and friends) were not fsynced before the directory was renamed into place.
   const auto fsyncs = gqa::detail::fsync_count().load();
   const auto s = gqa::convert_checkpoint(dir / "in", dir / "out", opt);
-  CHECK(gqa::detail::fsync_count().load() - fsyncs == s.files_written.size() + s.files_copied.size());
+  // ... and the output's marker (.gqa-output, gqa/detail/output_directory.hpp) is one more file fsynced.
+  CHECK(gqa::detail::fsync_count().load() - fsyncs == s.files_written.size() + s.files_copied.size() + 1);
 
   // A cancel flag (what gqa-convert's SIGINT/SIGTERM handler sets) stops the run and removes its temporaries.
   std::atomic<int> cancel{0};
@@ -820,6 +821,42 @@ TEST_CASE("gqa-convert: says what it ignored, lists valid values, reports reorde
   CHECK(r.status == 1);
   CHECK_THAT(r.output, Contains("inside the input directory"));
   CHECK(listing(dir.path()) == std::vector<std::string>{"a", "b", "d", "in"});
+}
+
+TEST_CASE("gqa-convert --force never replaces a checkpoint it did not write; its outputs carry the marker",
+          "[checkpoint][tool][force]") {
+  // Issue 24 row 9: DIR an ordinary model download (config.json, model.safetensors, README.md) was replaced.
+  TempDir dir;
+  TinyModel m;
+  m.write(dir / "in");
+  m.write(dir / "download");
+  // Only what a safetensors download holds: original/ and pytorch_model.bin would be refused for themselves.
+  fs::remove_all(dir / "download" / "original");
+  fs::remove(dir / "download" / "pytorch_model.bin");
+  gqa_test::write_text(dir / "download" / "README.md", "the model card");
+  const auto download_before = listing(dir / "download");
+  const std::string shard = gqa_test::read_text(dir / "download" / "model.safetensors");
+  Run r = run_tool(q(dir / "in") + " " + q(dir / "download") + " --groups 2 --force");
+  CHECK(r.status == 1);
+  CHECK_THAT(r.output, Contains("[gqa.checkpoint.output_exists]") && Contains("download") &&
+                           Contains("no .gqa-output marker file"));
+  CHECK(listing(dir / "download") == download_before);
+  CHECK(gqa_test::read_text(dir / "download" / "model.safetensors") == shard);
+  CHECK(gqa_test::read_text(dir / "download" / "README.md") == "the model card");
+  // Its own output carries the marker, so a second forced run replaces it; converting that output again does not
+  // copy the input's marker (a fresh one is written, and it is not among the copied files).
+  r = run_tool(q(dir / "in") + " " + q(dir / "out") + " --groups 2 --quiet");
+  REQUIRE(r.status == 0);
+  CHECK(gqa::detail::is_marked_output(dir / "out"));
+  r = run_tool(q(dir / "in") + " " + q(dir / "out") + " --groups 1 --force --quiet");
+  CHECK(r.status == 0);
+  CHECK(nlohmann::json::parse(gqa_test::read_text(dir / "out" / "config.json"))["num_key_value_heads"] == 1);
+  gqa::CheckpointOptions opt;
+  opt.kv_heads = 1;
+  const auto s = gqa::convert_checkpoint(dir / "out", dir / "again", opt);
+  CHECK(std::find(s.files_copied.begin(), s.files_copied.end(), ".gqa-output") == s.files_copied.end());
+  CHECK(std::find(s.skipped.begin(), s.skipped.end(), ".gqa-output") == s.skipped.end());
+  CHECK(gqa::detail::is_marked_output(dir / "again"));
 }
 
 TEST_CASE("gqa-convert: a full disk fails with io_error and leaves nothing behind", "[checkpoint][tool]") {

@@ -310,6 +310,85 @@ TEST_CASE("plan_checkpoint: fit refuses a layer it cannot compute in one dtype, 
   CHECK_THAT(plan_error(inv, o), Contains("[gqa.checkpoint.unsupported]") && Contains("layer 0 has none"));
 }
 
+TEST_CASE("plan_checkpoint: fit is refused, by field and value, where the rotary embedding is partial or missing",
+          "[checkpoint_plan][fit][errors]") {
+  // Issue 24 row 15: fit's rotary pairing assumed every dimension of every layer rotates.
+  TinyModel m;  // Llama, 2 layers, head_dim 4
+  gqa::CheckpointOptions fit = with_kv_heads(2);
+  fit.convert.method = gqa::PoolMethod::fit;
+  const auto base = m.inventory();
+  REQUIRE(plan_error(base, fit) == "no error");
+  struct Form {
+    const char* what;
+    nlohmann::ordered_json patch;
+    std::vector<std::string> named;
+  };
+  const std::vector<Form> refused = {
+      {"top-level partial_rotary_factor", {{"partial_rotary_factor", 0.5}},
+       {"\"partial_rotary_factor\" = 0.5", "rotary on 2 of each head's 4 dimensions"}},
+      {"inside rope_parameters, as transformers 5 saves it",
+       {{"rope_parameters", {{"rope_type", "default"}, {"rope_theta", 10000.0}, {"partial_rotary_factor", 0.25}}}},
+       {"\"rope_parameters.partial_rotary_factor\" = 0.25"}},
+      {"inside rope_scaling", {{"rope_scaling", {{"rope_type", "linear"}, {"factor", 2.0}, {"partial_rotary_factor", 0.5}}}},
+       {"\"rope_scaling.partial_rotary_factor\" = 0.5"}},
+      {"per layer type inside rope_parameters",
+       {{"rope_parameters", {{"full_attention", {{"rope_type", "default"}, {"partial_rotary_factor", 0.5}}}}}},
+       {"\"rope_parameters.full_attention.partial_rotary_factor\" = 0.5"}},
+      {"a factor that is not a number", {{"partial_rotary_factor", "half"}}, {"\"partial_rotary_factor\" = \"half\""}},
+      {"rotary_dim below head_dim", {{"rotary_dim", 2}}, {"\"rotary_dim\" = 2", "head_dim is 4"}},
+      {"SmolLM3's no_rope_layers", {{"model_type", "smollm3"}, {"no_rope_layers", {1, 0}}},
+       {"\"no_rope_layers\"[1] = 0", "layer 1 has no rotary embedding"}},
+      {"no_rope_layer_interval without the list", {{"no_rope_layer_interval", 2}},
+       {"\"no_rope_layer_interval\" = 2"}},
+      {"smollm3 with no_rope_layer_interval 1", {{"model_type", "smollm3"}, {"no_rope_layer_interval", 1}},
+       {"\"no_rope_layer_interval\" = 1"}},
+  };
+  for (const Form& f : refused) {
+    INFO(f.what);
+    auto inv = base;
+    for (const auto& [key, value] : f.patch.items()) inv.config[key] = value;
+    const std::string error = plan_error(inv, fit);
+    CHECK_THAT(error, Contains("[gqa.checkpoint.unsupported]") && Contains("--method fit") &&
+                          Contains("every dimension of every layer"));
+    for (const auto& n : f.named) CHECK_THAT(error, Contains(n));
+    // mean, first and random pool whole heads: unaffected. auto means mean for a rotary family.
+    for (auto method : {gqa::PoolMethod::mean, gqa::PoolMethod::first, gqa::PoolMethod::random,
+                        gqa::PoolMethod::automatic}) {
+      gqa::CheckpointOptions o = with_kv_heads(2);
+      o.convert.method = method;
+      CHECK(plan_error(inv, o) == "no error");
+    }
+  }
+  // Full rotary said explicitly, and NoPE settings that leave every layer rotary, are fit as before.
+  const std::vector<nlohmann::ordered_json> accepted = {
+      {{"partial_rotary_factor", 1.0}},
+      {{"rope_parameters", {{"rope_type", "default"}, {"rope_theta", 100000.0}}}},
+      {{"rotary_dim", 4}},
+      {{"model_type", "smollm3"}, {"no_rope_layers", {1, 1}}},
+      {{"model_type", "smollm3"}, {"num_hidden_layers", 2}},  // transformers' default interval 4 > 2 layers
+      {{"partial_rotary_factor", nullptr}},
+  };
+  for (const auto& patch : accepted) {
+    INFO(patch.dump());
+    auto inv = base;
+    for (const auto& [key, value] : patch.items()) inv.config[key] = value;
+    CHECK(plan_error(inv, fit) == "no error");
+  }
+  // SmolLM3 without the list: transformers' default interval 4 leaves layer 3 of 4 without rotary.
+  TinyModel four;
+  four.layers = 4;
+  auto inv4 = four.inventory();
+  inv4.config["model_type"] = "smollm3";
+  CHECK_THAT(plan_error(inv4, fit), Contains("\"model_type\" = \"smollm3\" without \"no_rope_layers\"") &&
+                                        Contains("multiple of 4"));
+  // Only pooling uses the method: the same config expanded (G' > G) plans with fit.
+  auto inv = base;
+  inv.config["partial_rotary_factor"] = 0.5;
+  gqa::CheckpointOptions expand = fit;
+  expand.kv_heads = 8;
+  CHECK(plan_error(inv, expand) == "no error");
+}
+
 TEST_CASE("checkpoint rules: BERT names, input norms, recognition and refusals", "[checkpoint_plan][bert]") {
   using gqa::detail::bert_input_norm;
   using gqa::detail::classify_bert;

@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 using gqa::Index;
@@ -332,6 +334,103 @@ TEST_CASE("KVCache<int8_t> refuses non-finite values, naming the argument and ro
   CHECK_THROWS_WITH(KVCache<std::int8_t>(1, 0, 1, 1), Contains("kv_heads = 0"));
   Tensor4<float> wrong_d(2, 1, 2, 5);
   CHECK_THROWS_WITH(cache.append(wrong_d, wrong_d), Contains("dim 3 (head_dim D) = 5"));
+}
+
+namespace {
+
+/// Whether append(k, v) throws gqa::invalid_argument whose message holds every fragment, leaving the cache's
+/// storage and lengths as they were.
+template <typename T, typename K>
+void expect_refused(KVCache<T>& cache, const K& k, const K& v, const std::vector<std::string>& fragments) {
+  const auto key_before = cache.key_storage(), value_before = cache.value_storage();
+  const std::vector<std::int32_t> lengths_before(cache.lengths().begin(), cache.lengths().end());
+  bool thrown = false;
+  try {
+    cache.append(k, v);
+  } catch (const gqa::invalid_argument& e) {
+    thrown = true;
+    INFO("message: " << e.what());
+    for (const auto& f : fragments) CHECK_THAT(std::string(e.what()), Contains(f));
+  }
+  CHECK(thrown);
+  CHECK(std::vector<std::int32_t>(cache.lengths().begin(), cache.lengths().end()) == lengths_before);
+  Index changed = 0;
+  for (Index i = 0; i < cache.key_storage().size(); ++i)
+    changed += std::memcmp(&cache.key_storage().data()[i], &key_before.data()[i], sizeof(T)) != 0 ||
+               std::memcmp(&cache.value_storage().data()[i], &value_before.data()[i], sizeof(T)) != 0;
+  CHECK(changed == 0);
+}
+
+}  // namespace
+
+TEST_CASE("KVCache<half> refuses a value beyond 65504 and NaN/inf, naming the position, and appends nothing",
+          "[kv_cache][range]") {
+  KVCache<gqa::half> cache(2, 2, 6, 8);
+  Tensor4<float> k(2, 2, 2, 8), v(2, 2, 2, 8);
+  gqa_test::fill_uniform(k, 21);
+  gqa_test::fill_uniform(v, 22);
+  cache.append(k, v);
+  SECTION("1e5 in a key: out of range (it was stored as inf, and attention gave NaN)") {
+    Tensor4<float> bad = k;
+    bad(1, 1, 0, 5) = 1e5f;
+    expect_refused(cache, bad, v,
+                   {"[gqa.kv_cache_range]", "KVCache<half>::append: k_new[1, 1, 0, 5]",
+                    "sequence 1, new token 1, KV head 0, cache position 3", "100000", "65504", "nothing was appended"});
+  }
+  SECTION("the largest value that rounds to 65504 is stored; the first that rounds to inf is refused") {
+    Tensor4<float> edge = v;
+    edge(0, 0, 1, 2) = 65519.99f;
+    cache.append(k, edge);
+    CHECK(float(cache.value_storage()(0, 1, 2, 2)) == 65504.0f);
+    edge(0, 0, 1, 2) = -65520.0f;
+    expect_refused(cache, k, edge, {"[gqa.kv_cache_range]", "v_new[0, 0, 1, 2]", "-65520"});
+  }
+  SECTION("NaN and inf, as the int8 cache refuses them") {
+    Tensor4<float> bad = v;
+    bad(0, 1, 1, 7) = std::numeric_limits<float>::quiet_NaN();
+    expect_refused(cache, k, bad, {"[gqa.kv_cache_nonfinite]", "v_new[0, 1, 1, 7]", "nan", "finite values only"});
+    bad(0, 1, 1, 7) = -std::numeric_limits<float>::infinity();
+    expect_refused(cache, bad, bad, {"[gqa.kv_cache_nonfinite]", "k_new[0, 1, 1, 7]", "-inf"});
+  }
+  SECTION("double and bfloat16 inputs are checked through the same conversion") {
+    Tensor4<double> kd = k.cast<double>(), vd = v.cast<double>();
+    vd(1, 0, 1, 0) = 70000.0;
+    expect_refused(cache, kd, vd, {"[gqa.kv_cache_range]", "v_new[1, 0, 1, 0]", "70000"});
+    Tensor4<gqa::bfloat16> kb = k.cast<gqa::bfloat16>(), vb = v.cast<gqa::bfloat16>();
+    kb(0, 0, 0, 0) = gqa::bfloat16(1e30f);
+    expect_refused(cache, kb, vb, {"[gqa.kv_cache_range]", "k_new[0, 0, 0, 0]"});
+  }
+  SECTION("padding past counts[b] is not appended, so it is not checked") {
+    Tensor4<float> padded = k;
+    padded(1, 1, 1, 1) = 1e9f;
+    std::vector<std::int32_t> counts{2, 1};
+    cache.append(padded, v, counts);
+    CHECK(cache.length(1) == 3);
+  }
+}
+
+TEST_CASE("KVCache<bfloat16> refuses NaN/inf and values that round to inf; KVCache<float> keeps NaN but refuses a "
+          "double beyond float range", "[kv_cache][range]") {
+  Tensor4<float> k(1, 1, 1, 4), v(1, 1, 1, 4);
+  gqa_test::fill_uniform(k, 23);
+  gqa_test::fill_uniform(v, 24);
+  KVCache<gqa::bfloat16> bf(1, 1, 4, 4);
+  Tensor4<float> bad = k;
+  bad(0, 0, 0, 3) = std::numeric_limits<float>::max();  // rounds up to 2^128 in bfloat16
+  expect_refused(bf, bad, v, {"[gqa.kv_cache_range]", "KVCache<bfloat16>::append: k_new[0, 0, 0, 3]"});
+  bad(0, 0, 0, 3) = std::numeric_limits<float>::quiet_NaN();
+  expect_refused(bf, bad, v, {"[gqa.kv_cache_nonfinite]", "k_new[0, 0, 0, 3]"});
+  bad(0, 0, 0, 3) = 3e38f;  // below the rounding limit: stored as the largest bfloat16 ... or near it, finite
+  bf.append(bad, v);
+  CHECK(std::isfinite(float(bf.key_storage()(0, 0, 0, 3))));
+
+  KVCache<float> f32(1, 1, 4, 4);
+  Tensor4<double> huge = k.cast<double>();
+  huge(0, 0, 0, 1) = 1e300;
+  expect_refused(f32, huge, huge, {"[gqa.kv_cache_range]", "KVCache<float>::append: k_new[0, 0, 0, 1]", "1e+300"});
+  bad(0, 0, 0, 3) = std::numeric_limits<float>::quiet_NaN();
+  f32.append(bad, v);  // a float cache stores what a float tensor holds; attention propagates it by its rule
+  CHECK(std::isnan(f32.key_storage()(0, 0, 0, 3)));
 }
 
 TEST_CASE("Attention on an int8 cache: the reference on its dequantised values (tight) and the f32 cache (loose)",

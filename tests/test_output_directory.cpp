@@ -60,8 +60,11 @@ TEST_CASE("OutputDirectory: commit moves the directory into place; destruction w
   }
   CHECK(listing(dir.path()) == std::vector<std::string>{"out"});
   CHECK(gqa_test::read_text(dir / "out" / "a") == "1");
+  CHECK(listing(dir / "out") == std::vector<std::string>{".gqa-output", "a"});  // commit adds the marker
+  CHECK(gqa::detail::is_marked_output(dir / "out"));
   // Without replace, an existing destination is never replaced, even an empty one.
   fs::remove(dir / "out" / "a");
+  fs::remove(dir / "out" / ".gqa-output");
   {
     OutputDirectory out(dir / "out", false);
     gqa_test::write_text(out.path() / "b", "2");
@@ -77,7 +80,7 @@ TEST_CASE("OutputDirectory: commit moves the directory into place; destruction w
     out.commit();
   }
   CHECK(listing(dir.path()) == std::vector<std::string>{"out"});
-  CHECK(listing(dir / "out") == std::vector<std::string>{"new"});
+  CHECK(listing(dir / "out") == std::vector<std::string>{".gqa-output", "new"});
 }
 
 TEST_CASE("OutputDirectory: replacing never leaves a moment without the output", "[output_directory]") {
@@ -119,7 +122,7 @@ TEST_CASE("OutputDirectory: the two-rename fallback replaces the output and leav
     gqa_test::write_text(out.path() / "n", std::to_string(i));
     out.commit(OutputDirectory::Replace::two_renames);
     CHECK(gqa_test::read_text(dir / "out" / "n") == std::to_string(i));
-    CHECK(listing(dir / "out") == std::vector<std::string>{"n"});
+    CHECK(listing(dir / "out") == std::vector<std::string>{".gqa-output", "n"});
     CHECK(listing(dir.path()) == std::vector<std::string>{"out"});
   }
   // Without replace, an existing output is refused and kept.
@@ -162,4 +165,65 @@ TEST_CASE("OutputDirectory: stale leftovers of dead processes are removed, a set
   std::sort(expected.begin(), expected.end());
   CHECK(listing(dir.path()) == expected);
   CHECK(gqa_test::read_text(dir / "gone" / "sub" / "f") == old_free);
+}
+
+TEST_CASE("--force replaces an empty directory or one gqa wrote (its marker), never a plain checkpoint",
+          "[output_directory][force]") {
+  // Issue 24 row 9: "gqa-convert SRC DIR --force" with DIR an ordinary model download replaced its weights and
+  // README.md, because any directory with config.json and *.safetensors passed for a previous output.
+  using gqa::detail::check_paths;
+  using gqa::detail::not_replaceable;
+  TempDir dir;
+  fs::create_directories(dir / "in");
+  auto refusal = [&](const fs::path& out) {
+    try {
+      (void)check_paths(dir / "in", out, true);
+    } catch (const gqa::invalid_argument& e) {
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  SECTION("a model download: config.json, model.safetensors, README.md") {
+    fs::create_directories(dir / "download");
+    for (const char* f : {"config.json", "model.safetensors", "README.md", "tokenizer.json"})
+      gqa_test::write_text(dir / "download" / f, f);
+    const std::string why = refusal(dir / "download");
+    CHECK_THAT(why, Contains("[gqa.checkpoint.output_exists]") && Contains("download") && Contains(".gqa-output") &&
+                        Contains("never replaced"));
+    CHECK(gqa_test::read_text(dir / "download" / "README.md") == "README.md");
+  }
+  SECTION("an empty directory") {
+    fs::create_directories(dir / "empty");
+    CHECK(refusal(dir / "empty") == "accepted");
+  }
+  SECTION("a committed output: only the marker and the writer's files") {
+    {
+      OutputDirectory out(dir / "previous", false);
+      gqa_test::write_text(out.path() / "config.json", "{}");
+      gqa_test::write_text(out.path() / "model.safetensors", "x");
+      out.commit();
+    }
+    CHECK(refusal(dir / "previous") == "accepted");
+    // The marker alone is enough: the directory is this tool's however few files it holds.
+    fs::remove(dir / "previous" / "config.json");
+    fs::remove(dir / "previous" / "model.safetensors");
+    CHECK(listing(dir / "previous") == std::vector<std::string>{".gqa-output"});
+    CHECK(refusal(dir / "previous") == "accepted");
+  }
+  SECTION("a marker that is not gqa's, a linked marker, or a marked directory holding foreign weights") {
+    fs::create_directories(dir / "odd");
+    gqa_test::write_text(dir / "odd" / "config.json", "{}");
+    gqa_test::write_text(dir / "odd" / ".gqa-output", "something else\n");
+    CHECK_THAT(refusal(dir / "odd"), Contains("no .gqa-output marker"));
+    fs::remove(dir / "odd" / ".gqa-output");
+    gqa_test::write_text(dir / "real-marker", std::string(gqa::detail::output_marker_text));
+    fs::create_symlink(dir / "real-marker", dir / "odd" / ".gqa-output");
+    CHECK_THAT(refusal(dir / "odd"), Contains("'.gqa-output', which is not a regular file"));
+    CHECK_FALSE(gqa::detail::is_marked_output(dir / "odd"));
+    fs::remove(dir / "odd" / ".gqa-output");
+    gqa_test::write_text(dir / "odd" / ".gqa-output", std::string(gqa::detail::output_marker_text));
+    CHECK(!not_replaceable(dir / "odd").has_value());
+    gqa_test::write_text(dir / "odd" / "pytorch_model.bin", "x");
+    CHECK_THAT(refusal(dir / "odd"), Contains("pytorch_model.bin"));
+  }
 }

@@ -340,7 +340,9 @@ inline void write_checkpoint(const std::filesystem::path& converted, const gqa::
   for (const auto& e : gqa::detail::list_entries(paths.in, true)) {
     const bool weights = e.name == st::index_file_name ||
                          (e.name.size() > 12 && e.name.compare(e.name.size() - 12, 12, ".safetensors") == 0);
-    if (!e.regular || weights || gqa::detail::is_weight_file(e.name)) continue;
+    // An input's marker is not copied: commit() writes the output's own.
+    if (!e.regular || weights || gqa::detail::is_weight_file(e.name) || e.name == gqa::detail::output_marker_name)
+      continue;
     check_cancel(o);
     gqa::detail::copy_regular_file(paths.in / e.name, out.path() / e.name);
   }
@@ -357,7 +359,7 @@ inline std::vector<LayerReport> uptrain_checkpoint(const std::filesystem::path& 
                                                    const std::filesystem::path& calibration, const Options& o) {
   using Clock = std::chrono::steady_clock;
   // Output rules first, so that a bad OUTPUT_DIR fails before the training: never the original or the converted
-  // checkpoint, nor inside either; an existing one only with --force and if it looks like a previous output.
+  // checkpoint, nor inside either; an existing one only with --force and if gqa wrote it (its .gqa-output marker).
   (void)gqa::detail::check_paths(original, output, o.force);
   const gqa::detail::CheckpointPaths paths = gqa::detail::check_paths(converted, output, o.force);
   const llama::Model orig = llama::Model::load(original), conv = llama::Model::load(converted);

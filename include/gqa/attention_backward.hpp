@@ -11,6 +11,10 @@
 // gradient of the shared head, what a repeat_kv model's autograd gives). Every forward option is honoured: scale,
 // causal (bottom-right), window, soft-cap (through tanh), additive bias, key lengths; gradients of padded keys and
 // of keys no query sees are exact zeros, and so are those of a query row with no visible key (never NaN).
+// Non-finite inputs follow the forward's rule (gqa/options.hpp): a masked pair (padding, causal, window, a -inf bias
+// entry) contributes nothing even where K, V, Q or d_out hold NaN or inf; a NaN or inf among visible pairs goes
+// where the formulas carry it (a NaN key makes the rows that see it NaN in d_q, and the d_k / d_v of every key
+// those rows see), as autograd of the naive formula does.
 //
 // options.lse: pass the span the forward filled (B*H*Sq floats) to save the pass that recomputes it; when empty the
 // backward recomputes it. With double arithmetic a float lse would cap the gradients at float accuracy, so it is

@@ -52,9 +52,11 @@
 // decisions are made by plan_checkpoint() (gqa/checkpoint_plan.hpp) before anything is written.
 //
 // THE OUTPUT DIRECTORY ([gqa.checkpoint.output_exists], gqa::invalid_argument): never the input, inside it, or a
-// directory containing it. An existing one is replaced only with options.force, and only if it is empty or looks like
-// a previous output: regular files only, config.json and at least one *.safetensors among them, no other weight
-// files. Anything else (a working directory, a model with subdirectories) is refused, force or not.
+// directory containing it. An existing one is replaced only with options.force, and only if it is empty or an output
+// gqa wrote: it holds gqa's marker file .gqa-output (which every output of convert_checkpoint and gqa-uptrain gets,
+// see gqa/detail/output_directory.hpp), regular files only, no weight files gqa does not write. Anything else (a
+// model download or any checkpoint gqa did not write, a working directory, a model with subdirectories) is refused,
+// force or not, with the reason. Outputs written before the marker existed lack it: remove them by hand.
 //
 // ATOMICITY (gqa/detail/output_directory.hpp): everything is validated before anything is written; the output is built
 // in a hidden sibling directory (.<name>.gqa-tmp-<host>-<pid>-<random>), each file through temp + fsync + rename
@@ -136,25 +138,33 @@ inline CheckpointInventory make_inventory(const std::filesystem::path& in, const
   for (std::size_t f = 0; f < dir.files().size(); ++f)
     for (const auto& t : dir.files()[f].tensors()) inv.tensors.push_back({t.name, t.dtype, t.shape, f});
   inv.entries = list_entries(in, true);
+  // An input that gqa wrote carries its marker; the output gets a fresh one from OutputDirectory::commit.
+  inv.entries.erase(std::remove_if(inv.entries.begin(), inv.entries.end(),
+                                   [](const CheckpointInventory::Entry& e) { return e.name == output_marker_name; }),
+                    inv.entries.end());
   return inv;
 }
 
-/// Why an existing `out` may not be replaced, or nullopt if it is empty or looks like a previous output.
+/// Why an existing `out` may not be replaced, or nullopt if it is empty or an output gqa wrote: one holding gqa's
+/// marker (gqa/detail/output_directory.hpp), regular files only, and no weight file gqa does not write. A checkpoint
+/// without the marker (a model download: config.json, model.safetensors, README.md, ...) is never replaced.
 inline std::optional<std::string> not_replaceable(const std::filesystem::path& out) {
   namespace fs = std::filesystem;
   std::error_code ec;
   if (fs::is_symlink(fs::symlink_status(out, ec))) return std::string("it is a symbolic link");
   if (!fs::is_directory(fs::symlink_status(out, ec))) return std::string("it is not a directory");
-  bool config = false, weights = false, empty = true;
-  for (const auto& e : list_entries(out, false)) {
-    empty = false;
+  const auto entries = list_entries(out, false);
+  if (entries.empty()) return std::nullopt;
+  for (const auto& e : entries) {
     if (!e.regular) return concat("it holds '", e.name, "', which is not a regular file");
-    if (e.name == "config.json") config = true;
-    else if (e.name.size() > 12 && e.name.substr(e.name.size() - 12) == ".safetensors") weights = true;
-    else if (is_weight_file(e.name)) return concat("it holds '", e.name, "', a weight file gqa does not write");
+    const bool safetensors = e.name.size() > 12 && e.name.substr(e.name.size() - 12) == ".safetensors";
+    if (!safetensors && is_weight_file(e.name))
+      return concat("it holds '", e.name, "', a weight file gqa does not write");
   }
-  if (!empty && !(config && weights))
-    return std::string("it is neither empty nor a converted checkpoint (config.json and *.safetensors files)");
+  if (!is_marked_output(out))
+    return concat("it is neither empty nor a converted checkpoint: it has no ", output_marker_name,
+                  " marker file, which gqa-convert and gqa-uptrain write into every output (a checkpoint they did "
+                  "not write, such as a model download, is never replaced)");
   return std::nullopt;
 }
 
@@ -194,7 +204,7 @@ inline CheckpointPaths check_paths(const std::filesystem::path& input_dir, const
             "' exists; use gqa-convert --force (CheckpointOptions::force) to replace it");
     const auto why = not_replaceable(p.out);
     require(!why, "checkpoint.output_exists", "output '", output_dir.string(),
-            "' exists and --force only replaces an empty directory or a previous gqa-convert output, but ",
+            "' exists and --force only replaces an empty directory or one that gqa-convert or gqa-uptrain wrote, but ",
             why.value_or(""));
   }
   return p;

@@ -8,6 +8,9 @@
 //   query  weight [H*D, hidden], bias [H*D]   copied; rows permuted for a non-adjacent assignment
 //   key    weight [G*D, hidden], bias [G*D]   -> [G'*D, ...]: pooled (G' < G) or expanded (G' > G); value the same
 //   output weight [hidden, H*D], bias [hidden] copied; columns permuted for a non-adjacent assignment
+// PoolMethod::fit on a rotary family assumes the rotary embedding covers every dimension of every layer; a config that
+// says otherwise (partial_rotary_factor below 1, no_rope_layers, ...: detail::partial_rotary) is refused for fit by
+// field and value ([gqa.checkpoint.unsupported]); mean, first and random are unaffected.
 // A method that reads the whole layer (PoolMethod::fit, and automatic where it means fit) rewrites query and output
 // weights and biases too: every such tensor is one output of the layer's gqa::pool_attention (TensorAction::
 // from_layer), whose inputs the plan lists per layer (CheckpointPlan::layers, with the normalisation in front of the
@@ -124,7 +127,7 @@ struct CheckpointOptions {
   Index kv_heads = 0;
   /// method, seed (see gqa/checkpoint.hpp) and an optional assignment of the current G heads to kv_heads groups.
   ConvertOptions convert;
-  /// Replace an existing output directory, if it is empty or holds a previous output (gqa/checkpoint.hpp).
+  /// Replace an existing output directory, if it is empty or gqa wrote it (its .gqa-output marker; gqa/checkpoint.hpp).
   bool force = false;
   /// Called once per converted layer (from the calling thread). What it throws aborts the conversion cleanly.
   std::function<void(const LayerProgress&)> on_layer;
@@ -582,6 +585,11 @@ inline CheckpointPlan plan_checkpoint(const CheckpointInventory& inv, const Chec
   sum.kv_dtype = *kv_dtype;
   sum.method = options.convert.method == PoolMethod::automatic ? best_data_free_method(rules.rotary)
                                                                : options.convert.method;
+  if (sum.pooled && sum.method == PoolMethod::fit && rules.rotary != RotaryPairs::none)
+    if (const auto why = detail::partial_rotary(inv.config, c.head_dim, c.layers))
+      require(false, "checkpoint.unsupported", "--method fit (PoolMethod::fit) assumes the rotary embedding covers "
+              "every dimension of every layer, but ", inv.config_name, " sets ", *why,
+              "; --method mean, first or random pool whole heads, which is right under any rotary layout");
   if (sum.pooled && reads_layer(sum.method)) detail::plan_layer_method(plan, inv, c, *kv_dtype, sum.method);
   if (permute) sum.query_order = query_head_order(c.heads, target, options.convert.assignment);
   plan.config_after = inv.config;

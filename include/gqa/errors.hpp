@@ -44,8 +44,11 @@ inline constexpr ErrorId error_ids[] = {
   {"gqa.kv_cache",          "shape_error, invalid_argument", "a non-positive KVCache size, appended K/V whose "
                                      "shape disagrees with the cache, or counts / truncate arguments out of range"},
   {"gqa.kv_cache_overflow", "invalid_argument", "an append would take a sequence past the cache's capacity"},
-  {"gqa.kv_cache_nonfinite", "invalid_argument", "an append to an int8 KVCache holds NaN or inf (or a value beyond "
-                                     "float range), which has no int8 scale"},
+  {"gqa.kv_cache_nonfinite", "invalid_argument", "an append to an int8, half or bfloat16 KVCache holds NaN or "
+                                     "inf, which those caches do not store"},
+  {"gqa.kv_cache_range",    "invalid_argument", "an appended value is finite but beyond the cache type's range (above "
+                                     "65504 for half; a double beyond float range for float and int8): it would be "
+                                     "stored as inf"},
   // Conversion math (gqa/convert.hpp)
   {"gqa.convert.assignment", "invalid_argument", "ConvertOptions::assignment is not a partition of the H heads "
                                      "into G groups of H/G"},

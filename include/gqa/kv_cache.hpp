@@ -12,8 +12,26 @@
 //   an all-zero row has scale 0 and q = 0.
 // The scales sit beside the data, head-major [B, G, capacity] for K and for V (key_scales(), value_scales()). The
 // kernels widen the int8 rows in registers and apply the K scale to the score, the V scale to the probability;
-// every option works as on the other caches. An int8 append refuses NaN and inf (gqa.kv_cache_nonfinite): they have
-// no scale. Error of a stored value: at most half a step, scale / 2 = max|x| / 254 of its row.
+// every option works as on the other caches. Error of a stored value: at most half a step, scale / 2 = max|x| / 254
+// of its row.
+//
+// What append refuses (before anything is written, naming the argument, [b, s, g, d], the cache position and the
+// value), so that a cache never holds something other than the value given, rounded to T:
+//   * a finite value beyond T's range, which would be stored as inf (gqa.kv_cache_range): above 65504 in a half
+//     cache (from 65520, where rounding reaches inf), beyond ~3.39e38 in a bfloat16 one, a double beyond float range
+//     in a float or int8 cache;
+//   * NaN and inf in an int8, half or bfloat16 cache (gqa.kv_cache_nonfinite): int8 has no scale for them, and the
+//     16-bit caches refuse them alike, so `--kv f16` and `--kv i8` fail the same way on the same input. float and
+//     double caches keep NaN and inf as given, as any float tensor does, and attention propagates them by its rule
+//     (gqa/options.hpp).
+// Saturating instead (65504 for 1e5) would be a silent wrong answer. The check is one compare per appended value;
+// appends are once per token, far from the decode loop, which reads the cache.
+// Attention's output narrows to q's type: each output row is a convex combination of V rows, so it stays within
+// the largest |V|, which a half or bfloat16 output holds whenever V is of that type (every KVCache<half> decode
+// with half queries). A 16-bit output of wider V (float queries are the usual case; half queries against a float
+// cache are not) could overflow to inf and is not checked inside the kernels; keep the output at least as wide as
+// the cache. The gradients of gqa/attention_backward.hpp are sums and may overflow a 16-bit type to inf, as in
+// PyTorch, where loss scaling relies on seeing that inf.
 //
 //   gqa::KVCache<gqa::bfloat16> cache(B, G, capacity, D);
 //   cache.append(k_new, v_new);                          // [B, S_new, G, D] each, any element type
@@ -33,6 +51,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -103,7 +123,8 @@ class KVCache {
 
   /// Appends the same number of new tokens S_new to every sequence. k_new, v_new: [B, S_new, G, D] (Tensor4,
   /// TensorMap or TensorRef; any element type, converted to T). Throws before writing anything if a shape
-  /// disagrees, a sequence would exceed the capacity, or (int8 cache) an appended value is not finite.
+  /// disagrees, a sequence would exceed the capacity, or an appended value cannot be stored as given (see the
+  /// header comment: beyond T's range; NaN or inf in an int8, half or bfloat16 cache).
   template <typename K, typename V>
   void append(const K& k_new, const V& v_new) {
     const auto kr = detail::as_ref(k_new);
@@ -131,10 +152,8 @@ class KVCache {
                       "KVCache::append: sequence ", b, " holds ", lengths_[size_t(b)], " tokens; appending ",
                       counts[b], " exceeds capacity ", capacity());
     }
-    if constexpr (kQuantized) {
-      check_finite("k_new", kr, counts);
-      check_finite("v_new", vr, counts);
-    }
+    check_storable("k_new", kr, counts);
+    check_storable("v_new", vr, counts);
     const Index G = kv_heads(), D = head_dim();
     for (Index b = 0; b < batch(); ++b) {
       const Index start = lengths_[size_t(b)];
@@ -239,20 +258,83 @@ class KVCache {
     return detail::mk::widen<float>(std::remove_const_t<Src>(x));
   }
 
-  /// Refuses (before anything is written) a non-finite value among the tokens to append to an int8 cache: it has no
-  /// scale. Values beyond float range count too, since the scales are float.
+  /// int8, half and bfloat16 caches store finite values only (see the header comment).
+  static constexpr bool kFiniteOnly = kQuantized || std::is_same_v<T, half> || std::is_same_v<T, bfloat16>;
+  /// Values are converted through float (store, quantize); a float of magnitude at or above this rounds to inf in
+  /// T: halfway between T's largest finite value and the next power of two, which ties-to-even rounds up. int8's
+  /// float scales take any finite float.
+  static constexpr float kLimit = std::is_same_v<T, half>       ? 65520.0f     // 65504 = 0x1.ffcp15
+                                  : std::is_same_v<T, bfloat16> ? 0x1.ffp127f  // 0x1.fep127
+                                                                : std::numeric_limits<float>::infinity();
+  static constexpr const char* type_name() noexcept {
+    return kQuantized ? "int8" : std::is_same_v<T, half> ? "half" : std::is_same_v<T, bfloat16> ? "bfloat16"
+                                                          : std::is_same_v<T, float> ? "float" : "double";
+  }
+
+  /// Whether appending x stores x up to rounding: finite and within range in an int8, half or bfloat16 cache; in a
+  /// float cache, anything but a finite double that overflows float (NaN and inf are kept as given, as in any float
+  /// tensor); in a double cache, anything.
+  template <typename S>
+  static bool storable(S x) noexcept {
+    if constexpr (std::is_same_v<T, double>) {
+      return true;
+    } else {
+      const float f = to_float(x);
+      if constexpr (kFiniteOnly)
+        return std::abs(f) < kLimit;  // false for NaN
+      else
+        return std::isfinite(f) || !std::isfinite(as_double(x));
+    }
+  }
+
+  /// storable() for all n values; float rows (the usual append) in a branch-free loop the compiler vectorises.
+  template <typename S>
+  static bool row_storable(const S* row, Index n) noexcept {
+    if constexpr (std::is_same_v<S, float> && kFiniteOnly) {
+      int bad = 0;
+      for (Index d = 0; d < n; ++d) bad |= !(std::abs(row[d]) < kLimit);  // true for NaN
+      return bad == 0;
+    } else {
+      for (Index d = 0; d < n; ++d)
+        if (!storable(row[d])) return false;
+      return true;
+    }
+  }
+
+  /// Refuses, before anything is written, a value among the tokens to append that storable() rejects, naming its
+  /// position and value. Only element types that can fail are scanned (float from float, half or bfloat16 cannot).
   template <typename R>
-  void check_finite(const char* name, const R& r, span<const std::int32_t> counts) const {
-    const Index G = kv_heads(), D = head_dim();
-    for (Index b = 0; b < batch(); ++b)
-      for (Index s = 0; s < counts[b]; ++s)
-        for (Index g = 0; g < G; ++g)
-          for (Index d = 0; d < D; ++d) {
-            const float x = to_float(r(b, s, g, d));
-            detail::require(std::isfinite(x), "kv_cache_nonfinite", "KVCache<int8>::append: ", name, "[", b, ", ", s,
-                            ", ", g, ", ", d, "] (sequence ", b, ", new token ", s, ", KV head ", g, ") = ", x,
-                            "; an int8 cache stores finite values only (nothing was appended)");
+  void check_storable(const char* name, const R& r, span<const std::int32_t> counts) const {
+    using S = std::remove_const_t<detail::ref_elem_t<R>>;
+    if constexpr (kFiniteOnly || (std::is_same_v<T, float> && std::is_same_v<S, double>)) {
+      const Index G = kv_heads(), D = head_dim();
+      for (Index b = 0; b < batch(); ++b)
+        for (Index s = 0; s < counts[b]; ++s)
+          for (Index g = 0; g < G; ++g) {
+            const S* row = &r(b, s, g, 0);
+            if (row_storable(row, D)) continue;
+            for (Index d = 0; d < D; ++d)
+              if (!storable(row[d])) refuse(name, b, s, g, d, as_double(row[d]));
           }
+    }
+  }
+
+  template <typename S>
+  static double as_double(S x) noexcept {
+    if constexpr (std::is_same_v<S, double>) return x;
+    else return double(to_float(x));
+  }
+
+  void refuse(const char* name, Index b, Index s, Index g, Index d, double x) const {
+    using Limit = std::conditional_t<kQuantized, float, T>;  // int8 rows keep float scales
+    const std::string where = detail::concat("KVCache<", type_name(), ">::append: ", name, "[", b, ", ", s, ", ", g,
+                                             ", ", d, "] (sequence ", b, ", new token ", s, ", KV head ", g,
+                                             ", cache position ", lengths_[size_t(b)] + s, ") = ", x);
+    detail::require(std::isfinite(x), "kv_cache_nonfinite", where, "; ", kQuantized ? "an " : "a ", type_name(),
+                    " cache stores finite values only (nothing was appended)");
+    detail::require(false, "kv_cache_range", where, " is beyond the range of ", kQuantized ? "the float scales" : type_name(),
+                    " (largest finite value ", double(std::numeric_limits<Limit>::max()),
+                    "): it would be stored as inf (nothing was appended)");
   }
 
   void check_new_tokens(const char* name, const std::array<Index, 4>& dims, const std::array<Index, 4>& strides) const {

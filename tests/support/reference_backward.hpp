@@ -10,6 +10,10 @@
 //
 // d_bias is dL/dZ of every (b, h, i, j) (0 where masked); a broadcast bias's gradient is its sum over the
 // broadcast dims, which callers can form from it.
+//
+// Non-finite inputs follow the forward's rule (gqa/options.hpp): a masked pair (padding, causal, window, a -inf
+// bias entry) is absent from every sum, so NaN or inf in a masked key, or in a row that cannot see it, changes
+// nothing; among visible pairs the formulas run as written, so NaN reaches exactly what they make depend on it.
 #pragma once
 
 #include "gqa/options.hpp"
@@ -46,6 +50,7 @@ ReferenceGradients reference_backward(gqa::TensorRef<const T> q, gqa::TensorRef<
   g.d_v.setZero();
   g.d_bias.setZero();
   std::vector<double> s(size_t(Sq * Sk)), p(s.size()), dp(s.size());
+  std::vector<char> seen(s.size());  // (i, j) visible
   std::vector<double> kh(size_t(Sk * D)), vh(kh.size()), qh(size_t(Sq * D)), doh(qh.size());
   for (Index b = 0; b < B; ++b) {
     const Index len = opt.key_lengths.empty() ? Sk : Index(opt.key_lengths[b]);
@@ -62,8 +67,12 @@ ReferenceGradients reference_backward(gqa::TensorRef<const T> q, gqa::TensorRef<
           doh[size_t(i * D + d)] = double(d_out(b, i, h, d));
         }
       for (Index i = 0; i < Sq; ++i) {
+        // Masked pairs (padding, causal, window, a -inf bias entry) take no part at all, whatever K/V hold there
+        // (the forward's rule, gqa/options.hpp); visible pairs are plain IEEE arithmetic, so a NaN or inf goes
+        // wherever the formulas carry it. The running max propagates NaN (std::max would drop it).
         const Index pos = i + (len - Sq);
-        double m = -std::numeric_limits<double>::infinity();
+        constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+        double m = kNegInf;
         for (Index j = 0; j < Sk; ++j) {
           double x = 0, y = 0;
           for (Index d = 0; d < D; ++d) {
@@ -73,26 +82,31 @@ ReferenceGradients reference_backward(gqa::TensorRef<const T> q, gqa::TensorRef<
           x *= scale;
           s[size_t(i * Sk + j)] = x;  // before the cap: its derivative needs it
           if (cap > 0) x = cap * std::tanh(x / cap);
-          if (!opt.bias.empty()) x += opt.bias(b, h, i, j);
           bool visible = j < len;
           if (opt.causal || opt.window > 0) visible = visible && j <= pos;
           if (opt.window > 0) visible = visible && j >= pos - opt.window + 1;
-          p[size_t(i * Sk + j)] = visible ? x : -std::numeric_limits<double>::infinity();
+          if (!opt.bias.empty()) {
+            const double bias = opt.bias(b, h, i, j);
+            visible = visible && bias != kNegInf;
+            x += bias;
+          }
+          seen[size_t(i * Sk + j)] = visible;
+          p[size_t(i * Sk + j)] = x;
           dp[size_t(i * Sk + j)] = y;
-          if (visible) m = std::max(m, x);
+          if (visible && !std::isnan(m) && (std::isnan(x) || x > m)) m = x;
         }
+        if (m == kNegInf) continue;  // no visible key, or only -inf logits: the forward's zero row, no gradient
         double sum = 0;
-        for (Index j = 0; j < Sk; ++j) {
-          double& e = p[size_t(i * Sk + j)];
-          e = m == -std::numeric_limits<double>::infinity() ? 0.0 : std::exp(e - m);
-          sum += e;
-        }
+        for (Index j = 0; j < Sk; ++j)
+          if (seen[size_t(i * Sk + j)]) sum += std::exp(p[size_t(i * Sk + j)] - m);
         double delta = 0;
         for (Index j = 0; j < Sk; ++j) {
-          if (sum > 0) p[size_t(i * Sk + j)] /= sum;
-          delta += p[size_t(i * Sk + j)] * dp[size_t(i * Sk + j)];
+          double& e = p[size_t(i * Sk + j)];
+          e = seen[size_t(i * Sk + j)] ? std::exp(e - m) / sum : 0.0;
+          if (seen[size_t(i * Sk + j)]) delta += e * dp[size_t(i * Sk + j)];
         }
         for (Index j = 0; j < Sk; ++j) {
+          if (!seen[size_t(i * Sk + j)]) continue;
           const double pij = p[size_t(i * Sk + j)];
           const double dz = pij * (dp[size_t(i * Sk + j)] - delta);
           g.d_bias(b, h, i, j) = dz;
@@ -101,7 +115,6 @@ ReferenceGradients reference_backward(gqa::TensorRef<const T> q, gqa::TensorRef<
             const double th = std::tanh(s[size_t(i * Sk + j)] / cap);
             ds *= 1 - th * th;
           }
-          if (ds == 0 && pij == 0) continue;
           for (Index d = 0; d < D; ++d) {
             g.d_q(b, i, h, d) += scale * ds * at(kh, D, j, d);
             g.d_k(b, j, h / rep, d) += scale * ds * at(qh, D, i, d);

@@ -23,7 +23,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -182,6 +184,73 @@ inline std::optional<std::string> llama_config_refusal(const nlohmann::ordered_j
     if (config.contains(flag) && config[flag].is_boolean() && config[flag].get<bool>())
       return concat("config.json sets \"", flag, "\": per-head query/key norms cannot be pooled honestly");
   return std::nullopt;
+}
+
+/// Why config.json says the rotary embedding does not cover every dimension of every layer, naming the field and
+/// its value, or nullopt when it does (or says nothing about it). PoolMethod::fit assumes full rotary; pooling whole
+/// heads (mean, first, random) commutes with any rotary layout and needs no such check. Read as transformers 5 reads
+/// them: partial_rotary_factor at the top level or inside rope_parameters / rope_scaling (also per layer type,
+/// {"full_attention": {...}, ...}), full when int(head_dim * factor) = head_dim; GPT-J-style rotary_dim and
+/// GPT-NeoX-style rotary_pct; no_rope_layers (SmolLM3, Llama 4: 1 = the layer uses rotary, 0 = it has none), and,
+/// where that list is absent or null, no_rope_layer_interval (every interval-th layer has none; SmolLM3 and Llama 4
+/// default to 4). A value of a form this does not understand is reported too, never taken as full rotary.
+inline std::optional<std::string> partial_rotary(const nlohmann::ordered_json& config, Index head_dim, Index layers) {
+  using json = nlohmann::ordered_json;
+  auto shown = [](const json& v) { return v.dump(); };
+  auto factor_reason = [&](const std::string& field, const json& v) -> std::optional<std::string> {
+    if (v.is_null()) return std::nullopt;
+    if (!v.is_number())
+      return concat("\"", field, "\" = ", shown(v), " (not a number: the rotary share of each head is unknown)");
+    const double f = v.get<double>();
+    const double dims = std::floor(double(head_dim) * f);
+    if (dims == double(head_dim)) return std::nullopt;
+    return concat("\"", field, "\" = ", shown(v), " (rotary on ", dims, " of each head's ", head_dim,
+                  " dimensions)");
+  };
+  for (const char* name : {"partial_rotary_factor", "rotary_pct"})
+    if (config.contains(name))
+      if (auto why = factor_reason(name, config[name])) return why;
+  if (config.contains("rotary_dim") && !config["rotary_dim"].is_null()) {
+    const json& v = config["rotary_dim"];
+    if (!v.is_number_integer() || v.get<std::int64_t>() != head_dim)
+      return concat("\"rotary_dim\" = ", shown(v), " (head_dim is ", head_dim, ")");
+  }
+  for (const char* block : {"rope_parameters", "rope_scaling"}) {
+    if (!config.contains(block) || !config[block].is_object()) continue;
+    const json& rp = config[block];
+    if (rp.contains("partial_rotary_factor"))
+      if (auto why = factor_reason(std::string(block) + ".partial_rotary_factor", rp["partial_rotary_factor"]))
+        return why;
+    for (const auto& [key, nested] : rp.items())  // per layer type, as transformers 5 nests them
+      if (nested.is_object() && nested.contains("partial_rotary_factor"))
+        if (auto why = factor_reason(std::string(block) + "." + key + ".partial_rotary_factor",
+                                     nested["partial_rotary_factor"]))
+          return why;
+  }
+  if (config.contains("no_rope_layers") && !config["no_rope_layers"].is_null()) {
+    const json& v = config["no_rope_layers"];
+    if (!v.is_array()) return concat("\"no_rope_layers\" = ", shown(v), " (not a list of 0 / 1 per layer)");
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      if (v[i].is_number_integer() && v[i].get<std::int64_t>() == 1) continue;
+      if (v[i].is_number_integer() && v[i].get<std::int64_t>() == 0)
+        return concat("\"no_rope_layers\"[", i, "] = 0 (layer ", i, " has no rotary embedding)");
+      return concat("\"no_rope_layers\"[", i, "] = ", shown(v[i]), " (not 0 or 1)");
+    }
+    return std::nullopt;
+  }
+  const std::string type = config.contains("model_type") && config["model_type"].is_string()
+                               ? config["model_type"].get<std::string>() : "";
+  const bool nope_by_default = type == "smollm3" || type == "llama4" || type == "llama4_text";
+  const bool has_interval = config.contains("no_rope_layer_interval") && !config["no_rope_layer_interval"].is_null();
+  if (!has_interval && !nope_by_default) return std::nullopt;
+  const json interval = has_interval ? config["no_rope_layer_interval"] : json(4);
+  const std::string field = has_interval ? "\"no_rope_layer_interval\" = " + shown(interval)
+                                         : "\"model_type\" = \"" + type + "\" without \"no_rope_layers\"";
+  if (!interval.is_number_integer() || interval.get<std::int64_t>() < 1)
+    return concat(field, " (not a positive layer count)");
+  if (layers > 0 && interval.get<std::int64_t>() > layers) return std::nullopt;  // no layer is the interval-th
+  return concat(field, " (layer i has no rotary embedding where i + 1 is a multiple of ", interval.get<std::int64_t>(),
+                ")");
 }
 
 // ---- BERT (BertModel, BertFor*; sentence-transformers exports) ---------------------------------------------------

@@ -13,6 +13,12 @@
 // the next run removes it as stale). Where the file system cannot exchange (EINVAL, ENOSYS), the old directory is
 // first renamed to ".<OUTPUT>.gqa-old-<host>-<pid>-<random>" and the new one renamed onto OUTPUT; a crash between
 // the two leaves no OUTPUT, and the next run renames that .gqa-old directory back before anything else.
+//
+// THE MARKER. commit() writes ".gqa-output" (output_marker_name, through temp + fsync + rename like every file) into
+// the directory before it moves into place, so every output of gqa-convert and gqa-uptrain carries it. It is how
+// --force tells a directory this tool wrote (which it may replace) from anything else, an ordinary checkpoint or a
+// model download above all, which it never replaces: is_marked_output() checks it, and the writers never copy an
+// input's marker (a fresh one is written).
 #pragma once
 
 #include "gqa/detail/internal_header_check.hpp"
@@ -140,6 +146,29 @@ inline constexpr unsigned rename_exchange = 2, rename_noreplace = 1;
 inline constexpr unsigned rename_exchange = RENAME_EXCHANGE, rename_noreplace = RENAME_NOREPLACE;
 #endif
 
+/// The marker file every committed output holds (see the header comment), and its content: a first line that
+/// is_marked_output() checks, then a line for people.
+inline constexpr std::string_view output_marker_name = ".gqa-output";
+inline constexpr std::string_view output_marker_text =
+    "gqa-output 1\n"
+    "Written by gqa (gqa-convert / gqa-uptrain); their --force may replace this directory.\n";
+
+/// Whether `dir` holds gqa's marker: a regular file (not a link) named output_marker_name whose first line is the
+/// marker's.
+inline bool is_marked_output(const std::filesystem::path& dir) {
+  namespace fs = std::filesystem;
+  const fs::path marker = dir / std::string(output_marker_name);
+  std::error_code ec;
+  if (!fs::is_regular_file(fs::symlink_status(marker, ec))) return false;
+  std::FILE* f = std::fopen(marker.c_str(), "rb");
+  if (!f) return false;
+  const std::string_view first = output_marker_text.substr(0, output_marker_text.find('\n') + 1);
+  std::string head(first.size(), '\0');
+  const std::size_t got = std::fread(head.data(), 1, head.size(), f);
+  std::fclose(f);
+  return got == first.size() && head == first;
+}
+
 /// A directory built under a staging name beside `destination` and moved onto it by commit() (see the header comment).
 class OutputDirectory {
  public:
@@ -172,8 +201,10 @@ class OutputDirectory {
   /// cannot exchange; `two_renames` is that fallback, always (for its tests).
   enum class Replace { exchange, two_renames };
 
-  /// Syncs the staging directory and moves it onto the destination; on failure the destination is as it was.
+  /// Writes the marker, syncs the staging directory and moves it onto the destination; on failure the destination is
+  /// as it was.
   void commit(Replace how = Replace::exchange) {
+    write_file_atomically(staging_ / std::string(output_marker_name), output_marker_text);
     fsync_directory(staging_);
     if (!replace_) {
       int rc = rename_with_flags(staging_.c_str(), destination_.c_str(), rename_noreplace);
