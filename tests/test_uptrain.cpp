@@ -22,6 +22,8 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -424,6 +426,31 @@ TEST_CASE("gqa-uptrain command line", "[uptrain][cli]") {
   REQUIRE(run_command(exe + args + " --target residual --force --quiet > " + log + " 2>&1") == 0);
   CHECK(!same_weights(c.output, c.converted, 0, "q_proj"));
   CHECK(run_command(exe + " a b c > " + log + " 2>&1") == 2);  // no --calibration
+}
+
+TEST_CASE("gqa-uptrain --threads 1 runs on one thread: nothing inside a window forks a team", "[uptrain][cli]") {
+  // A team of one did not count as a parallel region for Eigen, which forked omp_get_max_threads() threads inside
+  // every product of every window, new threads each time: --threads 1 was 10-300x slower than --threads 2.
+  // libgomp's OMP_DISPLAY_AFFINITY prints a line for every thread a team starts (level = nesting, size = team).
+  Checkpoints c(1);
+  const std::string log = (c.dir / "log.txt").string();
+  const std::string run = "OMP_NUM_THREADS=3 OMP_DISPLAY_AFFINITY=TRUE OMP_AFFINITY_FORMAT='gqa-team level=%L size=%N' " +
+                          std::string(GQA_UPTRAIN_EXE) + " " + c.original.string() + " " + c.converted.string() + " " +
+                          c.output.string() + " --calibration " + c.ids.string() +
+                          " --window 16 --batch 2 --steps 3 --force --quiet";
+  const auto teams = [&](const std::string& threads) {
+    REQUIRE(run_command(run + " --threads " + threads + " > " + log + " 2>&1") == 0);
+    std::map<std::string, int> count;  // "level=L size=N" -> threads started
+    std::istringstream in(gqa_test::read_text(log));
+    for (std::string line; std::getline(in, line);)
+      if (line.rfind("gqa-team ", 0) == 0) ++count[line.substr(9)];
+    return count;
+  };
+  CHECK(teams("1").empty());  // no team of more than one thread, at any level
+  // The probe sees teams: --threads 2 starts one team of two windows, and nothing nested in it.
+  const auto two = teams("2");
+  CHECK(two.count("level=1 size=2") == 1);
+  CHECK(two.size() == 1);
 }
 #endif
 

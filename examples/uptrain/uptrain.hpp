@@ -175,15 +175,14 @@ inline void run_layer_all(const llama::Layer& L, const llama::Config& c, const R
   if (x_norm) x_norm->resize(N * S, c.hidden);
   if (q) q->resize(N * S, c.heads * c.head_dim);
   if (attn) attn->resize(N * S, c.hidden);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (Index w = 0; w < N; ++w) {
+  for_each_window(N, threads, [&](Index w) {
     Matrix h = stream.middleRows(w * S, S), xn, qw, yw;
     run_layer(L, c, rope, h, {x_norm ? &xn : nullptr, q ? &qw : nullptr, attn ? &yw : nullptr});
     stream.middleRows(w * S, S) = h;
     if (x_norm) x_norm->middleRows(w * S, S) = xn;
     if (q) q->middleRows(w * S, S) = qw;
     if (attn) attn->middleRows(w * S, S) = yw;
-  }
+  });
 }
 
 inline LayerWeights<float> initial_weights(const llama::Layer& L, Train train) {
