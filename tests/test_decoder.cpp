@@ -21,6 +21,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -509,6 +511,142 @@ TEST_CASE("unsupported configs are refused, naming the field and value", "[decod
   }
 }
 
+/// Rewrites dir/model.safetensors with `edit` applied to its tensor list (views into the old file, or into
+/// buffers the edit keeps alive in `keep`).
+template <typename Edit>
+void rewrite_weights(const fs::path& dir, Edit edit) {
+  namespace st = gqa::safetensors;
+  std::vector<std::vector<float>> keep;
+  {
+    const auto file = st::File::open(dir / "model.safetensors");
+    std::vector<st::TensorView> tensors = file.tensors();
+    edit(tensors, keep);
+    st::save(dir / "model2.safetensors", tensors);
+  }
+  fs::rename(dir / "model2.safetensors", dir / "model.safetensors");
+}
+
+/// A float tensor view of `values` (kept alive by the caller).
+gqa::safetensors::TensorView float_tensor(const std::string& name, const std::vector<float>& values,
+                                          gqa::safetensors::Shape shape) {
+  return {name, gqa::safetensors::Dtype::F32, std::move(shape),
+          gqa::span<const std::byte>(reinterpret_cast<const std::byte*>(values.data()), Index(4 * values.size()))};
+}
+
+/// The logits of `ids` (all positions) under the model in `dir`.
+llama::Matrix logits_of(const fs::path& dir, const std::vector<std::int32_t>& ids) {
+  const llama::Model m = llama::Model::load(dir);
+  llama::State<float> st(m.config(), Index(ids.size()));
+  llama::Matrix logits;
+  m.forward(gqa::span<const std::int32_t>(ids), st, &logits, true);
+  return logits;
+}
+
+TEST_CASE("tensors that no layer reads are refused; what transformers drops is accepted", "[decoder]") {
+  TempDir dir;
+  LlamaFixture f;  // 2 layers
+  f.write(dir.path());
+  const std::vector<std::int32_t> ids = {3, 1, 4, 1, 5, 9};
+  SECTION("two layers of weights, num_hidden_layers = 1") {
+    f.config_overrides["num_hidden_layers"] = 1;
+    gqa_test::write_text(dir / "config.json", f.config().dump());
+    CHECK_THROWS_AS(llama::Model::load(dir.path()), gqa::format_error);
+    CHECK_THROWS_WITH(llama::Model::load(dir.path()),
+                      Contains("[gqa.decoder.weights]") && Contains("'model.layers.1.input_layernorm.weight'") &&
+                          Contains("and 6 more") && Contains("num_hidden_layers = 1"));
+  }
+  SECTION("a tensor of a module the decoder does not have") {
+    std::vector<float> extra(128, 1.0f);
+    rewrite_weights(dir.path(), [&](auto& tensors, auto&) {
+      tensors.push_back(float_tensor("model.layers.0.mlp.extra_norm.weight", extra, {128}));
+    });
+    CHECK_THROWS_WITH(llama::Model::load(dir.path()),
+                      Contains("[gqa.decoder.weights]") && Contains("tensor 'model.layers.0.mlp.extra_norm.weight'"));
+  }
+  SECTION("old checkpoints' rotary_emb.inv_freq buffers are accepted, and change nothing") {
+    const llama::Matrix before = logits_of(dir.path(), ids);
+    std::vector<float> inv_freq(8, 0.5f);
+    rewrite_weights(dir.path(), [&](auto& tensors, auto&) {
+      for (int l = 0; l < 2; ++l)
+        tensors.push_back(float_tensor("model.layers." + std::to_string(l) + ".self_attn.rotary_emb.inv_freq",
+                                       inv_freq, {8}));
+    });
+    CHECK(logits_of(dir.path(), ids) == before);
+  }
+  SECTION("tie_word_embeddings with an lm_head.weight: tied when equal, untied when not (as transformers)") {
+    // f's lm_head differs from its embedding: transformers keeps both (a warning) when the config says tied.
+    const llama::Matrix untied = logits_of(dir.path(), ids);
+    f.config_overrides["tie_word_embeddings"] = true;
+    gqa_test::write_text(dir / "config.json", f.config().dump());
+    CHECK(logits_of(dir.path(), ids) == untied);
+    // An lm_head.weight equal to the embedding (torch .bin conversions save both): the tie.
+    TempDir tied_dir;
+    LlamaFixture t;
+    t.tied = true;
+    t.write(tied_dir.path());
+    const llama::Matrix tied = logits_of(tied_dir.path(), ids);
+    rewrite_weights(tied_dir.path(), [&](auto& tensors, auto&) {
+      auto head = tensors.front();  // model.embed_tokens.weight
+      REQUIRE(head.name == "model.embed_tokens.weight");
+      head.name = "lm_head.weight";
+      tensors.push_back(head);
+    });
+    CHECK(logits_of(tied_dir.path(), ids) == tied);
+  }
+}
+
+TEST_CASE("a weight that is not finite is refused at load, naming the tensor and its layer", "[decoder]") {
+  namespace st = gqa::safetensors;
+  const float bad = GENERATE(std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity());
+  const st::Dtype dtype = GENERATE(st::Dtype::F32, st::Dtype::BF16);
+  INFO("value " << bad << ", dtype " << st::dtype_name(dtype));
+  TempDir dir;
+  LlamaFixture f;
+  f.dtype = dtype;
+  f.write(dir.path());
+  // One element of layer 1's up_proj [80, 128], at row 2, column 5, rewritten in the stored dtype.
+  const std::string name = "model.layers.1.mlp.up_proj.weight";
+  std::vector<std::byte> bytes;
+  rewrite_weights(dir.path(), [&](auto& tensors, auto&) {
+    for (auto& t : tensors)
+      if (t.name == name) {
+        bytes.assign(t.bytes.data(), t.bytes.data() + t.bytes.size());
+        const std::size_t i = 2 * 128 + 5;
+        if (dtype == st::Dtype::F32) std::memcpy(bytes.data() + 4 * i, &bad, 4);
+        else {
+          const gqa::bfloat16 b(bad);
+          std::memcpy(bytes.data() + 2 * i, &b, 2);
+        }
+        t.bytes = gqa::span<const std::byte>(bytes.data(), Index(bytes.size()));
+      }
+  });
+  CHECK_THROWS_AS(llama::Model::load(dir.path()), gqa::format_error);
+  CHECK_THROWS_WITH(llama::Model::load(dir.path()), Contains("[gqa.decoder.nonfinite]") && Contains(name) &&
+                                                        Contains("(layer 1)") && Contains("at [2, 5]"));
+}
+
+TEST_CASE("forward names the layer where the hidden state overflows", "[decoder]") {
+  TempDir dir;
+  LlamaFixture f;
+  f.write(dir.path());
+  // Finite weights whose product overflows float: layer 0's down_proj of 1e38 everywhere.
+  std::vector<float> huge(size_t(f.hidden * f.intermediate), 1e38f);
+  rewrite_weights(dir.path(), [&](auto& tensors, auto&) {
+    for (auto& t : tensors)
+      if (t.name == "model.layers.0.mlp.down_proj.weight") t = float_tensor(t.name, huge, t.shape);
+  });
+  const llama::Model m = llama::Model::load(dir.path());
+  llama::State<float> st(m.config(), 8);
+  const std::vector<std::int32_t> ids = {3, 1, 4};
+  llama::Matrix logits;
+  CHECK_THROWS_AS(m.forward(gqa::span<const std::int32_t>(ids), st, &logits), gqa::invalid_argument);
+  st.clear();
+  CHECK_THROWS_WITH(m.forward(gqa::span<const std::int32_t>(ids), st, &logits),
+                    Contains("[gqa.decoder.nonfinite]") && Contains("hidden state after layer 0") &&
+                        Contains("position 0"));
+  CHECK_THROWS_WITH(llama::perplexity<float>(m, ids, 3), Contains("after layer 0"));
+}
+
 TEST_CASE("bad ids and contexts are refused, naming the value", "[decoder]") {
   TempDir dir;
   LlamaFixture f;
@@ -657,6 +795,20 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
     const Run long_gen = run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new 40");
     CHECK(long_gen.status == 1);
     CHECK_THAT(long_gen.out, Contains("[gqa.decoder.context]") && Contains("max_position_embeddings = 64"));
+  }
+  SECTION("a NaN weight is an error naming the tensor, not perplexity nan") {
+    rewrite_weights(dir / "model", [&](auto& tensors, auto& keep) {
+      for (auto& t : tensors)
+        if (t.name == "model.layers.0.self_attn.k_proj.weight") {
+          keep.emplace_back(t.template to_vector<float>());
+          keep.back()[7] = NAN;
+          t = float_tensor(t.name, keep.back(), t.shape);
+        }
+    });
+    const Run r = run_decoder(model + "perplexity --ids " + ids_file + " --context 16");
+    CHECK(r.status == 1);
+    CHECK_THAT(r.out, Contains("[gqa.decoder.nonfinite]") && Contains("model.layers.0.self_attn.k_proj.weight") &&
+                          Contains("(layer 0)"));
   }
 }
 #endif
