@@ -689,8 +689,9 @@ struct Run {
   int status = -1;
   std::string out;
 };
-Run run_decoder(const std::string& args) {
-  const std::string cmd = std::string("'") + GQA_DECODER_EXE + "' " + args + " 2>&1";
+/// Runs example_decoder ARGS; `redirect` " 2>&1" reads stderr too, " 2>/dev/null" stdout only.
+Run run_decoder(const std::string& args, const char* redirect = " 2>&1") {
+  const std::string cmd = std::string("'") + GQA_DECODER_EXE + "' " + args + redirect;
   Run r;
   FILE* p = ::popen(cmd.c_str(), "r");
   REQUIRE(p != nullptr);
@@ -795,6 +796,64 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
     const Run long_gen = run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new 40");
     CHECK(long_gen.status == 1);
     CHECK_THAT(long_gen.out, Contains("[gqa.decoder.context]") && Contains("max_position_embeddings = 64"));
+  }
+  SECTION("--threads out of range is a usage error, never a crash, a wrap or a silent default") {
+    // 100000 crashed in libgomp; 2^31 was ignored (a negative int); 2^32 + 1 ran with 1 thread.
+    for (const char* n : {"100000", "1025", "2147483648", "4294967297", "0", "-1", "9223372036854775808", "2x"}) {
+      INFO("--threads " << n);
+      const Run r = run_decoder(model + "perplexity --ids " + ids_file + " --context 16 --threads " + n);
+      CHECK(r.status == 2);
+      CHECK_THAT(r.out, Contains(std::string("--threads ") + n + ": expected an integer in 1 .. 1024") &&
+                            Contains("usage:"));
+    }
+    CHECK(run_decoder(model + "bench --context 20 --tokens 2 --threads 3").status == 0);
+  }
+  SECTION("sizes whose sum overflows are range errors naming the flag") {
+    const std::string big = "9223372036854775807";  // INT64_MAX: adding anything to it overflowed (UBSan)
+    const Run bench = run_decoder(model + "bench --context " + big);
+    CHECK(bench.status == 1);
+    CHECK_THAT(bench.out, Contains("[gqa.decoder.context]") && Contains("--context " + big + " + --tokens 32") &&
+                              Contains("max_position_embeddings = 64"));
+    const Run tokens = run_decoder(model + "bench --context 20 --tokens " + big);
+    CHECK(tokens.status == 1);
+    CHECK_THAT(tokens.out, Contains("--context 20 + --tokens " + big));
+    const Run gen = run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new " + big);
+    CHECK(gen.status == 1);
+    CHECK_THAT(gen.out, Contains("[gqa.decoder.context]") && Contains("--max-new " + big));
+    const Run ppl = run_decoder(model + "perplexity --ids " + ids_file + " --context " + big);
+    CHECK(ppl.status == 1);
+    CHECK_THAT(ppl.out, Contains("[gqa.decoder.context]") && Contains("--context " + big));
+  }
+  SECTION("--help prints the usage to stdout and exits 0") {
+    for (const std::string& args : std::vector<std::string>{"--help", "-h", model + "--help", model + "generate --help",
+                                   model + "perplexity --ids " + ids_file + " -h"}) {
+      INFO(args);
+      const Run r = run_decoder(args, " 2>/dev/null");
+      CHECK(r.status == 0);
+      CHECK_THAT(r.out, Catch::Matchers::StartsWith("usage:\n") && Contains("example_decoder MODEL_DIR generate"));
+    }
+    CHECK(run_decoder("", " 2>/dev/null").status == 2);  // no arguments: still a usage error
+  }
+  SECTION("--top-k or --seed without --temperature > 0 is a usage error (greedy decoding ignores them)") {
+    for (const char* flags : {"--top-k 5", "--seed 3", "--temperature 0 --top-k 5", "--seed 1 --temperature 0"}) {
+      INFO(flags);
+      const Run r = run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new 2 " + flags);
+      CHECK(r.status == 2);
+      CHECK_THAT(r.out, Contains("needs --temperature > 0"));
+    }
+  }
+  SECTION("control and non-UTF-8 bytes of an argument are escaped in messages") {
+    // --kv gets the bytes 01 ff 1b; the mode 'g\xe9' (Latin-1) is not UTF-8; 'é' in UTF-8 passes through.
+    const Run kv = run_decoder(model + "generate --prompt-ids " + ids_file + " --kv \"$(printf 'a\\001\\377\\033')\"");
+    CHECK(kv.status == 2);
+    CHECK_THAT(kv.out, Contains("--kv a\\x01\\xff\\x1b: expected"));
+    const Run mode = run_decoder(model + "\"$(printf 'g\\351')\" --ids x");
+    CHECK(mode.status == 2);
+    CHECK_THAT(mode.out, Contains("unknown mode 'g\\xe9'"));
+    const Run utf8 = run_decoder(model + "\"$(printf 'gen\\303\\251')\" --ids x");
+    CHECK_THAT(utf8.out, Contains("unknown mode 'gen\xC3\xA9'"));
+    for (const Run* r : {&kv, &mode})
+      for (const unsigned char c : r->out) CHECK(((c >= 0x20 || c == '\n') && c != 0x7f && c < 0x80));
   }
   SECTION("a NaN weight is an error naming the tensor, not perplexity nan") {
     rewrite_weights(dir / "model", [&](auto& tensors, auto& keep) {

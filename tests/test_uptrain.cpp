@@ -409,7 +409,8 @@ TEST_CASE("gqa-uptrain command line", "[uptrain][cli]") {
   CHECK_THAT(out, Contains("done:"));
   CHECK(llama::Model::load(c.output).config().kv_heads == 1);
   CHECK(run_command(exe + args + " > " + log + " 2>&1") == 1);  // exists, no --force
-  CHECK_THAT(gqa_test::read_text(log), Contains("[gqa.checkpoint.output_exists]"));
+  CHECK_THAT(gqa_test::read_text(log), Contains("[gqa.checkpoint.output_exists]") &&
+                                           Contains("use gqa-uptrain --force (uptrain::Options::force)"));
   CHECK(run_command(exe + args + " --force --quiet > " + log + " 2>&1") == 0);
   CHECK(gqa_test::read_text(log).empty());
   CHECK(run_command(exe + args + " --steps 0 > " + log + " 2>&1") == 2);
@@ -426,6 +427,15 @@ TEST_CASE("gqa-uptrain command line", "[uptrain][cli]") {
   REQUIRE(run_command(exe + args + " --target residual --force --quiet > " + log + " 2>&1") == 0);
   CHECK(!same_weights(c.output, c.converted, 0, "q_proj"));
   CHECK(run_command(exe + " a b c > " + log + " 2>&1") == 2);  // no --calibration
+  // --threads: 100000 crashed in libgomp, 2^31 was ignored, 2^32 + 1 ran with 1 thread.
+  for (const char* n : {"100000", "1025", "2147483648", "4294967297", "-1"}) {
+    INFO("--threads " << n);
+    CHECK(run_command(exe + args + " --force --threads " + n + " > " + log + " 2>&1") == 2);
+    CHECK_THAT(gqa_test::read_text(log), Contains(std::string("--threads ") + n + ": expected an integer in 0 .. 1024"));
+  }
+  // Bytes of an argument that are control characters or not UTF-8 are escaped in the message.
+  CHECK(run_command(exe + args + " --train \"$(printf 'q\\001\\377')\" > " + log + " 2>&1") == 2);
+  CHECK_THAT(gqa_test::read_text(log), Contains("--train must be kv or qkvo, not 'q\\x01\\xff'"));
 }
 
 TEST_CASE("gqa-uptrain --threads 1 runs on one thread: nothing inside a window forks a team", "[uptrain][cli]") {

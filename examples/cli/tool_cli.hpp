@@ -1,16 +1,20 @@
-// examples/cli/tool_cli.hpp — what gqa-convert and gqa-uptrain share on their command lines: strict integer parsing,
-// and SIGINT / SIGTERM turned into a cancel flag that the library checks between tensors, so that an interrupted
+// examples/cli/tool_cli.hpp — what the tools (example_decoder, gqa-convert, gqa-uptrain) share on their command
+// lines: strict integer parsing, the --threads range, bytes of an argument made printable for a message, and
+// SIGINT / SIGTERM turned into a cancel flag that the library checks between tensors, so that an interrupted
 // run removes its temporary directory, says so, and then dies of the signal (exit status 128 + signal in a shell).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdint>
 #include <exception>
 #include <iostream>
 #include <optional>
+#include <stdexcept>
 #include <string>
 
+#include <omp.h>
 #include <signal.h>  // sigaction
 
 namespace tool_cli {
@@ -39,6 +43,62 @@ inline std::optional<std::uint64_t> parse_uint64(const std::string& s) {
   } catch (const std::exception&) {
     return std::nullopt;
   }
+}
+
+/// A command line the tool cannot run: the tool prints the message and its usage and exits with status 2.
+struct usage_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// `s` as it may appear in a message: control bytes, DEL and bytes that are not part of valid UTF-8 become \xNN,
+/// so that an argument (or a file's content) cannot put raw binary or terminal escapes on stderr. Valid UTF-8
+/// passes through; a backslash is kept as it is (a message escaped once is not escaped again).
+inline std::string printable(const std::string& s) {
+  static const char hex[] = "0123456789abcdef";
+  std::string out;
+  const auto escape = [&](unsigned char b) { out += {'\\', 'x', hex[b >> 4], hex[b & 15]}; };
+  const auto byte = [&](std::size_t i) { return static_cast<unsigned char>(s[i]); };
+  for (std::size_t i = 0; i < s.size();) {
+    const unsigned char b = byte(i);
+    if (b < 0x80) {
+      if (b < 0x20 || b == 0x7f) escape(b); else out += char(b);
+      ++i;
+      continue;
+    }
+    // The length of a UTF-8 sequence and the range of its second byte (no overlongs, no surrogates, <= U+10FFFF).
+    std::size_t n = 0;
+    unsigned char lo = 0x80, hi = 0xbf;
+    if (b >= 0xc2 && b <= 0xdf) n = 2;
+    else if (b >= 0xe0 && b <= 0xef) n = 3, lo = b == 0xe0 ? 0xa0 : 0x80, hi = b == 0xed ? 0x9f : 0xbf;
+    else if (b >= 0xf0 && b <= 0xf4) n = 4, lo = b == 0xf0 ? 0x90 : 0x80, hi = b == 0xf4 ? 0x8f : 0xbf;
+    bool valid = n != 0 && i + n <= s.size() && byte(i + 1) >= lo && byte(i + 1) <= hi;
+    for (std::size_t k = 2; valid && k < n; ++k) valid = byte(i + k) >= 0x80 && byte(i + k) <= 0xbf;
+    if (!valid) {
+      escape(b);
+      ++i;
+      continue;
+    }
+    out.append(s, i, n);
+    i += n;
+  }
+  return out;
+}
+
+/// The most threads --threads accepts: OMP_THREAD_LIMIT if set lower, else 1024. libgomp starts every thread a
+/// region asks for and dies when it cannot (a team of 100000 crashed in libgomp: each thread maps a stack and a
+/// guard page, and the kernel's vm.max_map_count of 65530 mappings ends that near 32000 threads), so the count is
+/// bounded well below that; 1024 is far above the cores of any machine these tools run on.
+inline long long max_threads() { return std::min<long long>(1024, omp_get_thread_limit()); }
+
+/// The value of `flag` (e.g. "--threads") as a thread count in [min, max_threads()]; throws usage_error naming the
+/// flag, the value and the range otherwise. min = 0 lets 0 stand for OpenMP's default.
+inline int parse_threads(const std::string& flag, const std::string& text, long long min = 1) {
+  const auto v = parse_integer(text);
+  const long long max = max_threads();
+  if (!v || *v < min || *v > max)
+    throw usage_error(flag + " " + printable(text) + ": expected an integer in " + std::to_string(min) + " .. " +
+                      std::to_string(max) + " (the upper bound is min(1024, omp_get_thread_limit()))");
+  return static_cast<int>(*v);
 }
 
 /// Set by SIGINT / SIGTERM once cancel_on_signals() ran; hand its address to the library's `cancel` option.

@@ -344,8 +344,9 @@ inline std::vector<LayerReport> uptrain_checkpoint(const std::filesystem::path& 
   using Clock = std::chrono::steady_clock;
   // Output rules first, so that a bad OUTPUT_DIR fails before the training: never the original or the converted
   // checkpoint, nor inside either; an existing one only with --force and if it looks like a previous output.
-  (void)gqa::detail::check_paths(original, output, o.force);
-  const gqa::detail::CheckpointPaths paths = gqa::detail::check_paths(converted, output, o.force);
+  const char* force_flag = "gqa-uptrain --force (uptrain::Options::force)";
+  (void)gqa::detail::check_paths(original, output, o.force, force_flag);
+  const gqa::detail::CheckpointPaths paths = gqa::detail::check_paths(converted, output, o.force, force_flag);
   const llama::Model orig = llama::Model::load(original), conv = llama::Model::load(converted);
   const llama::Config& c = orig.config();
   check_compatible(c, conv.config());
