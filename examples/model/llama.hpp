@@ -37,6 +37,7 @@
 // that step's K/V: clear() it. Messages start "[gqa.decoder.<id>]" and name the field and the value.
 #pragma once
 
+#include "../cli/printable.hpp"
 #include "config.hpp"
 #include <gqa/kv_cache.hpp>
 #include <gqa/safetensors.hpp>
@@ -472,7 +473,7 @@ inline std::vector<std::int32_t> read_ids(const std::filesystem::path& path, Ind
     }
     check<gqa::format_error>(used == word.size() && v >= std::numeric_limits<std::int32_t>::min() &&
                                  v <= std::numeric_limits<std::int32_t>::max(),
-                             "ids", path.string(), ": '", word, "' (id number ", ids.size() + 1,
+                             "ids", path.string(), ": '", tool_cli::printable(word), "' (id number ", ids.size() + 1,
                              ") is not a 32-bit integer");
     ids.push_back(std::int32_t(v));
   }
