@@ -3,7 +3,7 @@
 // command line.
 //
 //   example_decoder MODEL_DIR generate (--prompt TEXT | --prompt-ids FILE) [--max-new N] [--kv f32|bf16|f16|i8]
-//                                     [--temperature T --top-k K --seed S] [--threads N]
+//                                     [--temperature T [--top-k K] [--seed S]] [--threads N]
 //   example_decoder MODEL_DIR perplexity (--text FILE | --ids FILE) [--context N] [--kv f32|bf16|f16|i8]
 //                                       [--threads N]
 //   example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16|f16|i8] [--threads N]
@@ -14,10 +14,11 @@
 // Hugging Face `tokenizers` does, special tokens of its post_processor (a BOS, say) included
 // (examples/model/encoder.hpp). Ids files hold whitespace-separated integers (bench/text_ids.py writes them).
 // --kv is the KV cache's element type (default f32; i8 is the int8 cache with per-row scales); --threads defaults
-// to OpenMP's (OMP_NUM_THREADS, else the cores).
+// to OpenMP's (OMP_NUM_THREADS, else the cores), at most 1024.
 //
 // generate   prefills the prompt in chunks, then decodes up to --max-new tokens (default 32; stops at the
-//            config's eos_token_id): greedy, or sampled with --temperature (> 0), --top-k (0 = all) and --seed.
+//            config's eos_token_id): greedy, or sampled with --temperature (> 0), --top-k (0 = all) and --seed
+//            (--top-k and --seed without --temperature > 0 are a usage error: greedy decoding would ignore them).
 //            Prints the ids, the text, and prefill and decode tokens/s.
 // perplexity evaluates the ids in consecutive windows of --context tokens (default min(2048,
 //            max_position_embeddings)), each from an empty cache; last line: "perplexity <value> over <n> tokens".
@@ -28,7 +29,9 @@
 // tokenize   prints the ids of --text FILE (20 to a line, an ids file) and, on stderr, their count and the encode
 //            time; needs only MODEL_DIR/tokenizer.json.
 //
-// Exit status: 0, 1 on an error (message on stderr, "[gqa.<id>] ..."), 2 on a usage error.
+// Exit status: 0 (also for --help, which prints the usage to stdout), 1 on an error (message on stderr,
+// "[gqa.<id>] ..."), 2 on a usage error. Bytes of an argument that are not printable UTF-8 appear as \xNN.
+#include "cli/tool_cli.hpp"
 #include "model/encoder.hpp"
 #include "model/llama.hpp"
 #include "model/tokenizer.hpp"
@@ -53,20 +56,22 @@ using Clock = std::chrono::steady_clock;
 const char* const usage_text =
     "usage:\n"
     "  example_decoder MODEL_DIR generate (--prompt TEXT | --prompt-ids FILE) [--max-new N]\n"
-    "                                    [--kv f32|bf16|f16|i8] [--temperature T --top-k K --seed S] [--threads N]\n"
+    "                                    [--kv f32|bf16|f16|i8] [--temperature T [--top-k K] [--seed S]]\n"
+    "                                    [--threads N]\n"
     "  example_decoder MODEL_DIR perplexity (--text FILE | --ids FILE) [--context N] [--kv f32|bf16|f16|i8]\n"
     "                                      [--threads N]\n"
     "  example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16|f16|i8] [--threads N]\n"
-    "  example_decoder MODEL_DIR tokenize --text FILE\n";
+    "  example_decoder MODEL_DIR tokenize --text FILE\n"
+    "  example_decoder --help\n";
 
-struct usage_error : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+using tool_cli::printable;
+using tool_cli::usage_error;
 
-/// The command line: MODEL_DIR MODE then --flag value pairs, each flag from the mode's list.
+/// The command line: MODEL_DIR MODE then --flag value pairs, each flag from the mode's list; or -h / --help.
 struct Args {
   std::string dir, mode;
   std::map<std::string, std::string> flags;
+  bool help = false;
 
   bool has(const std::string& f) const { return flags.count(f) != 0; }
   std::string text(const std::string& f, const std::string& fallback = "") const {
@@ -100,6 +105,13 @@ struct Args {
 };
 
 Args parse(int argc, char** argv) {
+  // -h / --help in place of MODEL_DIR, the mode or a flag (not as a flag's value, which may be any file name).
+  for (int i = 1; i < argc; i += i < 3 ? 1 : 2)
+    if (std::string(argv[i]) == "-h" || std::string(argv[i]) == "--help") {
+      Args help;
+      help.help = true;
+      return help;
+    }
   if (argc < 3) throw usage_error("missing MODEL_DIR or mode");
   Args a{argv[1], argv[2], {}};
   const std::map<std::string, std::vector<std::string>> allowed = {
@@ -131,6 +143,9 @@ Args parse(int argc, char** argv) {
   if (a.has("--kv") && a.text("--kv") != "f32" && a.text("--kv") != "bf16" && a.text("--kv") != "f16" &&
       a.text("--kv") != "i8")
     throw usage_error("--kv " + a.text("--kv") + ": expected f32, bf16, f16 or i8");
+  for (const char* f : {"--top-k", "--seed"})
+    if (a.has(f) && !(a.number("--temperature", 0) > 0))
+      throw usage_error(std::string(f) + " needs --temperature > 0: greedy decoding (the default) would ignore it");
   return a;
 }
 
@@ -174,9 +189,10 @@ void generate(const llama::Model& model, const Args& a) {
   llama::check(!prompt.empty() || !a.has("--prompt"), "token", "--prompt \"", a.text("--prompt"),
                "\" encodes to no token");
   const Index max_new = a.integer("--max-new", 32, 1);
+  // Compared before adding: --max-new may be any long long.
+  llama::check(max_new <= c.max_positions - Index(prompt.size()), "context", "the prompt's ", prompt.size(),
+               " ids + --max-new ", max_new, " exceed max_position_embeddings = ", c.max_positions);
   const Index total = Index(prompt.size()) + max_new;
-  llama::check(total <= c.max_positions, "context", "the prompt's ", prompt.size(), " ids + --max-new ", max_new,
-               " = ", total, " exceed max_position_embeddings = ", c.max_positions);
   llama::Sampler sampler(a.number("--temperature", 0), a.integer("--top-k", 0, 0), a.integer("--seed", 0, 0));
   llama::State<KV> state(c, total);
   llama::Matrix logits;
@@ -270,6 +286,9 @@ template <typename KV>
 void bench(const llama::Model& model, const Args& a, const char* kv_name) {
   const llama::Config& c = model.config();
   const Index context = a.integer("--context", 0, 1), tokens = a.integer("--tokens", 32, 1);
+  // Compared before adding: both may be any long long.
+  llama::check(context <= c.max_positions && tokens <= c.max_positions - context, "context", "--context ", context,
+               " + --tokens ", tokens, " exceed max_position_embeddings = ", c.max_positions);
   const Index warmup = std::min<Index>(2, context);
   llama::State<KV> state(c, context + tokens);
   // Synthetic K/V for the first context - warmup positions: decode time does not depend on the values.
@@ -355,11 +374,15 @@ void run(const llama::Model& model, const Args& a, const char* kv_name) {
 int main(int argc, char** argv) {
   try {
     const Args a = parse(argc, argv);
+    if (a.help) {
+      std::fputs(usage_text, stdout);
+      return 0;
+    }
     if (a.mode == "tokenize") {  // the tokenizer alone: no model is loaded
       tokenize(a);
       return 0;
     }
-    if (a.has("--threads")) omp_set_num_threads(int(a.integer("--threads", 0, 1)));
+    if (a.has("--threads")) omp_set_num_threads(tool_cli::parse_threads("--threads", a.text("--threads")));
     const llama::Model model = llama::Model::load(a.dir);
     if (a.text("--kv", "f32") == "bf16")
       run<gqa::bfloat16>(model, a, "bf16");
@@ -371,10 +394,10 @@ int main(int argc, char** argv) {
       run<float>(model, a, "f32");
     return 0;
   } catch (const usage_error& e) {
-    std::fprintf(stderr, "example_decoder: %s\n%s", e.what(), usage_text);
+    std::fprintf(stderr, "example_decoder: %s\n%s", printable(e.what()).c_str(), usage_text);
     return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "example_decoder: %s\n", e.what());
+    std::fprintf(stderr, "example_decoder: %s\n", printable(e.what()).c_str());
     return 1;
   }
 }

@@ -44,7 +44,7 @@ constexpr const char* usage =
     "  --quiet           print only errors and warnings\n";
 
 [[noreturn]] void usage_error(const std::string& message) {
-  std::cerr << "gqa-convert: " << message << "\n\n" << usage;
+  std::cerr << "gqa-convert: " << tool_cli::printable(message) << "\n\n" << usage;
   std::exit(2);
 }
 
@@ -188,7 +188,7 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const std::exception& e) {
     tool_cli::die_if_cancelled("gqa-convert");
-    std::cerr << "gqa-convert: error: " << e.what() << "\n";
+    std::cerr << "gqa-convert: error: " << tool_cli::printable(e.what()) << "\n";
     return 1;
   }
 }

@@ -44,13 +44,14 @@ constexpr const char* usage =
     "  --target T        output (default): the original layer's attention output; residual: that plus the\n"
     "                    residual stream's drift (original - converted) at the layer's input, so each layer also\n"
     "                    undoes the error of the layers below it (needs --inputs converted)\n"
-    "  --threads N       OpenMP threads (default: OMP_NUM_THREADS, else the cores); the output does not depend on it\n"
+    "  --threads N       OpenMP threads, at most 1024 (default: OMP_NUM_THREADS, else the cores); the output does\n"
+    "                    not depend on it\n"
     "  --force           replace OUTPUT_DIR if it is empty or an output of gqa-uptrain or gqa-convert (which hold\n"
     "                    a .gqa-output marker file); never a checkpoint they did not write\n"
     "  --quiet           print only errors\n";
 
 [[noreturn]] void usage_error(const std::string& message) {
-  std::cerr << "gqa-uptrain: " << message << "\n\n" << usage;
+  std::cerr << "gqa-uptrain: " << tool_cli::printable(message) << "\n\n" << usage;
   std::exit(2);
 }
 
@@ -89,7 +90,11 @@ Command parse_command_line(int argc, char** argv) {
     } else if (arg == "--seed") {
       c.options.seed = std::uint64_t(integer(0));
     } else if (arg == "--threads") {
-      c.options.threads = int(integer(0));
+      try {
+        c.options.threads = tool_cli::parse_threads(arg, value(), 0);
+      } catch (const tool_cli::usage_error& e) {
+        usage_error(e.what());
+      }
     } else if (arg == "--lr") {
       const std::string text = value();
       std::size_t used = 0;
@@ -135,6 +140,7 @@ Command parse_command_line(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   Command c = parse_command_line(argc, argv);
+  if (c.options.threads > 0) omp_set_num_threads(c.options.threads);  // for the work outside the window loops too
   if (!c.quiet)
     c.options.on_layer = [](const uptrain::LayerReport& r) {
       std::printf("layer %td/%td: loss %.6g -> %.6g (relative %.4g -> %.4g)%s, %.1f s\n", r.layer + 1, r.layers,
@@ -164,7 +170,7 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const std::exception& e) {
     tool_cli::die_if_cancelled("gqa-uptrain");
-    std::cerr << "gqa-uptrain: error: " << e.what() << "\n";
+    std::cerr << "gqa-uptrain: error: " << tool_cli::printable(e.what()) << "\n";
     return 1;
   }
 }

@@ -759,6 +759,10 @@ TEST_CASE("gqa-convert: refuses bad input and command lines with a clear message
   r = run_tool(q(dir / "llama") + " " + out + " --groups 2 --method median");
   CHECK(r.status == 2);
   CHECK_THAT(r.output, Contains("median"));
+  // Control and non-UTF-8 bytes of an argument are escaped in the message (tool_cli::printable).
+  r = run_tool(q(dir / "llama") + " " + out + " --groups 2 --method \"$(printf 'me\\001\\377')\"");
+  CHECK(r.status == 2);
+  CHECK_THAT(r.output, Contains("not 'me\\x01\\xff'"));
   r = run_tool(q(dir / "llama") + " " + out + " --groups two");
   CHECK(r.status == 2);
   r = run_tool(q(dir / "llama") + " --groups 2");

@@ -21,6 +21,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -510,6 +512,142 @@ TEST_CASE("unsupported configs are refused, naming the field and value", "[decod
   }
 }
 
+/// Rewrites dir/model.safetensors with `edit` applied to its tensor list (views into the old file, or into
+/// buffers the edit keeps alive in `keep`).
+template <typename Edit>
+void rewrite_weights(const fs::path& dir, Edit edit) {
+  namespace st = gqa::safetensors;
+  std::vector<std::vector<float>> keep;
+  {
+    const auto file = st::File::open(dir / "model.safetensors");
+    std::vector<st::TensorView> tensors = file.tensors();
+    edit(tensors, keep);
+    st::save(dir / "model2.safetensors", tensors);
+  }
+  fs::rename(dir / "model2.safetensors", dir / "model.safetensors");
+}
+
+/// A float tensor view of `values` (kept alive by the caller).
+gqa::safetensors::TensorView float_tensor(const std::string& name, const std::vector<float>& values,
+                                          gqa::safetensors::Shape shape) {
+  return {name, gqa::safetensors::Dtype::F32, std::move(shape),
+          gqa::span<const std::byte>(reinterpret_cast<const std::byte*>(values.data()), Index(4 * values.size()))};
+}
+
+/// The logits of `ids` (all positions) under the model in `dir`.
+llama::Matrix logits_of(const fs::path& dir, const std::vector<std::int32_t>& ids) {
+  const llama::Model m = llama::Model::load(dir);
+  llama::State<float> st(m.config(), Index(ids.size()));
+  llama::Matrix logits;
+  m.forward(gqa::span<const std::int32_t>(ids), st, &logits, true);
+  return logits;
+}
+
+TEST_CASE("tensors that no layer reads are refused; what transformers drops is accepted", "[decoder]") {
+  TempDir dir;
+  LlamaFixture f;  // 2 layers
+  f.write(dir.path());
+  const std::vector<std::int32_t> ids = {3, 1, 4, 1, 5, 9};
+  SECTION("two layers of weights, num_hidden_layers = 1") {
+    f.config_overrides["num_hidden_layers"] = 1;
+    gqa_test::write_text(dir / "config.json", f.config().dump());
+    CHECK_THROWS_AS(llama::Model::load(dir.path()), gqa::format_error);
+    CHECK_THROWS_WITH(llama::Model::load(dir.path()),
+                      Contains("[gqa.decoder.weights]") && Contains("'model.layers.1.input_layernorm.weight'") &&
+                          Contains("and 6 more") && Contains("num_hidden_layers = 1"));
+  }
+  SECTION("a tensor of a module the decoder does not have") {
+    std::vector<float> extra(128, 1.0f);
+    rewrite_weights(dir.path(), [&](auto& tensors, auto&) {
+      tensors.push_back(float_tensor("model.layers.0.mlp.extra_norm.weight", extra, {128}));
+    });
+    CHECK_THROWS_WITH(llama::Model::load(dir.path()),
+                      Contains("[gqa.decoder.weights]") && Contains("tensor 'model.layers.0.mlp.extra_norm.weight'"));
+  }
+  SECTION("old checkpoints' rotary_emb.inv_freq buffers are accepted, and change nothing") {
+    const llama::Matrix before = logits_of(dir.path(), ids);
+    std::vector<float> inv_freq(8, 0.5f);
+    rewrite_weights(dir.path(), [&](auto& tensors, auto&) {
+      for (int l = 0; l < 2; ++l)
+        tensors.push_back(float_tensor("model.layers." + std::to_string(l) + ".self_attn.rotary_emb.inv_freq",
+                                       inv_freq, {8}));
+    });
+    CHECK(logits_of(dir.path(), ids) == before);
+  }
+  SECTION("tie_word_embeddings with an lm_head.weight: tied when equal, untied when not (as transformers)") {
+    // f's lm_head differs from its embedding: transformers keeps both (a warning) when the config says tied.
+    const llama::Matrix untied = logits_of(dir.path(), ids);
+    f.config_overrides["tie_word_embeddings"] = true;
+    gqa_test::write_text(dir / "config.json", f.config().dump());
+    CHECK(logits_of(dir.path(), ids) == untied);
+    // An lm_head.weight equal to the embedding (torch .bin conversions save both): the tie.
+    TempDir tied_dir;
+    LlamaFixture t;
+    t.tied = true;
+    t.write(tied_dir.path());
+    const llama::Matrix tied = logits_of(tied_dir.path(), ids);
+    rewrite_weights(tied_dir.path(), [&](auto& tensors, auto&) {
+      auto head = tensors.front();  // model.embed_tokens.weight
+      REQUIRE(head.name == "model.embed_tokens.weight");
+      head.name = "lm_head.weight";
+      tensors.push_back(head);
+    });
+    CHECK(logits_of(tied_dir.path(), ids) == tied);
+  }
+}
+
+TEST_CASE("a weight that is not finite is refused at load, naming the tensor and its layer", "[decoder]") {
+  namespace st = gqa::safetensors;
+  const float bad = GENERATE(std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity());
+  const st::Dtype dtype = GENERATE(st::Dtype::F32, st::Dtype::BF16);
+  INFO("value " << bad << ", dtype " << st::dtype_name(dtype));
+  TempDir dir;
+  LlamaFixture f;
+  f.dtype = dtype;
+  f.write(dir.path());
+  // One element of layer 1's up_proj [80, 128], at row 2, column 5, rewritten in the stored dtype.
+  const std::string name = "model.layers.1.mlp.up_proj.weight";
+  std::vector<std::byte> bytes;
+  rewrite_weights(dir.path(), [&](auto& tensors, auto&) {
+    for (auto& t : tensors)
+      if (t.name == name) {
+        bytes.assign(t.bytes.data(), t.bytes.data() + t.bytes.size());
+        const std::size_t i = 2 * 128 + 5;
+        if (dtype == st::Dtype::F32) std::memcpy(bytes.data() + 4 * i, &bad, 4);
+        else {
+          const gqa::bfloat16 b(bad);
+          std::memcpy(bytes.data() + 2 * i, &b, 2);
+        }
+        t.bytes = gqa::span<const std::byte>(bytes.data(), Index(bytes.size()));
+      }
+  });
+  CHECK_THROWS_AS(llama::Model::load(dir.path()), gqa::format_error);
+  CHECK_THROWS_WITH(llama::Model::load(dir.path()), Contains("[gqa.decoder.nonfinite]") && Contains(name) &&
+                                                        Contains("(layer 1)") && Contains("at [2, 5]"));
+}
+
+TEST_CASE("forward names the layer where the hidden state overflows", "[decoder]") {
+  TempDir dir;
+  LlamaFixture f;
+  f.write(dir.path());
+  // Finite weights whose product overflows float: layer 0's down_proj of 1e38 everywhere.
+  std::vector<float> huge(size_t(f.hidden * f.intermediate), 1e38f);
+  rewrite_weights(dir.path(), [&](auto& tensors, auto&) {
+    for (auto& t : tensors)
+      if (t.name == "model.layers.0.mlp.down_proj.weight") t = float_tensor(t.name, huge, t.shape);
+  });
+  const llama::Model m = llama::Model::load(dir.path());
+  llama::State<float> st(m.config(), 8);
+  const std::vector<std::int32_t> ids = {3, 1, 4};
+  llama::Matrix logits;
+  CHECK_THROWS_AS(m.forward(gqa::span<const std::int32_t>(ids), st, &logits), gqa::invalid_argument);
+  st.clear();
+  CHECK_THROWS_WITH(m.forward(gqa::span<const std::int32_t>(ids), st, &logits),
+                    Contains("[gqa.decoder.nonfinite]") && Contains("hidden state after layer 0") &&
+                        Contains("position 0"));
+  CHECK_THROWS_WITH(llama::perplexity<float>(m, ids, 3), Contains("after layer 0"));
+}
+
 TEST_CASE("bad ids and contexts are refused, naming the value", "[decoder]") {
   TempDir dir;
   LlamaFixture f;
@@ -552,8 +690,9 @@ struct Run {
   int status = -1;
   std::string out;
 };
-Run run_decoder(const std::string& args) {
-  const std::string cmd = std::string("'") + GQA_DECODER_EXE + "' " + args + " 2>&1";
+/// Runs example_decoder ARGS; `redirect` " 2>&1" reads stderr too, " 2>/dev/null" stdout only.
+Run run_decoder(const std::string& args, const char* redirect = " 2>&1") {
+  const std::string cmd = std::string("'") + GQA_DECODER_EXE + "' " + args + redirect;
   Run r;
   FILE* p = ::popen(cmd.c_str(), "r");
   REQUIRE(p != nullptr);
@@ -658,6 +797,83 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
     const Run long_gen = run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new 40");
     CHECK(long_gen.status == 1);
     CHECK_THAT(long_gen.out, Contains("[gqa.decoder.context]") && Contains("max_position_embeddings = 64"));
+  }
+  SECTION("--threads out of range is a usage error, never a crash, a wrap or a silent default") {
+    // 100000 crashed in libgomp; 2^31 was ignored (a negative int); 2^32 + 1 ran with 1 thread.
+    for (const char* n : {"100000", "1025", "2147483648", "4294967297", "0", "-1", "9223372036854775808", "2x"}) {
+      INFO("--threads " << n);
+      const Run r = run_decoder(model + "perplexity --ids " + ids_file + " --context 16 --threads " + n);
+      CHECK(r.status == 2);
+      CHECK_THAT(r.out, Contains(std::string("--threads ") + n + ": expected an integer in 1 .. 1024") &&
+                            Contains("usage:"));
+    }
+    CHECK(run_decoder(model + "bench --context 20 --tokens 2 --threads 3").status == 0);
+  }
+  SECTION("sizes whose sum overflows are range errors naming the flag") {
+    const std::string big = "9223372036854775807";  // INT64_MAX: adding anything to it overflowed (UBSan)
+    const Run bench = run_decoder(model + "bench --context " + big);
+    CHECK(bench.status == 1);
+    CHECK_THAT(bench.out, Contains("[gqa.decoder.context]") && Contains("--context " + big + " + --tokens 32") &&
+                              Contains("max_position_embeddings = 64"));
+    const Run tokens = run_decoder(model + "bench --context 20 --tokens " + big);
+    CHECK(tokens.status == 1);
+    CHECK_THAT(tokens.out, Contains("--context 20 + --tokens " + big));
+    const Run gen = run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new " + big);
+    CHECK(gen.status == 1);
+    CHECK_THAT(gen.out, Contains("[gqa.decoder.context]") && Contains("--max-new " + big));
+    const Run ppl = run_decoder(model + "perplexity --ids " + ids_file + " --context " + big);
+    CHECK(ppl.status == 1);
+    CHECK_THAT(ppl.out, Contains("[gqa.decoder.context]") && Contains("--context " + big));
+  }
+  SECTION("--help prints the usage to stdout and exits 0") {
+    for (const std::string& args : std::vector<std::string>{"--help", "-h", model + "--help", model + "generate --help",
+                                   model + "perplexity --ids " + ids_file + " -h"}) {
+      INFO(args);
+      const Run r = run_decoder(args, " 2>/dev/null");
+      CHECK(r.status == 0);
+      CHECK_THAT(r.out, Catch::Matchers::StartsWith("usage:\n") && Contains("example_decoder MODEL_DIR generate"));
+    }
+    CHECK(run_decoder("", " 2>/dev/null").status == 2);  // no arguments: still a usage error
+  }
+  SECTION("--top-k or --seed without --temperature > 0 is a usage error (greedy decoding ignores them)") {
+    for (const char* flags : {"--top-k 5", "--seed 3", "--temperature 0 --top-k 5", "--seed 1 --temperature 0"}) {
+      INFO(flags);
+      const Run r = run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new 2 " + flags);
+      CHECK(r.status == 2);
+      CHECK_THAT(r.out, Contains("needs --temperature > 0"));
+    }
+  }
+  SECTION("control and non-UTF-8 bytes of an argument are escaped in messages") {
+    // --kv gets the bytes 01 ff 1b; the mode 'g\xe9' (Latin-1) is not UTF-8; 'é' in UTF-8 passes through.
+    const Run kv = run_decoder(model + "generate --prompt-ids " + ids_file + " --kv \"$(printf 'a\\001\\377\\033')\"");
+    CHECK(kv.status == 2);
+    CHECK_THAT(kv.out, Contains("--kv a\\x01\\xff\\x1b: expected"));
+    const Run mode = run_decoder(model + "\"$(printf 'g\\351')\" --ids x");
+    CHECK(mode.status == 2);
+    CHECK_THAT(mode.out, Contains("unknown mode 'g\\xe9'"));
+    const Run utf8 = run_decoder(model + "\"$(printf 'gen\\303\\251')\" --ids x");
+    CHECK_THAT(utf8.out, Contains("unknown mode 'gen\xC3\xA9'"));
+    // A NUL cannot be in an argument, but it can be in a file whose content a message quotes.
+    gqa_test::write_text(dir / "nul.txt", std::string("1 2 a\0b\x1b[2J 3", 13));
+    const Run nul = run_decoder(model + "perplexity --ids '" + (dir / "nul.txt").string() + "'");
+    CHECK(nul.status == 1);
+    CHECK_THAT(nul.out, Contains("[gqa.decoder.ids]") && Contains("'a\\x00b\\x1b[2J'"));
+    for (const Run* r : {&kv, &mode, &nul})
+      for (const unsigned char c : r->out) CHECK(((c >= 0x20 || c == '\n') && c != 0x7f && c < 0x80));
+  }
+  SECTION("a NaN weight is an error naming the tensor, not perplexity nan") {
+    rewrite_weights(dir / "model", [&](auto& tensors, auto& keep) {
+      for (auto& t : tensors)
+        if (t.name == "model.layers.0.self_attn.k_proj.weight") {
+          keep.emplace_back(t.template to_vector<float>());
+          keep.back()[7] = NAN;
+          t = float_tensor(t.name, keep.back(), t.shape);
+        }
+    });
+    const Run r = run_decoder(model + "perplexity --ids " + ids_file + " --context 16");
+    CHECK(r.status == 1);
+    CHECK_THAT(r.out, Contains("[gqa.decoder.nonfinite]") && Contains("model.layers.0.self_attn.k_proj.weight") &&
+                          Contains("(layer 0)"));
   }
 }
 #endif

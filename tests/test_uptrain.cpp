@@ -22,6 +22,8 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -407,7 +409,8 @@ TEST_CASE("gqa-uptrain command line", "[uptrain][cli]") {
   CHECK_THAT(out, Contains("done:"));
   CHECK(llama::Model::load(c.output).config().kv_heads == 1);
   CHECK(run_command(exe + args + " > " + log + " 2>&1") == 1);  // exists, no --force
-  CHECK_THAT(gqa_test::read_text(log), Contains("[gqa.checkpoint.output_exists]"));
+  CHECK_THAT(gqa_test::read_text(log), Contains("[gqa.checkpoint.output_exists]") &&
+                                           Contains("use gqa-uptrain --force (uptrain::Options::force)"));
   CHECK(run_command(exe + args + " --force --quiet > " + log + " 2>&1") == 0);
   CHECK(gqa_test::read_text(log).empty());
   CHECK(run_command(exe + args + " --steps 0 > " + log + " 2>&1") == 2);
@@ -424,6 +427,40 @@ TEST_CASE("gqa-uptrain command line", "[uptrain][cli]") {
   REQUIRE(run_command(exe + args + " --target residual --force --quiet > " + log + " 2>&1") == 0);
   CHECK(!same_weights(c.output, c.converted, 0, "q_proj"));
   CHECK(run_command(exe + " a b c > " + log + " 2>&1") == 2);  // no --calibration
+  // --threads: 100000 crashed in libgomp, 2^31 was ignored, 2^32 + 1 ran with 1 thread.
+  for (const char* n : {"100000", "1025", "2147483648", "4294967297", "-1"}) {
+    INFO("--threads " << n);
+    CHECK(run_command(exe + args + " --force --threads " + n + " > " + log + " 2>&1") == 2);
+    CHECK_THAT(gqa_test::read_text(log), Contains(std::string("--threads ") + n + ": expected an integer in 0 .. 1024"));
+  }
+  // Bytes of an argument that are control characters or not UTF-8 are escaped in the message.
+  CHECK(run_command(exe + args + " --train \"$(printf 'q\\001\\377')\" > " + log + " 2>&1") == 2);
+  CHECK_THAT(gqa_test::read_text(log), Contains("--train must be kv or qkvo, not 'q\\x01\\xff'"));
+}
+
+TEST_CASE("gqa-uptrain --threads 1 runs on one thread: nothing inside a window forks a team", "[uptrain][cli]") {
+  // A team of one did not count as a parallel region for Eigen, which forked omp_get_max_threads() threads inside
+  // every product of every window, new threads each time: --threads 1 was 10-300x slower than --threads 2.
+  // libgomp's OMP_DISPLAY_AFFINITY prints a line for every thread a team starts (level = nesting, size = team).
+  Checkpoints c(1);
+  const std::string log = (c.dir / "log.txt").string();
+  const std::string run = "OMP_NUM_THREADS=3 OMP_DISPLAY_AFFINITY=TRUE OMP_AFFINITY_FORMAT='gqa-team level=%L size=%N' " +
+                          std::string(GQA_UPTRAIN_EXE) + " " + c.original.string() + " " + c.converted.string() + " " +
+                          c.output.string() + " --calibration " + c.ids.string() +
+                          " --window 16 --batch 2 --steps 3 --force --quiet";
+  const auto teams = [&](const std::string& threads) {
+    REQUIRE(run_command(run + " --threads " + threads + " > " + log + " 2>&1") == 0);
+    std::map<std::string, int> count;  // "level=L size=N" -> threads started
+    std::istringstream in(gqa_test::read_text(log));
+    for (std::string line; std::getline(in, line);)
+      if (line.rfind("gqa-team ", 0) == 0) ++count[line.substr(9)];
+    return count;
+  };
+  CHECK(teams("1").empty());  // no team of more than one thread, at any level
+  // The probe sees teams: --threads 2 starts one team of two windows, and nothing nested in it.
+  const auto two = teams("2");
+  CHECK(two.count("level=1 size=2") == 1);
+  CHECK(two.size() == 1);
 }
 #endif
 

@@ -11,6 +11,7 @@
 //                        N windows of S tokens, each at positions 0..S-1
 //   window_loss()        sum over one window of (out - y)^2, and optionally its gradient with respect to LayerWeights
 //   batch_loss()         mean squared error over a list of windows (threads over windows) and its gradient
+//   for_each_window()    the loop over windows that both use: one window per thread, single-threaded inside
 //   Adam                 the optimizer, on LayerWeights
 //
 // Gradient path of one window (S tokens, all shapes row-major):
@@ -21,9 +22,9 @@
 //   Queries and output trained too: Q = rope(X W_q^T + b_q) is computed from the weights, d_Q <- rope^T(d_Q),
 //   dW_q = d_Q^T X, db_q = sum_rows d_Q, and dW_o = d_out^T A.
 //
-// Determinism: every window is computed on one thread (Eigen products inside an OpenMP region and gqa calls with
-// num_threads = 1 run single-threaded), its gradient goes to its own buffer, and the buffers are summed in window
-// order, so a step gives bitwise the same result for every thread count.
+// Determinism: every window is computed on one thread (for_each_window: Eigen products and gqa calls with
+// num_threads = 1 run single-threaded inside it), its gradient goes to its own buffer, and the buffers are summed in
+// window order, so a step gives bitwise the same result for every thread count.
 //
 // T is float for training and double for the finite-difference tests; the data (LayerProblem) is T as well.
 #pragma once
@@ -144,6 +145,21 @@ struct NoDeduce {
   using type = T;
 };
 
+/// Runs body(i) for i in 0 .. n-1 on a team of `threads` OpenMP threads, each i on one thread. Each thread first
+/// sets its own thread count to 1: Eigen takes a team of one (threads = 1) for "not in a parallel region" and would
+/// fork a team of omp_get_max_threads() threads inside every product of every window, and libgomp starts the
+/// threads of such a nested team anew each time (gqa-uptrain --threads 1 was 10-300x slower than --threads 2, which
+/// an active team of two serialises). With the count set here, nothing inside a window forks.
+template <typename Body>
+void for_each_window(Index n, int threads, Body&& body) {
+#pragma omp parallel num_threads(threads)
+  {
+    omp_set_num_threads(1);  // this thread's nthreads-var only: what regions and Eigen products inside it may use
+#pragma omp for schedule(dynamic, 1)
+    for (Index i = 0; i < n; ++i) body(i);
+  }
+}
+
 /// Attention options of the layer: causal, the config's sliding window, one thread (the caller threads windows).
 inline gqa::AttentionOptions layer_attention_options(Index sliding_window) {
   gqa::AttentionOptions opt;
@@ -221,9 +237,9 @@ double batch_loss(const LayerProblem<T>& prob, const LayerWeights<T>& p, const s
   std::vector<double> losses(size_t(n), 0.0);
   std::vector<LayerWeights<T>> grads(grad ? size_t(n) : 0);
   const int team = threads > 0 ? threads : omp_get_max_threads();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
-  for (Index i = 0; i < n; ++i)
+  for_each_window(n, team, [&](Index i) {
     losses[size_t(i)] = window_loss(prob, p, windows[size_t(i)], grad ? &grads[size_t(i)] : nullptr);
+  });
   double total = 0;
   for (double l : losses) total += l;
   const double count = double(n) * double(prob.window) * double(prob.hidden());

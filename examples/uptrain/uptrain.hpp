@@ -188,15 +188,14 @@ inline void run_layer_all(const llama::Layer& L, const llama::Config& c, const R
   if (x_norm) x_norm->resize(N * S, c.hidden);
   if (q) q->resize(N * S, c.heads * c.head_dim);
   if (attn) attn->resize(N * S, c.hidden);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (Index w = 0; w < N; ++w) {
+  for_each_window(N, threads, [&](Index w) {
     Matrix h = stream.middleRows(w * S, S), xn, qw, yw;
     run_layer(L, c, rope, h, {x_norm ? &xn : nullptr, q ? &qw : nullptr, attn ? &yw : nullptr});
     stream.middleRows(w * S, S) = h;
     if (x_norm) x_norm->middleRows(w * S, S) = xn;
     if (q) q->middleRows(w * S, S) = qw;
     if (attn) attn->middleRows(w * S, S) = yw;
-  }
+  });
 }
 
 inline LayerWeights<float> initial_weights(const llama::Layer& L, Train train) {
@@ -360,8 +359,9 @@ inline std::vector<LayerReport> uptrain_checkpoint(const std::filesystem::path& 
   using Clock = std::chrono::steady_clock;
   // Output rules first, so that a bad OUTPUT_DIR fails before the training: never the original or the converted
   // checkpoint, nor inside either; an existing one only with --force and if gqa wrote it (its .gqa-output marker).
-  (void)gqa::detail::check_paths(original, output, o.force);
-  const gqa::detail::CheckpointPaths paths = gqa::detail::check_paths(converted, output, o.force);
+  const char* force_flag = "gqa-uptrain --force (uptrain::Options::force)";
+  (void)gqa::detail::check_paths(original, output, o.force, force_flag);
+  const gqa::detail::CheckpointPaths paths = gqa::detail::check_paths(converted, output, o.force, force_flag);
   const llama::Model orig = llama::Model::load(original), conv = llama::Model::load(converted);
   const llama::Config& c = orig.config();
   check_compatible(c, conv.config());

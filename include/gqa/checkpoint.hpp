@@ -174,8 +174,9 @@ struct CheckpointPaths {
   bool out_exists = false;
 };
 
+/// `force_flag` names the caller's way to replace an existing output in the message that asks for it.
 inline CheckpointPaths check_paths(const std::filesystem::path& input_dir, const std::filesystem::path& output_dir,
-                                   bool force) {
+                                   bool force, const char* force_flag = "gqa-convert --force (CheckpointOptions::force)") {
   namespace fs = std::filesystem;
   std::error_code ec;
   require(!input_dir.empty(), "checkpoint.path", "the input directory (INPUT_DIR) is an empty path");
@@ -201,7 +202,7 @@ inline CheckpointPaths check_paths(const std::filesystem::path& input_dir, const
   p.out_exists = fs::exists(fs::symlink_status(p.out, ec));
   if (p.out_exists) {
     require(force, "checkpoint.output_exists", "output '", output_dir.string(),
-            "' exists; use gqa-convert --force (CheckpointOptions::force) to replace it");
+            "' exists; use ", force_flag, " to replace it");
     const auto why = not_replaceable(p.out);
     require(!why, "checkpoint.output_exists", "output '", output_dir.string(),
             "' exists and --force only replaces an empty directory or one that gqa-convert or gqa-uptrain wrote, but ",
