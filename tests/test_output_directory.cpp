@@ -167,7 +167,7 @@ TEST_CASE("OutputDirectory: stale leftovers of dead processes are removed, a set
   CHECK(gqa_test::read_text(dir / "gone" / "sub" / "f") == old_free);
 }
 
-TEST_CASE("--force replaces an empty directory or one gqa wrote (its marker), never a plain checkpoint",
+TEST_CASE("OutputDirectory: --force replaces an empty directory or one gqa wrote (its marker), never a plain checkpoint",
           "[output_directory][force]") {
   // Issue 24 row 9: "gqa-convert SRC DIR --force" with DIR an ordinary model download replaced its weights and
   // README.md, because any directory with config.json and *.safetensors passed for a previous output.
