@@ -5,7 +5,7 @@
 //
 // For each case it prints one row per run: the bytes each rank handed to MPI (gqa::DistributedStats, the largest
 // and smallest over the ranks), the formula next to them, and the time (median of the repeats of the slowest
-// rank, MPI_Barrier before each):
+// rank, MPI_Barrier before each; the smallest, then the median, of the repeats):
 //   decode    sequence-sharded decode of one token against S cached tokens (gqa::sequence_sharded_attention):
 //             formula B * H * (D * 4 + 4) per rank and layer (its partial out and lse, f32), whatever S;
 //             `local` is the rank's attention on its share alone, the rest is the gather and the merge
@@ -36,7 +36,7 @@ using gqa::Tensor4;
 struct Config {
   bool smoke = false;
   int threads = 1;
-  int repeats = 5;
+  int repeats = 9;
 };
 
 int g_rank = 0, g_ranks = 1;
@@ -45,9 +45,14 @@ double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-/// Median over the repeats of the slowest rank's time of f(), in ms.
+/// The slowest rank's time of f() in ms: the smallest and the median over the repeats (on a shared machine the
+/// smallest is the least disturbed).
+struct Times {
+  double min = 0, median = 0;
+};
+
 template <typename F>
-double time_ms(int repeats, F&& f) {
+Times time_ms(int repeats, F&& f) {
   std::vector<double> times;
   for (int i = 0; i < repeats; ++i) {
     MPI_Barrier(MPI_COMM_WORLD);
@@ -58,7 +63,7 @@ double time_ms(int repeats, F&& f) {
     times.push_back(slowest * 1e3);
   }
   std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  return {times.front(), times[times.size() / 2]};
 }
 
 std::uint64_t max_over_ranks(std::uint64_t x, MPI_Op op = MPI_MAX) {
@@ -76,14 +81,14 @@ void fill(Tensor4<float>& t, unsigned seed) {
 }
 
 bool print_row(const char* mode, Index H, Index G, Index D, Index S, std::uint64_t bytes, std::uint64_t formula,
-               double ms, double local_ms, const Config& c) {
+               Times t, Times local, const Config& c) {
   const std::uint64_t lo = max_over_ranks(bytes, MPI_MIN), hi = max_over_ranks(bytes, MPI_MAX);
   const bool equal = lo == formula && hi == formula;
   if (g_rank == 0)
     std::printf("%-9s H:%-3ld G:%-3ld D:%-4ld S:%-6ld P:%d threads:%d  bytes/rank %12llu..%-12llu formula %12llu %s"
-                "  time %9.3f ms  local %9.3f ms\n",
+                "  time %9.3f (median %9.3f) ms  local %9.3f (%9.3f) ms\n",
                 mode, long(H), long(G), long(D), long(S), g_ranks, c.threads, (unsigned long long)lo,
-                (unsigned long long)hi, (unsigned long long)formula, equal ? "equal" : "DIFFERS", ms, local_ms);
+                (unsigned long long)hi, (unsigned long long)formula, equal ? "equal" : "DIFFERS", t.min, t.median, local.min, local.median);
   return equal;
 }
 
@@ -98,8 +103,8 @@ bool bench_decode(Index H, Index G, Index D, Index S, const Config& c) {
   gqa::DistributedStats stats;
   gqa::sequence_sharded_attention(q, cache, out, opt, &stats);  // one call counted
   const std::uint64_t bytes = stats.bytes_sent;
-  const double ms = time_ms(c.repeats, [&] { gqa::sequence_sharded_attention(q, cache, out, opt); });
-  const double local = time_ms(c.repeats, [&] { gqa::attention(q, cache.local(), out, opt); });
+  const Times ms = time_ms(c.repeats, [&] { gqa::sequence_sharded_attention(q, cache, out, opt); });
+  const Times local = time_ms(c.repeats, [&] { gqa::attention(q, cache.local(), out, opt); });
   return print_row("decode", H, G, D, S, bytes, std::uint64_t(B * H * (D * 4 + 4)), ms, local, c);
 }
 
@@ -130,12 +135,12 @@ bool bench_ring(Index H, Index G, Index D, Index S, const Config& c) {
   gqa::DistributedStats stats;
   gqa::ring_attention(q, k, v, out, MPI_COMM_WORLD, opt, &stats);
   const std::uint64_t bytes = stats.bytes_sent;
-  const double ms = time_ms(c.repeats, [&] { gqa::ring_attention(q, k, v, out, MPI_COMM_WORLD, opt); });
+  const Times ms = time_ms(c.repeats, [&] { gqa::ring_attention(q, k, v, out, MPI_COMM_WORLD, opt); });
   std::vector<std::size_t> block_bytes;
   for (int r = 0; r < g_ranks; ++r)
     block_bytes.push_back(std::size_t(2 * B * gqa::ring_layout(S, g_ranks, r).local_length() * G * D * 4));
   std::vector<unsigned char> a(*std::max_element(block_bytes.begin(), block_bytes.end())), b(a.size());
-  const double traffic = time_ms(c.repeats, [&] { ring_traffic(block_bytes, a, b); });
+  const Times traffic = time_ms(c.repeats, [&] { ring_traffic(block_bytes, a, b); });
   const std::uint64_t formula = std::uint64_t((g_ranks - 1) * 2 * B * S * G * D * 4 / g_ranks);
   bool ok = print_row("ring", H, G, D, S, bytes, formula, ms, traffic, c);
   if (g_rank == 0 && G < H)

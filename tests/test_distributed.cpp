@@ -7,6 +7,7 @@
 // Tolerance: the merge of partial attentions by their log-sum-exp reorders the softmax sums and goes through the
 // float lse, so results match the single-process call within float rounding, not bitwise: |out - ref| <= 1e-6 +
 // 1e-5 |ref| (the issue's 1e-5 relative; the 1e-6 floor covers outputs that cancel to near zero).
+#include "gqa/attention_backward.hpp"
 #include "gqa/distributed.hpp"
 
 #include "support/compare.hpp"
@@ -349,6 +350,51 @@ TEST_CASE("ring prefill equals one process's attention (causal and not)", "[dist
   check_ring(2, 37, 6, 3, true);   // uneven chunks, a batch
   check_ring(1, 29, 4, 4, false);  // MHA, no mask: every block seen whole
   check_ring(1, 3, 4, 1, true);    // S < 2P: empty chunks for P >= 2
+}
+
+void check_ring_backward(Index B, Index S, Index H, Index G, bool causal) {
+  const int P = world_size(), rank = world_rank();
+  const Index D = 16;
+  INFO("backward B " << B << " S " << S << " H " << H << " G " << G << " causal " << causal << " P " << P);
+  const Tensor4<float> q = normal(B, S, H, D, 31), k = normal(B, S, G, D, 32), v = normal(B, S, G, D, 33),
+                       d_out = normal(B, S, H, D, 34);
+  gqa::AttentionOptions opt;
+  opt.causal = causal;
+  const Tensor4<float> whole = gqa::attention(q, k, v, opt);
+  const auto grads = gqa::attention_backward(q, k, v, whole, d_out, opt);
+
+  const gqa::RingLayout layout = gqa::ring_layout(S, P, rank);
+  const Index L = layout.local_length();
+  const Tensor4<float> lq = local_rows(q, layout), lk = local_rows(k, layout), lv = local_rows(v, layout),
+                       ld_out = local_rows(d_out, layout);
+  Tensor4<float> out(B, L, H, D), d_q(B, L, H, D), d_k(B, L, G, D), d_v(B, L, G, D);
+  std::vector<float> lse(std::size_t(B * H * L));
+  opt.lse = lse;
+  gqa::ring_attention(lq, lk, lv, out, MPI_COMM_WORLD, opt);
+  gqa::DistributedStats stats;
+  gqa::ring_attention_backward(lq, lk, lv, out, ld_out, d_q, d_k, d_v, MPI_COMM_WORLD, opt, &stats);
+  // Each gradient is a sum over the blocks (over the ranks, for d_k and d_v) in another order than one call's
+  // tiles, in float: within 1e-4 relative (the 1e-5 floor for elements that cancel to near zero).
+  const gqa_test::Tolerance grad_tol{1e-5, 1e-4};
+  gqa_test::check_close(d_q, gqa_test::to_double(local_rows(grads.d_q, layout)), grad_tol);
+  gqa_test::check_close(d_k, gqa_test::to_double(local_rows(grads.d_k, layout)), grad_tol);
+  gqa_test::check_close(d_v, gqa_test::to_double(local_rows(grads.d_v, layout)), grad_tol);
+  // Bytes: the K/V blocks of the P-1 ranks before this one (as the forward), and the gradient of every block this
+  // rank worked on, passed on (the last one home): G heads each.
+  std::uint64_t expected = 0;
+  for (int step = 0; step < P; ++step) {
+    const Index l_src = gqa::ring_layout(S, P, (rank - step + P) % P).local_length();
+    const std::uint64_t block = std::uint64_t(2 * B * l_src * G * D * 4);
+    expected += block * (step + 1 < P ? 2 : 1);
+  }
+  CHECK(stats.bytes_sent == expected);
+}
+
+TEST_CASE("ring prefill backward equals one process's attention_backward", "[distributed][ring][backward]") {
+  check_ring_backward(1, 40, 8, 2, true);
+  check_ring_backward(2, 23, 4, 4, true);  // uneven chunks, MHA, a batch
+  check_ring_backward(1, 19, 6, 3, false);
+  check_ring_backward(1, 3, 4, 1, true);   // empty chunks for P >= 2
 }
 
 TEST_CASE("ring_attention: a rank with the wrong rows, or a refused option, throws on every rank",

@@ -21,15 +21,20 @@
 // blocks (G heads, never H: 2 * B * (S/P) * G * D * sizeof(KV) bytes) go round the ring with non-blocking sends
 // while each rank attends its queries to the block it holds; partial results are merged by their log-sum-exp.
 //
-// Collective calls (sequence_sharded_attention, ring_attention, SequenceShardedCache's constructor) must be made
-// by every rank of the communicator in the same order. Their arguments are checked on every rank first, and if
-// any rank's are refused every rank throws (that rank its own error, the others gqa.distributed.peer), so no rank
-// is left waiting. Point-to-point messages use tag gqa::kRingTag on the user's communicator.
+// Ring backward: gqa::ring_attention_backward gives d_q, d_k, d_v over the same split (float), from the forward's
+// output and log-sum-exp; each K/V block's gradient (G heads) travels with the block and is sent home at the end.
+//
+// Collective calls (sequence_sharded_attention, ring_attention, ring_attention_backward, SequenceShardedCache's
+// constructor) must be made by every rank of the communicator in the same order. Their arguments are checked on
+// every rank first, and if any rank's are refused every rank throws (that rank its own error, the others
+// gqa.distributed.peer), so no rank is left waiting. Point-to-point messages use tags gqa::kRingTag and
+// kRingTag + 1 on the user's communicator.
 //
 // Element types: Q/out float or double; K/V float, double, bfloat16 or half (a SequenceShardedCache also int8).
 #pragma once
 
 #include "gqa/attention.hpp"
+#include "gqa/attention_backward.hpp"
 #include "gqa/errors.hpp"
 #include "gqa/kv_cache.hpp"
 #include "gqa/options.hpp"
@@ -515,6 +520,155 @@ void ring_attention(const Q& q, const K& k, const V& v, O&& out, MPI_Comm comm, 
         std::memcpy(options.lse.data() + (b * H + h) * L + row, ring.acc_lse[c].data() + (b * H + h) * s.rows,
                     std::size_t(s.rows) * sizeof(float));
   }
+}
+
+// ------------------------------------------------------------------------------------------ ring prefill backward
+
+namespace detail {
+
+/// Adds n floats of `from` into `to`.
+inline void add_into(float* to, const float* from, Index n) {
+  for (Index i = 0; i < n; ++i) to[i] += from[i];
+}
+
+}  // namespace detail
+
+/// Collective: the gradients of ring_attention, over the same split. On rank r: q, k, v, out (the forward's
+/// output) and d_out hold its local rows as in ring_attention, options are the forward's with options.lse the
+/// forward's log-sum-exp [B, H, L_r] (required: the blocks' probabilities are exp(s - lse) of the whole row);
+/// writes d_q [B, L_r, H, D] and d_k, d_v [B, L_r, G, D]: each KV head's gradient summed over the H/G query heads
+/// of its group and over every rank's queries. The K/V blocks go round the ring as in the forward (overlapped with
+/// the block work); their d_k / d_v accumulators (G heads, f32) follow them after each block's work, and a last
+/// send brings each home: P sends of 2 * B * L * G * D * 4 bytes per rank on top of the forward's traffic.
+/// float only (q, k, v and the gradients): the backward of a double call recomputes its lse per call, which a
+/// block cannot.
+template <typename Q, typename K, typename V, typename O, typename DO, typename DQ, typename DK, typename DV>
+void ring_attention_backward(const Q& q, const K& k, const V& v, const O& out, const DO& d_out, DQ&& d_q,
+                             DK&& d_k, DV&& d_v, MPI_Comm comm, const AttentionOptions& options,
+                             DistributedStats* stats = nullptr) {
+  const auto in = detail::input_refs(q, k, v);
+  using T = detail::ref_elem_t<decltype(in.q)>;
+  using KVT = detail::ref_elem_t<decltype(in.k)>;
+  static_assert(std::is_same_v<T, float> && std::is_same_v<KVT, float>,
+                "gqa::ring_attention_backward: q, k, v and their gradients must be float");
+  const auto out_r = detail::input_ref<T>(out), d_out_r = detail::input_ref<T>(d_out);
+  const auto d_q_r = detail::output_ref<T>(d_q);
+  const auto d_k_r = detail::output_ref<KVT>(d_k), d_v_r = detail::output_ref<KVT>(d_v);
+  const int ranks = detail::comm_size(comm), rank = detail::comm_rank(comm);
+  const Index B = in.q.dims[0], L = in.q.dims[1], H = in.q.dims[2], G = in.k.dims[2], D = in.q.dims[3];
+  const Index S = Index(detail::sum_over_ranks(comm, L));
+
+  RingLayout me;
+  std::vector<RingLayout> layouts;
+  Index max_local = 0;
+  detail::check_on_every_rank(
+      comm, "ring_attention_backward",
+      {{"q dim 0 (B)", B}, {"q dim 2 (H)", H}, {"k dim 2 (G)", G}, {"q dim 3 (D)", D},
+       {"options.causal", options.causal}},
+      [&] {
+        detail::require_positionless(options, "ring_attention_backward");
+        detail::require(options.lse.data() != nullptr || B * H * L == 0, "distributed.option",
+                        "ring_attention_backward: options.lse must hold the forward's log-sum-exp [B, H, L]");
+        detail::make_backward_params<T, KVT>(in.q, in.k, in.v, out_r, d_out_r, d_q_r, d_k_r, d_v_r, options, {});
+        detail::require<shape_error>(in.k.dims[1] == L, "distributed.shape", "ring_attention_backward: k dim 1 = ",
+                                     in.k.dims[1], " but q dim 1 = ", L, " (a rank holds the same rows of q, k, v)");
+        me = ring_layout(S, ranks, rank);
+        detail::require<shape_error>(L == me.local_length(), "distributed.shape", "ring_attention_backward: rank ",
+                                     rank, " holds ", L, " rows but ring_layout(S = ", S, ", P = ", ranks, ", ", rank,
+                                     ") gives it ", me.local_length());
+        for (int r = 0; r < ranks; ++r) {
+          layouts.push_back(ring_layout(S, ranks, r));
+          max_local = std::max(max_local, layouts.back().local_length());
+        }
+        detail::byte_count(std::size_t(2 * B * max_local * G * D) * sizeof(float), "ring_attention_backward");
+      });
+
+  // Per query chunk: its q, out, d_out rows and lse rows (contiguous, as a block call reads them) and d_q sum.
+  std::array<std::vector<float>, 2> lse_rows, d_q_acc;
+  for (int c = 0; c < 2; ++c) {
+    const Index rows = me.chunk_length[c], row0 = c == 0 ? 0 : me.chunk_length[0];
+    lse_rows[c].resize(std::size_t(B * H * rows));
+    for (Index b = 0; b < B; ++b)
+      for (Index h = 0; h < H; ++h)
+        std::memcpy(lse_rows[c].data() + (b * H + h) * rows, options.lse.data() + (b * H + h) * L + row0,
+                    std::size_t(rows) * sizeof(float));
+    d_q_acc[c].assign(std::size_t(B * rows * H * D), 0.0f);
+  }
+  const Index max_chunk = std::max(me.chunk_length[0], me.chunk_length[1]);
+  std::vector<float> d_q_part(std::size_t(B * max_chunk * H * D));
+  std::vector<float> d_k_part(std::size_t(B * max_local * G * D)), d_v_part(d_k_part.size());
+
+  const std::size_t block_size = std::size_t(2 * B * max_local * G * D);
+  std::vector<float> cur(block_size), next(block_size), grad(block_size), grad_next(block_size);
+  detail::pack_block(in.k, in.v, cur.data());
+  const auto block_bytes = [&](const RingLayout& l) { return std::size_t(2 * B * l.local_length() * G * D) * 4; };
+  const int right = (rank + 1) % ranks, left = (rank + ranks - 1) % ranks;
+  const auto count = [&](std::size_t sent, std::size_t received) {
+    if (!stats) return;
+    stats->bytes_sent += sent;
+    stats->bytes_received += received;
+    stats->messages += 1;
+  };
+  for (int step = 0; step < ranks; ++step) {
+    const RingLayout& src = layouts[std::size_t((rank - step + ranks) % ranks)];
+    const RingLayout& incoming = layouts[std::size_t((rank - step - 1 + 2 * ranks) % ranks)];
+    MPI_Request kv[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+    if (step + 1 < ranks) {
+      detail::check_mpi(MPI_Irecv(next.data(), int(block_bytes(incoming)), MPI_BYTE, left, kRingTag, comm, &kv[0]),
+                        "MPI_Irecv");
+      detail::check_mpi(MPI_Isend(cur.data(), int(block_bytes(src)), MPI_BYTE, right, kRingTag, comm, &kv[1]),
+                        "MPI_Isend");
+      count(block_bytes(src), block_bytes(incoming));
+    }
+    if (step == 0) std::fill(grad.begin(), grad.end(), 0.0f);
+    const Index l_src = src.local_length(), v_offset = B * l_src * G * D;
+    const TensorRef<const float> kb = token_major<const float>(cur.data(), B, l_src, G, D);
+    const TensorRef<const float> vb = token_major<const float>(cur.data() + v_offset, B, l_src, G, D);
+    for (int qc = 0; qc < 2; ++qc) {
+      for (int kc = 0; kc < 2; ++kc) {
+        const Index lq = me.chunk_length[qc], lk = src.chunk_length[kc];
+        const bool future = src.chunk[kc] > me.chunk[qc], diagonal = src.chunk[kc] == me.chunk[qc];
+        if (lq == 0 || lk == 0 || (options.causal && future)) continue;
+        const Index q_row = qc == 0 ? 0 : me.chunk_length[0], k_row = kc == 0 ? 0 : src.chunk_length[0];
+        AttentionOptions o = options;
+        o.causal = options.causal && diagonal;
+        o.lse = span<float>(lse_rows[qc].data(), B * H * lq);
+        const auto dq = token_major(d_q_part.data(), B, lq, H, D);
+        const auto dk = token_major(d_k_part.data(), B, lk, G, D), dv = token_major(d_v_part.data(), B, lk, G, D);
+        attention_backward(detail::slice_rows(in.q, q_row, lq), detail::slice_rows(kb, k_row, lk),
+                           detail::slice_rows(vb, k_row, lk), detail::slice_rows(out_r, q_row, lq),
+                           detail::slice_rows(d_out_r, q_row, lq), dq, dk, dv, o);
+        detail::add_into(d_q_acc[qc].data(), d_q_part.data(), B * lq * H * D);
+        for (Index b = 0; b < B; ++b) {  // rows k_row .. k_row + lk of the block's d_k and d_v, per batch
+          const Index n = lk * G * D, at = (b * l_src + k_row) * G * D;
+          detail::add_into(grad.data() + at, d_k_part.data() + b * n, n);
+          detail::add_into(grad.data() + v_offset + at, d_v_part.data() + b * n, n);
+        }
+        int done = 0;
+        if (step + 1 < ranks) detail::check_mpi(MPI_Testall(2, kv, &done, MPI_STATUSES_IGNORE), "MPI_Testall");
+      }
+    }
+    // The block's gradient goes on with it (after the last step: home to its owner, the rank to the right).
+    MPI_Request g[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+    const RingLayout& grad_in = step + 1 < ranks ? incoming : me;
+    detail::check_mpi(MPI_Irecv(grad_next.data(), int(block_bytes(grad_in)), MPI_BYTE, left, kRingTag + 1, comm,
+                                &g[0]), "MPI_Irecv");
+    detail::check_mpi(MPI_Isend(grad.data(), int(block_bytes(src)), MPI_BYTE, right, kRingTag + 1, comm, &g[1]),
+                      "MPI_Isend");
+    count(block_bytes(src), block_bytes(grad_in));
+    detail::check_mpi(MPI_Waitall(2, kv, MPI_STATUSES_IGNORE), "MPI_Waitall");
+    detail::check_mpi(MPI_Waitall(2, g, MPI_STATUSES_IGNORE), "MPI_Waitall");
+    std::swap(cur, next);
+    std::swap(grad, grad_next);
+  }
+
+  for (int c = 0; c < 2; ++c) {
+    const detail::PartialShape s{B, me.chunk_length[c], H, D};
+    detail::copy_out(s, d_q_acc[c].data(), detail::slice_rows(d_q_r, c == 0 ? 0 : me.chunk_length[0], s.rows));
+  }
+  const detail::PartialShape kv_shape{B, L, G, D};
+  detail::copy_out(kv_shape, grad.data(), d_k_r);
+  detail::copy_out(kv_shape, grad.data() + B * L * G * D, d_v_r);
 }
 
 }  // namespace gqa
