@@ -4,13 +4,17 @@
 //   mpirun -np P build/bench/bench_distributed [--smoke] [--threads N]
 //
 // For each case it prints one row per run: the bytes each rank handed to MPI (gqa::DistributedStats, the largest
-// and smallest over the ranks), the formula next to them, and the time (median of the repeats of the slowest
-// rank, MPI_Barrier before each; the smallest, then the median, of the repeats):
+// and smallest over the ranks), the formula next to them, and the time of the slowest rank (MPI_Barrier before
+// each repeat; the smallest, then the median, of the repeats):
 //   decode    sequence-sharded decode of one token against S cached tokens (gqa::sequence_sharded_attention):
 //             formula B * H * (D * 4 + 4) per rank and layer (its partial out and lse, f32), whatever S;
-//             `local` is the rank's attention on its share alone, the rest is the gather and the merge
+//             `alone`: the CPU time of the rank's attention on its share, each rank timed in turn (the rest of
+//             `time` is the gather, the merge, and the ranks and other processes sharing the cores)
 //   ring      causal ring prefill of S tokens (gqa::ring_attention): formula (P-1)/P * 2 * S * G * D * sizeof(kv)
-//             per rank and layer; `local` is the ring's block traffic alone (the same sends, no attention)
+//             per rank and layer; `alone`: the CPU time of the rank's block attentions without the ring, each rank
+//             in turn; the `ring-wire` line times the ring's sends alone (the same messages, no attention)
+//   ring-bwd  its backward (gqa::ring_attention_backward): formula (P-1)/P * 2 * S * G * D * sizeof(kv) for the
+//             K/V blocks plus 2 * S * G * D * 4 for their f32 gradients, which follow each block and go home
 //   repeat-kv the bytes the same ring would send with K/V repeated to H heads before the call (the bug of the
 //             issue), for comparison: H/G times the ring's
 // Exit status 1 if a measured byte count differs from its formula.
@@ -27,6 +31,8 @@
 #include <cstring>
 #include <string>
 #include <vector>
+
+#include <time.h>
 
 namespace {
 
@@ -66,6 +72,32 @@ Times time_ms(int repeats, F&& f) {
   return {times.front(), times[times.size() / 2]};
 }
 
+double thread_cpu_s() {
+  timespec t{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+
+/// The largest over the ranks of each rank's smallest CPU time of f() in ms (this thread's: with --threads 1 the
+/// whole work), the ranks taking turns (the others wait in a barrier): one rank's compute, as far as possible
+/// from the load that other processes put on a shared machine, which wall-clock times here cannot escape.
+template <typename F>
+double time_alone_ms(int repeats, F&& f) {
+  double mine = 1e300;
+  for (int r = 0; r < g_ranks; ++r) {
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (r != g_rank) continue;
+    for (int i = 0; i < repeats; ++i) {
+      const double t0 = thread_cpu_s();
+      f();
+      mine = std::min(mine, (thread_cpu_s() - t0) * 1e3);
+    }
+  }
+  double slowest = 0;
+  MPI_Allreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return slowest;
+}
+
 std::uint64_t max_over_ranks(std::uint64_t x, MPI_Op op = MPI_MAX) {
   unsigned long long in = x, out = 0;
   MPI_Allreduce(&in, &out, 1, MPI_UNSIGNED_LONG_LONG, op, MPI_COMM_WORLD);
@@ -81,14 +113,15 @@ void fill(Tensor4<float>& t, unsigned seed) {
 }
 
 bool print_row(const char* mode, Index H, Index G, Index D, Index S, std::uint64_t bytes, std::uint64_t formula,
-               Times t, Times local, const Config& c) {
+               Times t, double alone_ms, const Config& c) {
   const std::uint64_t lo = max_over_ranks(bytes, MPI_MIN), hi = max_over_ranks(bytes, MPI_MAX);
   const bool equal = lo == formula && hi == formula;
   if (g_rank == 0)
     std::printf("%-9s H:%-3ld G:%-3ld D:%-4ld S:%-6ld P:%d threads:%d  bytes/rank %12llu..%-12llu formula %12llu %s"
-                "  time %9.3f (median %9.3f) ms  local %9.3f (%9.3f) ms\n",
+                "  time %9.3f (median %9.3f) ms  alone %9.3f ms cpu\n",
                 mode, long(H), long(G), long(D), long(S), g_ranks, c.threads, (unsigned long long)lo,
-                (unsigned long long)hi, (unsigned long long)formula, equal ? "equal" : "DIFFERS", t.min, t.median, local.min, local.median);
+                (unsigned long long)hi, (unsigned long long)formula, equal ? "equal" : "DIFFERS", t.min, t.median,
+                alone_ms);
   return equal;
 }
 
@@ -104,7 +137,7 @@ bool bench_decode(Index H, Index G, Index D, Index S, const Config& c) {
   gqa::sequence_sharded_attention(q, cache, out, opt, &stats);  // one call counted
   const std::uint64_t bytes = stats.bytes_sent;
   const Times ms = time_ms(c.repeats, [&] { gqa::sequence_sharded_attention(q, cache, out, opt); });
-  const Times local = time_ms(c.repeats, [&] { gqa::attention(q, cache.local(), out, opt); });
+  const double local = time_alone_ms(c.repeats, [&] { gqa::attention(q, cache.local(), out, opt); });
   return print_row("decode", H, G, D, S, bytes, std::uint64_t(B * H * (D * 4 + 4)), ms, local, c);
 }
 
@@ -120,6 +153,34 @@ void ring_traffic(const std::vector<std::size_t>& block_bytes, std::vector<unsig
     MPI_Isend(a.data(), int(out), MPI_BYTE, right, 1, MPI_COMM_WORLD, &r[1]);
     MPI_Waitall(2, r, MPI_STATUSES_IGNORE);
     std::swap(a, b);
+  }
+}
+
+/// The block attentions ring_attention does on this rank, without the ring: its own q and k/v rows stand in for
+/// the other ranks' blocks, which have the same shapes when 2P divides S.
+void ring_block_work(const Tensor4<float>& q, const Tensor4<float>& kv, Tensor4<float>& out,
+                     gqa::AttentionOptions opt, const gqa::RingLayout& me) {
+  const auto qr = gqa::make_ref(q), kr = gqa::make_ref(kv);
+  auto orf = gqa::make_ref(out);
+  const auto rows = [](auto r, Index first, Index n) {
+    r.data += first * r.strides[1];
+    r.dims[1] = n;
+    return r;
+  };
+  std::vector<float> lse(std::size_t(q.dimension(0) * q.dimension(2) * q.dimension(1)));
+  for (int step = 0; step < g_ranks; ++step) {
+    const gqa::RingLayout src = gqa::ring_layout(me.length, g_ranks, (g_rank - step + g_ranks) % g_ranks);
+    for (int qc = 0; qc < 2; ++qc)
+      for (int kc = 0; kc < 2; ++kc) {
+        if (src.chunk[kc] > me.chunk[qc]) continue;
+        const Index lq = me.chunk_length[qc], q0 = qc == 0 ? 0 : me.chunk_length[0];
+        const Index k0 = kc == 0 ? 0 : me.chunk_length[0];
+        gqa::AttentionOptions o = opt;
+        o.causal = src.chunk[kc] == me.chunk[qc];
+        o.lse = gqa::span<float>(lse.data(), q.dimension(0) * q.dimension(2) * lq);
+        gqa::attention(rows(qr, q0, lq), rows(kr, k0, src.chunk_length[kc]), rows(kr, k0, src.chunk_length[kc]),
+                       rows(orf, q0, lq), o);
+      }
   }
 }
 
@@ -141,8 +202,26 @@ bool bench_ring(Index H, Index G, Index D, Index S, const Config& c) {
     block_bytes.push_back(std::size_t(2 * B * gqa::ring_layout(S, g_ranks, r).local_length() * G * D * 4));
   std::vector<unsigned char> a(*std::max_element(block_bytes.begin(), block_bytes.end())), b(a.size());
   const Times traffic = time_ms(c.repeats, [&] { ring_traffic(block_bytes, a, b); });
+  const double compute = time_alone_ms(c.repeats, [&] { ring_block_work(q, k, out, opt, me); });
   const std::uint64_t formula = std::uint64_t((g_ranks - 1) * 2 * B * S * G * D * 4 / g_ranks);
-  bool ok = print_row("ring", H, G, D, S, bytes, formula, ms, traffic, c);
+  bool ok = print_row("ring", H, G, D, S, bytes, formula, ms, compute, c);
+  if (g_rank == 0)
+    std::printf("%-9s H:%-3ld G:%-3ld D:%-4ld S:%-6ld P:%d             the ring's sends alone: %.3f (median %.3f) ms\n",
+                "ring-wire", long(H), long(G), long(D), long(S), g_ranks, traffic.min, traffic.median);
+
+  // The backward: the forward's K/V traffic plus each block's d_k / d_v (f32) passed on P times.
+  std::vector<float> lse(std::size_t(B * H * L));
+  opt.lse = lse;
+  gqa::ring_attention(q, k, v, out, MPI_COMM_WORLD, opt);
+  Tensor4<float> d_out(B, L, H, D), d_q(B, L, H, D), d_k(B, L, G, D), d_v(B, L, G, D);
+  fill(d_out, 120 + unsigned(g_rank));
+  gqa::DistributedStats back;
+  gqa::ring_attention_backward(q, k, v, out, d_out, d_q, d_k, d_v, MPI_COMM_WORLD, opt, &back);
+  const Times bwd = time_ms(c.repeats, [&] {
+    gqa::ring_attention_backward(q, k, v, out, d_out, d_q, d_k, d_v, MPI_COMM_WORLD, opt);
+  });
+  const std::uint64_t bwd_formula = formula + std::uint64_t(2 * B * S * G * D * 4);
+  ok = print_row("ring-bwd", H, G, D, S, back.bytes_sent, bwd_formula, bwd, 0.0, c) && ok;
   if (g_rank == 0 && G < H)
     std::printf("%-9s H:%-3ld G:%-3ld D:%-4ld S:%-6ld P:%d             would send %12llu bytes/rank (H/G = %ld x)\n",
                 "repeat-kv", long(H), long(H), long(D), long(S), g_ranks,

@@ -252,12 +252,12 @@ TEST_CASE("merge_partial: an empty side (lse -inf) is the other side exactly; tw
   const float inf = std::numeric_limits<float>::infinity();
   std::vector<float> acc{0, 0, 0, 0, 0, 0}, acc_lse{-inf, -inf};
   const std::vector<float> part{0.25f, -1.5f, 3.0f, 0, 0, 0}, part_lse{0.75f, -inf};
-  gqa::detail::merge_partial(s, acc.data(), acc_lse.data(), part.data(), part_lse.data());
+  gqa::detail::merge_partial(s, acc.data(), acc_lse.data(), part.data(), part_lse.data(), 1);
   CHECK(acc == std::vector<float>{0.25f, -1.5f, 3.0f, 0, 0, 0});
   CHECK(acc_lse[0] == 0.75f);
   CHECK(acc_lse[1] == -inf);
   // Two equal halves: the same output, lse + log 2.
-  gqa::detail::merge_partial(s, acc.data(), acc_lse.data(), part.data(), part_lse.data());
+  gqa::detail::merge_partial(s, acc.data(), acc_lse.data(), part.data(), part_lse.data(), 1);
   CHECK(acc[0] == Approx(0.25f));
   CHECK(acc_lse[0] == Approx(0.75 + std::log(2.0)));
 }

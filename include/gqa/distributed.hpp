@@ -324,11 +324,12 @@ void sequence_sharded_attention(const Q& q, const SequenceShardedCache<T>& cache
   std::vector<QT> acc(part.size());
   std::vector<float> acc_lse(part_lse.size());
   detail::clear_partial(s, acc.data(), acc_lse.data());
+  const int threads = detail::resolve_threads(options.num_threads);
   for (int r = 0; r < ranks; ++r) {
     const unsigned char* from = all.data() + bytes * std::size_t(r);
     std::memcpy(part.data(), from, part.size() * sizeof(QT));
     std::memcpy(part_lse.data(), from + part.size() * sizeof(QT), part_lse.size() * sizeof(float));
-    detail::merge_partial(s, acc.data(), acc_lse.data(), part.data(), part_lse.data());
+    detail::merge_partial(s, acc.data(), acc_lse.data(), part.data(), part_lse.data(), threads);
   }
   detail::copy_out(s, acc.data(), orf);
   if (!options.lse.empty()) std::memcpy(options.lse.data(), acc_lse.data(), acc_lse.size() * sizeof(float));
@@ -379,6 +380,7 @@ struct RingRank {
   AttentionOptions options;                   // the caller's, without lse (per call below)
   std::array<std::vector<T>, 2> acc;          // [B, chunk_length, H, D] per chunk
   std::array<std::vector<float>, 2> acc_lse;  // [B, H, chunk_length]
+  std::array<bool, 2> seen{};                 // whether acc[c] holds a block's result yet
   std::vector<T> part;
   std::vector<float> part_lse;
 
@@ -399,11 +401,17 @@ struct RingRank {
         const PartialShape s = chunk_shape(qc);
         AttentionOptions o = options;
         o.causal = options.causal && diagonal;  // a past chunk is seen whole; the diagonal is the lower triangle
-        o.lse = span<float>(part_lse.data(), s.lse_size());
+        // A chunk's first block goes straight into its accumulator (what merging it into an empty one gives,
+        // exactly), the later ones through `part` and the merge.
+        const bool first = !seen[qc];
+        seen[qc] = true;
+        o.lse = span<float>(first ? acc_lse[qc].data() : part_lse.data(), s.lse_size());
         const Index k_row = kc == 0 ? 0 : src.chunk_length[0], q_row = qc == 0 ? 0 : me.chunk_length[0];
         gqa::attention(slice_rows(q, q_row, lq), slice_rows(k, k_row, lk), slice_rows(v, k_row, lk),
-                       token_major_of(part.data(), s), o);
-        merge_partial(s, acc[qc].data(), acc_lse[qc].data(), part.data(), part_lse.data());
+                       token_major_of(first ? acc[qc].data() : part.data(), s), o);
+        if (!first)
+          merge_partial(s, acc[qc].data(), acc_lse[qc].data(), part.data(), part_lse.data(),
+                        resolve_threads(options.num_threads));
         if (n_pending > 0) {  // lets the transfer progress between tiles of work
           int done = 0;
           check_mpi(MPI_Testall(n_pending, pending, &done, MPI_STATUSES_IGNORE), "MPI_Testall");
@@ -474,7 +482,6 @@ void ring_attention(const Q& q, const K& k, const V& v, O&& out, MPI_Comm comm, 
     const detail::PartialShape s = ring.chunk_shape(c);
     ring.acc[c].resize(std::size_t(s.out_size()));
     ring.acc_lse[c].resize(std::size_t(s.lse_size()));
-    detail::clear_partial(s, ring.acc[c].data(), ring.acc_lse[c].data());
   }
   const Index max_chunk = std::max(ring.me.chunk_length[0], ring.me.chunk_length[1]);
   ring.part.resize(std::size_t(B * max_chunk * H * D));
@@ -512,6 +519,7 @@ void ring_attention(const Q& q, const K& k, const V& v, O&& out, MPI_Comm comm, 
 
   for (int c = 0; c < 2; ++c) {
     const detail::PartialShape s = ring.chunk_shape(c);
+    if (!ring.seen[c]) detail::clear_partial(s, ring.acc[c].data(), ring.acc_lse[c].data());  // rows saw no key
     const Index row = c == 0 ? 0 : ring.me.chunk_length[0];
     detail::copy_out(s, ring.acc[c].data(), detail::slice_rows(orf, row, s.rows));
     if (options.lse.empty()) continue;

@@ -28,11 +28,13 @@ struct PartialShape {
   Index lse_size() const noexcept { return batch * heads * rows; }
 };
 
-/// Merges the partial (part_out, part_lse) into the accumulator (acc_out, acc_lse), in place (header comment).
+/// Merges the partial (part_out, part_lse) into the accumulator (acc_out, acc_lse), in place (header comment), on
+/// up to `threads` OpenMP threads (the caller's options.num_threads, resolved).
 template <typename T>
-void merge_partial(const PartialShape& s, T* acc_out, float* acc_lse, const T* part_out, const float* part_lse) {
+void merge_partial(const PartialShape& s, T* acc_out, float* acc_lse, const T* part_out, const float* part_lse,
+                   int threads) {
   const Index rows = s.batch * s.rows * s.heads;
-#pragma omp parallel for schedule(static) if (rows * s.head_dim >= (Index(1) << 15))
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows * s.head_dim >= (1 << 15))
   for (Index row = 0; row < rows; ++row) {
     const Index b = row / (s.rows * s.heads), i = (row / s.heads) % s.rows, h = row % s.heads;
     float& l_acc = acc_lse[(b * s.heads + h) * s.rows + i];
