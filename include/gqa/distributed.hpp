@@ -199,6 +199,33 @@ inline void require_positionless(const AttentionOptions& o, const char* call) {
 template <typename T>
 inline constexpr bool is_merge_type_v = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
+/// Gathers every rank's partial (part, part_lse: shape s) with one MPI_Allgather of `count` bytes per rank,
+/// [out | lse], and merges them in rank order into acc, acc_lse (the same result on every rank). part and
+/// part_lse are overwritten.
+template <typename T>
+void allgather_merge(MPI_Comm comm, const PartialShape& s, std::vector<T>& part, std::vector<float>& part_lse,
+                     int count, int threads, DistributedStats* stats, std::vector<T>& acc,
+                     std::vector<float>& acc_lse) {
+  const std::size_t out_bytes = part.size() * sizeof(T), bytes = std::size_t(count);
+  const int ranks = comm_size(comm);
+  std::vector<unsigned char> mine(bytes), all(bytes * std::size_t(ranks));
+  std::memcpy(mine.data(), part.data(), out_bytes);
+  std::memcpy(mine.data() + out_bytes, part_lse.data(), part_lse.size() * sizeof(float));
+  check_mpi(MPI_Allgather(mine.data(), count, MPI_BYTE, all.data(), count, MPI_BYTE, comm), "MPI_Allgather");
+  if (stats) {
+    stats->bytes_sent += bytes;
+    stats->bytes_received += bytes * std::size_t(ranks - 1);
+    stats->messages += 1;
+  }
+  clear_partial(s, acc.data(), acc_lse.data());
+  for (int r = 0; r < ranks; ++r) {
+    const unsigned char* from = all.data() + bytes * std::size_t(r);
+    std::memcpy(part.data(), from, out_bytes);
+    std::memcpy(part_lse.data(), from + out_bytes, part_lse.size() * sizeof(float));
+    merge_partial(s, acc.data(), acc_lse.data(), part.data(), part_lse.data(), threads);
+  }
+}
+
 }  // namespace detail
 
 // ----------------------------------------------------------------------------------- sequence-sharded decode
@@ -310,27 +337,10 @@ void sequence_sharded_attention(const Q& q, const SequenceShardedCache<T>& cache
         count = detail::byte_count(bytes, "sequence_sharded_attention");
       });
   gqa::attention(q, cache.local(), detail::token_major_of(part.data(), s), local);
-  // One message of [out | lse] per rank, merged in rank order on every rank.
-  const int ranks = cache.ranks();
-  std::vector<unsigned char> mine(bytes), all(bytes * std::size_t(ranks));
-  std::memcpy(mine.data(), part.data(), part.size() * sizeof(QT));
-  std::memcpy(mine.data() + part.size() * sizeof(QT), part_lse.data(), part_lse.size() * sizeof(float));
-  detail::check_mpi(MPI_Allgather(mine.data(), count, MPI_BYTE, all.data(), count, MPI_BYTE, comm), "MPI_Allgather");
-  if (stats) {
-    stats->bytes_sent += bytes;
-    stats->bytes_received += bytes * std::size_t(ranks - 1);
-    stats->messages += 1;
-  }
   std::vector<QT> acc(part.size());
   std::vector<float> acc_lse(part_lse.size());
-  detail::clear_partial(s, acc.data(), acc_lse.data());
-  const int threads = detail::resolve_threads(options.num_threads);
-  for (int r = 0; r < ranks; ++r) {
-    const unsigned char* from = all.data() + bytes * std::size_t(r);
-    std::memcpy(part.data(), from, part.size() * sizeof(QT));
-    std::memcpy(part_lse.data(), from + part.size() * sizeof(QT), part_lse.size() * sizeof(float));
-    detail::merge_partial(s, acc.data(), acc_lse.data(), part.data(), part_lse.data(), threads);
-  }
+  detail::allgather_merge(comm, s, part, part_lse, count, detail::resolve_threads(options.num_threads), stats, acc,
+                          acc_lse);
   detail::copy_out(s, acc.data(), orf);
   if (!options.lse.empty()) std::memcpy(options.lse.data(), acc_lse.data(), acc_lse.size() * sizeof(float));
 }
@@ -371,55 +381,95 @@ inline RingLayout ring_layout(Index length, int ranks, int rank) {
 
 namespace detail {
 
-/// One rank's state in ring_attention: its queries, the accumulators of its two chunks, and the block buffers.
-template <typename T, typename KVT>
-struct RingRank {
-  TensorRef<const T> q;
-  RingLayout me;
-  Index batch = 0, heads = 0, kv_heads = 0, head_dim = 0;
-  AttentionOptions options;                   // the caller's, without lse (per call below)
-  std::array<std::vector<T>, 2> acc;          // [B, chunk_length, H, D] per chunk
-  std::array<std::vector<float>, 2> acc_lse;  // [B, H, chunk_length]
-  std::array<bool, 2> seen{};                 // whether acc[c] holds a block's result yet
-  std::vector<T> part;
-  std::vector<float> part_lse;
+/// The ring of one call: every rank's layout, this rank's neighbours, and the byte count.
+struct Ring {
+  MPI_Comm comm = MPI_COMM_NULL;
+  int ranks = 1, rank = 0;
+  std::vector<RingLayout> layouts;  // [P]
+  Index max_local = 0;              // the longest local length: the block buffers' rows
+  DistributedStats* stats = nullptr;
 
-  PartialShape chunk_shape(int c) const { return {batch, me.chunk_length[c], heads, head_dim}; }
-
-  /// Attends this rank's chunks to the block of rank `src` (k rows then v rows, token-major [B, L_src, G, D]
-  /// each, contiguous at `block`) and merges what each chunk sees.
-  void attend_block(const KVT* block, const RingLayout& src, MPI_Request* pending, int n_pending) {
-    const Index l_src = src.local_length();
-    const TensorRef<const KVT> k = token_major(block, batch, l_src, kv_heads, head_dim);
-    const TensorRef<const KVT> v = token_major(block + batch * l_src * kv_heads * head_dim, batch, l_src, kv_heads,
-                                               head_dim);
-    for (int qc = 0; qc < 2; ++qc) {
-      for (int kc = 0; kc < 2; ++kc) {
-        const Index lq = me.chunk_length[qc], lk = src.chunk_length[kc];
-        const bool future = src.chunk[kc] > me.chunk[qc], diagonal = src.chunk[kc] == me.chunk[qc];
-        if (lq == 0 || lk == 0 || (options.causal && future)) continue;
-        const PartialShape s = chunk_shape(qc);
-        AttentionOptions o = options;
-        o.causal = options.causal && diagonal;  // a past chunk is seen whole; the diagonal is the lower triangle
-        // A chunk's first block goes straight into its accumulator (what merging it into an empty one gives,
-        // exactly), the later ones through `part` and the merge.
-        const bool first = !seen[qc];
-        seen[qc] = true;
-        o.lse = span<float>(first ? acc_lse[qc].data() : part_lse.data(), s.lse_size());
-        const Index k_row = kc == 0 ? 0 : src.chunk_length[0], q_row = qc == 0 ? 0 : me.chunk_length[0];
-        gqa::attention(slice_rows(q, q_row, lq), slice_rows(k, k_row, lk), slice_rows(v, k_row, lk),
-                       token_major_of(first ? acc[qc].data() : part.data(), s), o);
-        if (!first)
-          merge_partial(s, acc[qc].data(), acc_lse[qc].data(), part.data(), part_lse.data(),
-                        resolve_threads(options.num_threads));
-        if (n_pending > 0) {  // lets the transfer progress between tiles of work
-          int done = 0;
-          check_mpi(MPI_Testall(n_pending, pending, &done, MPI_STATUSES_IGNORE), "MPI_Testall");
-        }
-      }
-    }
+  const RingLayout& me() const { return layouts[std::size_t(rank)]; }
+  /// The layout of the rank whose block this rank holds at `step` (0: its own; blocks move right one rank a step).
+  const RingLayout& source(int step) const {
+    return layouts[std::size_t(((rank - step) % ranks + ranks) % ranks)];
+  }
+  /// Posts the receive of `in_bytes` into `into` from the rank on the left and the send of `out_bytes` of `from`
+  /// to the rank on the right: r[0], r[1].
+  void pass(void* into, std::size_t in_bytes, const void* from, std::size_t out_bytes, int tag,
+            MPI_Request* r) const {
+    const int right = (rank + 1) % ranks, left = (rank + ranks - 1) % ranks;
+    check_mpi(MPI_Irecv(into, int(in_bytes), MPI_BYTE, left, tag, comm, &r[0]), "MPI_Irecv");
+    check_mpi(MPI_Isend(from, int(out_bytes), MPI_BYTE, right, tag, comm, &r[1]), "MPI_Isend");
+    if (!stats) return;
+    stats->bytes_sent += out_bytes;
+    stats->bytes_received += in_bytes;
+    stats->messages += 1;
   }
 };
+
+/// Checks a ring call on every rank (check_on_every_rank): q [B, L, H, D] and k [B, L_k, G, D] hold the rows that
+/// ring_layout gives this rank, the options are positionless, and `local_checks` (the single-process checks of
+/// the tensors) pass. Returns the ring. `block_elem_bytes`: bytes per element of the largest block sent.
+template <typename Checks>
+Ring make_ring(MPI_Comm comm, const char* call, const std::array<Index, 4>& q_dims, const std::array<Index, 4>& k_dims,
+               std::size_t block_elem_bytes, const AttentionOptions& options, DistributedStats* stats,
+               Checks&& local_checks) {
+  Ring ring;
+  ring.comm = comm, ring.stats = stats;
+  ring.ranks = comm_size(comm), ring.rank = comm_rank(comm);
+  const Index B = q_dims[0], L = q_dims[1], H = q_dims[2], D = q_dims[3], G = k_dims[2];
+  const Index S = Index(sum_over_ranks(comm, L));
+  check_on_every_rank(
+      comm, call, {{"q dim 0 (B)", B}, {"q dim 2 (H)", H}, {"k dim 2 (G)", G}, {"q dim 3 (D)", D},
+                   {"options.causal", options.causal}, {"bytes of a block element", Index(block_elem_bytes)}},
+      [&] {
+        require_positionless(options, call);
+        local_checks();
+        require<shape_error>(k_dims[1] == L, "distributed.shape", call, ": k dim 1 = ", k_dims[1], " but q dim 1 = ",
+                             L, " (a rank holds the same rows of q, k, v)");
+        const RingLayout me = ring_layout(S, ring.ranks, ring.rank);
+        require<shape_error>(L == me.local_length(), "distributed.shape", call, ": rank ", ring.rank, " holds ", L,
+                             " rows but ring_layout(S = ", S, ", P = ", ring.ranks, ", ", ring.rank,
+                             ") gives it chunks ", me.chunk[0], " and ", me.chunk[1], " of ", me.local_length(),
+                             " rows");
+        for (int r = 0; r < ring.ranks; ++r) {
+          ring.layouts.push_back(ring_layout(S, ring.ranks, r));
+          ring.max_local = std::max(ring.max_local, ring.layouts.back().local_length());
+        }
+        byte_count(std::size_t(2 * B * ring.max_local * G * D) * block_elem_bytes, call);
+      });
+  return ring;
+}
+
+/// First local row of chunk c (0 or 1).
+inline Index chunk_row(const RingLayout& l, int c) noexcept { return c == 0 ? 0 : l.chunk_length[0]; }
+
+/// Calls f(qc, kc, diagonal) for each pair of this rank's query chunk qc and the held block's key chunk kc whose
+/// keys its queries see: every non-empty pair without causal; with causal, the key chunks not in the queries'
+/// future, the diagonal one (the same chunk) seen as the lower triangle, an earlier one whole.
+template <typename F>
+void for_each_visible_pair(const RingLayout& me, const RingLayout& src, bool causal, F&& f) {
+  for (int qc = 0; qc < 2; ++qc)
+    for (int kc = 0; kc < 2; ++kc) {
+      if (me.chunk_length[qc] == 0 || src.chunk_length[kc] == 0) continue;
+      if (causal && src.chunk[kc] > me.chunk[qc]) continue;
+      f(qc, kc, causal && src.chunk[kc] == me.chunk[qc]);
+    }
+}
+
+/// Lets pending transfers progress between pieces of work (Open MPI moves data inside MPI calls).
+inline void progress(MPI_Request* pending, int n) {
+  if (n == 0) return;
+  int done = 0;
+  check_mpi(MPI_Testall(n, pending, &done, MPI_STATUSES_IGNORE), "MPI_Testall");
+}
+
+/// Views of the K and V rows of a block (k then v, token-major [B, L, G, D] each, contiguous at `block`).
+template <typename KVT>
+std::array<TensorRef<const KVT>, 2> block_views(const KVT* block, Index B, Index L, Index G, Index D) noexcept {
+  return {token_major(block, B, L, G, D), token_major(block + B * L * G * D, B, L, G, D)};
+}
 
 /// Packs k then v ([B, L, G, D] views, any strides) into one contiguous block.
 template <typename KVT>
@@ -430,6 +480,70 @@ void pack_block(TensorRef<const KVT> k, TensorRef<const KVT> v, KVT* block) {
       for (Index s = 0; s < L; ++s)
         for (Index g = 0; g < G; ++g, block += D) std::memcpy(block, &x(b, s, g, 0), std::size_t(D) * sizeof(KVT));
 }
+
+/// One rank's forward state: its queries, and the accumulated output and lse of its two chunks.
+template <typename T, typename KVT>
+struct RingForward {
+  TensorRef<const T> q;
+  RingLayout me;
+  Index batch, heads, kv_heads, head_dim;
+  AttentionOptions options;                   // the caller's, without lse (set per block call)
+  std::array<std::vector<T>, 2> acc;          // [B, chunk_length, H, D] per chunk
+  std::array<std::vector<float>, 2> acc_lse;  // [B, H, chunk_length]
+  std::array<bool, 2> seen{};                 // whether acc[c] holds a block's result yet
+  std::vector<T> part;
+  std::vector<float> part_lse;
+
+  RingForward(TensorRef<const T> q_, const RingLayout& me_, Index G, const AttentionOptions& o)
+      : q(q_), me(me_), batch(q_.dims[0]), heads(q_.dims[2]), kv_heads(G), head_dim(q_.dims[3]), options(o) {
+    options.lse = {};
+    for (int c = 0; c < 2; ++c) {
+      acc[c].resize(std::size_t(chunk_shape(c).out_size()));
+      acc_lse[c].resize(std::size_t(chunk_shape(c).lse_size()));
+    }
+    const Index rows = std::max(me.chunk_length[0], me.chunk_length[1]);
+    part.resize(std::size_t(batch * rows * heads * head_dim));
+    part_lse.resize(std::size_t(batch * heads * rows));
+  }
+
+  PartialShape chunk_shape(int c) const { return {batch, me.chunk_length[c], heads, head_dim}; }
+
+  /// Attends this rank's chunks to the held block of rank `src` and merges what each chunk sees. A chunk's first
+  /// block goes straight into its accumulator (what merging it into an empty one gives, exactly).
+  void attend_block(const KVT* block, const RingLayout& src, MPI_Request* pending, int n_pending) {
+    const auto kv = block_views(block, batch, src.local_length(), kv_heads, head_dim);
+    for_each_visible_pair(me, src, options.causal, [&](int qc, int kc, bool diagonal) {
+      const PartialShape s = chunk_shape(qc);
+      const Index k_row = chunk_row(src, kc), lk = src.chunk_length[kc];
+      const bool first = !seen[qc];
+      seen[qc] = true;
+      AttentionOptions o = options;
+      o.causal = diagonal;
+      o.lse = span<float>(first ? acc_lse[qc].data() : part_lse.data(), s.lse_size());
+      gqa::attention(slice_rows(q, chunk_row(me, qc), s.rows), slice_rows(kv[0], k_row, lk),
+                     slice_rows(kv[1], k_row, lk), token_major_of(first ? acc[qc].data() : part.data(), s), o);
+      if (!first)
+        merge_partial(s, acc[qc].data(), acc_lse[qc].data(), part.data(), part_lse.data(),
+                      resolve_threads(options.num_threads));
+      progress(pending, n_pending);
+    });
+  }
+
+  /// Writes the merged rows into out [B, L, H, D] and, if given, lse [B, H, L].
+  void write(TensorRef<T> out, span<float> lse) {
+    const Index L = me.local_length();
+    for (int c = 0; c < 2; ++c) {
+      const PartialShape s = chunk_shape(c);
+      if (!seen[c]) clear_partial(s, acc[c].data(), acc_lse[c].data());  // rows that saw no key
+      copy_out(s, acc[c].data(), slice_rows(out, chunk_row(me, c), s.rows));
+      if (lse.empty()) continue;
+      for (Index b = 0; b < batch; ++b)
+        for (Index h = 0; h < heads; ++h)
+          std::memcpy(lse.data() + (b * heads + h) * L + chunk_row(me, c), acc_lse[c].data() + (b * heads + h) * s.rows,
+                      std::size_t(s.rows) * sizeof(float));
+    }
+  }
+};
 
 }  // namespace detail
 
@@ -447,87 +561,27 @@ void ring_attention(const Q& q, const K& k, const V& v, O&& out, MPI_Comm comm, 
   using KVT = detail::ref_elem_t<decltype(in.k)>;
   static_assert(detail::is_merge_type_v<T>, "gqa::ring_attention: q and out must be float or double");
   const auto orf = detail::output_ref<T>(out);
-  const int ranks = detail::comm_size(comm), rank = detail::comm_rank(comm);
-  const Index B = in.q.dims[0], L = in.q.dims[1], H = in.q.dims[2], G = in.k.dims[2], D = in.q.dims[3];
-  const Index S = Index(detail::sum_over_ranks(comm, L));
-
-  detail::RingRank<T, KVT> ring;
-  ring.q = in.q;
-  ring.batch = B, ring.heads = H, ring.kv_heads = G, ring.head_dim = D;
-  std::vector<RingLayout> layouts;
-  Index max_local = 0;
-  detail::check_on_every_rank(
-      comm, "ring_attention", {{"q dim 0 (B)", B}, {"q dim 2 (H)", H}, {"k dim 2 (G)", G}, {"q dim 3 (D)", D},
-                               {"options.causal", options.causal}, {"sizeof(k element)", Index(sizeof(KVT))}},
-      [&] {
-        detail::require_positionless(options, "ring_attention");
-        detail::make_params<T, KVT>(in.q, in.k, in.v, orf, options);  // every single-process check, incl. lse size
-        detail::require<shape_error>(in.k.dims[1] == L, "distributed.shape", "ring_attention: k dim 1 = ",
-                                     in.k.dims[1], " but q dim 1 = ", L, " (a rank holds the same rows of q, k, v)");
-        ring.me = ring_layout(S, ranks, rank);
-        detail::require<shape_error>(L == ring.me.local_length(), "distributed.shape", "ring_attention: rank ", rank,
-                                     " holds ", L, " rows but ring_layout(S = ", S, ", P = ", ranks, ", ", rank,
-                                     ") gives it chunks ", ring.me.chunk[0], " and ", ring.me.chunk[1], " of ",
-                                     ring.me.local_length(), " rows");
-        for (int r = 0; r < ranks; ++r) {
-          layouts.push_back(ring_layout(S, ranks, r));
-          max_local = std::max(max_local, layouts.back().local_length());
-        }
-        detail::byte_count(std::size_t(2 * B * max_local * G * D) * sizeof(KVT), "ring_attention");
-      });
-
-  ring.options = options;
-  ring.options.lse = {};
-  for (int c = 0; c < 2; ++c) {
-    const detail::PartialShape s = ring.chunk_shape(c);
-    ring.acc[c].resize(std::size_t(s.out_size()));
-    ring.acc_lse[c].resize(std::size_t(s.lse_size()));
-  }
-  const Index max_chunk = std::max(ring.me.chunk_length[0], ring.me.chunk_length[1]);
-  ring.part.resize(std::size_t(B * max_chunk * H * D));
-  ring.part_lse.resize(std::size_t(B * H * max_chunk));
+  const auto single_process_checks = [&] { detail::make_params<T, KVT>(in.q, in.k, in.v, orf, options); };
+  const detail::Ring ring = detail::make_ring(comm, "ring_attention", in.q.dims, in.k.dims, sizeof(KVT), options,
+                                              stats, single_process_checks);
+  detail::RingForward<T, KVT> work(in.q, ring.me(), in.k.dims[2], options);
 
   // Double buffering: while this rank attends to the block it holds (`cur`, first its own), the block of the
   // rank before it arrives in `next` and `cur` goes on to the rank after it.
-  const auto block_elems = [&](const RingLayout& l) { return 2 * B * l.local_length() * G * D; };
-  std::vector<KVT> cur(std::size_t(2 * B * max_local * G * D)), next(cur.size());
+  const Index B = in.q.dims[0], G = in.k.dims[2], D = in.q.dims[3];
+  const auto bytes = [&](const RingLayout& l) { return std::size_t(2 * B * l.local_length() * G * D) * sizeof(KVT); };
+  std::vector<KVT> cur(std::size_t(2 * B * ring.max_local * G * D)), next(cur.size());
   detail::pack_block(in.k, in.v, cur.data());
-  const int right = (rank + 1) % ranks, left = (rank + ranks - 1) % ranks;
-  for (int step = 0; step < ranks; ++step) {
-    const RingLayout& src = layouts[std::size_t((rank - step + ranks) % ranks)];
+  for (int step = 0; step < ring.ranks; ++step) {
     MPI_Request requests[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
-    int n = 0;
-    if (step + 1 < ranks) {
-      const RingLayout& incoming = layouts[std::size_t((rank - step - 1 + 2 * ranks) % ranks)];
-      const std::size_t in_bytes = std::size_t(block_elems(incoming)) * sizeof(KVT);
-      const std::size_t out_bytes = std::size_t(block_elems(src)) * sizeof(KVT);
-      detail::check_mpi(MPI_Irecv(next.data(), int(in_bytes), MPI_BYTE, left, kRingTag, comm, &requests[0]),
-                        "MPI_Irecv");
-      detail::check_mpi(MPI_Isend(cur.data(), int(out_bytes), MPI_BYTE, right, kRingTag, comm, &requests[1]),
-                        "MPI_Isend");
-      n = 2;
-      if (stats) {
-        stats->bytes_sent += out_bytes;
-        stats->bytes_received += in_bytes;
-        stats->messages += 1;
-      }
-    }
-    ring.attend_block(cur.data(), src, requests, n);
-    if (n > 0) detail::check_mpi(MPI_Waitall(n, requests, MPI_STATUSES_IGNORE), "MPI_Waitall");
+    const bool more = step + 1 < ring.ranks;
+    if (more) ring.pass(next.data(), bytes(ring.source(step + 1)), cur.data(), bytes(ring.source(step)), kRingTag,
+                        requests);
+    work.attend_block(cur.data(), ring.source(step), requests, more ? 2 : 0);
+    if (more) detail::check_mpi(MPI_Waitall(2, requests, MPI_STATUSES_IGNORE), "MPI_Waitall");
     std::swap(cur, next);
   }
-
-  for (int c = 0; c < 2; ++c) {
-    const detail::PartialShape s = ring.chunk_shape(c);
-    if (!ring.seen[c]) detail::clear_partial(s, ring.acc[c].data(), ring.acc_lse[c].data());  // rows saw no key
-    const Index row = c == 0 ? 0 : ring.me.chunk_length[0];
-    detail::copy_out(s, ring.acc[c].data(), detail::slice_rows(orf, row, s.rows));
-    if (options.lse.empty()) continue;
-    for (Index b = 0; b < B; ++b)
-      for (Index h = 0; h < H; ++h)
-        std::memcpy(options.lse.data() + (b * H + h) * L + row, ring.acc_lse[c].data() + (b * H + h) * s.rows,
-                    std::size_t(s.rows) * sizeof(float));
-  }
+  work.write(orf, options.lse);
 }
 
 // ------------------------------------------------------------------------------------------ ring prefill backward
@@ -538,6 +592,68 @@ namespace detail {
 inline void add_into(float* to, const float* from, Index n) {
   for (Index i = 0; i < n; ++i) to[i] += from[i];
 }
+
+/// One rank's backward state: its q, out, d_out and forward lse rows, and the d_q sums of its two chunks.
+struct RingBackward {
+  TensorRef<const float> q, out, d_out;
+  RingLayout me;
+  Index batch, heads, kv_heads, head_dim;
+  AttentionOptions options;
+  std::array<std::vector<float>, 2> lse_rows, d_q_acc;  // per chunk: [B, H, rows], [B, rows, H, D]
+  std::vector<float> d_q_part, d_k_part, d_v_part;
+
+  RingBackward(TensorRef<const float> q_, TensorRef<const float> out_, TensorRef<const float> d_out_,
+               const RingLayout& me_, Index G, Index max_local, const AttentionOptions& o)
+      : q(q_), out(out_), d_out(d_out_), me(me_), batch(q_.dims[0]), heads(q_.dims[2]), kv_heads(G),
+        head_dim(q_.dims[3]), options(o) {
+    const Index B = batch, H = heads, D = head_dim, L = me.local_length();
+    for (int c = 0; c < 2; ++c) {  // each chunk's lse rows, contiguous as a block call reads them
+      const Index rows = me.chunk_length[c];
+      lse_rows[c].resize(std::size_t(B * H * rows));
+      for (Index b = 0; b < B; ++b)
+        for (Index h = 0; h < H; ++h)
+          std::memcpy(lse_rows[c].data() + (b * H + h) * rows, o.lse.data() + (b * H + h) * L + chunk_row(me, c),
+                      std::size_t(rows) * sizeof(float));
+      d_q_acc[c].assign(std::size_t(B * rows * H * D), 0.0f);
+    }
+    d_q_part.resize(std::size_t(B * std::max(me.chunk_length[0], me.chunk_length[1]) * H * D));
+    d_k_part.resize(std::size_t(B * max_local * G * D));
+    d_v_part.resize(d_k_part.size());
+  }
+
+  /// The gradients of this rank's chunks against the held block of rank `src`: d_q into the chunks' sums, d_k and
+  /// d_v into `grad` (the block's gradient, laid out as the block: d_k rows then d_v rows).
+  void attend_block(const float* block, float* grad, const RingLayout& src, MPI_Request* pending, int n_pending) {
+    const Index l_src = src.local_length(), GD = kv_heads * head_dim;
+    const auto kv = block_views(block, batch, l_src, kv_heads, head_dim);
+    for_each_visible_pair(me, src, options.causal, [&](int qc, int kc, bool diagonal) {
+      const Index lq = me.chunk_length[qc], lk = src.chunk_length[kc];
+      const Index q_row = chunk_row(me, qc), k_row = chunk_row(src, kc);
+      AttentionOptions o = options;
+      o.causal = diagonal;
+      o.lse = span<float>(lse_rows[qc].data(), batch * heads * lq);  // the whole row's: P = exp(s - lse)
+      attention_backward(slice_rows(q, q_row, lq), slice_rows(kv[0], k_row, lk), slice_rows(kv[1], k_row, lk),
+                         slice_rows(out, q_row, lq), slice_rows(d_out, q_row, lq),
+                         token_major(d_q_part.data(), batch, lq, heads, head_dim),
+                         token_major(d_k_part.data(), batch, lk, kv_heads, head_dim),
+                         token_major(d_v_part.data(), batch, lk, kv_heads, head_dim), o);
+      add_into(d_q_acc[qc].data(), d_q_part.data(), batch * lq * heads * head_dim);
+      for (Index b = 0; b < batch; ++b) {  // rows k_row .. k_row + lk of each sequence of the block
+        const Index at = (b * l_src + k_row) * GD;
+        add_into(grad + at, d_k_part.data() + b * lk * GD, lk * GD);
+        add_into(grad + batch * l_src * GD + at, d_v_part.data() + b * lk * GD, lk * GD);
+      }
+      progress(pending, n_pending);
+    });
+  }
+
+  void write(TensorRef<float> d_q) const {
+    for (int c = 0; c < 2; ++c) {
+      const PartialShape s{batch, me.chunk_length[c], heads, head_dim};
+      copy_out(s, d_q_acc[c].data(), slice_rows(d_q, chunk_row(me, c), s.rows));
+    }
+  }
+};
 
 }  // namespace detail
 
@@ -555,125 +671,40 @@ void ring_attention_backward(const Q& q, const K& k, const V& v, const O& out, c
                              DK&& d_k, DV&& d_v, MPI_Comm comm, const AttentionOptions& options,
                              DistributedStats* stats = nullptr) {
   const auto in = detail::input_refs(q, k, v);
-  using T = detail::ref_elem_t<decltype(in.q)>;
-  using KVT = detail::ref_elem_t<decltype(in.k)>;
-  static_assert(std::is_same_v<T, float> && std::is_same_v<KVT, float>,
+  static_assert(std::is_same_v<detail::ref_elem_t<decltype(in.q)>, float> &&
+                    std::is_same_v<detail::ref_elem_t<decltype(in.k)>, float>,
                 "gqa::ring_attention_backward: q, k, v and their gradients must be float");
-  const auto out_r = detail::input_ref<T>(out), d_out_r = detail::input_ref<T>(d_out);
-  const auto d_q_r = detail::output_ref<T>(d_q);
-  const auto d_k_r = detail::output_ref<KVT>(d_k), d_v_r = detail::output_ref<KVT>(d_v);
-  const int ranks = detail::comm_size(comm), rank = detail::comm_rank(comm);
+  const auto out_r = detail::input_ref<float>(out), d_out_r = detail::input_ref<float>(d_out);
+  const auto d_q_r = detail::output_ref<float>(d_q), d_k_r = detail::output_ref<float>(d_k);
+  const auto d_v_r = detail::output_ref<float>(d_v);
   const Index B = in.q.dims[0], L = in.q.dims[1], H = in.q.dims[2], G = in.k.dims[2], D = in.q.dims[3];
-  const Index S = Index(detail::sum_over_ranks(comm, L));
-
-  RingLayout me;
-  std::vector<RingLayout> layouts;
-  Index max_local = 0;
-  detail::check_on_every_rank(
-      comm, "ring_attention_backward",
-      {{"q dim 0 (B)", B}, {"q dim 2 (H)", H}, {"k dim 2 (G)", G}, {"q dim 3 (D)", D},
-       {"options.causal", options.causal}},
-      [&] {
-        detail::require_positionless(options, "ring_attention_backward");
-        detail::require(options.lse.data() != nullptr || B * H * L == 0, "distributed.option",
-                        "ring_attention_backward: options.lse must hold the forward's log-sum-exp [B, H, L]");
-        detail::make_backward_params<T, KVT>(in.q, in.k, in.v, out_r, d_out_r, d_q_r, d_k_r, d_v_r, options, {});
-        detail::require<shape_error>(in.k.dims[1] == L, "distributed.shape", "ring_attention_backward: k dim 1 = ",
-                                     in.k.dims[1], " but q dim 1 = ", L, " (a rank holds the same rows of q, k, v)");
-        me = ring_layout(S, ranks, rank);
-        detail::require<shape_error>(L == me.local_length(), "distributed.shape", "ring_attention_backward: rank ",
-                                     rank, " holds ", L, " rows but ring_layout(S = ", S, ", P = ", ranks, ", ", rank,
-                                     ") gives it ", me.local_length());
-        for (int r = 0; r < ranks; ++r) {
-          layouts.push_back(ring_layout(S, ranks, r));
-          max_local = std::max(max_local, layouts.back().local_length());
-        }
-        detail::byte_count(std::size_t(2 * B * max_local * G * D) * sizeof(float), "ring_attention_backward");
-      });
-
-  // Per query chunk: its q, out, d_out rows and lse rows (contiguous, as a block call reads them) and d_q sum.
-  std::array<std::vector<float>, 2> lse_rows, d_q_acc;
-  for (int c = 0; c < 2; ++c) {
-    const Index rows = me.chunk_length[c], row0 = c == 0 ? 0 : me.chunk_length[0];
-    lse_rows[c].resize(std::size_t(B * H * rows));
-    for (Index b = 0; b < B; ++b)
-      for (Index h = 0; h < H; ++h)
-        std::memcpy(lse_rows[c].data() + (b * H + h) * rows, options.lse.data() + (b * H + h) * L + row0,
-                    std::size_t(rows) * sizeof(float));
-    d_q_acc[c].assign(std::size_t(B * rows * H * D), 0.0f);
-  }
-  const Index max_chunk = std::max(me.chunk_length[0], me.chunk_length[1]);
-  std::vector<float> d_q_part(std::size_t(B * max_chunk * H * D));
-  std::vector<float> d_k_part(std::size_t(B * max_local * G * D)), d_v_part(d_k_part.size());
-
-  const std::size_t block_size = std::size_t(2 * B * max_local * G * D);
-  std::vector<float> cur(block_size), next(block_size), grad(block_size), grad_next(block_size);
-  detail::pack_block(in.k, in.v, cur.data());
-  const auto block_bytes = [&](const RingLayout& l) { return std::size_t(2 * B * l.local_length() * G * D) * 4; };
-  const int right = (rank + 1) % ranks, left = (rank + ranks - 1) % ranks;
-  const auto count = [&](std::size_t sent, std::size_t received) {
-    if (!stats) return;
-    stats->bytes_sent += sent;
-    stats->bytes_received += received;
-    stats->messages += 1;
+  const auto single_process_checks = [&] {
+    detail::require(options.lse.data() != nullptr || B * H * L == 0, "distributed.option",
+                    "ring_attention_backward: options.lse must hold the forward's log-sum-exp [B, H, L]");
+    detail::make_backward_params<float, float>(in.q, in.k, in.v, out_r, d_out_r, d_q_r, d_k_r, d_v_r, options, {});
   };
-  for (int step = 0; step < ranks; ++step) {
-    const RingLayout& src = layouts[std::size_t((rank - step + ranks) % ranks)];
-    const RingLayout& incoming = layouts[std::size_t((rank - step - 1 + 2 * ranks) % ranks)];
-    MPI_Request kv[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
-    if (step + 1 < ranks) {
-      detail::check_mpi(MPI_Irecv(next.data(), int(block_bytes(incoming)), MPI_BYTE, left, kRingTag, comm, &kv[0]),
-                        "MPI_Irecv");
-      detail::check_mpi(MPI_Isend(cur.data(), int(block_bytes(src)), MPI_BYTE, right, kRingTag, comm, &kv[1]),
-                        "MPI_Isend");
-      count(block_bytes(src), block_bytes(incoming));
-    }
-    if (step == 0) std::fill(grad.begin(), grad.end(), 0.0f);
-    const Index l_src = src.local_length(), v_offset = B * l_src * G * D;
-    const TensorRef<const float> kb = token_major<const float>(cur.data(), B, l_src, G, D);
-    const TensorRef<const float> vb = token_major<const float>(cur.data() + v_offset, B, l_src, G, D);
-    for (int qc = 0; qc < 2; ++qc) {
-      for (int kc = 0; kc < 2; ++kc) {
-        const Index lq = me.chunk_length[qc], lk = src.chunk_length[kc];
-        const bool future = src.chunk[kc] > me.chunk[qc], diagonal = src.chunk[kc] == me.chunk[qc];
-        if (lq == 0 || lk == 0 || (options.causal && future)) continue;
-        const Index q_row = qc == 0 ? 0 : me.chunk_length[0], k_row = kc == 0 ? 0 : src.chunk_length[0];
-        AttentionOptions o = options;
-        o.causal = options.causal && diagonal;
-        o.lse = span<float>(lse_rows[qc].data(), B * H * lq);
-        const auto dq = token_major(d_q_part.data(), B, lq, H, D);
-        const auto dk = token_major(d_k_part.data(), B, lk, G, D), dv = token_major(d_v_part.data(), B, lk, G, D);
-        attention_backward(detail::slice_rows(in.q, q_row, lq), detail::slice_rows(kb, k_row, lk),
-                           detail::slice_rows(vb, k_row, lk), detail::slice_rows(out_r, q_row, lq),
-                           detail::slice_rows(d_out_r, q_row, lq), dq, dk, dv, o);
-        detail::add_into(d_q_acc[qc].data(), d_q_part.data(), B * lq * H * D);
-        for (Index b = 0; b < B; ++b) {  // rows k_row .. k_row + lk of the block's d_k and d_v, per batch
-          const Index n = lk * G * D, at = (b * l_src + k_row) * G * D;
-          detail::add_into(grad.data() + at, d_k_part.data() + b * n, n);
-          detail::add_into(grad.data() + v_offset + at, d_v_part.data() + b * n, n);
-        }
-        int done = 0;
-        if (step + 1 < ranks) detail::check_mpi(MPI_Testall(2, kv, &done, MPI_STATUSES_IGNORE), "MPI_Testall");
-      }
-    }
-    // The block's gradient goes on with it (after the last step: home to its owner, the rank to the right).
-    MPI_Request g[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
-    const RingLayout& grad_in = step + 1 < ranks ? incoming : me;
-    detail::check_mpi(MPI_Irecv(grad_next.data(), int(block_bytes(grad_in)), MPI_BYTE, left, kRingTag + 1, comm,
-                                &g[0]), "MPI_Irecv");
-    detail::check_mpi(MPI_Isend(grad.data(), int(block_bytes(src)), MPI_BYTE, right, kRingTag + 1, comm, &g[1]),
-                      "MPI_Isend");
-    count(block_bytes(src), block_bytes(grad_in));
+  const detail::Ring ring = detail::make_ring(comm, "ring_attention_backward", in.q.dims, in.k.dims, sizeof(float),
+                                              options, stats, single_process_checks);
+  detail::RingBackward work(in.q, out_r, d_out_r, ring.me(), G, ring.max_local, options);
+
+  // As the forward's double buffering, and the held block's gradient (`grad`, zeros for the own block) goes on
+  // to the right after this rank's work on it; after the last step each gradient arrives home.
+  const auto bytes = [&](const RingLayout& l) { return std::size_t(2 * B * l.local_length() * G * D) * 4; };
+  const std::size_t size = std::size_t(2 * B * ring.max_local * G * D);
+  std::vector<float> cur(size), next(size), grad(size, 0.0f), grad_next(size);
+  detail::pack_block(in.k, in.v, cur.data());
+  for (int step = 0; step < ring.ranks; ++step) {
+    MPI_Request kv[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL}, g[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+    const bool more = step + 1 < ring.ranks;
+    if (more) ring.pass(next.data(), bytes(ring.source(step + 1)), cur.data(), bytes(ring.source(step)), kRingTag, kv);
+    work.attend_block(cur.data(), grad.data(), ring.source(step), kv, more ? 2 : 0);
+    ring.pass(grad_next.data(), bytes(ring.source(step + 1)), grad.data(), bytes(ring.source(step)), kRingTag + 1, g);
     detail::check_mpi(MPI_Waitall(2, kv, MPI_STATUSES_IGNORE), "MPI_Waitall");
     detail::check_mpi(MPI_Waitall(2, g, MPI_STATUSES_IGNORE), "MPI_Waitall");
     std::swap(cur, next);
     std::swap(grad, grad_next);
   }
-
-  for (int c = 0; c < 2; ++c) {
-    const detail::PartialShape s{B, me.chunk_length[c], H, D};
-    detail::copy_out(s, d_q_acc[c].data(), detail::slice_rows(d_q_r, c == 0 ? 0 : me.chunk_length[0], s.rows));
-  }
+  work.write(d_q_r);
   const detail::PartialShape kv_shape{B, L, G, D};
   detail::copy_out(kv_shape, grad.data(), d_k_r);
   detail::copy_out(kv_shape, grad.data() + B * L * G * D, d_v_r);
