@@ -352,6 +352,36 @@ TEST_CASE("ring prefill equals one process's attention (causal and not)", "[dist
   check_ring(1, 3, 4, 1, true);    // S < 2P: empty chunks for P >= 2
 }
 
+TEST_CASE("ring prefill with bfloat16 K/V: the blocks travel as bfloat16, half the bytes of f32",
+          "[distributed][ring]") {
+  const int P = world_size(), rank = world_rank();
+  const Index B = 1, S = 32, H = 8, G = 2, D = 16;
+  const Tensor4<float> q = normal(B, S, H, D, 41);
+  const Tensor4<gqa::bfloat16> k = normal(B, S, G, D, 42).cast<gqa::bfloat16>(),
+                               v = normal(B, S, G, D, 43).cast<gqa::bfloat16>();
+  gqa::AttentionOptions opt;
+  opt.causal = true;
+  const Tensor4<float> whole = gqa::attention(q, k, v, opt);
+
+  const gqa::RingLayout layout = gqa::ring_layout(S, P, rank);
+  const Index L = layout.local_length();
+  Tensor4<gqa::bfloat16> lk(B, L, G, D), lv(B, L, G, D);
+  for (Index i = 0; i < L; ++i)
+    for (Index g = 0; g < G; ++g)
+      for (Index d = 0; d < D; ++d) {
+        lk(0, i, g, d) = k(0, layout.position(i), g, d);
+        lv(0, i, g, d) = v(0, layout.position(i), g, d);
+      }
+  Tensor4<float> out(B, L, H, D);
+  gqa::DistributedStats stats;
+  gqa::ring_attention(local_rows(q, layout), lk, lv, out, MPI_COMM_WORLD, opt, &stats);
+  gqa_test::check_close(out, gqa_test::to_double(local_rows(whole, layout)), kMerged);
+  std::uint64_t expected = 0;
+  for (int step = 0; step + 1 < P; ++step)
+    expected += std::uint64_t(2 * B * gqa::ring_layout(S, P, (rank - step + P) % P).local_length() * G * D * 2);
+  CHECK(stats.bytes_sent == expected);
+}
+
 void check_ring_backward(Index B, Index S, Index H, Index G, bool causal) {
   const int P = world_size(), rank = world_rank();
   const Index D = 16;
