@@ -96,6 +96,16 @@ inline constexpr ErrorId error_ids[] = {
                                      "nothing was left behind"},
   {"gqa.checkpoint.unsupported",   "invalid_argument", "an architecture the conversion refuses: fused QKV, "
                                      "per-head q/k norms, quantised or non-float K/V, no k_proj"},
+  // Attention across MPI ranks (gqa/distributed.hpp, target gqa::mpi)
+  {"gqa.distributed.ranks",  "invalid_argument", "a rank count P that cannot split the heads (head_shard: P must "
+                                     "divide H, and P divide G or G divide P), or a rank outside [0, P)"},
+  {"gqa.distributed.shape",  "shape_error", "a rank's tensors disagree with its shard or ring layout, a value that "
+                                     "must be the same on every rank differs, or a message too large for MPI"},
+  {"gqa.distributed.option", "invalid_argument", "an AttentionOptions field a distributed call does not support "
+                                     "(window, bias, key_lengths; causal decode with Sq > 1)"},
+  {"gqa.distributed.peer",   "invalid_argument", "thrown on the other ranks when one rank's arguments were refused, "
+                                     "so that every rank leaves the collective call together"},
+  {"gqa.distributed.mpi",    "io_error", "an MPI call returned an error (with an error handler that returns)"},
   // The operating system
   {"gqa.io", "io_error", "the operating system refused: open, stat, mmap, write, fsync, rename, a missing file"},
 };

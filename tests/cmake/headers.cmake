@@ -1,13 +1,17 @@
 # Header boundaries, checked on every build. Included from tests/CMakeLists.txt.
 #   gqa_header_check      (GQA_COMPILE_CHECKS) one translation unit per public header include/gqa/*.hpp, including it alone (twice):
 #                         each header includes what it uses. The one for gqa/gqa.hpp also fails if the umbrella
-#                         pulled in nlohmann_json, which only gqa::checkpoint may need.
+#                         pulled in nlohmann_json, which only gqa::checkpoint may need, or MPI, which only
+#                         gqa::mpi (gqa/distributed.hpp, checked only where MPI is found) may need.
 #   detail_header_guard.* each include/gqa/detail/*.hpp preprocessed alone must stop at the #error of
 #                         gqa/detail/internal_header_check.hpp: users cannot include the machinery directly.
 
 file(GLOB gqa_public_headers CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/include/gqa/*.hpp")
 if(NOT GQA_COMPILE_CHECKS)
   set(gqa_public_headers)
+endif()
+if(NOT TARGET gqa_mpi)  # gqa/distributed.hpp includes <mpi.h>: checked where MPI is found
+  list(REMOVE_ITEM gqa_public_headers "${PROJECT_SOURCE_DIR}/include/gqa/distributed.hpp")
 endif()
 set(gqa_header_tus)
 foreach(header IN LISTS gqa_public_headers)
@@ -16,6 +20,9 @@ foreach(header IN LISTS gqa_public_headers)
   if(name STREQUAL "gqa")
     string(APPEND code "#ifdef NLOHMANN_JSON_VERSION_MAJOR\n"
                        "#error \"gqa/gqa.hpp (gqa::gqa) pulled in nlohmann_json, which only gqa::checkpoint needs\"\n"
+                       "#endif\n"
+                       "#ifdef MPI_VERSION\n"
+                       "#error \"gqa/gqa.hpp (gqa::gqa) pulled in mpi.h, which only gqa::mpi needs\"\n"
                        "#endif\n")
   endif()
   string(APPEND code "int gqa_header_check_${name}() { return 0; }\n")
@@ -27,6 +34,9 @@ endforeach()
 if(gqa_header_tus)
   add_library(gqa_header_check OBJECT ${gqa_header_tus})
   target_link_libraries(gqa_header_check PRIVATE gqa::checkpoint gqa_dev_flags gqa_test_code_flags)
+  if(TARGET gqa_mpi)
+    target_link_libraries(gqa_header_check PRIVATE gqa::mpi)
+  endif()
 endif()
 
 file(GLOB gqa_detail_headers CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/include/gqa/detail/*.hpp")

@@ -4,6 +4,7 @@
 #                            `int main(` is a program, built and run as ctest readme_block_<n>. Any other block is
 #                            a fragment: its #include lines go to the top and the rest becomes the body of a
 #                            function, compiled (not run: fragments name files and data that do not exist here).
+#                            A block that includes gqa/distributed.hpp is compiled only where MPI is found.
 #   example_basic_attention  examples/basic_attention.cpp (built by examples/CMakeLists.txt), run as a test
 # Included from tests/CMakeLists.txt.
 
@@ -30,6 +31,9 @@ if(GQA_COMPILE_CHECKS)
     string(SUBSTRING "${gqa_readme_rest}" 0 ${gqa_end} gqa_code)
     string(SUBSTRING "${gqa_readme_rest}" ${gqa_end} -1 gqa_readme_rest)
 
+    if(gqa_code MATCHES "#include <gqa/distributed.hpp>" AND NOT TARGET gqa_mpi)
+      continue()  # needs MPI (gqa::mpi), not found here
+    endif()
     set(gqa_header
         "// Extracted from README.md (```cpp block ${gqa_block}) by tests/cmake/readme.cmake. Do not edit.\n")
     if(gqa_code MATCHES "int main\\(")
@@ -63,6 +67,9 @@ if(GQA_COMPILE_CHECKS)
   if(gqa_fragment_sources)
     add_library(readme_fragments OBJECT ${gqa_fragment_sources})
     target_link_libraries(readme_fragments PRIVATE gqa::checkpoint gqa_dev_flags gqa_test_code_flags)
+    if(TARGET gqa_mpi)  # for a block of gqa/distributed.hpp
+      target_link_libraries(readme_fragments PRIVATE gqa::mpi)
+    endif()
     gqa_use_prebuilt(readme_fragments)  # compiles every line of the blocks; the kernels' bodies are compiled once
     # Fragments show calls whose results the reader would go on to use.
     target_compile_options(readme_fragments PRIVATE -Wno-unused-variable -Wno-unused-but-set-variable)
