@@ -246,6 +246,15 @@ TEST_CASE("a NaN or +inf sink, a non-finite ALiBi slope", "[params][sinks][alibi
   CHECK_NOTHROW(gqa::attention(q, k, v, out, opt));
 }
 
+TEST_CASE("options.lse overlapping options.sinks is refused (rows' lse are written while sinks are read)",
+          "[params][alias][sinks]") {
+  std::vector<float> shared(size_t(2 * 12 * 3), 0.5f);  // lse [B * H * Sq] = 72 floats; sinks inside it
+  Call c;
+  c.opt.lse = shared;
+  c.opt.sinks = gqa::span<const float>(shared.data() + 30, 12);
+  expect_error<gqa::invalid_argument>(c, {"[gqa.alias]", "options.lse overlaps options.sinks"});
+}
+
 TEST_CASE("zero query heads", "[params][shape][zero]") {
   Call c;
   c.q = c.out = {2, 3, 0, 5};

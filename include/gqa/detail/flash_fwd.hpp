@@ -340,19 +340,28 @@ void add_bias(const P& p, const ItemCoords& c, Index kb, Eigen::Map<RowMatrix<Ac
 }
 
 /// Adds the ALiBi bias slope[h] * (j - p) to the scores of keys j = kb .. kb+n-1 (p: each row's query position).
-/// Exact integer distances times the slope, one rounding, so a slope of 0 adds (+-)0 and changes no bit.
+/// Exact integer distances times the slope, one rounding, so a slope of 0 adds (+-)0 and changes no bit. The flat
+/// tile is walked in periods of lcm(rows, lanes) values (as softmax_tile's reductions): per period the bias is
+/// slope_pattern * (distance_pattern + keys before it), whole packets whatever the group size (a loop over a group
+/// of 4 rows per key ran scalar: +17% on an f32 GQA-8 decode, H = 32, S = 16384, 1 thread).
 template <typename P, typename Acc>
 void add_alibi(const P& p, const ItemCoords& c, Index kb, Eigen::Map<RowMatrix<Acc>>& s, Workspace<Acc>& ws) {
-  const Index group_size = p.group_size, n = s.rows(), rows = c.rows;
-  Acc* slope = ws.tile_max.data();  // both free until softmax_tile's reductions
-  Acc* first = ws.shift.data();     // kb - p of each row
-  for (Index r = 0; r < rows; ++r) {
-    slope[r] = Acc(p.alibi[c.g * group_size + r % group_size]);
-    first[r] = Acc(kb - p.position_of(c.b, c.q0 + r / group_size));
+  using Pattern = Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>>;
+  const Index group_size = p.group_size, rows = c.rows, n = s.rows();
+  const Index period = std::lcm(rows, mk::kLanes<Acc>), keys_per_period = period / rows;
+  Pattern slope(ws.pattern.data(), period), distance(ws.pattern.data() + period, period);  // free until the max
+  for (Index f = 0; f < period; ++f) {
+    const Index r = f % rows;
+    slope[f] = Acc(p.alibi[c.g * group_size + r % group_size]);
+    distance[f] = Acc(kb + f / rows - p.position_of(c.b, c.q0 + r / group_size));  // j - p of key kb + f / rows
   }
   Acc* st = s.data();
-  for (Index j = 0; j < n; ++j)
-    for (Index r = 0; r < rows; ++r) st[j * rows + r] += slope[r] * (first[r] + Acc(j));
+  const Index full = n / keys_per_period;
+  for (Index blk = 0; blk < full; ++blk)
+    Pattern(st + blk * period, period) += slope * (distance + Acc(blk * keys_per_period));
+  const Index done = full * period, rest = n * rows - done;
+  if (rest > 0)
+    Pattern(st + done, rest) += slope.head(rest) * (distance.head(rest) + Acc(full * keys_per_period));
 }
 
 /// Sets the scores of keys kb .. kb+n-1 that a row cannot see (visible_keys) to -inf, checking the mask contract in
