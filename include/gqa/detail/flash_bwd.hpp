@@ -4,6 +4,8 @@
 //   P = exp(Z - lse_i)                    recomputed tile by tile from the row's log-sum-exp, never stored whole
 //   dP = dO V^T,  Delta_i = dO_i . O_i,   dZ = P o (dP - Delta)   (= d_bias),   dS = dZ o cap'(S)
 //   dV = P^T dO,  dK = dS^T (scale Q),  dQ = scale * dS K
+// ALiBi is a constant term of Z (tile_logits adds it as the forward does); a sink is one more logit of Z with no
+// value: lse includes it (recompute_lse folds it in), Delta = dO . O is unchanged, and d_sink = -sum_i P_sink Delta_i.
 // Work items are (b, g, query chunk): an item stacks the H/G query heads of KV head g as the rows of its tiles, as
 // the forward does, so every product sums over the group at once and dK/dV come out per KV head. Keys are streamed
 // in tiles; per (query tile, key tile) block the five products run on L2-resident tiles, so memory is O(tile) plus
