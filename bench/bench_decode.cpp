@@ -14,6 +14,8 @@
 //       32.5 GB/s on the development machine, depending on where their pages landed.
 //   baseline/sgemm/M:<m>/N:<n>/K:<k>/threads:<t>
 //       t independent Eigen SGEMMs: the machine's float compute rate at t threads.
+//   decode-sinks-alibi/H:32/G:8/D:128/S:16384/kv:<f32|bf16>/threads:<1|2>
+//       decode with options.sinks (all 0.5) and options.alibi_slopes = gqa::alibi_slopes(32): what they cost.
 //   reference/decode/H:32/G:<g>/D:128/S:1024/kv:f32/threads:1
 //       gqa::reference_attention (double, repeat_kv, one thread) on the same cache.
 // Counters: kv_bytes (2*S*G*D*sizeof(kv) read per token, + 2*S*G*4 for i8's scales), GBps, GFLOPs (4*S*D*H per
@@ -62,10 +64,12 @@ Work decode_work(const Shape& s) {
 }
 
 template <typename T>
-void bm_decode(benchmark::State& state, Shape s, int threads) {
+void bm_decode(benchmark::State& state, Shape s, int threads, bool sinks_and_alibi = false) {
   auto& setup = decode_setup<T>(s);
   gqa::AttentionOptions opt;
   opt.num_threads = threads;
+  const std::vector<float> sinks(std::size_t(s.H), 0.5f), slopes = gqa::alibi_slopes(s.H);
+  if (sinks_and_alibi) opt.sinks = sinks, opt.alibi_slopes = slopes;
   gqa::attention(setup.q, setup.cache, setup.out, opt);  // warm-up: thread pool, caches, first-touch
   WallClock clock;
   for (auto _ : state) {
@@ -110,6 +114,10 @@ void register_decode(const Shape& s) {
                   [s, t](benchmark::State& st) { bm_stream_decode_cache<T>(st, s, t); });
   for (int t : kThreads)
     register_once(attn_name("decode", s, kv_name<T>(), t), [s, t](benchmark::State& st) { bm_decode<T>(st, s, t); });
+  if (s.S == 16384 && s.G == 8 && (std::is_same_v<T, float> || std::is_same_v<T, gqa::bfloat16>))
+    for (int t : kThreads)
+      register_once(attn_name("decode-sinks-alibi", s, kv_name<T>(), t),
+                    [s, t](benchmark::State& st) { bm_decode<T>(st, s, t, true); });
 }
 
 void register_all() {

@@ -6,6 +6,8 @@
 //       gqa::attention(q [1, S, 32, 128] float, k, v [1, S, G, 128] of kv, out, causal, num_threads = t).
 //       G in {32, 16, 8, 4, 2, 1}, S in {512, 1024, 2048, 4096}.
 //   prefill/H:32/G:8/D:128/S:32768/kv:f32/threads:<1|2>/causal:1
+//   prefill-sinks-alibi/H:32/G:8/D:128/S:2048/kv:f32/threads:<1|2>/causal:1
+//       with options.sinks (all 0.5) and options.alibi_slopes = gqa::alibi_slopes(32): what they cost.
 //       the memory run: one iteration of ~9 TFLOP (minutes); peak_rss_mb shows that nothing S x S is allocated
 //       (qkvo_mb is the size of Q, K, V and O; sxs_mb the size one S x S float score matrix would have).
 //       Run it alone (peak_rss_mb is the process's high-water mark).
@@ -72,11 +74,13 @@ void set_memory_counters(benchmark::State& state, const Shape& s, const PrefillS
 }
 
 template <typename T>
-void bm_prefill(benchmark::State& state, Shape s, int threads, bool causal) {
+void bm_prefill(benchmark::State& state, Shape s, int threads, bool causal, bool sinks_and_alibi = false) {
   auto& setup = prefill_setup<T>(s);
   gqa::AttentionOptions opt;
   opt.causal = causal;
   opt.num_threads = threads;
+  const std::vector<float> sinks(std::size_t(s.H), 0.5f), slopes = gqa::alibi_slopes(s.H);
+  if (sinks_and_alibi) opt.sinks = sinks, opt.alibi_slopes = slopes;
   WallClock clock;  // no warm-up call: one call is seconds at S = 4096 and minutes at S = 32768
   for (auto _ : state) {
     gqa::attention(setup.q, setup.k, setup.v, setup.out, opt);
@@ -120,6 +124,10 @@ void register_all() {
       register_prefill<float>(s);
       register_prefill<gqa::bfloat16>(s);
       register_prefill<gqa::half>(s);
+      if (S == 2048 && G == 8)
+        for (int t : kThreads)
+          register_once(attn_name("prefill-sinks-alibi", s, kv_name<float>(), t, 1),
+                        [s, t](benchmark::State& st) { bm_prefill<float>(st, s, t, true, true); });
     }
   // The reference at a reduced head count (it is O(S^2) in memory and seconds per call), right after our kernel
   // at the same shape so that they share the set-up.

@@ -52,12 +52,23 @@ using gqa_test::poison_padding;
 using gqa_test::sequence_sweep;
 
 /// Runs one case through gqa::attention and the reference and checks output and log-sum-exp.
+/// With ALiBi, float logits as large as the case's bias bound B carry rounding errors of ~B * 2^-24 each, which move
+/// the weights near the row's max by as much relative (their differences are taken in float); outputs are convex
+/// combinations of |v| < ~5, so 8 * 5 * B * 2^-24 absolute bounds the effect with a 4x margin (0 without ALiBi).
+Tolerance with_alibi(Tolerance tol, const gqa_test::HeadValues& x, const Case& c) {
+  const double extra = 40.0 * x.alibi_bound(c) * 0x1.0p-24;
+  return {tol.atol + extra, tol.rtol};
+}
+
 template <typename T, typename KVT = T>
 void check_case(const Case& c, Tolerance tol) {
   auto in = gqa_test::random_inputs<T, KVT>(c.s, c.seed);
   gqa::AttentionOptions opt;
   opt.causal = c.causal;
   opt.window = c.window;
+  const gqa_test::HeadValues extras(c);
+  extras.set(opt);
+  tol = with_alibi(tol, extras, c);
   std::vector<std::int32_t> len;
   if (c.ragged) {
     len = case_lengths(c);
@@ -78,17 +89,23 @@ void check_case(const Case& c, Tolerance tol) {
   gqa::attention(in.q, in.k, in.v, out, opt);
   gqa_test::check_close(out, ref, tol);
   gqa_test::check_lse_close(lse, lse_ref, kLseTol);
-  // Rows with no visible key (reference lse = -inf) are documented to be exact zeros, not just small.
-  Index empty_rows = 0, nonzero = 0;
+  // Rows with no visible key are documented to be exact zeros, not just small, with lse -inf (the sink's logit
+  // with sinks, exactly).
+  Index empty_rows = 0, nonzero = 0, wrong_lse = 0;
   for (Index b = 0; b < c.s.B; ++b)
     for (Index h = 0; h < c.s.H; ++h)
       for (Index i = 0; i < c.s.Sq; ++i) {
-        if (lse_ref[size_t((b * c.s.H + h) * c.s.Sq + i)] != -std::numeric_limits<float>::infinity()) continue;
+        const Index len_b = c.ragged ? Index(len[size_t(b)]) : c.s.Sk;
+        if (!(len_b == 0 || gqa_test::row_sees_no_key(c, len_b, i))) continue;
         ++empty_rows;
         for (Index d = 0; d < c.s.D; ++d) nonzero += !(gqa_test::to_double(out(b, i, h, d)) == 0.0);
+        const float want = extras.sinks.empty() ? -std::numeric_limits<float>::infinity() : extras.sinks[size_t(h)];
+        wrong_lse += !(lse[size_t((b * c.s.H + h) * c.s.Sq + i)] == want);
       }
-  INFO(empty_rows << " rows see no key; " << nonzero << " of their elements are not exactly 0");
+  INFO(empty_rows << " rows see no key; " << nonzero << " of their elements are not exactly 0, " << wrong_lse
+                  << " of their lse differ from the sink (or -inf)");
   CHECK(nonzero == 0);
+  CHECK(wrong_lse == 0);
 }
 
 /// True when some query row sees no key while other rows of its sequence do (causal or window with
@@ -222,6 +239,92 @@ TEST_CASE("decode and short-query shapes: every row count of a group", "[attenti
       SECTION("float Q, half K/V") { check_case<float, gqa::half>(c, kFloatTol); }
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Attention sinks and ALiBi (gqa/options.hpp)
+// ---------------------------------------------------------------------------------------------------------------
+
+TEST_CASE("sinks and ALiBi match the reference over the shared sweep (every list, masked-out rows included)",
+          "[attention][sinks][alibi]") {
+  std::vector<Case> all;
+  for (const auto& list : {head_sweep(), sequence_sweep(), edge_cases(), split_cases(), decode_cases()})
+    for (const auto& c : gqa_test::with_sinks_and_alibi(list)) all.push_back(c);
+  const Case c = GENERATE_COPY(from_range(all));
+  DYNAMIC_SECTION(c.name()) { check_case<float>(c, kFloatTol); }
+}
+
+TEST_CASE("sinks and ALiBi in every element type and the decode micro-kernels' row counts", "[attention][sinks][alibi]") {
+  const Case c = GENERATE(from_range(gqa_test::with_sinks_and_alibi(decode_cases())));
+  DYNAMIC_SECTION(c.name()) {
+    if (c.s.Sq == 1) {
+      SECTION("double") { check_case<double>(c, kDoubleTol); }
+      SECTION("float Q, bfloat16 K/V") { check_case<float, gqa::bfloat16>(c, kFloatTol); }
+      SECTION("float Q, half K/V") { check_case<float, gqa::half>(c, kFloatTol); }
+      SECTION("bfloat16 Q/out") { check_case<gqa::bfloat16>(c, kBf16OutTol); }
+    }
+  }
+}
+
+/// attention with `opt` and with `opt` plus the no-op extras, for the bitwise comparisons below.
+template <typename KVT>
+void check_no_op(const Case& c, const std::vector<float>& sinks, const std::vector<float>& slopes) {
+  auto in = gqa_test::random_inputs<float, KVT>(c.s, c.seed);
+  gqa::AttentionOptions opt;
+  opt.causal = c.causal;
+  opt.window = c.window;
+  const auto len = case_lengths(c);
+  if (c.ragged) opt.key_lengths = len;
+  std::vector<float> lse_plain(size_t(c.s.B * c.s.H * c.s.Sq)), lse_extra(lse_plain.size());
+  gqa::AttentionOptions plain = opt, extra = opt;
+  plain.lse = lse_plain;
+  extra.lse = lse_extra;
+  extra.sinks = sinks;
+  extra.alibi_slopes = slopes;
+  gqa_test::check_identical(gqa::attention(in.q, in.k, in.v, extra), gqa::attention(in.q, in.k, in.v, plain));
+  CHECK(std::memcmp(lse_extra.data(), lse_plain.data(), lse_plain.size() * sizeof(float)) == 0);
+}
+
+TEST_CASE("sinks of -inf and ALiBi slopes of 0 change no bit of the output or lse, in every path",
+          "[attention][sinks][alibi]") {
+  // Decode (micro-kernels), split-K decode (the merge), prefill (tile products), a group wider than a tile, ragged
+  // and causal with masked-out rows.
+  const Case c = GENERATE(values<Case>({
+      {{2, 1, 700, 8, 2, 64}, false, 0, true, 820},
+      {{1, 1, 4096, 8, 2, 64}, true, 0, false, 821},
+      {{2, 150, 300, 8, 2, 40}, true, 0, true, 822},
+      {{1, 3, 257, 130, 1, 5}, false, 0, false, 823},
+      {{3, 20, 15, 4, 2, 16}, true, 5, true, 824},
+  }));
+  const std::vector<float> none_sinks(size_t(c.s.H), -std::numeric_limits<float>::infinity());
+  const std::vector<float> zero_slopes(size_t(c.s.H), 0.0f);
+  DYNAMIC_SECTION(c.name()) {
+    SECTION("sinks -inf") { check_no_op<float>(c, none_sinks, {}); }
+    SECTION("slopes 0") { check_no_op<float>(c, {}, zero_slopes); }
+    SECTION("both, bfloat16 K/V") { check_no_op<gqa::bfloat16>(c, none_sinks, zero_slopes); }
+    SECTION("both, half K/V") { check_no_op<gqa::half>(c, none_sinks, zero_slopes); }
+  }
+}
+
+TEST_CASE("a sink takes weight: zero sinks are not a no-op, and a row with no key gives 0 and lse = sink",
+          "[attention][sinks]") {
+  // Sq = 1, Sk = 1, one head, D = 1, v = 3: the softmax over [s, sink] with s = q.k = 0 and sink = 0 gives the key
+  // weight 1/2, so out = 1.5 and lse = log 2; with key length 0 the row is 0 and lse = the sink.
+  Tensor4<float> q(1, 1, 1, 1), k(1, 1, 1, 1), v(1, 1, 1, 1);
+  q.setConstant(0.f), k.setConstant(1.f), v.setConstant(3.f);
+  const std::vector<float> sinks{0.0f};
+  std::vector<float> lse(1);
+  gqa::AttentionOptions opt;
+  opt.sinks = sinks;
+  opt.lse = lse;
+  CHECK(gqa::attention(q, k, v, opt)(0, 0, 0, 0) == Approx(1.5).epsilon(1e-6));
+  CHECK(lse[0] == Approx(std::log(2.0)).epsilon(1e-6));
+  const std::vector<float> sink_2{2.5f};
+  const std::vector<std::int32_t> no_keys{0};
+  opt.sinks = sink_2;
+  opt.key_lengths = no_keys;
+  CHECK(gqa::attention(q, k, v, opt)(0, 0, 0, 0) == 0.0f);
+  CHECK(lse[0] == 2.5f);
 }
 
 TEST_CASE("attention: masked-out rows are exact zeros with lse -inf (sweep cases with Sq > len[b] > 0)",
@@ -458,12 +561,17 @@ TEST_CASE("results are bitwise identical for every num_threads", "[attention][th
       {{1, 1, 4096, 8, 2, 64}, false, 0, false, 801},
       {{3, 2, 2000, 4, 1, 24}, true, 0, true, 802},
   }));
-  DYNAMIC_SECTION(c.name()) {
+  const bool sinks_and_alibi = GENERATE(false, true);
+  Case cx = c;
+  cx.sinks = cx.alibi = sinks_and_alibi;
+  DYNAMIC_SECTION(cx.name()) {
     auto in = gqa_test::random_inputs<float>(c.s, c.seed);
     // len[b] >= Sq: every row sees a key (masked-out rows are covered by their own test case).
     const auto len = gqa_test::ragged_lengths(c.s.B, c.s.Sk, c.seed, c.s.Sq);
     gqa::AttentionOptions opt;
     opt.causal = c.causal;
+    const gqa_test::HeadValues extras(cx);
+    extras.set(opt);
     if (c.ragged) opt.key_lengths = len;
     auto run = [&](int threads, std::vector<float>& lse) {
       gqa::AttentionOptions o = opt;
@@ -473,7 +581,7 @@ TEST_CASE("results are bitwise identical for every num_threads", "[attention][th
     };
     std::vector<float> lse1(size_t(c.s.B * c.s.H * c.s.Sq)), lse_n(lse1.size());
     const auto one = run(1, lse1);
-    gqa_test::check_close(one, gqa::reference_attention(in.q, in.k, in.v, opt), kFloatTol);
+    gqa_test::check_close(one, gqa::reference_attention(in.q, in.k, in.v, opt), with_alibi(kFloatTol, extras, cx));
     for (int threads : {2, 3, 0}) {
       INFO("num_threads = " << threads);
       const auto many = run(threads, lse_n);

@@ -109,12 +109,14 @@ struct Problem {
   Tensor4<T> d_out, out;
   std::vector<float> bias, lse;
   std::vector<std::int32_t> len;
+  gqa_test::HeadValues extras;  // sinks and ALiBi slopes of the case
   gqa::AttentionOptions opt;
 
-  Problem(const Case& c) : in(gqa_test::random_inputs<T, KVT>(c.s, c.seed)) {
+  Problem(const Case& c) : in(gqa_test::random_inputs<T, KVT>(c.s, c.seed)), extras(c) {
     const Shape& s = c.s;
     d_out = Tensor4<T>(s.B, s.Sq, s.H, s.D);
     gqa_test::fill_normal(d_out, c.seed * 7 + 5);
+    extras.set(opt);
     opt.causal = c.causal;
     opt.window = c.window;
     opt.softcap = c.softcap;
@@ -144,6 +146,9 @@ template <typename T, typename KVT = T>
 void check_case(const Case& c, double tol) {
   const Shape& s = c.s;
   Problem<T, KVT> pr(c);
+  // ALiBi: float logits of size B carry ~B * 2^-24 rounding, which moves P by as much relative; 8x covers it.
+  if (std::is_same_v<typename gqa::detail::AttentionParams<T, KVT>::Acc, float>)
+    tol += 8 * pr.extras.alibi_bound(c) * 0x1.0p-24;
   const auto ref = gqa_test::reference_backward<T, KVT>(gqa::make_ref(pr.in.q), gqa::make_ref(pr.in.k),
                                                         gqa::make_ref(pr.in.v), gqa::make_ref(pr.d_out), pr.opt);
   if (c.ragged) {  // the kernel must never read padding
@@ -157,18 +162,26 @@ void check_case(const Case& c, double tol) {
   d_q.setConstant(T(9.f));
   d_k.setConstant(KVT(9.f));
   d_v.setConstant(KVT(9.f));
+  std::vector<float> d_sinks(c.sinks ? size_t(s.H) : 0, 123.0f);
   if (c.head_major) {
     Tensor4<KVT> k = to_head_major(pr.in.k), v = to_head_major(pr.in.v), dk = to_head_major(d_k), dv = dk;
     gqa::attention_backward(pr.in.q, gqa::head_major(k), gqa::head_major(v), pr.out, pr.d_out, d_q,
-                            gqa::head_major(dk), gqa::head_major(dv), pr.opt, d_bias);
+                            gqa::head_major(dk), gqa::head_major(dv), pr.opt, d_bias, d_sinks);
     d_k = from_head_major(dk);
     d_v = from_head_major(dv);
   } else {
-    gqa::attention_backward(pr.in.q, pr.in.k, pr.in.v, pr.out, pr.d_out, d_q, d_k, d_v, pr.opt, d_bias);
+    gqa::attention_backward(pr.in.q, pr.in.k, pr.in.v, pr.out, pr.d_out, d_q, d_k, d_v, pr.opt, d_bias, d_sinks);
   }
   check_grad("d_q", d_q, ref.d_q, tol);
   check_grad("d_k", d_k, ref.d_k, tol);
   check_grad("d_v", d_v, ref.d_v, tol);
+  if (c.sinks) {  // a sum over B * Sq rows of terms like d_bias's: the same allowance against its magnitude
+    Tensor4<float> ds(1, 1, 1, s.H);
+    Tensor4<double> ds_ref(1, 1, 1, s.H);
+    for (Index h = 0; h < s.H; ++h) ds(0, 0, 0, h) = d_sinks[size_t(h)], ds_ref(0, 0, 0, h) = ref.d_sinks[size_t(h)];
+    check_grad("d_sinks", ds, ds_ref, std::max(tol, 1e-7));
+    CHECK(d_sinks[0] == (s.H > 1 ? 0.0f : d_sinks[0]));  // head 0's sink is -inf (no sink): exactly 0
+  }
   if (want_d_bias) {
     Tensor4<float> db(s.B, s.H, s.Sq, s.Sk);
     std::copy(d_bias.begin(), d_bias.end(), db.data());
@@ -184,7 +197,7 @@ void check_case(const Case& c, double tol) {
           nonzero += gqa_test::to_double(d_k(b, j, g, d)) != 0.0 || gqa_test::to_double(d_v(b, j, g, d)) != 0.0;
     for (Index h = 0; h < s.H; ++h)
       for (Index i = 0; i < s.Sq; ++i) {
-        if (pr.lse[size_t((b * s.H + h) * s.Sq + i)] != -std::numeric_limits<float>::infinity()) continue;
+        if (!(len == 0 || gqa_test::row_sees_no_key(c, len, i))) continue;
         ++empty_rows;
         for (Index d = 0; d < s.D; ++d) nonzero += gqa_test::to_double(d_q(b, i, h, d)) != 0.0;
         if (want_d_bias)
@@ -273,6 +286,39 @@ TEST_CASE("backward matches the reference: every option", "[backward][options]")
   DYNAMIC_SECTION(c.name()) { check_case<float>(c, kFloatTol); }
 }
 
+// ------------------------------------------------------------------------------------- sinks and ALiBi
+// The same sweep with sinks, ALiBi or both (tests/support/sweep.hpp's with_sinks_and_alibi), d_sinks against the
+// reference's, plus the options that change the backward's own path (recomputed lse, soft-cap, bias, head-major,
+// double).
+
+namespace {
+
+std::vector<Case> with_extras(std::vector<Case> cases) {
+  std::vector<gqa_test::MaskCase> masks(cases.begin(), cases.end());
+  const auto extra = gqa_test::with_sinks_and_alibi(masks);
+  for (size_t n = 0; n < cases.size(); ++n) static_cast<gqa_test::MaskCase&>(cases[n]) = extra[n];
+  return cases;
+}
+
+}  // namespace
+
+TEST_CASE("backward with sinks and ALiBi matches the reference over the shared sweep", "[backward][sinks][alibi]") {
+  std::vector<Case> all;
+  for (const auto& list : {head_sweep(), sequence_sweep(), edge_cases(), option_cases()})
+    for (const auto& c : with_extras(list)) all.push_back(c);
+  const Case c = GENERATE_COPY(from_range(all));
+  DYNAMIC_SECTION(c.name()) { check_case<float>(c, kFloatTol); }
+}
+
+TEST_CASE("backward with sinks and ALiBi: double, 16-bit K/V", "[backward][sinks][alibi]") {
+  const Case c = GENERATE(from_range(with_extras(option_cases())));
+  DYNAMIC_SECTION(c.name()) {
+    SECTION("double") { check_case<double>(c, kDoubleTol); }
+    // d_k, d_v rounded to bfloat16 (2^-9 relative): the dtype test's allowance.
+    SECTION("bfloat16 K/V") { check_case<float, gqa::bfloat16>(c, 0x1.0p-8); }
+  }
+}
+
 TEST_CASE("backward element types: double, 16-bit K/V, bfloat16 everywhere", "[backward][dtype]") {
   Case c;
   c.s = GENERATE(Shape{2, 5, 37, 8, 2, 59}, Shape{1, 130, 140, 6, 3, 24}, Shape{2, 33, 90, 4, 1, 32});
@@ -345,11 +391,13 @@ TEST_CASE("backward agrees with central finite differences of the double forward
   SECTION("plain") {}
   SECTION("causal, ragged, soft-cap") { c.causal = true, c.ragged = true, c.softcap = 1.3, c.min_len = 1; }
   SECTION("window, MQA, Sq > Sk") { c.window = 3, c.s = Shape{1, 6, 4, 3, 1, 2}; }
+  SECTION("sinks and ALiBi, causal, ragged") { c.sinks = c.alibi = true, c.causal = true, c.ragged = true; }
+  SECTION("sinks, Sq > Sk (rows with no key)") { c.sinks = true, c.causal = true, c.s = Shape{1, 6, 4, 3, 1, 2}; }
   Problem<double, double> pr(c);
   const Shape& s = c.s;
   Tensor4<double> d_q(s.B, s.Sq, s.H, s.D), d_k(s.B, s.Sk, s.G, s.D), d_v(s.B, s.Sk, s.G, s.D);
-  std::vector<float> d_bias(pr.bias.size());
-  gqa::attention_backward(pr.in.q, pr.in.k, pr.in.v, pr.out, pr.d_out, d_q, d_k, d_v, pr.opt, d_bias);
+  std::vector<float> d_bias(pr.bias.size()), d_sinks(pr.extras.sinks.size());
+  gqa::attention_backward(pr.in.q, pr.in.k, pr.in.v, pr.out, pr.d_out, d_q, d_k, d_v, pr.opt, d_bias, d_sinks);
   pr.opt.lse = {};
   check_numeric("d_q", d_q.data(), numeric_grad(pr, pr.in.q.data(), pr.in.q.size()));
   check_numeric("d_k", d_k.data(), numeric_grad(pr, pr.in.k.data(), pr.in.k.size()));
@@ -362,6 +410,14 @@ TEST_CASE("backward agrees with central finite differences of the double forward
   for (size_t i = 0; i < nb.size(); ++i) worst = std::max(worst, std::abs(db[i] - nb[i]));
   INFO("d_bias: max abs error " << worst);
   CHECK(worst < 1e-5);
+  if (c.sinks) {  // float sinks and a float d_sinks, as the bias (head 0's -inf sink is left alone)
+    const auto ns = numeric_grad(pr, pr.extras.sinks.data() + 1, s.H - 1);
+    double worst_sink = 0;
+    for (Index h = 1; h < s.H; ++h) worst_sink = std::max(worst_sink, std::abs(d_sinks[size_t(h)] - ns[size_t(h - 1)]));
+    INFO("d_sinks: max abs error " << worst_sink << " (d_sinks[1] = " << d_sinks[1] << ")");
+    CHECK(worst_sink < 1e-5);
+    CHECK(d_sinks[0] == 0.0f);
+  }
 }
 
 // ----------------------------------------------------------------------------------------------- properties
@@ -701,28 +757,31 @@ TEST_CASE("backward results are bitwise identical for every num_threads", "[back
   c.bias = Bias::full;
   c.seed = 800;
   const bool bf16_kv = GENERATE(false, true);
+  c.sinks = c.alibi = GENERATE(false, true);  // with sinks (d_sinks compared too) and ALiBi
   DYNAMIC_SECTION(c.name() << (bf16_kv ? "/kv:bf16" : "")) {
     auto run_all = [&](auto kv_tag) {
       using KVT = decltype(kv_tag);
       Problem<float, KVT> pr(c);
       const Shape& s = c.s;
-      auto run = [&](int threads, std::vector<float>& d_bias) {
+      auto run = [&](int threads, std::vector<float>& d_bias, std::vector<float>& d_sinks) {
         gqa::AttentionOptions o = pr.opt;
         o.num_threads = threads;
         gqa::AttentionGradients<float, KVT> g{Tensor4<float>(s.B, s.Sq, s.H, s.D), Tensor4<KVT>(s.B, s.Sk, s.G, s.D),
                                               Tensor4<KVT>(s.B, s.Sk, s.G, s.D)};
-        gqa::attention_backward(pr.in.q, pr.in.k, pr.in.v, pr.out, pr.d_out, g.d_q, g.d_k, g.d_v, o, d_bias);
+        gqa::attention_backward(pr.in.q, pr.in.k, pr.in.v, pr.out, pr.d_out, g.d_q, g.d_k, g.d_v, o, d_bias, d_sinks);
         return g;
       };
       std::vector<float> db1(pr.bias.size()), db_n(pr.bias.size());
-      const auto one = run(1, db1);
+      std::vector<float> ds1(pr.extras.sinks.size()), ds_n(ds1.size());
+      const auto one = run(1, db1, ds1);
       for (int threads : {2, 3, 0}) {
         INFO("num_threads = " << threads);
-        const auto many = run(threads, db_n);
+        const auto many = run(threads, db_n, ds_n);
         gqa_test::check_identical(many.d_q, one.d_q);
         gqa_test::check_identical(many.d_k, one.d_k);
         gqa_test::check_identical(many.d_v, one.d_v);
         CHECK(std::memcmp(db_n.data(), db1.data(), db1.size() * sizeof(float)) == 0);
+        CHECK(ds_n == ds1);
       }
     };
     if (bf16_kv) run_all(gqa::bfloat16{});
@@ -872,6 +931,31 @@ TEST_CASE("backward validation: a null gradient pointer", "[backward][params]") 
     CHECK(typeid(e) == typeid(gqa::invalid_argument));
     CHECK_THAT(std::string(e.what()), Catch::Matchers::Contains("[gqa.null] d_v: data pointer is null"));
   }
+}
+
+TEST_CASE("backward validation: d_sinks without options.sinks, or of a size other than H", "[backward][params]") {
+  auto q = make(kQ, 0.5f), k = make(kKV, 0.5f), v = make(kKV, 0.5f), out = make(kQ, 0.5f), d_out = make(kQ, 0.5f);
+  auto d_q = make(kQ, kSentinel), d_k = make(kKV, kSentinel), d_v = make(kKV, kSentinel);
+  std::vector<float> d_sinks(12, kSentinel), short_d_sinks(11, kSentinel);
+  const std::vector<float> sinks(12, 0.25f);
+  gqa::AttentionOptions none, with;
+  with.sinks = sinks;
+  auto message = [&](const gqa::AttentionOptions& o, std::vector<float>& ds) -> std::string {
+    try {
+      gqa::attention_backward(q, k, v, out, d_out, d_q, d_k, d_v, o, {}, ds);
+    } catch (const gqa::invalid_argument& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  CHECK_THAT(message(none, d_sinks), Catch::Matchers::Contains("d_sinks: options.sinks is empty"));
+  const std::string size_msg = message(with, short_d_sinks);
+  CHECK_THAT(size_msg, Catch::Matchers::Contains("d_sinks: size = 11 but H = 12"));
+  CHECK_THAT(size_msg, Catch::Matchers::Contains("[gqa.shape]"));
+  for (const auto* t : {&d_q, &d_k, &d_v})
+    for (Index i = 0; i < t->size(); ++i) REQUIRE(t->data()[i] == kSentinel);
+  CHECK(d_sinks == std::vector<float>(12, kSentinel));
+  CHECK_NOTHROW(gqa::attention_backward(q, k, v, out, d_out, d_q, d_k, d_v, with, {}, d_sinks));
 }
 
 TEST_CASE("backward validation: d_bias size differs from B*H*Sq*Sk", "[backward][params]") {

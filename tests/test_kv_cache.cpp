@@ -13,6 +13,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 using gqa::Index;
@@ -554,4 +555,122 @@ TEST_CASE("An int8 cache serves double and bfloat16 queries", "[kv_cache][int8]"
                                                                     deq.values(cache), ref_opt);
   // The output is rounded to bfloat16 (8 bits): half an ulp of |out| <= 1 is 2^-9.
   gqa_test::check_close(gqa::attention(qb, cache, opt), ref_b, {2e-3, 4e-3});
+}
+
+// ------------------------------------------------------------------------------------ sinks and ALiBi on a cache
+
+namespace {
+
+/// Reference on what a cache stores: its own K/V, or for int8 the dequantised values.
+template <typename T>
+Tensor4<double> reference_on(const Tensor4<float>& q, const KVCache<T>& cache, gqa::AttentionOptions opt) {
+  opt.key_lengths = cache.lengths();
+  if constexpr (std::is_same_v<T, std::int8_t>) {
+    const Dequantized deq(cache);
+    return gqa::reference_attention<float, float>(gqa::make_ref(q), deq.keys(cache), deq.values(cache), opt);
+  } else {
+    return gqa::reference_attention<float, T>(gqa::make_ref(q), cache.keys(), cache.values(), opt);
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("Sinks and ALiBi on every cache type: decode, split-K and chunked prefill match the reference",
+                   "[kv_cache][sinks][alibi]", float, gqa::bfloat16, gqa::half, std::int8_t) {
+  // (H, G) = (8, 2): B * G = 6 items, so Sq = 1 splits the 1400 keys; (16, 8) does not. D = 64: micro-kernels,
+  // D = 59: the GEMM path. Sq = 1, 2 decode, Sq = 37 a chunked prefill. Lengths {1400, 700, 0}: the empty sequence
+  // gives zeros and lse = the sink.
+  const auto hg = GENERATE(std::pair<Index, Index>{8, 2}, std::pair<Index, Index>{16, 8});
+  const Index D = GENERATE(Index(64), Index(59));
+  const Index Sq = GENERATE(Index(1), Index(2), Index(37));
+  const Index B = 3, C = 1500, H = hg.first, G = hg.second;
+  DYNAMIC_SECTION("H=" << H << " G=" << G << " D=" << D << " Sq=" << Sq) {
+    KVCache<TestType> cache(B, G, C, D);
+    Tensor4<float> k(B, 1400, G, D), v(B, 1400, G, D);
+    gqa_test::fill_uniform(k, 41);
+    gqa_test::fill_uniform(v, 42);
+    std::vector<std::int32_t> counts{1400, 700, 0};
+    cache.append(k, v, counts);
+    Tensor4<float> q(B, Sq, H, D), out(B, Sq, H, D);
+    gqa_test::fill_uniform(q, 43, -2.0, 2.0);
+    std::vector<float> sinks(static_cast<size_t>(H)), lse(static_cast<size_t>(B * H * Sq)), lse_ref(lse.size());
+    for (Index h = 0; h < H; ++h) sinks[size_t(h)] = float(h % 5) - 1.5f;
+    const auto slopes = gqa::alibi_slopes(H);
+    gqa::AttentionOptions opt;
+    opt.causal = true;
+    opt.sinks = sinks;
+    opt.alibi_slopes = slopes;
+    gqa::AttentionOptions ref_opt = opt;
+    ref_opt.lse = lse_ref;
+    opt.lse = lse;
+    gqa::attention(q, cache, out, opt);
+    const auto ref = reference_on(q, cache, ref_opt);
+    // Causal: the ALiBi bias of a visible key is <= 0 and the weights that matter sit near the query, whose logits
+    // are O(1); far keys' logits are large and negative (~-0.25 * 1400 at most) with float rounding ~2e-5 each, on
+    // weights below e^-30. kFloatTol holds.
+    gqa_test::check_close(out, ref, kFloatTol);
+    gqa_test::check_lse_close(lse, lse_ref, {1e-5, 1e-5});
+    for (Index i = 0; i < Sq; ++i)
+      for (Index h = 0; h < H; ++h) {
+        CHECK(out(2, i, h, 0) == 0.0f);
+        CHECK(lse[size_t((2 * H + h) * Sq + i)] == sinks[size_t(h)]);
+      }
+  }
+}
+
+TEMPLATE_TEST_CASE("Sinks of -inf and ALiBi slopes of 0 change no bit on every cache type (the no-op check)",
+                   "[kv_cache][sinks][alibi]", float, gqa::bfloat16, gqa::half, std::int8_t) {
+  // What a model run with sinks "off" must give: -inf sinks and 0 slopes are bitwise the plain call, in decode
+  // (split and unsplit), in chunked prefill, with lse.
+  const Index B = 2, G = 2, H = 8, D = 64, C = 1200;
+  KVCache<TestType> cache(B, G, C, D);
+  Tensor4<float> k(B, 1100, G, D), v(B, 1100, G, D);
+  gqa_test::fill_uniform(k, 51);
+  gqa_test::fill_uniform(v, 52);
+  std::vector<std::int32_t> counts{1100, 333};
+  cache.append(k, v, counts);
+  const Index Sq = GENERATE(Index(1), Index(40));
+  Tensor4<float> q(B, Sq, H, D);
+  gqa_test::fill_uniform(q, 53, -2.0, 2.0);
+  const std::vector<float> no_sinks(size_t(H), -std::numeric_limits<float>::infinity()), zero(size_t(H), 0.0f);
+  std::vector<float> lse_plain(size_t(B * H * Sq)), lse_off(lse_plain.size());
+  gqa::AttentionOptions plain, off;
+  plain.causal = off.causal = true;
+  plain.lse = lse_plain;
+  off.lse = lse_off;
+  off.sinks = no_sinks;
+  off.alibi_slopes = zero;
+  gqa_test::check_identical(gqa::attention(q, cache, off), gqa::attention(q, cache, plain));
+  CHECK(std::memcmp(lse_off.data(), lse_plain.data(), lse_plain.size() * sizeof(float)) == 0);
+}
+
+TEST_CASE("Token-by-token decode with ALiBi and sinks equals one causal prefill with them", "[kv_cache][alibi]") {
+  // ALiBi's p is the query's absolute position (bottom-right aligned): a token decoded alone at step t must see the
+  // same biases as row t of the prefill. An off-by-one p would shift every logit of a decode row by the slope (the
+  // weights survive, the lse does not), so the lse is compared too.
+  const Index B = 2, S = 70, H = 8, G = 2, D = 32;
+  Tensor4<float> q(B, S, H, D), k(B, S, G, D), v(B, S, G, D);
+  gqa_test::fill_uniform(q, 61, -2.0, 2.0);
+  gqa_test::fill_uniform(k, 62);
+  gqa_test::fill_uniform(v, 63);
+  const std::vector<float> sinks{0.5f, -1.f, 2.f, 0.f, 1.f, -0.5f, 3.f, 0.25f}, slopes = gqa::alibi_slopes(H);
+  std::vector<float> lse_prefill(size_t(B * H * S)), lse_step(size_t(B * H));
+  gqa::AttentionOptions opt;
+  opt.causal = true;
+  opt.sinks = sinks;
+  opt.alibi_slopes = slopes;
+  gqa::AttentionOptions with_lse = opt;
+  with_lse.lse = lse_prefill;
+  const Tensor4<float> prefill = gqa::attention(q, k, v, with_lse);
+  KVCache<float> cache(B, G, S, D);
+  with_lse.lse = lse_step;
+  for (Index t = 0; t < S; ++t) {
+    cache.append(slice_tokens(k, t, 1), slice_tokens(v, t, 1));
+    const Tensor4<float> o = gqa::attention(slice_tokens(q, t, 1), cache, with_lse);
+    for (Index b = 0; b < B; ++b)
+      for (Index h = 0; h < H; ++h) {
+        for (Index d = 0; d < D; ++d) CHECK(std::abs(o(b, 0, h, d) - prefill(b, t, h, d)) <= 1e-5f);
+        CHECK(std::abs(lse_step[size_t(b * H + h)] - lse_prefill[size_t((b * H + h) * S + t)]) <= 1e-5f);
+      }
+  }
 }

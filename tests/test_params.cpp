@@ -89,6 +89,9 @@ TEST_CASE("a valid call does not throw (the fixture of this file is valid)", "[p
   opt.softcap = 30;
   opt.scale = -0.5;
   opt.num_threads = 2;
+  const std::vector<float> sinks(12, 0.5f), slopes = gqa::alibi_slopes(12);
+  opt.sinks = sinks;
+  opt.alibi_slopes = slopes;
   CHECK_NOTHROW(gqa::attention(q, k, v, out, opt));
   CHECK_NOTHROW(gqa::attention<3>(q, k, v, out, opt));
 }
@@ -205,6 +208,51 @@ TEST_CASE("an lse array of the wrong size", "[params][shape][lse]") {
   Call c;
   c.opt.lse = lse;
   expect_error<gqa::shape_error>(c, {"options.lse", "size = 71", "= 72"});
+}
+
+TEST_CASE("sinks or ALiBi slopes of a size other than H", "[params][shape][sinks][alibi]") {
+  const std::vector<float> eleven(11, 0.0f), thirteen(13, 0.0f);  // H = 12
+  Call c;
+  c.opt.sinks = eleven;
+  expect_error<gqa::shape_error>(c, {"options.sinks", "size = 11", "H = 12"});
+  Call d;
+  d.opt.alibi_slopes = thirteen;
+  expect_error<gqa::shape_error>(d, {"options.alibi_slopes", "size = 13", "H = 12"});
+  Call e;  // a zero-length span with a data pointer is given, and of the wrong size
+  e.opt.sinks = gqa::span<const float>(eleven.data(), 0);
+  expect_error<gqa::shape_error>(e, {"options.sinks", "size = 0", "H = 12"});
+}
+
+TEST_CASE("a NaN or +inf sink, a non-finite ALiBi slope", "[params][sinks][alibi]") {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  for (float bad : {nan, inf}) {
+    std::vector<float> sinks(12, 0.0f);
+    sinks[7] = bad;
+    Call c;
+    c.opt.sinks = sinks;
+    expect_error<gqa::invalid_argument>(c, {"options.sinks[7] = ", "finite or -inf"});
+  }
+  for (float bad : {nan, inf, -inf}) {
+    std::vector<float> slopes(12, 0.25f);
+    slopes[4] = bad;
+    Call c;
+    c.opt.alibi_slopes = slopes;
+    expect_error<gqa::invalid_argument>(c, {"options.alibi_slopes[4] = ", "must be finite"});
+  }
+  std::vector<float> no_sinks(12, -inf);  // -inf: no sink, valid
+  auto q = make(kQ), k = make(kKV), v = make(kKV), out = make(kQ);
+  gqa::AttentionOptions opt;
+  opt.sinks = no_sinks;
+  CHECK_NOTHROW(gqa::attention(q, k, v, out, opt));
+}
+
+TEST_CASE("options.lse overlapping options.sinks is refused (rows' lse are written while sinks are read)",
+          "[params][alias][sinks]") {
+  std::vector<float> shared(size_t(2 * 12 * 3), 0.5f);  // lse [B * H * Sq] = 72 floats; sinks inside it
+  Call c;
+  c.opt.lse = shared;
+  c.opt.sinks = gqa::span<const float>(shared.data() + 30, 12);
+  expect_error<gqa::invalid_argument>(c, {"[gqa.alias]", "options.lse overlaps options.sinks"});
 }
 
 TEST_CASE("zero query heads", "[params][shape][zero]") {
@@ -369,6 +417,12 @@ TEST_CASE("out overlapping k, v, the bias or lse is refused before anything is w
   gqa::AttentionOptions lse_opt;
   lse_opt.lse = gqa::span<float>(buf.data() + 3 * n + 4, 2 * 4 * 3);
   expect_alias_error(run(view_in(buf, 3 * n, qd), lse_opt), "options.lse");
+  gqa::AttentionOptions sink_opt;
+  sink_opt.sinks = gqa::span<const float>(buf.data() + 3 * n + 2, 4);
+  expect_alias_error(run(view_in(buf, 3 * n, qd), sink_opt), "options.sinks");
+  gqa::AttentionOptions alibi_opt;
+  alibi_opt.alibi_slopes = gqa::span<const float>(buf.data() + 4 * n - 4, 4);
+  expect_alias_error(run(view_in(buf, 3 * n, qd), alibi_opt), "options.alibi_slopes");
   CHECK(buf == before);  // nothing written
   // A separate out in the same buffer, after q, k and v, is fine.
   CHECK_NOTHROW(run(view_in(buf, 3 * n, qd))());

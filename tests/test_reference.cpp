@@ -274,3 +274,96 @@ TEST_CASE("reference: a NaN or +inf logit at a visible key makes the row NaN, ou
   const auto k = tensor(1, 2, 1, 1, {0.0, -kInf});
   CHECK(gqa::reference_attention(q, k, v)(0, 0, 0, 0) == 4.0);
 }
+
+TEST_CASE("reference: a sink is one more logit with no value, in the max and the sum (gpt-oss)", "[reference][sinks]") {
+  // Logits {0, ln 3}, sink ln 4: softmax over {0, ln 3, ln 4} = {1, 3, 4} / 8, the sink's 4/8 dropped; v = {4, 8}
+  // -> (4 + 24) / 8 = 3.5; lse = log 8. A sink of 10 dominates the max: the same weights, computed around it.
+  const auto q = tensor(1, 1, 1, 1, {1.0});
+  const auto k = tensor(1, 2, 1, 1, {0.0, kLn3});
+  const auto v = tensor(1, 2, 1, 1, {4.0, 8.0});
+  std::vector<float> lse(1);
+  const std::vector<float> sink{float(std::log(4.0))};
+  gqa::AttentionOptions opt;
+  opt.lse = lse;
+  opt.sinks = sink;
+  const double s4 = double(sink[0]);  // ln 4 rounded to float
+  const double total = 1.0 + 3.0 + std::exp(s4);
+  CHECK_THAT(gqa::reference_attention(q, k, v, opt)(0, 0, 0, 0), WithinAbs((4.0 + 24.0) / total, kHandTol));
+  CHECK_THAT(lse[0], WithinAbs(std::log(8.0), 1e-6));
+  const std::vector<float> big{10.0f};
+  opt.sinks = big;
+  CHECK_THAT(gqa::reference_attention(q, k, v, opt)(0, 0, 0, 0),
+             WithinAbs(28.0 / (4.0 + std::exp(10.0)), kHandTol));
+  CHECK_THAT(lse[0], WithinAbs(std::log(4.0 + std::exp(10.0)), 1e-5));
+}
+
+TEST_CASE("reference: with a sink, a row with no visible key is zeros and its lse is the sink", "[reference][sinks]") {
+  Tensor4<double> q(1, 2, 2, 1), k(1, 1, 1, 1), v(1, 1, 1, 1);
+  q.setConstant(1.0), k.setConstant(1.0), v.setConstant(5.0);
+  std::vector<float> lse(4);
+  const std::vector<float> sinks{1.5f, -std::numeric_limits<float>::infinity()};
+  gqa::AttentionOptions opt;
+  opt.causal = true;  // Sq = 2 > Sk = 1: query 0 sits at position -1 and sees nothing
+  opt.lse = lse;
+  opt.sinks = sinks;
+  const auto out = gqa::reference_attention(q, k, v, opt);
+  CHECK(out(0, 0, 0, 0) == 0.0);
+  CHECK(out(0, 0, 1, 0) == 0.0);
+  CHECK(lse[0] == 1.5f);                                       // head 0, query 0
+  CHECK(lse[2] == -std::numeric_limits<float>::infinity());    // head 1 (no sink), query 0
+  // Query 1 sees the key: logit 1, head 0's sink 1.5 -> weight e / (e + e^1.5); head 1 (sink -inf) weight 1.
+  CHECK_THAT(out(0, 1, 0, 0), WithinAbs(5.0 * std::exp(1.0) / (std::exp(1.0) + std::exp(1.5)), kHandTol));
+  CHECK_THAT(out(0, 1, 1, 0), WithinAbs(5.0, kHandTol));
+}
+
+TEST_CASE("reference: ALiBi adds slope * (j - p) after the bias, with p bottom-right aligned", "[reference][alibi]") {
+  // q = 0: the logits are the ALiBi bias alone. Sq = 1, Sk = 3, key length 3: p = 2, slope 0.5 -> biases
+  // {-1, -0.5, 0}; v = {1, 2, 4}. Non-causal keys after p would get +slope * (j - p): checked with Sq = 2 below.
+  Tensor4<double> q(1, 1, 1, 1);
+  q.setZero();
+  Tensor4<double> k(1, 3, 1, 1);
+  k.setZero();
+  const auto v = tensor(1, 3, 1, 1, {1, 2, 4});
+  const std::vector<float> slope{0.5f};
+  std::vector<float> lse(1);
+  gqa::AttentionOptions opt;
+  opt.alibi_slopes = slope;
+  opt.lse = lse;
+  const double w[3] = {std::exp(-1.0), std::exp(-0.5), 1.0};
+  const double sum = w[0] + w[1] + w[2];
+  CHECK_THAT(gqa::reference_attention(q, k, v, opt)(0, 0, 0, 0), WithinAbs((w[0] + 2 * w[1] + 4 * w[2]) / sum, kHandTol));
+  CHECK_THAT(lse[0], WithinAbs(std::log(sum), 1e-6));  // the true bias's lse, not that of slope * j
+  SECTION("Sq = 2, not causal: query 0 (p = 1) gets +0.5 on key 2") {
+    Tensor4<double> q2(1, 2, 1, 1);
+    q2.setZero();
+    gqa::AttentionOptions o2;
+    o2.alibi_slopes = slope;
+    const double u[3] = {std::exp(-0.5), 1.0, std::exp(0.5)};
+    CHECK_THAT(gqa::reference_attention(q2, k, v, o2)(0, 0, 0, 0),
+               WithinAbs((u[0] + 2 * u[1] + 4 * u[2]) / (u[0] + u[1] + u[2]), kHandTol));
+  }
+  SECTION("key lengths move p: len 2 -> p = 1, biases {-0.5, 0}") {
+    const std::vector<std::int32_t> len{2};
+    opt.key_lengths = len;
+    const double a = std::exp(-0.5);
+    CHECK_THAT(gqa::reference_attention(q, k, v, opt)(0, 0, 0, 0), WithinAbs((a + 2.0) / (a + 1.0), kHandTol));
+  }
+}
+
+TEST_CASE("alibi_slopes: the standard slopes for powers of two and the interleaved extras otherwise",
+          "[reference][alibi]") {
+  // H = 8: 2^-1 .. 2^-8. H = 12: the 8-head slopes, then the odd slopes of the 16-head series 2^-0.5, 2^-1.5,
+  // 2^-2.5, 2^-3.5 (BLOOM's _get_alibi_slopes; MPT's interleaving of the 16-head series gives the same set).
+  const auto s8 = gqa::alibi_slopes(8);
+  REQUIRE(s8.size() == 8);
+  for (int h = 0; h < 8; ++h) CHECK(s8[size_t(h)] == float(std::ldexp(1.0, -(h + 1))));
+  const auto s12 = gqa::alibi_slopes(12);
+  REQUIRE(s12.size() == 12);
+  for (int h = 0; h < 8; ++h) CHECK(s12[size_t(h)] == s8[size_t(h)]);
+  for (int k = 0; k < 4; ++k) CHECK(s12[size_t(8 + k)] == float(std::exp2(-0.5 - k)));
+  const auto s1 = gqa::alibi_slopes(1);
+  CHECK(s1 == std::vector<float>{0.00390625f});  // 2^-8
+  const auto s3 = gqa::alibi_slopes(3);  // n = 2: 2^-4, 2^-8, then 2^-2
+  CHECK(s3 == std::vector<float>{0.0625f, 0.00390625f, 0.25f});
+  CHECK_THROWS_AS(gqa::alibi_slopes(0), gqa::invalid_argument);
+}

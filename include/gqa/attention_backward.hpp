@@ -5,12 +5,17 @@
 //   out, d_out        [B, Sq, H, D]   the forward's output and the loss gradient with respect to it
 //   d_bias            [B, H, Sq, Sk]  optional: gradient of a non-broadcast options.bias (or of the logits' bias
 //                                     term when there is no bias), contiguous
+//   d_sinks           [H]             optional: gradient of options.sinks (which must be given then)
 //
 // attention_backward(q, k, v, out, d_out, d_q, d_k, d_v, options) takes the forward's inputs, output and options
 // and overwrites d_q, d_k, d_v. Each KV head's d_k / d_v is the sum over the H/G query heads of its group (the
 // gradient of the shared head, what a repeat_kv model's autograd gives). Every forward option is honoured: scale,
 // causal (bottom-right), window, soft-cap (through tanh), additive bias, key lengths; gradients of padded keys and
 // of keys no query sees are exact zeros, and so are those of a query row with no visible key (never NaN).
+// Sinks: options.lse, given or recomputed, includes them (so P = exp(Z - lse) are the forward's weights) and
+// Delta_i = dO_i . O_i still holds (the sink has no value); d_sinks[h] = -sum over rows (b, i) of head h of
+// exp(sinks[h] - lse) * Delta (0 from rows with no visible key, and for a -inf sink), summed in a fixed order.
+// ALiBi slopes are constants (fixed in every model that uses them): no gradient.
 // Non-finite inputs follow the forward's rule (gqa/options.hpp): a masked pair (padding, causal, window, a -inf bias
 // entry) contributes nothing even where K, V, Q or d_out hold NaN or inf; a NaN or inf among visible pairs goes
 // where the formulas carry it (a NaN key makes the rows that see it NaN in d_q, and the d_k / d_v of every key
@@ -41,17 +46,19 @@
 
 namespace gqa {
 
-/// Gradients of attention(q, k, v, options) = out given d_out; writes d_q, d_k, d_v and, when given, d_bias.
+/// Gradients of attention(q, k, v, options) = out given d_out; writes d_q, d_k, d_v and, when given, d_bias and
+/// d_sinks.
 /// Tensors: gqa::Tensor4, Eigen::TensorMap or gqa::TensorRef; head-major k, v, d_k, d_v through gqa::head_major().
 template <typename Q, typename K, typename V, typename O, typename DO, typename DQ, typename DK, typename DV>
 void attention_backward(const Q& q, const K& k, const V& v, const O& out, const DO& d_out, DQ&& d_q, DK&& d_k,
-                        DV&& d_v, const AttentionOptions& options = {}, span<float> d_bias = {}) {
+                        DV&& d_v, const AttentionOptions& options = {}, span<float> d_bias = {},
+                        span<float> d_sinks = {}) {
   const auto in = detail::input_refs(q, k, v);
   using T = detail::ref_elem_t<decltype(in.q)>;
   using KVT = detail::ref_elem_t<decltype(in.k)>;
   const auto p = detail::make_backward_params<T, KVT>(
       in.q, in.k, in.v, detail::input_ref<T>(out), detail::input_ref<T>(d_out), detail::output_ref<T>(d_q),
-      detail::output_ref<KVT>(d_k), detail::output_ref<KVT>(d_v), options, d_bias);
+      detail::output_ref<KVT>(d_k), detail::output_ref<KVT>(d_v), options, d_bias, d_sinks);
   detail::flash_attention_backward(p);
 }
 

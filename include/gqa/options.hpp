@@ -6,7 +6,8 @@
 //
 // Order of operations for the logit of query i, key j, head h:
 //   s = (q . k) * scale;  s = softcap * tanh(s / softcap) if softcap > 0;  s += bias[b, h, i, j];
-//   then the masks below set s = -inf;  then softmax over j;  out = sum_j p_j v_j.
+//   s += alibi_slopes[h] * (j - p) (ALiBi, p the query's absolute position below);
+//   then the masks below set s = -inf;  then softmax over j and the head's sink;  out = sum_j p_j v_j.
 //
 // Masks (all bottom-right aligned, so prefill, chunked prefill and decode share one rule):
 //   * key lengths: sequence b has len[b] <= Sk valid keys 0 .. len[b]-1 (right padding); default len[b] = Sk.
@@ -17,7 +18,23 @@
 //     Hugging Face's Mistral and Gemma 2). A window implies the causal bound j <= p. W >= Sk changes nothing
 //     beyond causal masking. W = 0 means no window.
 //   * bias: an entry of -inf masks its key for that row, like the masks above (even if q . k is NaN there).
-//   * A query row with no visible key returns zeros (never NaN); its log-sum-exp is -inf.
+//   * A query row with no visible key returns zeros (never NaN); its log-sum-exp is -inf (the sink with sinks).
+//
+// Attention sinks (gpt-oss): sinks[h] is one more logit of every row of head h, with no value. The softmax runs over
+// [s_0 .. s_(Sk-1), sinks[h]] (the sink joins the max, as Hugging Face's gpt-oss eager attention concatenates it to
+// the logits before the max-subtracted softmax), and the sink's probability is dropped: out = sum_j p_j v_j with
+// p_j = exp(s_j) / (sum_k exp(s_k) + exp(sinks[h])), so the weights sum to less than 1. A row with no visible key
+// gives out = 0 (the sink takes all the weight) and lse = sinks[h]. options.lse holds the log-sum-exp including the
+// sink: exp(s_j - lse) are the row's weights, which the backward relies on. Two partial attentions over disjoint
+// keys must therefore not both carry the sink when merged by their lse (the sink would count twice): merge partials
+// computed without sinks, then add the sink once (lse = logaddexp(lse, sink), out *= exp(lse_old - lse)). A sink
+// of -inf is no sink (bitwise the same results); sinks of 0 are not: exp(0) = 1 joins every denominator.
+// ALiBi (Press et al.; BLOOM, MPT, Falcon): alibi_slopes[h] * (j - p) with p = i + (len[b] - Sq), the absolute
+// position of the masks above, so a visible key at distance p - j gets -slope * distance. Softmax does not change
+// if a row's bias moves by a constant, so this gives the weights of BLOOM's slope * j and of MPT's slope * (j - Sk + 1);
+// it also gives the log-sum-exp of the true bias -slope * (p - j) (llama.cpp's -slope * |p - j|) on causal rows.
+// Without a causal mask, keys after p get +slope * (j - p) (BLOOM's and MPT's linear bias, not ggml's symmetric
+// -slope * |j - p|). alibi_slopes(H) gives the standard slopes.
 //
 // Non-finite inputs:
 //   * A masked key is never read into a result: NaN or inf in its K or V (padding, the causal future, outside the
@@ -37,9 +54,11 @@
 // holes or another shape is an additive bias of -inf.
 #pragma once
 
+#include "gqa/errors.hpp"
 #include "gqa/types.hpp"
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -148,8 +167,30 @@ struct AttentionOptions {
   KeyLengths key_lengths;
   /// OpenMP threads; 0 = omp_get_max_threads(). Results do not depend on it (see attention.hpp).
   int num_threads = 0;
-  /// Optional output: log-sum-exp of each row's logits, [B, H, Sq] contiguous (-inf for rows with no key).
+  /// Optional output: log-sum-exp of each row's logits, [B, H, Sq] contiguous (-inf for rows with no key); with
+  /// sinks, of the logits and the sink (see the header comment).
   span<float> lse;
+  /// Optional attention sinks, one logit per query head [H] (gpt-oss); empty = none. Each not NaN nor +inf; -inf is
+  /// no sink for that head. attention_backward can return their gradient (d_sinks).
+  span<const float> sinks;
+  /// Optional ALiBi slopes, one per query head [H]: adds slope[h] * (j - p) to the logits; empty = none. Finite.
+  /// gqa::alibi_slopes(H) gives the standard ones. Constants: the backward gives them no gradient.
+  span<const float> alibi_slopes;
 };
+
+/// The standard ALiBi slopes of H heads (Press et al., as BLOOM and MPT build them): with n the largest power of
+/// two <= H, slope h = 2^(-8 (h + 1) / n) for h < n, and the remaining H - n heads take the odd-numbered slopes of
+/// the 2n-head series, 2^(-4 (2 k + 1) / n) for k = 0 .. H - n - 1. H must be >= 1.
+inline std::vector<float> alibi_slopes(Index heads) {
+  detail::require(heads >= 1, "option", "alibi_slopes: heads = ", heads, " must be >= 1");
+  Index n = 1;
+  while (n * 2 <= heads) n *= 2;
+  std::vector<float> slopes(static_cast<std::size_t>(heads));
+  for (Index h = 0; h < heads; ++h) {
+    const double exponent = h < n ? 8.0 * double(h + 1) / double(n) : 4.0 * double(2 * (h - n) + 1) / double(n);
+    slopes[size_t(h)] = float(std::exp2(-exponent));
+  }
+  return slopes;
+}
 
 }  // namespace gqa

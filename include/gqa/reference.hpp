@@ -2,7 +2,8 @@
 //
 // reference_attention() repeats K/V into H heads (`repeat_kv`, repeat_interleave order), materialises the full
 // Sq x Sk score matrix of every head, applies scale, soft-cap, bias and masks in the order of gqa/options.hpp,
-// and takes a max-subtracted softmax, all in double. A key masked by key lengths, causal, window or a -inf bias
+// and takes a max-subtracted softmax, all in double. ALiBi adds slope * (j - pos) after the bias; a sink joins the
+// row's max and sum as one more logit without a value. A key masked by key lengths, causal, window or a -inf bias
 // entry is skipped, so NaN in its K or V is never read; a NaN or +inf logit at a visible key makes the row NaN (the
 // max-subtracted exp is NaN there), the rule gqa/options.hpp states for the kernels. It shares no code with the fast kernels (only the public
 // option types), so the tests use it as the oracle and the benchmarks as the baseline. It is O(B*H*Sq*Sk) in
@@ -33,6 +34,10 @@ Tensor4<double> reference_attention(TensorRef<const T> q, TensorRef<const KVT> k
                                " must divide q dim 2 (H) = ", H);
   detail::require<shape_error>(k.dims[0] == B && k.dims[3] == D && v.dims == k.dims, "shape",
                                "reference: k/v shapes disagree with q");
+  detail::require<shape_error>(opt.sinks.empty() || opt.sinks.size() == H, "shape", "reference: options.sinks: size = ",
+                               opt.sinks.size(), " but H = ", H);
+  detail::require<shape_error>(opt.alibi_slopes.empty() || opt.alibi_slopes.size() == H, "shape",
+                               "reference: options.alibi_slopes: size = ", opt.alibi_slopes.size(), " but H = ", H);
   const Index group_size = H / G;
   const double scale = opt.scale ? *opt.scale : 1.0 / std::sqrt(double(D));
   const double neg_inf = -std::numeric_limits<double>::infinity();
@@ -66,6 +71,7 @@ Tensor4<double> reference_attention(TensorRef<const T> q, TensorRef<const KVT> k
             s += bias;
             visible = visible && bias != neg_inf;
           }
+          if (!opt.alibi_slopes.empty()) s += double(opt.alibi_slopes[h]) * double(j - pos);
           if (opt.causal || opt.window > 0) visible = visible && j <= pos;
           if (opt.window > 0) visible = visible && j >= pos - opt.window + 1;
           scores[size_t(i * Sk + j)] = visible ? s : neg_inf;
@@ -81,11 +87,14 @@ Tensor4<double> reference_attention(TensorRef<const T> q, TensorRef<const KVT> k
           if (!opt.lse.empty()) opt.lse[(b * H + h) * Sq + i] = std::numeric_limits<float>::quiet_NaN();
           continue;
         }
+        // A sink is one more logit of the row with no value (gpt-oss): it joins the max and the sum, not the output.
+        const double sink = opt.sinks.empty() ? neg_inf : double(opt.sinks[h]);
         if (m == neg_inf) {
-          if (!opt.lse.empty()) opt.lse[(b * H + h) * Sq + i] = -std::numeric_limits<float>::infinity();
-          continue;  // no visible key: zeros
+          if (!opt.lse.empty()) opt.lse[(b * H + h) * Sq + i] = float(sink);
+          continue;  // no visible key: zeros (the sink, if any, takes all the weight)
         }
-        double sum = 0;
+        m = std::max(m, sink);
+        double sum = std::exp(sink - m);
         for (Index j = 0; j < Sk; ++j) sum += (row[j] = std::exp(row[j] - m));
         for (Index j = 0; j < Sk; ++j) {
           if (row[j] == 0) continue;  // masked (or underflowed): its value, even NaN padding, is never read

@@ -6,7 +6,11 @@
 // dP = dO V^T), Delta_i = sum_j P_ij dP_ij is taken from P and dP themselves (not from the forward's output), and
 // every query head adds its dK/dV into the KV head it reads (the sum over the group).
 //
-//   reference_backward(q, k, v, d_out, options) -> {d_q [B,Sq,H,D], d_k, d_v [B,Sk,G,D], d_bias [B,H,Sq,Sk]}
+//   reference_backward(q, k, v, d_out, options) -> {d_q [B,Sq,H,D], d_k, d_v [B,Sk,G,D], d_bias [B,H,Sq,Sk],
+//                                                    d_sinks [H]}
+//
+// ALiBi (a constant bias slope * (j - pos)) and sinks (a logit per head with no value, in the softmax) as
+// gqa/options.hpp defines them; d_sinks[h] = sum over rows of dL/d(sink logit) = P_sink * (0 - Delta).
 //
 // d_bias is dL/dZ of every (b, h, i, j) (0 where masked); a broadcast bias's gradient is its sum over the
 // broadcast dims, which callers can form from it.
@@ -30,6 +34,7 @@ struct ReferenceGradients {
   gqa::Tensor4<double> d_k;     // [B, Sk, G, D]
   gqa::Tensor4<double> d_v;     // [B, Sk, G, D]
   gqa::Tensor4<double> d_bias;  // [B, H, Sq, Sk]
+  std::vector<double> d_sinks;  // [H]: zeros without options.sinks
 };
 
 template <typename T, typename KVT>
@@ -44,7 +49,8 @@ ReferenceGradients reference_backward(gqa::TensorRef<const T> q, gqa::TensorRef<
   auto at = [](const std::vector<double>& m, Index cols, Index r, Index c) { return m[size_t(r * cols + c)]; };
 
   ReferenceGradients g{gqa::Tensor4<double>(B, Sq, H, D), gqa::Tensor4<double>(B, Sk, G, D),
-                       gqa::Tensor4<double>(B, Sk, G, D), gqa::Tensor4<double>(B, H, Sq, Sk)};
+                       gqa::Tensor4<double>(B, Sk, G, D), gqa::Tensor4<double>(B, H, Sq, Sk),
+                       std::vector<double>(size_t(H), 0.0)};
   g.d_q.setZero();
   g.d_k.setZero();
   g.d_v.setZero();
@@ -90,13 +96,17 @@ ReferenceGradients reference_backward(gqa::TensorRef<const T> q, gqa::TensorRef<
             visible = visible && bias != kNegInf;
             x += bias;
           }
+          if (!opt.alibi_slopes.empty()) x += double(opt.alibi_slopes[h]) * double(j - pos);
           seen[size_t(i * Sk + j)] = visible;
           p[size_t(i * Sk + j)] = x;
           dp[size_t(i * Sk + j)] = y;
           if (visible && !std::isnan(m) && (std::isnan(x) || x > m)) m = x;
         }
         if (m == kNegInf) continue;  // no visible key, or only -inf logits: the forward's zero row, no gradient
-        double sum = 0;
+        // The sink: one more logit in the max and the sum, with no value (so no dP), whose weight is dropped.
+        const double sink = opt.sinks.empty() ? kNegInf : double(opt.sinks[h]);
+        if (!std::isnan(m)) m = std::max(m, sink);
+        double sum = std::exp(sink - m);
         for (Index j = 0; j < Sk; ++j)
           if (seen[size_t(i * Sk + j)]) sum += std::exp(p[size_t(i * Sk + j)] - m);
         double delta = 0;
@@ -105,6 +115,7 @@ ReferenceGradients reference_backward(gqa::TensorRef<const T> q, gqa::TensorRef<
           e = seen[size_t(i * Sk + j)] ? std::exp(e - m) / sum : 0.0;
           if (seen[size_t(i * Sk + j)]) delta += e * dp[size_t(i * Sk + j)];
         }
+        if (sink != kNegInf) g.d_sinks[size_t(h)] += std::exp(sink - m) / sum * (0.0 - delta);
         for (Index j = 0; j < Sk; ++j) {
           if (!seen[size_t(i * Sk + j)]) continue;
           const double pij = p[size_t(i * Sk + j)];

@@ -7,12 +7,17 @@
 //   gqa_test::sequence_sweep   long (Sq, Sk) with few heads and small D, so the O(Sq*Sk) references stay fast
 //   gqa_test::edge_cases       S = 1, MHA, MQA, D = 1, odd D, a group larger than a 128-row tile, tile boundaries
 //   gqa_test::poison_padding   NaN in the K/V rows past each key length: a kernel must never read padding
+//   gqa_test::with_sinks_and_alibi  the cases again with attention sinks, ALiBi slopes or both (in turn)
+//   gqa_test::HeadValues       a case's sinks and slopes (storage for AttentionOptions::sinks / alibi_slopes)
+//   gqa_test::row_sees_no_key  whether query i of sequence b has no visible key under the case's masks
 #pragma once
 
 #include "support/random.hpp"
 
+#include "gqa/options.hpp"
 #include "gqa/types.hpp"
 
+#include <algorithm>
 #include <cstdint>
 #include <iterator>
 #include <limits>
@@ -31,12 +36,15 @@ struct MaskCase {
   bool ragged = false;  // random key lengths in [min_len, Sk], the last sequence at Sk
   std::uint64_t seed = 1;
   Index min_len = 0;
+  bool sinks = false;  // options.sinks: a logit per head (head 0 -inf = no sink when H > 1)
+  bool alibi = false;  // options.alibi_slopes = gqa::alibi_slopes(H)
 
   /// The shape and masks, without the seed.
   std::string mask_name() const {
     std::ostringstream os;
     os << s.str() << (causal ? "/causal" : "") << (window ? "/window:" + std::to_string(window) : "")
-       << (ragged ? "/ragged" + (min_len ? ">=" + std::to_string(min_len) : std::string()) : "");
+       << (ragged ? "/ragged" + (min_len ? ">=" + std::to_string(min_len) : std::string()) : "")
+       << (sinks ? "/sinks" : "") << (alibi ? "/alibi" : "");
     return os.str();
   }
   std::string name() const { return mask_name() + "/seed:" + std::to_string(seed); }
@@ -99,6 +107,53 @@ inline std::vector<MaskCase> edge_cases() {
       {{2, 129, 129, 2, 1, 31}, true, 0, true, 207},
       {{2, 129, 300, 2, 1, 31}, true, 0, true, 209, 129}, {{1, 4, 12, 4, 2, 1}, true, 0, false, 208},
   };
+}
+
+/// The cases again, each with sinks, ALiBi or both in turn (seeds moved so the inputs differ from the plain run).
+inline std::vector<MaskCase> with_sinks_and_alibi(const std::vector<MaskCase>& cases) {
+  std::vector<MaskCase> r;
+  for (size_t n = 0; n < cases.size(); ++n) {
+    MaskCase c = cases[n];
+    c.sinks = n % 3 != 1;
+    c.alibi = n % 3 != 0;
+    c.seed += 5000;
+    r.push_back(c);
+  }
+  return r;
+}
+
+/// A case's per-head option values; empty when the case does not use them.
+struct HeadValues {
+  std::vector<float> sinks, alibi;
+
+  explicit HeadValues(const MaskCase& c) {
+    if (c.sinks) {
+      Rng rng(c.seed + 3000);
+      for (Index h = 0; h < c.s.H; ++h) sinks.push_back(float(rng.normal(0.0, 2.0)));
+      if (c.s.H > 1) sinks[0] = -std::numeric_limits<float>::infinity();
+    }
+    if (c.alibi) alibi = gqa::alibi_slopes(c.s.H);
+  }
+  void set(gqa::AttentionOptions& opt) const {
+    if (!sinks.empty()) opt.sinks = sinks;
+    if (!alibi.empty()) opt.alibi_slopes = alibi;
+  }
+  /// Largest |ALiBi bias| of the case, slope * |j - p| with |j - p| < Sk + Sq: float logits of that size carry an
+  /// absolute rounding error of ~bound * 2^-24, which the float kernels' tolerances must allow (0 without ALiBi).
+  double alibi_bound(const MaskCase& c) const {
+    double m = 0;
+    for (float a : alibi) m = std::max(m, double(a));
+    return m * double(c.s.Sk + c.s.Sq);
+  }
+};
+
+/// Whether query i of sequence b (with len keys) sees no key under the case's causal / window masks.
+inline bool row_sees_no_key(const MaskCase& c, Index len, Index i) {
+  const Index pos = i + len - c.s.Sq;
+  const bool causal = c.causal || c.window > 0;
+  const Index hi = causal ? std::min(pos + 1, len) : len;
+  const Index lo = c.window > 0 ? std::max<Index>(pos - c.window + 1, 0) : 0;
+  return hi <= lo;
 }
 
 template <typename T>

@@ -4,6 +4,8 @@
 //   P = exp(Z - lse_i)                    recomputed tile by tile from the row's log-sum-exp, never stored whole
 //   dP = dO V^T,  Delta_i = dO_i . O_i,   dZ = P o (dP - Delta)   (= d_bias),   dS = dZ o cap'(S)
 //   dV = P^T dO,  dK = dS^T (scale Q),  dQ = scale * dS K
+// ALiBi is a constant term of Z (tile_logits adds it as the forward does); a sink is one more logit of Z with no
+// value: lse includes it (recompute_lse folds it in), Delta = dO . O is unchanged, and d_sink = -sum_i P_sink Delta_i.
 // Work items are (b, g, query chunk): an item stacks the H/G query heads of KV head g as the rows of its tiles, as
 // the forward does, so every product sums over the group at once and dK/dV come out per KV head. Keys are streamed
 // in tiles; per (query tile, key tile) block the five products run on L2-resident tiles, so memory is O(tile) plus
@@ -72,6 +74,7 @@ struct BackwardParams {
   KVScalar* d_k = nullptr;       // [B, Sk, G, D] via strides
   KVScalar* d_v = nullptr;       // [B, Sk, G, D] via strides
   float* d_bias = nullptr;       // [B, H, Sq, Sk] contiguous, or null
+  float* d_sinks = nullptr;      // [H], or null (needs fwd.sinks)
   Index d_o_stride_b = 0, d_o_stride_s = 0, d_o_stride_h = 0;
   Index d_q_stride_b = 0, d_q_stride_s = 0, d_q_stride_h = 0;
   Index d_k_stride_b = 0, d_k_stride_s = 0, d_k_stride_h = 0;
@@ -85,7 +88,7 @@ template <typename T, typename KVT>
 BackwardParams<T, KVT> make_backward_params(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<const KVT> v,
                                             TensorRef<const T> out, TensorRef<const T> d_out, TensorRef<T> d_q,
                                             TensorRef<KVT> d_k, TensorRef<KVT> d_v, const AttentionOptions& opt,
-                                            span<float> d_bias) {
+                                            span<float> d_bias, span<float> d_sinks = {}) {
   BackwardParams<T, KVT> p;
   // The forward never writes through fwd.o here: it only names `out` in the shape checks.
   p.fwd = make_params<T, KVT>(q, k, v, TensorRef<T>{const_cast<T*>(out.data), out.dims, out.strides}, opt);
@@ -113,6 +116,12 @@ BackwardParams<T, KVT> make_backward_params(TensorRef<const T> q, TensorRef<cons
             bd[0], ", ", bd[1], ", ", bd[2], ", ", bd[3], "]) but d_bias needs a bias of [B, H, Sq, Sk] = [", B, ", ",
             H, ", ", Sq, ", ", Sk, "] (or none)");
     p.d_bias = d_bias.data();
+  }
+  if (!d_sinks.empty() || d_sinks.data() != nullptr) {
+    require(p.fwd.sinks != nullptr, "option", "d_sinks: options.sinks is empty, so there is no sink to differentiate");
+    require<shape_error>(d_sinks.size() == H, "shape", "d_sinks: size = ", d_sinks.size(), " but H = ", H,
+                         " (d_sinks is [H], like options.sinks)");
+    p.d_sinks = d_sinks.data();
   }
   p.d_o = d_out.data;
   p.d_q = d_q.data;
@@ -237,6 +246,11 @@ void tile_logits(const P& p, Index b, Index g, Index q0, Index rows, Index kb, B
         const auto add = bias.template cast<Acc>();
         z = (add == -std::numeric_limits<Acc>::infinity()).select(add, z + add);
       });
+    if (f.alibi) {  // the forward's rounding: slope * (exact distance), one add
+      const Acc slope = Acc(f.alibi[g * gs + r % gs]);
+      const Index first = kb + a - f.position_of(b, q0 + qi);
+      for (Index j = 0; j < e - a; ++j) z[j] += slope * (Acc(first) + Acc(j));
+    }
   }
 }
 
@@ -288,6 +302,16 @@ void recompute_lse(const P& p, const BwdPlan& t, Index b, Index g, Index q0, Ind
     }
   }
   for (Index r = 0; r < rows; ++r) m[r] = sum[r] == Acc(0) ? kNegInf : m[r] + std::log(sum[r]);  // NaN stays NaN
+  if (f.sinks)  // the forward's lse includes the head's sink
+    for (Index r = 0; r < rows; ++r) {
+      const Acc sink = Acc(f.sinks[g * f.group_size + r % f.group_size]);
+      if (m[r] == kNegInf || sink == kNegInf) {
+        m[r] = std::max(m[r], sink);
+      } else {
+        const Acc top = std::max(m[r], sink);  // NaN (first) stays NaN
+        m[r] = top + std::log(std::exp(m[r] - top) + std::exp(sink - top));
+      }
+    }
 }
 
 /// Gathers the tile's stacked rows r = (i - q0) * H/G + hh: Q times scale, dO, Delta = dO . O and the lse.
@@ -406,11 +430,26 @@ void backward_block(const P& p, Index b, Index g, Index q0, Index nq, Index len,
   ws.dq.topRows(rows).noalias() += dp * k_tile;
 }
 
+/// Each row's term of d_sinks: the sink's weight is P_sink = e^(sink - lse) and its dP is 0 (it has no value), so
+/// dZ_sink = P_sink (0 - Delta). A row with no visible key (out = 0 whatever the sink) or a -inf sink adds 0.
+/// Stored per row ([B, H, Sq]) and summed in a fixed order afterwards, so every thread count gives the same bits.
+template <typename P, typename Acc>
+void store_sink_terms(const P& p, Index b, Index g, Index q0, Index rows, Index len, const BwdWorkspace<Acc>& ws,
+                      Acc* sink_terms) {
+  const auto& f = p.fwd;
+  for (Index r = 0; r < rows; ++r) {
+    const Index i = q0 + r / f.group_size, h = g * f.group_size + r % f.group_size;
+    const Acc sink = Acc(f.sinks[h]);
+    const bool none = visible_keys(f, i, len).empty() || sink == -std::numeric_limits<Acc>::infinity();
+    sink_terms[(b * f.heads + h) * f.q_len + i] = none ? Acc(0) : -std::exp(sink - ws.lse[r]) * ws.delta[r];
+  }
+}
+
 /// Runs item (b, g, chunk c): the query tiles of the chunk against every key they see; dQ stored per tile, dK/dV
 /// accumulated into `acc` (zeroed here over all Sk rows: keys no query sees get exact zeros).
 template <typename P, typename Acc>
 void backward_item(const P& p, const BwdPlan& t, Index b, Index g, Index c, BwdWorkspace<Acc>& ws,
-                   const HeadGrads<Acc>& acc) {
+                   const HeadGrads<Acc>& acc, Acc* sink_terms) {
   using Scalar = typename P::Scalar;
   const auto& f = p.fwd;
   const Index gs = f.group_size, D = f.head_dim, len = f.keys_of(b);
@@ -431,6 +470,7 @@ void backward_item(const P& p, const BwdPlan& t, Index b, Index g, Index c, BwdW
     const Index k_begin = tile_keys.lo, k_end = tile_keys.hi;
     gather_rows(p, b, g, q0, rows, ws);
     if (!p.use_lse) recompute_lse(p, t, b, g, q0, nq, len, k_begin, k_end, ws);
+    if (sink_terms) store_sink_terms(p, b, g, q0, rows, len, ws, sink_terms);
     ws.dq.topRows(rows).setZero();
     for (Index kb = k_begin; kb < k_end; kb += t.k_tile)
       backward_block(p, b, g, q0, nq, len, kb, std::min(t.k_tile, k_end - kb), ws, acc);
@@ -460,6 +500,7 @@ void flash_attention_backward(const P& p) {
   using Acc = typename P::Acc;
   using KVScalar = typename P::KVScalar;
   const auto& f = p.fwd;
+  if (p.d_sinks) std::fill_n(p.d_sinks, f.heads, 0.0f);
   if (f.batch == 0) return;
   const BwdPlan t = plan_backward(p);
   const Index heads = f.batch * f.kv_heads, items = heads * t.chunks, D = f.head_dim, Sk = f.k_len;
@@ -467,6 +508,8 @@ void flash_attention_backward(const P& p) {
   const bool partial = t.chunks > 1, private_acc = !partial && !kv_is_acc;
   std::vector<Acc> parts;
   if (partial) parts.resize(size_t(2 * items * Sk * D));
+  std::vector<Acc> sink_terms(p.d_sinks ? size_t(f.batch * f.heads * f.q_len) : 0);
+  Acc* sink_rows = p.d_sinks ? sink_terms.data() : nullptr;
   const int threads = int(std::min<Index>(resolve_threads(f.num_threads), std::max<Index>(items, 1)));
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -488,7 +531,7 @@ void flash_attention_backward(const P& p) {
         acc = {p.d_k + b * p.d_k_stride_b + g * p.d_k_stride_h, p.d_k_stride_s,
                p.d_v + b * p.d_v_stride_b + g * p.d_v_stride_h, p.d_v_stride_s};
       }
-      backward_item(p, t, b, g, c, ws, acc);
+      backward_item(p, t, b, g, c, ws, acc, sink_rows);
       if (private_acc) {
         store_kv_rows(ws.dk.data(), D, p.d_k + b * p.d_k_stride_b + g * p.d_k_stride_h, p.d_k_stride_s, 0, Sk, D);
         store_kv_rows(ws.dv.data(), D, p.d_v + b * p.d_v_stride_b + g * p.d_v_stride_h, p.d_v_stride_s, 0, Sk, D);
@@ -510,6 +553,13 @@ void flash_attention_backward(const P& p) {
       }
     }
   }
+  if (p.d_sinks)
+    for (Index h = 0; h < f.heads; ++h) {
+      Acc sum = 0;
+      for (Index b = 0; b < f.batch; ++b)
+        for (Index i = 0; i < f.q_len; ++i) sum += sink_terms[size_t((b * f.heads + h) * f.q_len + i)];
+      p.d_sinks[h] = float(sum);
+    }
 }
 
 }  // namespace detail

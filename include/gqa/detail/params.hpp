@@ -71,10 +71,14 @@ struct AttentionParams {
   const std::int32_t* key_lengths32 = nullptr;  // [B], or null
   const std::int64_t* key_lengths64 = nullptr;  // [B], or null (both null: every sequence has Sk keys)
   float* lse = nullptr;                         // [B, H, Sq] or null
+  const float* sinks = nullptr;                 // [H] extra softmax logit per query head (no value), or null
+  const float* alibi = nullptr;                 // [H] ALiBi slopes: + slope[h] * (j - p) on the logits, or null
 
   int num_threads = 1;
 
   bool has_bias() const noexcept { return bias_float != nullptr || bias_double != nullptr; }
+  /// Absolute position of query i of sequence b (bottom-right aligned, as the masks): ALiBi's p.
+  Index position_of(Index b, Index i) const noexcept { return i + keys_of(b) - q_len; }
   /// Number of valid keys of sequence b.
   Index keys_of(Index b) const noexcept {
     return key_lengths32 ? Index(key_lengths32[b]) : key_lengths64 ? Index(key_lengths64[b]) : k_len;
@@ -133,6 +137,10 @@ void check_no_overlap(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<co
     refuse_overlap(byte_range(data, bias.dims(), bias.strides(), bias.float_data() ? 4 : 8), "options.bias");
   }
   refuse_overlap(byte_range(opt.lse.data(), {opt.lse.size(), 1, 1, 1}, {1, 1, 1, 1}, sizeof(float)), "options.lse");
+  refuse_overlap(byte_range(opt.sinks.data(), {opt.sinks.size(), 1, 1, 1}, {1, 1, 1, 1}, sizeof(float)),
+                 "options.sinks");
+  refuse_overlap(byte_range(opt.alibi_slopes.data(), {opt.alibi_slopes.size(), 1, 1, 1}, {1, 1, 1, 1}, sizeof(float)),
+                 "options.alibi_slopes");
 }
 
 /// Checks the bias against p's shapes and stores it with broadcast (stride 0) batch and head dims.
@@ -154,6 +162,21 @@ void set_bias(Params& p, const BiasView& bias) {
   p.bias_stride_q = bs[2];
   p.bias_stride_h = bd[1] == 1 ? 0 : bs[1];
   p.bias_stride_b = bd[0] == 1 ? 0 : bs[0];
+}
+
+/// Checks a per-head option (options.sinks, options.alibi_slopes): H values, none NaN, none +inf, and -inf only
+/// where `neg_inf_ok`; returns its data, or null when it is empty.
+inline const float* per_head_option(const char* name, span<const float> values, Index heads, bool neg_inf_ok) {
+  if (values.empty() && values.data() == nullptr) return nullptr;
+  require<shape_error>(values.size() == heads, "shape", name, ": size = ", values.size(), " but H = ", heads,
+                       " (one value per query head)");
+  require(heads == 0 || values.data() != nullptr, "null", name, ": data pointer is null");
+  for (Index h = 0; h < heads; ++h) {
+    const float x = values[h];
+    const bool ok = std::isfinite(x) || (neg_inf_ok && x == -std::numeric_limits<float>::infinity());
+    require(ok, "option", name, "[", h, "] = ", x, neg_inf_ok ? " must be finite or -inf (no sink)" : " must be finite");
+  }
+  return values.data();
 }
 
 /// Checks the scales of an int8 K/V against its shape [B, Sk, G, D] and stores them in p.
@@ -244,6 +267,12 @@ AttentionParams<T, KVT> make_params(TensorRef<const T> q, TensorRef<const KVT> k
                          " but B*H*Sq = ", B * H * Sq);
     p.lse = opt.lse.data();
   }
+  p.sinks = per_head_option("options.sinks", opt.sinks, H, true);
+  if (p.sinks && p.lse)  // the kernels write lse rows while later rows still read their head's sink
+    require(!byte_range(p.lse, {opt.lse.size(), 1, 1, 1}, {1, 1, 1, 1}, sizeof(float))
+                 .overlaps(byte_range(p.sinks, {H, 1, 1, 1}, {1, 1, 1, 1}, sizeof(float))),
+            "alias", "options.lse overlaps options.sinks in memory; lse must be a separate buffer");
+  p.alibi = per_head_option("options.alibi_slopes", opt.alibi_slopes, H, false);
   check_no_overlap(q, k, v, out, opt);
   p.num_threads = opt.num_threads;
   return p;
