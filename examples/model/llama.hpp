@@ -41,7 +41,9 @@
 // rotary_emb.inv_freq buffers are accepted, as transformers drops them) and a weight that is NaN or infinite
 // ([gqa.decoder.nonfinite], naming the tensor). forward() throws [gqa.decoder.nonfinite] (invalid_argument) when the
 // hidden state or the logits stop being finite (a float overflow), naming the layer; the state then holds part of
-// that step's K/V: clear() it. Messages start "[gqa.decoder.<id>]" and name the field and the value.
+// that step's K/V: clear() it. A Shard that does not fit the config, or whose query heads do not use its KV heads,
+// is refused at load ([gqa.decoder.shard], invalid_argument). Messages start "[gqa.decoder.<id>]" and name the
+// field and the value.
 #pragma once
 
 #include "../cli/printable.hpp"
