@@ -401,6 +401,7 @@ void run_model(const llama::Model& model, const Args& a) {
     run<float>(model, a, "f32");
 }
 
+#ifdef GQA_DECODER_MPI
 /// Whether the command line has --tensor-parallel in a flag's place (as parse() reads it): decided before parsing,
 /// so that MPI is initialised first and a usage error is printed by one rank.
 bool wants_tensor_parallel(int argc, char** argv) {
@@ -409,7 +410,6 @@ bool wants_tensor_parallel(int argc, char** argv) {
   return false;
 }
 
-#ifdef GQA_DECODER_MPI
 /// One rank's run of a --tensor-parallel command (see the header comment and examples/model/tensor_parallel.hpp
 /// for how the ranks end together on an error); returns the exit status.
 int run_tensor_parallel(llama::TensorParallel& group, int argc, char** argv) {
