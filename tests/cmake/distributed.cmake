@@ -36,6 +36,13 @@ foreach(ranks 1 2 3 4)
                        ENVIRONMENT "${gqa_mpi_test_environment}")
 endforeach()
 
+# test_decoder runs `mpirun ... example_decoder ... --tensor-parallel` end to end, with the same environment.
+if(GQA_BUILD_EXAMPLES AND TARGET test_decoder)
+  list(JOIN gqa_mpi_test_environment " " gqa_mpi_env_words)
+  target_compile_definitions(test_decoder PRIVATE
+                             GQA_MPI_RUN="env ${gqa_mpi_env_words} '${MPIEXEC_EXECUTABLE}' ${MPIEXEC_PREFLAGS}")
+endif()
+
 # test_tensor_parallel: the example decoder split by heads across the ranks (examples/model/tensor_parallel.hpp,
 # example_decoder --tensor-parallel). It compiles example code, so it is built with the examples only (like
 # test_decoder; .ci/run's sanitizer stage builds none), on the same P and with the same environment as above.
