@@ -8,6 +8,7 @@
 //                                       [--threads N]
 //   example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16|f16|i8] [--threads N]
 //   example_decoder MODEL_DIR tokenize --text FILE
+//   mpirun -np P example_decoder MODEL_DIR (generate | perplexity | bench) ... --tensor-parallel
 //
 // MODEL_DIR holds config.json and model.safetensors (or model.safetensors.index.json and its shards), and
 // optionally tokenizer.json: it shows ids as text, and encodes --prompt TEXT and --text FILE (UTF-8) into ids as
@@ -26,6 +27,13 @@
 //            steps; prints ms per token, the bytes one token reads (weights + KV cache) and a memory roofline from
 //            parallel reads of that many bytes between the steps (medians of both); last line is key=value pairs.
 //            On cores shared with other work, run with OMP_WAIT_POLICY=passive (see README.md).
+// --tensor-parallel (generate, perplexity, bench; a flag without a value) splits the model by heads across the P
+//            ranks of mpirun (examples/model/tensor_parallel.hpp: each rank loads only its rows and columns of
+//            each layer and holds only its heads' KV cache; a deterministic all-reduce after o_proj and after
+//            down_proj): the same greedy tokens as one process. Only rank 0 prints. A P that cannot split the heads
+//            (gqa::head_shard's rule) or intermediate_size is refused. Needs a build that found MPI (else a usage
+//            error). An error on any rank before the first forward pass ends every rank with status 1 and one
+//            message; one during the forward pass ends the job through MPI_Abort.
 // tokenize   prints the ids of --text FILE (20 to a line, an ids file) and, on stderr, their count and the encode
 //            time; needs only MODEL_DIR/tokenizer.json.
 //
@@ -35,6 +43,9 @@
 #include "model/encoder.hpp"
 #include "model/llama.hpp"
 #include "model/tokenizer.hpp"
+#ifdef GQA_DECODER_MPI  // examples/CMakeLists.txt: defined when CMake found MPI (example_decoder links gqa::mpi)
+#include "model/tensor_parallel.hpp"
+#endif
 
 #include <omp.h>
 
@@ -62,6 +73,7 @@ const char* const usage_text =
     "                                      [--threads N]\n"
     "  example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16|f16|i8] [--threads N]\n"
     "  example_decoder MODEL_DIR tokenize --text FILE\n"
+    "  mpirun -np P example_decoder MODEL_DIR (generate | perplexity | bench) ... --tensor-parallel\n"
     "  example_decoder --help\n";
 
 using tool_cli::printable;
@@ -72,6 +84,7 @@ struct Args {
   std::string dir, mode;
   std::map<std::string, std::string> flags;
   bool help = false;
+  bool tensor_parallel = false;  ///< --tensor-parallel, the one flag without a value
 
   bool has(const std::string& f) const { return flags.count(f) != 0; }
   std::string text(const std::string& f, const std::string& fallback = "") const {
@@ -106,7 +119,7 @@ struct Args {
 
 Args parse(int argc, char** argv) {
   // -h / --help in place of MODEL_DIR, the mode or a flag (not as a flag's value, which may be any file name).
-  for (int i = 1; i < argc; i += i < 3 ? 1 : 2)
+  for (int i = 1; i < argc; i += i < 3 || std::string(argv[i]) == "--tensor-parallel" ? 1 : 2)
     if (std::string(argv[i]) == "-h" || std::string(argv[i]) == "--help") {
       Args help;
       help.help = true;
@@ -124,6 +137,13 @@ Args parse(int argc, char** argv) {
   if (mode == allowed.end()) throw usage_error("unknown mode '" + a.mode + "'");
   for (int i = 3; i < argc; i += 2) {
     const std::string f = argv[i];
+    if (f == "--tensor-parallel") {
+      if (a.mode == "tokenize") throw usage_error("--tensor-parallel is for generate, perplexity and bench");
+      if (a.tensor_parallel) throw usage_error(f + " given twice");
+      a.tensor_parallel = true;
+      --i;  // no value
+      continue;
+    }
     if (std::find(mode->second.begin(), mode->second.end(), f) == mode->second.end())
       throw usage_error("unknown option '" + f + "' for " + a.mode);
     if (i + 1 >= argc) throw usage_error(f + " needs a value");
@@ -194,7 +214,7 @@ void generate(const llama::Model& model, const Args& a) {
                " ids + --max-new ", max_new, " exceed max_position_embeddings = ", c.max_positions);
   const Index total = Index(prompt.size()) + max_new;
   llama::Sampler sampler(a.number("--temperature", 0), a.integer("--top-k", 0, 0), a.integer("--seed", 0, 0));
-  llama::State<KV> state(c, total);
+  llama::State<KV> state(model, total);
   llama::Matrix logits;
 
   const Index chunk = 256;
@@ -290,9 +310,9 @@ void bench(const llama::Model& model, const Args& a, const char* kv_name) {
   llama::check(context <= c.max_positions && tokens <= c.max_positions - context, "context", "--context ", context,
                " + --tokens ", tokens, " exceed max_position_embeddings = ", c.max_positions);
   const Index warmup = std::min<Index>(2, context);
-  llama::State<KV> state(c, context + tokens);
+  llama::State<KV> state(model, context + tokens);
   // Synthetic K/V for the first context - warmup positions: decode time does not depend on the values.
-  const Index fill = context - warmup, G = c.kv_heads, D = c.head_dim;
+  const Index fill = context - warmup, G = model.shard().num_kv_heads, D = c.head_dim;
   std::vector<float> kv(size_t(std::min<Index>(fill, 512) * G * D));
   for (size_t i = 0; i < kv.size(); ++i) kv[i] = float(std::sin(0.1 * double(i)));
   for (Index l = 0; l < c.layers; ++l)
@@ -369,29 +389,102 @@ void run(const llama::Model& model, const Args& a, const char* kv_name) {
   if (a.mode == "bench") bench<KV>(model, a, kv_name);
 }
 
+/// The mode of `a` with the KV cache type of --kv.
+void run_model(const llama::Model& model, const Args& a) {
+  if (a.text("--kv", "f32") == "bf16")
+    run<gqa::bfloat16>(model, a, "bf16");
+  else if (a.text("--kv") == "f16")
+    run<gqa::half>(model, a, "f16");
+  else if (a.text("--kv") == "i8")
+    run<std::int8_t>(model, a, "i8");
+  else
+    run<float>(model, a, "f32");
+}
+
+#ifdef GQA_DECODER_MPI
+/// Whether the command line has --tensor-parallel in a flag's place (as parse() reads it): decided before parsing,
+/// so that MPI is initialised first and a usage error is printed by one rank.
+bool wants_tensor_parallel(int argc, char** argv) {
+  for (int i = 3; i < argc; i += std::string(argv[i]) == "--tensor-parallel" ? 1 : 2)
+    if (std::string(argv[i]) == "--tensor-parallel") return true;
+  return false;
+}
+
+/// One rank's run of a --tensor-parallel command (see the header comment and examples/model/tensor_parallel.hpp
+/// for how the ranks end together on an error); returns the exit status.
+int run_tensor_parallel(llama::TensorParallel& group, int argc, char** argv) {
+  std::string what;  // the error's message
+  int status = 1;
+  try {
+    const Args a = parse(argc, argv);
+    if (a.help) {  // every rank takes this branch (the same argv); only rank 0's stdout is kept
+      std::fputs(usage_text, stdout);
+      return 0;
+    }
+    if (a.has("--threads")) omp_set_num_threads(tool_cli::parse_threads("--threads", a.text("--threads")));
+    const llama::Config config = llama::read_config(a.dir);
+    const llama::Model model = llama::Model::load(a.dir, group.shard(config));
+    run_model(model, a);
+    if (!group.agreed() && group.agree(true) < group.size()) return 1;  // no forward pass ran: agree here
+    const gqa::DistributedStats& st = group.stats();
+    std::printf("tensor parallel: %d ranks; rank 0 sent %.1f KB and received %.1f KB in %llu all-reduces\n",
+                group.size(), double(st.bytes_sent) / 1e3, double(st.bytes_received) / 1e3,
+                static_cast<unsigned long long>(st.messages));
+    return 0;
+  } catch (const llama::PeerFailed&) {
+    return 1;  // the rank that failed prints why
+  } catch (const usage_error& e) {
+    what = printable(e.what());
+    status = 2;
+  } catch (const std::exception& e) {
+    what = printable(e.what());
+  }
+  if (group.agreed()) {  // during the forward passes: the other ranks may be waiting in an all-reduce
+    std::fprintf(stderr, "example_decoder: rank %d of %d: %s\n", group.rank(), group.size(), what.c_str());
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, status);
+  }
+  if (group.agree(false) == group.rank())  // the lowest rank that failed says why
+    std::fprintf(stderr, "example_decoder: %s\n%s", what.c_str(), status == 2 ? usage_text : "");
+  return status;
+}
+
+int main_tensor_parallel(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  int status = 0;
+  {
+    llama::TensorParallel group(MPI_COMM_WORLD);
+    // Only rank 0 prints results: the others' stdout goes nowhere (their errors still reach stderr).
+    if (group.rank() != 0 && !std::freopen("/dev/null", "w", stdout)) std::fclose(stdout);
+    status = run_tensor_parallel(group, argc, argv);
+  }
+  MPI_Finalize();
+  return status;
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
+#ifdef GQA_DECODER_MPI
+  if (wants_tensor_parallel(argc, argv)) return main_tensor_parallel(argc, argv);
+#endif
   try {
     const Args a = parse(argc, argv);
     if (a.help) {
       std::fputs(usage_text, stdout);
       return 0;
     }
+    if (a.tensor_parallel)
+      throw usage_error("--tensor-parallel: this example_decoder was built without MPI (CMake found none; install "
+                        "Open MPI, Debian: libopenmpi-dev openmpi-bin, and configure again)");
     if (a.mode == "tokenize") {  // the tokenizer alone: no model is loaded
       tokenize(a);
       return 0;
     }
     if (a.has("--threads")) omp_set_num_threads(tool_cli::parse_threads("--threads", a.text("--threads")));
     const llama::Model model = llama::Model::load(a.dir);
-    if (a.text("--kv", "f32") == "bf16")
-      run<gqa::bfloat16>(model, a, "bf16");
-    else if (a.text("--kv") == "f16")
-      run<gqa::half>(model, a, "f16");
-    else if (a.text("--kv") == "i8")
-      run<std::int8_t>(model, a, "i8");
-    else
-      run<float>(model, a, "f32");
+    run_model(model, a);
     return 0;
   } catch (const usage_error& e) {
     std::fprintf(stderr, "example_decoder: %s\n%s", printable(e.what()).c_str(), usage_text);

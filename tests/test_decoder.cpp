@@ -690,9 +690,8 @@ struct Run {
   int status = -1;
   std::string out;
 };
-/// Runs example_decoder ARGS; `redirect` " 2>&1" reads stderr too, " 2>/dev/null" stdout only.
-Run run_decoder(const std::string& args, const char* redirect = " 2>&1") {
-  const std::string cmd = std::string("'") + GQA_DECODER_EXE + "' " + args + redirect;
+/// Runs a shell command line; its output and exit status.
+Run run_command(const std::string& cmd) {
   Run r;
   FILE* p = ::popen(cmd.c_str(), "r");
   REQUIRE(p != nullptr);
@@ -701,6 +700,10 @@ Run run_decoder(const std::string& args, const char* redirect = " 2>&1") {
   const int status = ::pclose(p);
   r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return r;
+}
+/// Runs example_decoder ARGS; `redirect` " 2>&1" reads stderr too, " 2>/dev/null" stdout only.
+Run run_decoder(const std::string& args, const char* redirect = " 2>&1") {
+  return run_command(std::string("'") + GQA_DECODER_EXE + "' " + args + redirect);
 }
 /// The perplexity in a "perplexity X over N tokens" line; NaN if the line is not one.
 double printed_perplexity(const std::string& line, int tokens) {
@@ -876,4 +879,48 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
                           Contains("(layer 0)"));
   }
 }
+
+#ifdef GQA_MPI_RUN  // tests/cmake/distributed.cmake: mpirun with the environment Open MPI needs here
+TEST_CASE("example_decoder tensor-parallel under mpirun prints one process's ids once", "[decoder][cli][mpi]") {
+  TempDir dir;
+  LlamaFixture f;  // H = 8, G = 2, intermediate 80: P = 2 (= G) and 4 (> G) split it, P = 3 does not
+  f.write(dir / "model");
+  std::string text;
+  for (auto id : test_ids(10, f.vocab - 1, 5)) text += std::to_string(id) + " ";
+  gqa_test::write_text(dir / "ids.txt", text);
+  const std::string args = "'" + (dir / "model").string() + "' generate --prompt-ids '" + (dir / "ids.txt").string() +
+                           "' --max-new 12 --threads 1";
+  const auto tensor_parallel = [&](int ranks, const std::string& a) {
+    return run_command(std::string(GQA_MPI_RUN) + " -np " + std::to_string(ranks) + " --oversubscribe '" +
+                       GQA_DECODER_EXE + "' " + a + " --tensor-parallel 2>&1");
+  };
+  const auto count = [](const std::string& s, const std::string& what) {
+    std::size_t n = 0;
+    for (auto at = s.find(what); at != std::string::npos; at = s.find(what, at + 1)) ++n;
+    return n;
+  };
+  const Run one = run_decoder(args, " 2>/dev/null");
+  REQUIRE(one.status == 0);
+  const std::string ids_line = one.out.substr(0, one.out.find('\n') + 1);
+  REQUIRE(ids_line.rfind("generated ids: ", 0) == 0);
+  for (int ranks : {2, 4}) {
+    CAPTURE(ranks);
+    const Run r = tensor_parallel(ranks, args);
+    INFO(r.out);
+    REQUIRE(r.status == 0);
+    CHECK(r.out.rfind(ids_line, 0) == 0);  // the same line, first
+    CHECK(count(r.out, "generated ids:") == 1);  // only rank 0 prints
+    CHECK_THAT(r.out, Contains("tensor parallel: " + std::to_string(ranks) + " ranks"));
+  }
+  const Run bad_p = tensor_parallel(3, args);
+  INFO(bad_p.out);
+  CHECK(bad_p.status != 0);
+  CHECK(count(bad_p.out, "[gqa.distributed.ranks] head_shard: P = 3 ranks cannot split H = 8") == 1);
+  const Run bad_ids = tensor_parallel(2, "'" + (dir / "model").string() + "' generate --prompt-ids '" +
+                                             (dir / "missing.txt").string() + "'");
+  INFO(bad_ids.out);
+  CHECK(bad_ids.status != 0);
+  CHECK(count(bad_ids.out, "cannot open ids file") == 1);  // every rank failed; one says so
+}
+#endif
 #endif

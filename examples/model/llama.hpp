@@ -4,6 +4,9 @@
 // Offers (namespace llama):
 //   (Config and parse_config() are in config.hpp: the one config.json reader of the model code)
 //   Model::load(dir)         config.json + model.safetensors (or a sharded index), memory-mapped
+//   Model::load(dir, shard)  only one process's part of each layer (tensor parallel: Shard; the MPI side is
+//                            tensor_parallel.hpp)
+//   read_config(dir)         dir/config.json alone (to plan a Shard before loading)
 //   State<KV>                one gqa::KVCache<KV> per layer (KV = float, bfloat16, half or int8), one sequence
 //   Model::forward()         S new tokens through every layer: prefill (S > 1, in chunks) and decode (S = 1) alike
 //   read_ids(), check_ids()  whitespace-separated token ids, validated against the vocabulary
@@ -16,6 +19,10 @@
 //   k, v         [S, G*D]  viewed as [1, S, G, D], appended to the layer's cache [1, G, capacity, D]
 //   gate, up     [S, intermediate]
 //   logits       [S, vocab] (or [1, vocab]: the last position only)
+// A sharded model (Shard) keeps query heads [h0, h0 + Hs) and the KV heads they use [g0, g0 + Gs): q [S, Hs*D],
+// k, v [S, Gs*D], caches [1, Gs, capacity, D]; q/k/v/gate/up keep their rows of the shard, o_proj and down_proj
+// their columns, so o_proj's and down_proj's products are partial sums [S, hidden] that Shard::all_reduce
+// completes. Embedding, norms and lm_head are whole on every process.
 //
 // Weights: F32 tensors aligned in the mapping are used in place (zero copy); BF16, F16 and F64 are converted to
 // float once at load, so decode streams float weights (4 bytes each) once per token, through Eigen's
@@ -34,7 +41,9 @@
 // rotary_emb.inv_freq buffers are accepted, as transformers drops them) and a weight that is NaN or infinite
 // ([gqa.decoder.nonfinite], naming the tensor). forward() throws [gqa.decoder.nonfinite] (invalid_argument) when the
 // hidden state or the logits stop being finite (a float overflow), naming the layer; the state then holds part of
-// that step's K/V: clear() it. Messages start "[gqa.decoder.<id>]" and name the field and the value.
+// that step's K/V: clear() it. A Shard that does not fit the config, or whose query heads do not use its KV heads,
+// is refused at load ([gqa.decoder.shard], invalid_argument). Messages start "[gqa.decoder.<id>]" and name the
+// field and the value.
 #pragma once
 
 #include "../cli/printable.hpp"
@@ -83,6 +92,24 @@ struct Linear {
   std::uint64_t bytes() const { return std::uint64_t(rows) * std::uint64_t(cols + (bias ? 1 : 0)) * 4; }
 };
 
+/// The part of every layer one process keeps when the model is split across processes by heads (tensor
+/// parallel): query heads [first_head, first_head + num_heads), the KV heads [first_kv_head, first_kv_head +
+/// num_kv_heads) they use (query head j uses KV head j / (H/G)), and intermediate rows [first_intermediate,
+/// first_intermediate + num_intermediate) of the MLP. o_proj's and down_proj's products over these columns are
+/// partial: all_reduce sums them over the processes in place, and must give every process the same bits (the
+/// residual stream stays identical everywhere). The default, every count 0, is the whole model.
+struct Shard {
+  Index first_head = 0, num_heads = 0;
+  Index first_kv_head = 0, num_kv_heads = 0;
+  Index first_intermediate = 0, num_intermediate = 0;
+  /// Sums a partial product [S, hidden] over the processes; empty for the whole model.
+  std::function<void(Matrix&)> all_reduce;
+  /// Whether this process adds o_proj's bias (one process does, so that the sum holds it once).
+  bool owns_bias = true;
+
+  bool whole() const { return !all_reduce; }
+};
+
 struct Layer {
   const float* input_norm = nullptr;  // [hidden]
   const float* post_norm = nullptr;   // [hidden]
@@ -92,10 +119,18 @@ struct Layer {
 template <typename KV>
 class State;
 
+/// Which part of a tensor a (sharded) Model keeps: rows [begin, begin + count) (axis 0) or columns (axis 1);
+/// count 0: all of it.
+struct TensorPart {
+  int axis = 0;
+  Index begin = 0, count = 0;
+};
+
 class Model {
  public:
-  /// Reads dir/config.json and the weights (see the header comment for what is refused).
-  static Model load(const std::filesystem::path& dir);
+  /// Reads dir/config.json and the weights (see the header comment for what is refused). With a Shard, keeps (and
+  /// converts and checks) only the shard's rows and columns of each layer.
+  static Model load(const std::filesystem::path& dir, Shard shard = {});
 
   Model(Model&&) = default;
   Model& operator=(Model&&) = default;
@@ -103,6 +138,8 @@ class Model {
   Model& operator=(const Model&) = delete;
 
   const Config& config() const noexcept { return cfg_; }
+  /// The part of each layer this model holds (the whole model: every head, Shard::whole()).
+  const Shard& shard() const noexcept { return shard_; }
   /// Layer l's weights and the embedding table [vocab, hidden], for tools that run or train one layer at a time
   /// (gqa-uptrain, examples/uptrain.cpp).
   const Layer& layer(Index l) const { return layers_[size_t(l)]; }
@@ -122,13 +159,16 @@ class Model {
 
  private:
   Model() = default;
-  const float* tensor(const std::string& name, std::vector<std::int64_t> shape, bool required = true);
-  Linear linear(const std::string& prefix, Index rows, Index cols, bool bias_allowed);
+  using Part = TensorPart;
+  const float* tensor(const std::string& name, std::vector<std::int64_t> shape, bool required = true, Part part = {});
+  Linear linear(const std::string& prefix, Index rows, Index cols, bool bias_allowed, Part part = {});
+  void check_shard();
   void load_lm_head();
   void check_all_used() const;
   void rope(Matrix& t, Index heads, Index pos0, const std::vector<double>& inv_freq) const;
 
   Config cfg_;
+  Shard shard_;
   CheckpointFiles files_;                  // the mapping F32 weights point into
   std::deque<std::vector<float>> owned_;   // converted weights (BF16 / F16 / F64, or unaligned F32)
   const float* embed_ = nullptr;           // [vocab, hidden]
@@ -142,11 +182,15 @@ class Model {
 template <typename KV>
 class State {
  public:
-  State(const Config& c, Index capacity) {
+  /// For the whole model.
+  State(const Config& c, Index capacity) : State(c, capacity, c.kv_heads) {}
+  /// For `model`'s KV heads (a sharded model's own heads only).
+  State(const Model& model, Index capacity) : State(model.config(), capacity, model.shard().num_kv_heads) {}
+  State(const Config& c, Index capacity, Index kv_heads) {
     check(capacity > 0 && capacity <= c.max_positions, "context", "a context of ", capacity,
           " tokens is not in [1, max_position_embeddings = ", c.max_positions, "]");
     caches_.reserve(size_t(c.layers));
-    for (Index l = 0; l < c.layers; ++l) caches_.emplace_back(1, c.kv_heads, capacity, c.head_dim);
+    for (Index l = 0; l < c.layers; ++l) caches_.emplace_back(1, kv_heads, capacity, c.head_dim);
   }
   Index position() const { return caches_.front().length(0); }
   Index capacity() const { return caches_.front().capacity(); }
@@ -221,7 +265,9 @@ inline bool all_finite(const float* data, Index n) {
 /// 538 MB, page cache warm, 1 thread of the shared development machine) 0.15-0.24 s of a 0.19-0.37 s load. That is
 /// most of a zero-copy F32 load (a mapping), but it reads the pages the first forward pass reads anyway, and one
 /// prefill of 256 tokens takes 2.5 s; for BF16 / F16 checkpoints it is a fraction of the widening pass.
-inline void check_finite(const std::string& name, const std::vector<std::int64_t>& shape, const float* data) {
+inline void check_finite(const std::string& name, const std::vector<std::int64_t>& shape, const float* data,
+                         Index row0 = 0, Index col0 = 0) {
+  // shape: that of data, a block of the tensor starting at [row0, col0] (a shard's slice), for the position named.
   const Index n = std::accumulate(shape.begin(), shape.end(), Index(1), std::multiplies<>());
   if (all_finite(data, n)) return;
   const Index i = Index(std::find_if(data, data + n, [](float x) { return !std::isfinite(x); }) - data);
@@ -231,9 +277,28 @@ inline void check_finite(const std::string& name, const std::vector<std::int64_t
                                 ? " (layer " + name.substr(layers.size(), name.find('.', layers.size()) - layers.size()) + ")"
                                 : "";
   fail<gqa::format_error>("nonfinite", "tensor '", name, "'", layer, " holds ", data[i],
-                          shape.size() == 2 ? " at [" + std::to_string(i / cols) + ", " + std::to_string(i % cols) + "]"
-                                            : " at [" + std::to_string(i) + "]",
+                          shape.size() == 2 ? " at [" + std::to_string(row0 + i / cols) + ", " +
+                                                  std::to_string(col0 + i % cols) + "]"
+                                            : " at [" + std::to_string(row0 + i) + "]",
                           ": a weight that is not finite makes every output NaN");
+}
+
+/// Elements [first, first + n) of t (any supported dtype, any alignment) as float, into out.
+inline void widen_into(const gqa::safetensors::TensorView& t, Index first, Index n, float* out) {
+  namespace st = gqa::safetensors;
+  const auto copy = [&](auto typed) {
+    using T = decltype(typed);
+    const std::byte* src = t.bytes.data() + first * Index(sizeof(T));
+    for (Index i = 0; i < n; ++i) {
+      std::memcpy(&typed, src + i * Index(sizeof(T)), sizeof(T));
+      out[i] = float(typed);
+    }
+  };
+  if (t.dtype == st::Dtype::F32) copy(float());
+  else if (t.dtype == st::Dtype::BF16) copy(gqa::bfloat16());
+  else if (t.dtype == st::Dtype::F16) copy(gqa::half());
+  else if (t.dtype == st::Dtype::F64) copy(double());  // beyond float range: inf, refused by check_finite
+  else fail("unsupported", "tensor '", t.name, "' has dtype ", st::dtype_name(t.dtype), " (F32, BF16, F16, F64 only)");
 }
 
 /// The residual stream (or the logits) after a step of forward(): NaN or inf there means an overflow in float
@@ -258,7 +323,8 @@ inline void rms_norm(const Matrix& x, const float* weight, double eps, Matrix& o
 
 }  // namespace detail
 
-inline Model Model::load(const std::filesystem::path& dir) {
+/// dir/config.json, parsed and checked (Model::load reads it the same way).
+inline Config read_config(const std::filesystem::path& dir) {
   const auto config_path = dir / "config.json";
   std::ifstream in(config_path, std::ios::binary);
   check<gqa::io_error>(bool(in), "io", "cannot open ", config_path.string());
@@ -268,8 +334,14 @@ inline Model Model::load(const std::filesystem::path& dir) {
   } catch (const nlohmann::json::exception& e) {
     fail<gqa::format_error>("config", config_path.string(), ": not valid JSON: ", detail::escaped(e.what()));
   }
+  return parse_config(j, config_path.string());
+}
+
+inline Model Model::load(const std::filesystem::path& dir, Shard shard) {
   Model m;
-  m.cfg_ = parse_config(j, config_path.string());
+  m.cfg_ = read_config(dir);
+  m.shard_ = std::move(shard);
+  m.check_shard();
   const Config& c = m.cfg_;
   m.files_ = CheckpointFiles::open(dir);
   for (const auto& file : m.files_.files())
@@ -281,7 +353,11 @@ inline Model Model::load(const std::filesystem::path& dir) {
       check(!(ends("mlp.gate_proj.bias") || ends("mlp.up_proj.bias") || ends("mlp.down_proj.bias")), "unsupported",
             dir.string(), ": tensor '", t.name, "' is an MLP bias, which this decoder does not implement");
     }
-  const Index hidden = c.hidden, qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
+  const Index hidden = c.hidden, qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim, D = c.head_dim;
+  const Shard& sh = m.shard_;
+  const Part heads_rows{0, sh.first_head * D, sh.num_heads * D}, heads_cols{1, sh.first_head * D, sh.num_heads * D},
+      kv_rows{0, sh.first_kv_head * D, sh.num_kv_heads * D},
+      mlp_rows{0, sh.first_intermediate, sh.num_intermediate}, mlp_cols{1, sh.first_intermediate, sh.num_intermediate};
   m.embed_ = m.tensor("model.embed_tokens.weight", {c.vocab, hidden});
   m.final_norm_ = m.tensor("model.norm.weight", {hidden});
   for (Index l = 0; l < c.layers; ++l) {
@@ -289,13 +365,13 @@ inline Model Model::load(const std::filesystem::path& dir) {
     Layer L;
     L.input_norm = m.tensor(p + "input_layernorm.weight", {hidden});
     L.post_norm = m.tensor(p + "post_attention_layernorm.weight", {hidden});
-    L.q = m.linear(p + "self_attn.q_proj", qd, hidden, true);
-    L.k = m.linear(p + "self_attn.k_proj", kvd, hidden, true);
-    L.v = m.linear(p + "self_attn.v_proj", kvd, hidden, true);
-    L.o = m.linear(p + "self_attn.o_proj", hidden, qd, true);
-    L.gate = m.linear(p + "mlp.gate_proj", c.intermediate, hidden, false);
-    L.up = m.linear(p + "mlp.up_proj", c.intermediate, hidden, false);
-    L.down = m.linear(p + "mlp.down_proj", hidden, c.intermediate, false);
+    L.q = m.linear(p + "self_attn.q_proj", qd, hidden, true, heads_rows);
+    L.k = m.linear(p + "self_attn.k_proj", kvd, hidden, true, kv_rows);
+    L.v = m.linear(p + "self_attn.v_proj", kvd, hidden, true, kv_rows);
+    L.o = m.linear(p + "self_attn.o_proj", hidden, qd, true, heads_cols);
+    L.gate = m.linear(p + "mlp.gate_proj", c.intermediate, hidden, false, mlp_rows);
+    L.up = m.linear(p + "mlp.up_proj", c.intermediate, hidden, false, mlp_rows);
+    L.down = m.linear(p + "mlp.down_proj", hidden, c.intermediate, false, mlp_cols);
     m.layers_.push_back(L);
   }
   m.load_lm_head();
@@ -322,6 +398,39 @@ inline void Model::load_lm_head() {
   lm_head_ = head ? linear("lm_head", c.vocab, c.hidden, false) : Linear{embed_, nullptr, c.vocab, c.hidden};
 }
 
+/// A Shard's counts of 0 mean the whole model; a partial one must fit the config, and its query heads must use its
+/// KV heads in the whole model's order (local query head j on local KV head j / (num_heads / num_kv_heads)), which
+/// gqa::head_shard's plans do. Refused as gqa::invalid_argument [gqa.decoder.shard], naming the field.
+inline void Model::check_shard() {
+  Shard& s = shard_;
+  const Config& c = cfg_;
+  if (s.num_heads == 0 && s.num_kv_heads == 0 && s.num_intermediate == 0) {
+    check(s.first_head == 0 && s.first_kv_head == 0 && s.first_intermediate == 0, "shard",
+          "Shard: counts 0 (the whole model) with a first head or row that is not 0");
+    s.num_heads = c.heads, s.num_kv_heads = c.kv_heads, s.num_intermediate = c.intermediate;
+  }
+  const auto in = [](Index first, Index count, Index total) { return first >= 0 && count > 0 && first + count <= total; };
+  check(in(s.first_head, s.num_heads, c.heads), "shard", "Shard: query heads [", s.first_head, ", ",
+        s.first_head + s.num_heads, ") are not a non-empty part of num_attention_heads = ", c.heads);
+  check(in(s.first_kv_head, s.num_kv_heads, c.kv_heads), "shard", "Shard: KV heads [", s.first_kv_head, ", ",
+        s.first_kv_head + s.num_kv_heads, ") are not a non-empty part of num_key_value_heads = ", c.kv_heads);
+  check(in(s.first_intermediate, s.num_intermediate, c.intermediate), "shard", "Shard: intermediate rows [",
+        s.first_intermediate, ", ", s.first_intermediate + s.num_intermediate,
+        ") are not a non-empty part of intermediate_size = ", c.intermediate);
+  check(s.num_heads % s.num_kv_heads == 0, "shard", "Shard: num_heads = ", s.num_heads,
+        " is not a multiple of num_kv_heads = ", s.num_kv_heads);
+  const Index group = c.heads / c.kv_heads, local_group = s.num_heads / s.num_kv_heads;
+  for (Index j = 0; j < s.num_heads; ++j)
+    check((s.first_head + j) / group == s.first_kv_head + j / local_group, "shard", "Shard: query head ",
+          s.first_head + j, " uses KV head ", (s.first_head + j) / group, ", which is not the shard's KV head ",
+          s.first_kv_head + j / local_group, " (heads [", s.first_head, ", ", s.first_head + s.num_heads,
+          "), KV heads [", s.first_kv_head, ", ", s.first_kv_head + s.num_kv_heads, "))");
+  const bool whole = s.num_heads == c.heads && s.num_kv_heads == c.kv_heads && s.num_intermediate == c.intermediate;
+  check(whole || s.all_reduce, "shard", "Shard: a part of the model (", s.num_heads, " of ", c.heads,
+        " query heads, ", s.num_intermediate, " of ", c.intermediate,
+        " intermediate rows) needs an all_reduce to complete o_proj's and down_proj's sums");
+}
+
 /// Every tensor of the checkpoint must be one that load() read: a tensor of a layer past num_hidden_layers (or of
 /// a module this decoder does not have) would otherwise be left out silently. Accepted unread, by name, exactly as
 /// transformers 5 drops them for Llama, Mistral and Qwen2 (_adjust_missing_and_unexpected_keys): the
@@ -342,8 +451,10 @@ inline void Model::check_all_used() const {
                           "): config.json does not describe these weights");
 }
 
-/// A float view of tensor `name`, checked against `shape`; nullptr when absent and not required.
-inline const float* Model::tensor(const std::string& name, std::vector<std::int64_t> shape, bool required) {
+/// A float view of tensor `name` (or of `part` of it: a shard's rows or columns), checked against `shape`; nullptr
+/// when absent and not required. F32 rows aligned in the mapping are used in place; anything else is converted
+/// (only the part kept) into owned_.
+inline const float* Model::tensor(const std::string& name, std::vector<std::int64_t> shape, bool required, Part part) {
   namespace st = gqa::safetensors;
   const st::TensorView* t = files_.find(name);
   if (!t) {
@@ -352,31 +463,39 @@ inline const float* Model::tensor(const std::string& name, std::vector<std::int6
   }
   check<gqa::format_error>(t->shape == shape, "shape", "tensor '", name, "' has shape ", st::shape_string(t->shape),
                            " but config.json implies ", st::shape_string(shape));
+  check(t->dtype == st::Dtype::F32 || t->dtype == st::Dtype::BF16 || t->dtype == st::Dtype::F16 ||
+            t->dtype == st::Dtype::F64,
+        "unsupported", "tensor '", name, "' has dtype ", st::dtype_name(t->dtype), " (F32, BF16, F16, F64 only)");
   used_.insert(name);
-  const auto widen = [&](auto typed) {
-    owned_.emplace_back(size_t(t->numel()));
-    std::vector<float>& out = owned_.back();
-    for (size_t i = 0; i < out.size(); ++i) out[i] = float(typed[i]);
-    return out.data();
-  };
+  const Index rows = Index(shape[0]), cols = shape.size() == 2 ? Index(shape[1]) : 1;
+  if (part.count == 0) part = Part{0, 0, rows};
+  std::vector<std::int64_t> kept = shape;
+  kept[size_t(part.axis)] = part.count;
+  const Index row0 = part.axis == 0 ? part.begin : 0, col0 = part.axis == 1 ? part.begin : 0;
   const float* data = nullptr;
-  if (t->dtype == st::Dtype::F32 && reinterpret_cast<std::uintptr_t>(t->bytes.data()) % alignof(float) == 0)
-    data = t->as<float>().data();  // zero copy
-  else if (t->dtype == st::Dtype::F32) data = widen(t->to_vector<float>());
-  else if (t->dtype == st::Dtype::BF16) data = widen(t->to_vector<gqa::bfloat16>());
-  else if (t->dtype == st::Dtype::F16) data = widen(t->to_vector<gqa::half>());
-  else if (t->dtype == st::Dtype::F64) data = widen(t->to_vector<double>());  // beyond float range: inf, refused below
-  else fail("unsupported", "tensor '", name, "' has dtype ", st::dtype_name(t->dtype), " (F32, BF16, F16, F64 only)");
-  detail::check_finite(name, shape, data);
+  if (part.axis == 0 && t->dtype == st::Dtype::F32 &&
+      reinterpret_cast<std::uintptr_t>(t->bytes.data()) % alignof(float) == 0) {
+    data = t->as<float>().data() + row0 * cols;  // zero copy
+  } else {
+    owned_.emplace_back(size_t(part.axis == 0 ? part.count * cols : rows * part.count));
+    float* out = owned_.back().data();
+    if (part.axis == 0) detail::widen_into(*t, row0 * cols, part.count * cols, out);
+    else
+      for (Index r = 0; r < rows; ++r) detail::widen_into(*t, r * cols + col0, part.count, out + r * part.count);
+    data = out;
+  }
+  detail::check_finite(name, kept, data, row0, col0);
   return data;
 }
 
-inline Linear Model::linear(const std::string& prefix, Index rows, Index cols, bool bias_allowed) {
+inline Linear Model::linear(const std::string& prefix, Index rows, Index cols, bool bias_allowed, Part part) {
   Linear L;
-  L.rows = rows;
-  L.cols = cols;
-  L.weight = tensor(prefix + ".weight", {rows, cols});
-  if (bias_allowed) L.bias = tensor(prefix + ".bias", {rows}, false);
+  L.rows = part.count && part.axis == 0 ? part.count : rows;
+  L.cols = part.count && part.axis == 1 ? part.count : cols;
+  L.weight = tensor(prefix + ".weight", {rows, cols}, true, part);
+  // A bias follows the rows kept; a column split's bias (o_proj) is added by one process (Shard::owns_bias).
+  if (bias_allowed) L.bias = tensor(prefix + ".bias", {rows}, false, part.axis == 0 ? part : Part{});
+  if (part.count && part.axis == 1 && !shard_.owns_bias) L.bias = nullptr;
   return L;
 }
 
@@ -416,7 +535,13 @@ template <typename KV>
 void Model::forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix* logits, bool all_positions,
                     Index call_length) const {
   const Config& c = cfg_;
-  const Index S = ids.size(), H = c.heads, G = c.kv_heads, D = c.head_dim, pos0 = state.position();
+  // This model's heads: all of them, or a shard's (whose o_proj and down_proj sums all_reduce completes).
+  const Index S = ids.size(), H = shard_.num_heads, G = shard_.num_kv_heads, D = c.head_dim, pos0 = state.position();
+  check(state.cache(0).kv_heads() == G, "forward", "forward: the state holds ", state.cache(0).kv_heads(),
+        " KV heads per layer but the model ", G, " (make it with State(model, capacity))");
+  const auto complete = [&](Matrix& partial) {
+    if (shard_.all_reduce) shard_.all_reduce(partial);
+  };
   check(S > 0, "forward", "forward: no tokens");
   check(pos0 + S <= state.capacity(), "context", "forward: ", pos0, " cached + ", S, " new tokens exceed the context of ",
         state.capacity());
@@ -444,11 +569,13 @@ void Model::forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix*
     gqa::attention(gqa::token_major<const float>(q.data(), 1, S, H, D), cache, gqa::token_major(attn.data(), 1, S, H, D),
                    opt);
     detail::linear(attn, {{L.o, t}});
+    complete(t);
     x += t;
     detail::rms_norm(x, L.post_norm, c.rms_norm_eps, h);
     detail::linear(h, {{L.gate, gate}, {L.up, up}});
     gate = gate.array() / (1.0f + (-gate.array()).exp()) * up.array();  // SwiGLU: silu(gate) * up
     detail::linear(gate, {{L.down, t}});
+    complete(t);
     x += t;
     detail::check_finite_activations(x, "the hidden state", l, pos0);
   }
@@ -519,7 +646,7 @@ PerplexityResult perplexity(const Model& model, gqa::span<const std::int32_t> id
   check(chunk >= 1, "chunk", "chunk = ", chunk, " must be positive");
   check_ids(ids, c.vocab, "perplexity ids");
   check(ids.size() >= 2, "ids", "perplexity needs at least 2 ids, got ", ids.size());
-  State<KV> state(c, context);
+  State<KV> state(model, context);
   PerplexityResult r;
   Matrix logits;
   for (Index w = 0; w + 1 < ids.size(); w += context) {

@@ -35,3 +35,29 @@ foreach(ranks 1 2 3 4)
   set_tests_properties(test_distributed:np${ranks} PROPERTIES LABELS mpi TIMEOUT 300 PROCESSORS ${ranks}
                        ENVIRONMENT "${gqa_mpi_test_environment}")
 endforeach()
+
+# test_decoder runs `mpirun ... example_decoder ... --tensor-parallel` end to end, with the same environment.
+if(GQA_BUILD_EXAMPLES AND TARGET test_decoder)
+  list(JOIN gqa_mpi_test_environment " " gqa_mpi_env_words)
+  target_compile_definitions(test_decoder PRIVATE
+                             GQA_MPI_RUN="env ${gqa_mpi_env_words} '${MPIEXEC_EXECUTABLE}' ${MPIEXEC_PREFLAGS}")
+endif()
+
+# test_tensor_parallel: the example decoder split by heads across the ranks (examples/model/tensor_parallel.hpp,
+# example_decoder --tensor-parallel). It compiles example code, so it is built with the examples only (like
+# test_decoder; .ci/run's sanitizer stage builds none), on the same P and with the same environment as above.
+if(GQA_BUILD_EXAMPLES AND EXISTS "${PROJECT_SOURCE_DIR}/examples/model/tensor_parallel.hpp")
+  add_executable(test_tensor_parallel ${CMAKE_CURRENT_SOURCE_DIR}/test_tensor_parallel.cpp
+                                      ${CMAKE_CURRENT_SOURCE_DIR}/support/mpi_main.cpp)
+  target_include_directories(test_tensor_parallel PRIVATE ${CMAKE_CURRENT_SOURCE_DIR})
+  target_link_libraries(test_tensor_parallel PRIVATE gqa::mpi gqa::checkpoint Catch2::Catch2 gqa_dev_flags
+                        gqa_test_code_flags)
+  gqa_use_prebuilt(test_tensor_parallel)
+  foreach(ranks 1 2 3 4)
+    add_test(NAME test_tensor_parallel:np${ranks}
+             COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${ranks} --oversubscribe ${MPIEXEC_PREFLAGS}
+                     $<TARGET_FILE:test_tensor_parallel> ${MPIEXEC_POSTFLAGS})
+    set_tests_properties(test_tensor_parallel:np${ranks} PROPERTIES LABELS mpi TIMEOUT 300 PROCESSORS ${ranks}
+                         ENVIRONMENT "${gqa_mpi_test_environment}")
+  endforeach()
+endif()
