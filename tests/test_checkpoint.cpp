@@ -7,6 +7,7 @@
 #include "gqa/checkpoint.hpp"
 
 #include "support/checkpoint_fixtures.hpp"
+#include "support/command.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -34,23 +35,12 @@ using gqa::Index;
 using gqa_test::TempDir;
 using gqa_test::TinyModel;
 
-struct Run {
-  int status = -1;
-  std::string output;  // stdout and stderr
-};
+using Run = gqa_test::CommandRun;
 
 #ifdef GQA_CONVERT_EXE
 /// Runs `PREFIX gqa-convert ARGS` in popen's shell (/bin/sh), stdout and stderr together.
 Run run_tool_with(const std::string& prefix, const std::string& args) {
-  const std::string cmd = prefix + "'" + GQA_CONVERT_EXE + "' " + args + " 2>&1";
-  Run r;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  char buf[4096];
-  for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) r.output.append(buf, n);
-  const int status = ::pclose(p);
-  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return gqa_test::run_command(prefix + "'" + GQA_CONVERT_EXE + "' " + args + " 2>&1");
 }
 Run run_tool(const std::string& args) { return run_tool_with("", args); }
 std::string q(const fs::path& p) { return "'" + p.string() + "'"; }

@@ -14,6 +14,7 @@
 #include "../examples/model/tokenizer.hpp"
 
 #include "gqa/checkpoint.hpp"
+#include "support/command.hpp"
 #include "support/llama_fixture.hpp"
 
 #include <catch2/catch.hpp>
@@ -686,21 +687,8 @@ TEST_CASE("bad ids and contexts are refused, naming the value", "[decoder]") {
 
 #ifdef GQA_DECODER_EXE
 namespace {
-struct Run {
-  int status = -1;
-  std::string out;
-};
-/// Runs a shell command line; its output and exit status.
-Run run_command(const std::string& cmd) {
-  Run r;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  char buf[4096];
-  for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) r.out.append(buf, n);
-  const int status = ::pclose(p);
-  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+using Run = gqa_test::CommandRun;
+using gqa_test::run_command;
 /// Runs example_decoder ARGS; `redirect` " 2>&1" reads stderr too, " 2>/dev/null" stdout only.
 Run run_decoder(const std::string& args, const char* redirect = " 2>&1") {
   return run_command(std::string("'") + GQA_DECODER_EXE + "' " + args + redirect);
@@ -734,11 +722,11 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
 
   SECTION("perplexity: last line, and the library's value") {
     const Run r = run_decoder(model + "perplexity --ids " + ids_file + " --context 16 --threads 2");
-    INFO(r.out);
+    INFO(r.output);
     REQUIRE(r.status == 0);
     const llama::Model m = llama::Model::load(dir / "model");
     const double value = llama::perplexity<float>(m, ids, 16).value();
-    CHECK(same_printed(printed_perplexity(last_line(r.out), 28), value));
+    CHECK(same_printed(printed_perplexity(last_line(r.output), 28), value));
     // The 16- and 8-bit caches: the library's perplexity with the same cache type, to the printed digits.
     const std::pair<const char*, double> kvs[] = {{"bf16", llama::perplexity<gqa::bfloat16>(m, ids, 16).value()},
                                                   {"f16", llama::perplexity<gqa::half>(m, ids, 16).value()},
@@ -747,15 +735,15 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
       INFO("--kv " << kv);
       const Run q = run_decoder(model + "perplexity --ids " + ids_file + " --context 16 --kv " + kv);
       CHECK(q.status == 0);
-      INFO(q.out);
-      CHECK(same_printed(printed_perplexity(last_line(q.out), 28), kv_value));
+      INFO(q.output);
+      CHECK(same_printed(printed_perplexity(last_line(q.output), 28), kv_value));
     }
   }
   SECTION("generate: greedy ids equal the library's argmax continuation") {
     const Run r = run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new 5 --kv bf16");
-    INFO(r.out);
+    INFO(r.output);
     REQUIRE(r.status == 0);
-    CHECK_THAT(r.out, Contains("generated ids: ") && Contains("generated text: ") && Contains("prefill: 30 tokens") &&
+    CHECK_THAT(r.output, Contains("generated ids: ") && Contains("generated text: ") && Contains("prefill: 30 tokens") &&
                           Contains("tokens/s"));
     const llama::Model m = llama::Model::load(dir / "model");
     llama::State<gqa::bfloat16> st(m.config(), 35);
@@ -769,37 +757,37 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
       if (t == f.vocab - 1) break;
       m.forward(gqa::span<const std::int32_t>(&t, 1), st, &logits);
     }
-    CHECK_THAT(r.out, Contains(expected + "\n"));
+    CHECK_THAT(r.output, Contains(expected + "\n"));
     const Run sampled = run_decoder(model + "generate --prompt-ids " + ids_file +
                                     " --max-new 4 --temperature 0.8 --top-k 5 --seed 3");
     CHECK(sampled.status == 0);
     CHECK(run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new 4 --temperature 0.8 --top-k 5 "
-                      "--seed 3").out.substr(0, 40) == sampled.out.substr(0, 40));
+                      "--seed 3").output.substr(0, 40) == sampled.output.substr(0, 40));
   }
   SECTION("bench") {
     const Run r = run_decoder(model + "bench --context 20 --tokens 4 --threads 1");
-    INFO(r.out);
+    INFO(r.output);
     REQUIRE(r.status == 0);
-    CHECK_THAT(last_line(r.out), Catch::Matchers::StartsWith("bench context=20 tokens=4 kv=f32 threads=1 wait_policy=") &&
+    CHECK_THAT(last_line(r.output), Catch::Matchers::StartsWith("bench context=20 tokens=4 kv=f32 threads=1 wait_policy=") &&
                                      Contains(" ms_per_token=") && Contains("bytes_per_token=") &&
                                      Contains("ratio="));
   }
   SECTION("errors") {
     const Run ctx = run_decoder(model + "perplexity --ids " + ids_file + " --context 100");
     CHECK(ctx.status == 1);
-    CHECK_THAT(ctx.out, Contains("[gqa.decoder.context]") && Contains("100"));
+    CHECK_THAT(ctx.output, Contains("[gqa.decoder.context]") && Contains("100"));
     gqa_test::write_text(dir / "bad.txt", "1 2 1000");
     const Run tok = run_decoder(model + "generate --prompt-ids '" + (dir / "bad.txt").string() + "'");
     CHECK(tok.status == 1);
-    CHECK_THAT(tok.out, Contains("[gqa.decoder.token]") && Contains("1000"));
+    CHECK_THAT(tok.output, Contains("[gqa.decoder.token]") && Contains("1000"));
     const Run usage = run_decoder(model + "generate --prompt-ids " + ids_file + " --kv f8");
     CHECK(usage.status == 2);
-    CHECK_THAT(usage.out, Contains("--kv f8") && Contains("usage:"));
+    CHECK_THAT(usage.output, Contains("--kv f8") && Contains("usage:"));
     CHECK(run_decoder(model + "perplexity").status == 2);
     CHECK(run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new 0").status == 2);
     const Run long_gen = run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new 40");
     CHECK(long_gen.status == 1);
-    CHECK_THAT(long_gen.out, Contains("[gqa.decoder.context]") && Contains("max_position_embeddings = 64"));
+    CHECK_THAT(long_gen.output, Contains("[gqa.decoder.context]") && Contains("max_position_embeddings = 64"));
   }
   SECTION("--threads out of range is a usage error, never a crash, a wrap or a silent default") {
     // 100000 crashed in libgomp; 2^31 was ignored (a negative int); 2^32 + 1 ran with 1 thread.
@@ -807,7 +795,7 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
       INFO("--threads " << n);
       const Run r = run_decoder(model + "perplexity --ids " + ids_file + " --context 16 --threads " + n);
       CHECK(r.status == 2);
-      CHECK_THAT(r.out, Contains(std::string("--threads ") + n + ": expected an integer in 1 .. 1024") &&
+      CHECK_THAT(r.output, Contains(std::string("--threads ") + n + ": expected an integer in 1 .. 1024") &&
                             Contains("usage:"));
     }
     CHECK(run_decoder(model + "bench --context 20 --tokens 2 --threads 3").status == 0);
@@ -816,17 +804,17 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
     const std::string big = "9223372036854775807";  // INT64_MAX: adding anything to it overflowed (UBSan)
     const Run bench = run_decoder(model + "bench --context " + big);
     CHECK(bench.status == 1);
-    CHECK_THAT(bench.out, Contains("[gqa.decoder.context]") && Contains("--context " + big + " + --tokens 32") &&
+    CHECK_THAT(bench.output, Contains("[gqa.decoder.context]") && Contains("--context " + big + " + --tokens 32") &&
                               Contains("max_position_embeddings = 64"));
     const Run tokens = run_decoder(model + "bench --context 20 --tokens " + big);
     CHECK(tokens.status == 1);
-    CHECK_THAT(tokens.out, Contains("--context 20 + --tokens " + big));
+    CHECK_THAT(tokens.output, Contains("--context 20 + --tokens " + big));
     const Run gen = run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new " + big);
     CHECK(gen.status == 1);
-    CHECK_THAT(gen.out, Contains("[gqa.decoder.context]") && Contains("--max-new " + big));
+    CHECK_THAT(gen.output, Contains("[gqa.decoder.context]") && Contains("--max-new " + big));
     const Run ppl = run_decoder(model + "perplexity --ids " + ids_file + " --context " + big);
     CHECK(ppl.status == 1);
-    CHECK_THAT(ppl.out, Contains("[gqa.decoder.context]") && Contains("--context " + big));
+    CHECK_THAT(ppl.output, Contains("[gqa.decoder.context]") && Contains("--context " + big));
   }
   SECTION("--help prints the usage to stdout and exits 0") {
     for (const std::string& args : std::vector<std::string>{"--help", "-h", model + "--help", model + "generate --help",
@@ -834,7 +822,7 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
       INFO(args);
       const Run r = run_decoder(args, " 2>/dev/null");
       CHECK(r.status == 0);
-      CHECK_THAT(r.out, Catch::Matchers::StartsWith("usage:\n") && Contains("example_decoder MODEL_DIR generate"));
+      CHECK_THAT(r.output, Catch::Matchers::StartsWith("usage:\n") && Contains("example_decoder MODEL_DIR generate"));
     }
     CHECK(run_decoder("", " 2>/dev/null").status == 2);  // no arguments: still a usage error
   }
@@ -843,24 +831,24 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
       INFO(flags);
       const Run r = run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new 2 " + flags);
       CHECK(r.status == 2);
-      CHECK_THAT(r.out, Contains("needs --temperature > 0"));
+      CHECK_THAT(r.output, Contains("needs --temperature > 0"));
     }
   }
   SECTION("control and non-UTF-8 bytes of an argument are escaped in messages") {
     // --kv gets the bytes 01 ff 1b; the mode 'g\xe9' (Latin-1) is not UTF-8; 'é' in UTF-8 passes through.
     const Run kv = run_decoder(model + "generate --prompt-ids " + ids_file + " --kv \"$(printf 'a\\001\\377\\033')\"");
     CHECK(kv.status == 2);
-    CHECK_THAT(kv.out, Contains("--kv a\\x01\\xff\\x1b: expected"));
+    CHECK_THAT(kv.output, Contains("--kv a\\x01\\xff\\x1b: expected"));
     const Run mode = run_decoder(model + "\"$(printf 'g\\351')\" --ids x");
     CHECK(mode.status == 2);
-    CHECK_THAT(mode.out, Contains("unknown mode 'g\\xe9'"));
+    CHECK_THAT(mode.output, Contains("unknown mode 'g\\xe9'"));
     const Run utf8 = run_decoder(model + "\"$(printf 'gen\\303\\251')\" --ids x");
     CHECK_THAT(utf8.out, Contains("unknown mode 'gen\xC3\xA9'"));
     // A NUL cannot be in an argument, but it can be in a file whose content a message quotes.
     gqa_test::write_text(dir / "nul.txt", std::string("1 2 a\0b\x1b[2J 3", 13));
     const Run nul = run_decoder(model + "perplexity --ids '" + (dir / "nul.txt").string() + "'");
     CHECK(nul.status == 1);
-    CHECK_THAT(nul.out, Contains("[gqa.decoder.ids]") && Contains("'a\\x00b\\x1b[2J'"));
+    CHECK_THAT(nul.output, Contains("[gqa.decoder.ids]") && Contains("'a\\x00b\\x1b[2J'"));
     for (const Run* r : {&kv, &mode, &nul})
       for (const unsigned char c : r->out) CHECK(((c >= 0x20 || c == '\n') && c != 0x7f && c < 0x80));
   }
@@ -875,7 +863,7 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
     });
     const Run r = run_decoder(model + "perplexity --ids " + ids_file + " --context 16");
     CHECK(r.status == 1);
-    CHECK_THAT(r.out, Contains("[gqa.decoder.nonfinite]") && Contains("model.layers.0.self_attn.k_proj.weight") &&
+    CHECK_THAT(r.output, Contains("[gqa.decoder.nonfinite]") && Contains("model.layers.0.self_attn.k_proj.weight") &&
                           Contains("(layer 0)"));
   }
 }
@@ -901,26 +889,26 @@ TEST_CASE("example_decoder tensor-parallel under mpirun prints one process's ids
   };
   const Run one = run_decoder(args, " 2>/dev/null");
   REQUIRE(one.status == 0);
-  const std::string ids_line = one.out.substr(0, one.out.find('\n') + 1);
+  const std::string ids_line = one.output.substr(0, one.output.find('\n') + 1);
   REQUIRE(ids_line.rfind("generated ids: ", 0) == 0);
   for (int ranks : {2, 4}) {
     CAPTURE(ranks);
     const Run r = tensor_parallel(ranks, args);
-    INFO(r.out);
+    INFO(r.output);
     REQUIRE(r.status == 0);
-    CHECK(r.out.rfind(ids_line, 0) == 0);  // the same line, first
-    CHECK(count(r.out, "generated ids:") == 1);  // only rank 0 prints
-    CHECK_THAT(r.out, Contains("tensor parallel: " + std::to_string(ranks) + " ranks"));
+    CHECK(r.output.rfind(ids_line, 0) == 0);  // the same line, first
+    CHECK(count(r.output, "generated ids:") == 1);  // only rank 0 prints
+    CHECK_THAT(r.output, Contains("tensor parallel: " + std::to_string(ranks) + " ranks"));
   }
   const Run bad_p = tensor_parallel(3, args);
-  INFO(bad_p.out);
+  INFO(bad_p.output);
   CHECK(bad_p.status != 0);
-  CHECK(count(bad_p.out, "[gqa.distributed.ranks] head_shard: P = 3 ranks cannot split H = 8") == 1);
+  CHECK(count(bad_p.output, "[gqa.distributed.ranks] head_shard: P = 3 ranks cannot split H = 8") == 1);
   const Run bad_ids = tensor_parallel(2, "'" + (dir / "model").string() + "' generate --prompt-ids '" +
                                              (dir / "missing.txt").string() + "'");
-  INFO(bad_ids.out);
+  INFO(bad_ids.output);
   CHECK(bad_ids.status != 0);
-  CHECK(count(bad_ids.out, "cannot open ids file") == 1);  // every rank failed; one says so
+  CHECK(count(bad_ids.output, "cannot open ids file") == 1);  // every rank failed; one says so
 }
 #endif
 #endif

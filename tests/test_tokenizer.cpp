@@ -15,6 +15,7 @@
 #include "../examples/model/tokenizer.hpp"
 
 #include "support/checkpoint_fixtures.hpp"
+#include "support/command.hpp"
 #include "support/llama_fixture.hpp"
 
 #include <catch2/catch.hpp>
@@ -268,20 +269,9 @@ TEST_CASE("detokenizer refuses ids outside [0, 2^31), naming the piece", "[token
 
 #ifdef GQA_DECODER_EXE
 namespace {
-struct Run {
-  int status = -1;
-  std::string out;
-};
+using Run = gqa_test::CommandRun;
 Run run_decoder(const std::string& args) {
-  const std::string cmd = std::string("'") + GQA_DECODER_EXE + "' " + args + " 2>/dev/null";
-  Run r;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  char buf[4096];
-  for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) r.out.append(buf, n);
-  const int status = ::pclose(p);
-  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return gqa_test::run_command(std::string("'") + GQA_DECODER_EXE + "' " + args + " 2>/dev/null");
 }
 std::string line_with(const std::string& out, const std::string& start) {
   const auto at = out.find(start);
@@ -308,7 +298,7 @@ TEST_CASE("example_decoder: tokenize, generate --prompt and perplexity --text en
   const Run tok = run_decoder(model + "tokenize --text '" + (dir / "text.txt").string() + "'");
   REQUIRE(tok.status == 0);
   std::vector<std::int32_t> printed;
-  std::istringstream words(tok.out);
+  std::istringstream words(tok.output);
   for (std::int32_t id; words >> id;) printed.push_back(id);
   CHECK(printed == ids);
 
@@ -316,14 +306,14 @@ TEST_CASE("example_decoder: tokenize, generate --prompt and perplexity --text en
   const Run by_ids = run_decoder(model + "generate --max-new 3 --prompt-ids '" + (dir / "ids.txt").string() + "'");
   REQUIRE(by_text.status == 0);
   REQUIRE(by_ids.status == 0);
-  CHECK(line_with(by_text.out, "generated ids:") == line_with(by_ids.out, "generated ids:"));
-  CHECK(line_with(by_text.out, "generated ids:") != "");
+  CHECK(line_with(by_text.output, "generated ids:") == line_with(by_ids.output, "generated ids:"));
+  CHECK(line_with(by_text.output, "generated ids:") != "");
 
   const Run ppl_text = run_decoder(model + "perplexity --text '" + (dir / "text.txt").string() + "'");
   const Run ppl_ids = run_decoder(model + "perplexity --ids '" + (dir / "ids.txt").string() + "'");
   REQUIRE(ppl_text.status == 0);
-  CHECK(line_with(ppl_text.out, "perplexity ") == line_with(ppl_ids.out, "perplexity "));
-  CHECK(line_with(ppl_text.out, "perplexity ") != "");
+  CHECK(line_with(ppl_text.output, "perplexity ") == line_with(ppl_ids.output, "perplexity "));
+  CHECK(line_with(ppl_text.output, "perplexity ") != "");
 
   CHECK(run_decoder(model + "generate --prompt x --prompt-ids '" + (dir / "ids.txt").string() + "'").status == 2);
   CHECK(run_decoder(model + "perplexity --text '" + (dir / "nowhere.txt").string() + "'").status == 1);
