@@ -843,14 +843,14 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
     CHECK(mode.status == 2);
     CHECK_THAT(mode.output, Contains("unknown mode 'g\\xe9'"));
     const Run utf8 = run_decoder(model + "\"$(printf 'gen\\303\\251')\" --ids x");
-    CHECK_THAT(utf8.out, Contains("unknown mode 'gen\xC3\xA9'"));
+    CHECK_THAT(utf8.output, Contains("unknown mode 'gen\xC3\xA9'"));
     // A NUL cannot be in an argument, but it can be in a file whose content a message quotes.
     gqa_test::write_text(dir / "nul.txt", std::string("1 2 a\0b\x1b[2J 3", 13));
     const Run nul = run_decoder(model + "perplexity --ids '" + (dir / "nul.txt").string() + "'");
     CHECK(nul.status == 1);
     CHECK_THAT(nul.output, Contains("[gqa.decoder.ids]") && Contains("'a\\x00b\\x1b[2J'"));
     for (const Run* r : {&kv, &mode, &nul})
-      for (const unsigned char c : r->out) CHECK(((c >= 0x20 || c == '\n') && c != 0x7f && c < 0x80));
+      for (const unsigned char c : r->output) CHECK(((c >= 0x20 || c == '\n') && c != 0x7f && c < 0x80));
   }
   SECTION("a NaN weight is an error naming the tensor, not perplexity nan") {
     rewrite_weights(dir / "model", [&](auto& tensors, auto& keep) {
