@@ -3,7 +3,9 @@
 //
 // Offers (namespace uptrain):
 //   Options, Train, Inputs, Target  what to train and how (the command line's flags, examples/uptrain.cpp)
-//   uptrain_checkpoint  the whole run: load, check, distill layer by layer, write; returns one LayerReport per layer
+//   uptrain_checkpoint  the whole run: load, check, distill layer by layer (resuming saved layers), write; returns
+//                       one LayerReport per layer
+//   result_options      the options that change the result, as --resume compares them
 //   check_compatible    the original and converted configs describe the same model but for num_key_value_heads
 //
 // The run, with N calibration windows of S tokens (each at positions 0 .. S-1, as example_decoder's perplexity):
@@ -23,6 +25,13 @@
 // Determinism: windows are threaded, each on one thread, and reduced in a fixed order (distill.hpp), so the output is
 // bitwise identical for every --threads.
 //
+// Progress and resume (progress.hpp): after each layer its trained tensors and a manifest are saved atomically in
+// ".<OUTPUT>.gqa-progress" beside the output; with Options::resume the run restores the saved layers, advances both
+// streams through them with the same per-window passes, and trains from the first unsaved layer. Each layer's
+// training is self-contained (a fresh Adam, an RNG seeded from the seed and the layer), so the result is bitwise that
+// of an uninterrupted run. The progress is removed once the output is committed; on a cancel or a failure the
+// finished layers stay (none finished: the directory is removed). Options::on_step reports every Adam step.
+//
 // Output: the converted checkpoint with every layer's trained tensors (k_proj/v_proj weight and bias; with qkvo also
 // q_proj weight and bias and o_proj weight) replaced, in the converted tensor's dtype: the same safetensors files,
 // tensor order, metadata and index, config.json and the other top-level files copied. Written as gqa-convert writes (gqa/checkpoint.hpp: the output path rules, a staging directory moved
@@ -30,8 +39,11 @@
 // which gqa/checkpoint.hpp includes.
 //
 // Errors: gqa::invalid_argument [gqa.uptrain.*] for options out of range, architectures that differ, too few
-// calibration ids; llama::Model::load's and llama::read_ids's errors ([gqa.decoder.*], e.g. an id outside the
-// vocabulary) and gqa::convert_checkpoint's path rules ([gqa.checkpoint.*]) as they are.
+// calibration ids; [gqa.uptrain.resume] for --resume with other inputs or options (each one named);
+// [gqa.uptrain.progress] for progress a fresh run would overwrite (without --force); gqa::format_error
+// [gqa.uptrain.progress] for a damaged manifest or layer file; gqa::io_error [gqa.uptrain.busy] while another run
+// holds the progress directory's lock; llama::Model::load's and llama::read_ids's errors ([gqa.decoder.*], e.g. an
+// id outside the vocabulary) and gqa::convert_checkpoint's path rules ([gqa.checkpoint.*]) as they are.
 #pragma once
 
 #include "../model/llama.hpp"
