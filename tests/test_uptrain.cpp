@@ -458,7 +458,7 @@ TEST_CASE("a run stopped after a layer, then resumed, writes bitwise the uninter
   CHECK(!fs::exists(progress_dir(c.output)));
 }
 
-TEST_CASE("--resume refuses progress made with other inputs or options, naming what differs", "[uptrain][resume]") {
+TEST_CASE("resuming refuses progress made with other inputs or options, naming what differs", "[uptrain][resume]") {
   Checkpoints c(1);
   uptrain::Options o = c.options();
   o.steps = 10;
@@ -490,7 +490,7 @@ TEST_CASE("--resume refuses progress made with other inputs or options, naming w
   CHECK(!fs::exists(c.output));
 }
 
-TEST_CASE("--resume with nothing saved starts at layer 1 and says so", "[uptrain][resume]") {
+TEST_CASE("resuming with nothing saved starts at layer 1 and says so", "[uptrain][resume]") {
   Checkpoints c(1);
   uptrain::Options o = c.options();
   o.steps = 10;
