@@ -9,7 +9,12 @@
 //     loads in the decoder; --train kv leaves q_proj/o_proj as converted, qkvo replaces them;
 //   * an exact expansion (G = 2 -> 8) is detected as exact: no layer trained, weights written back bit for bit;
 //   * the output is bitwise identical for 1, 2 and 3 threads (both --train sets);
-//   * refusals (typed, naming the argument), with nothing left in the output's parent directory.
+//   * refusals (typed, naming the argument), with nothing left in the output's parent directory;
+//   * resume (examples/uptrain/progress.hpp): a run stopped after its first layer, then resumed, writes bitwise the
+//     uninterrupted run's output; --resume refuses progress made with another option or calibration file, naming
+//     it; a fresh run refuses to overwrite progress without --force; --resume with nothing saved starts at layer 1;
+//     the real gqa-uptrain killed (SIGKILL, SIGTERM) at seeded random moments, then --resume, writes the
+//     uninterrupted run's bytes, and no OUTPUT_DIR exists before the resume.
 // When tests/cmake/uptrain.cmake passes GQA_UPTRAIN_EXE, the gqa-uptrain command line is run end to end too.
 #include "../examples/uptrain/uptrain.hpp"
 
@@ -22,12 +27,20 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <thread>
+
 #include <sys/wait.h>
+#include <unistd.h>
 
 namespace {
 
@@ -391,6 +404,108 @@ TEST_CASE("bad input is refused with a typed error naming it, and nothing is wri
   }
 }
 
+/// Runs `o` on `out` and stops it (as a signal would, through Options::cancel) once its first layer is finished;
+/// returns the message of the interruption.
+std::string stop_after_first_layer(const Checkpoints& c, uptrain::Options o, const fs::path& out) {
+  std::atomic<int> stop{0};
+  o.cancel = &stop;
+  o.on_layer = [&](const uptrain::LayerReport&) { stop = SIGTERM; };
+  try {
+    c.run(o, out);
+  } catch (const gqa::io_error& e) {
+    return e.what();
+  }
+  FAIL("the run was not stopped");
+  return {};
+}
+
+fs::path progress_dir(const fs::path& out) { return uptrain::progress::directory_of(out); }
+
+TEST_CASE("a run stopped after a layer, then resumed, writes bitwise the uninterrupted run's output",
+          "[uptrain][resume]") {
+  Checkpoints c(1, true);
+  uptrain::Options o = c.options();
+  o.steps = 20;
+  // Residual targets and converted inputs read both streams at each layer's input: the resume must rebuild them.
+  o.target = GENERATE(uptrain::Target::output, uptrain::Target::residual);
+  o.train = GENERATE(uptrain::Train::kv, uptrain::Train::qkvo);
+  const auto reference = c.run(o, c.dir / "reference");
+  const auto expected = gqa_test::read_bytes(c.dir / "reference" / "model.safetensors");
+  CHECK(!fs::exists(progress_dir(c.dir / "reference")));  // removed once the output is committed
+
+  const std::string stopped = stop_after_first_layer(c, o, c.output);
+  CHECK_THAT(stopped, Contains("[gqa.checkpoint.interrupted]") && Contains("the 1 finished layer(s) are kept in") &&
+                          Contains("--resume continues"));
+  CHECK(!fs::exists(c.output));
+  CHECK(fs::exists(progress_dir(c.output) / "layer-0.safetensors"));
+  CHECK(!fs::exists(progress_dir(c.output) / "layer-1.safetensors"));
+
+  uptrain::Options resumed = o;
+  resumed.resume = true;
+  resumed.threads = 3;  // the result does not depend on it, so neither does the resume
+  std::vector<std::string> notes;
+  resumed.on_message = [&](const std::string& m) { notes.push_back(m); };
+  const auto reports = c.run(resumed, c.output);
+  REQUIRE(reports.size() == 2);
+  CHECK(reports[0].resumed);
+  CHECK(!reports[1].resumed);
+  CHECK(reports[0].loss_after == reference[0].loss_after);  // the saved report, exactly
+  CHECK(reports[1].loss_after == reference[1].loss_after);
+  REQUIRE(!notes.empty());
+  CHECK_THAT(notes[0], Contains("1 finished layer(s)"));
+  CHECK(gqa_test::read_bytes(c.output / "model.safetensors") == expected);
+  CHECK(gqa::detail::is_marked_output(c.output));
+  CHECK(!fs::exists(progress_dir(c.output)));
+}
+
+TEST_CASE("resuming refuses progress made with other inputs or options, naming what differs", "[uptrain][resume]") {
+  Checkpoints c(1);
+  uptrain::Options o = c.options();
+  o.steps = 10;
+  stop_after_first_layer(c, o, c.output);
+  const auto listing = entries(progress_dir(c.output));
+  uptrain::Options bad = o;
+  bad.resume = true;
+  SECTION("another option") {
+    bad.lr = 0.02;
+    bad.seed = 5;
+    require_refused<gqa::invalid_argument>(c, bad, c.ids, "--lr: '0.01' then, '0.02' now");
+    require_refused<gqa::invalid_argument>(c, bad, c.ids, "--seed: '0' then, '5' now");
+  }
+  SECTION("another calibration file") {
+    gqa_test::write_text(c.dir / "other.ids", gqa_test::read_text(c.ids) + " 7\n");
+    require_refused<gqa::invalid_argument>(c, bad, c.dir / "other.ids", "calibration ids: '64 ids");
+    require_refused<gqa::invalid_argument>(c, bad, c.dir / "other.ids", "--calibration: '");
+  }
+  SECTION("without --resume, unless --force") {
+    uptrain::Options fresh = o;
+    require_refused<gqa::invalid_argument>(c, fresh, c.ids, "pass --resume to continue it, or --force to discard it");
+    fresh.force = true;  // discards the progress and starts over
+    const auto reports = c.run(fresh, c.output);
+    CHECK(!reports[0].resumed);
+    CHECK(!fs::exists(progress_dir(c.output)));
+    return;
+  }
+  CHECK(entries(progress_dir(c.output)) == listing);  // the refusals left the progress as it was
+  CHECK(!fs::exists(c.output));
+}
+
+TEST_CASE("resuming with nothing saved starts at layer 1 and says so", "[uptrain][resume]") {
+  Checkpoints c(1);
+  uptrain::Options o = c.options();
+  o.steps = 10;
+  c.run(o, c.dir / "reference");
+  o.resume = true;
+  std::vector<std::string> notes;
+  o.on_message = [&](const std::string& m) { notes.push_back(m); };
+  const auto reports = c.run(o, c.output);
+  CHECK(!reports[0].resumed);
+  REQUIRE(!notes.empty());
+  CHECK_THAT(notes[0], Contains("nothing to resume in") && Contains("starting at layer 1"));
+  CHECK(gqa_test::read_bytes(c.output / "model.safetensors") ==
+        gqa_test::read_bytes(c.dir / "reference" / "model.safetensors"));
+}
+
 #ifdef GQA_UPTRAIN_EXE
 int run_command(const std::string& command) {
   const int status = std::system(command.c_str());
@@ -461,6 +576,90 @@ TEST_CASE("gqa-uptrain --threads 1 runs on one thread: nothing inside a window f
   const auto two = teams("2");
   CHECK(two.count("level=1 size=2") == 1);
   CHECK(two.size() == 1);
+}
+/// Lines in a text file so far (0 if it does not exist yet).
+std::size_t line_count(const fs::path& path) {
+  std::ifstream in(path);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return std::size_t(std::count(text.begin(), text.end(), '\n'));
+}
+
+/// Starts `command` (through sh -c "exec ...", so the pid is the tool's own) with its output in `log`, sends `sig`
+/// once `log` holds `lines` lines, and returns the wait status.
+int run_and_signal(const std::string& command, const fs::path& log, std::size_t lines, int sig) {
+  const std::string line = "exec " + command + " > " + log.string() + " 2>&1";
+  fs::remove(log);  // the signal waits for the tool's own lines: it never reaches the child before its exec
+  const pid_t pid = ::fork();
+  if (pid == 0) {  // only async-signal-safe calls until the exec (the parent has other threads)
+    ::execl("/bin/sh", "sh", "-c", line.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  REQUIRE(pid > 0);
+  int status = 0;
+  for (auto t0 = std::chrono::steady_clock::now(); std::chrono::steady_clock::now() - t0 < std::chrono::minutes(2);) {
+    if (::waitpid(pid, &status, WNOHANG) == pid) return status;  // ended before the signal
+    if (line_count(log) >= lines) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ::kill(pid, sig);
+  ::waitpid(pid, &status, 0);
+  return status;
+}
+
+TEST_CASE("gqa-uptrain killed at a random moment, then --resume, writes bitwise the uninterrupted run's output",
+          "[uptrain][cli][resume]") {
+  Checkpoints c(1, true);
+  const std::string exe = GQA_UPTRAIN_EXE;
+  const fs::path log = c.dir / "log.txt";
+  // A progress line every step: the moment of each signal is drawn as a line of the run's output (a step of either
+  // layer, or the last layer's report, after which the checkpoint is written), so that it lands inside the run.
+  const auto command = [&](const fs::path& out) {
+    return exe + " " + c.original.string() + " " + c.converted.string() + " " + out.string() + " --calibration " +
+           c.ids.string() + " --window 16 --batch 2 --steps 100 --lr 0.01 --target residual --threads 2" +
+           " --progress 0.000001";
+  };
+  REQUIRE(run_command(command(c.dir / "reference") + " > " + log.string() + " 2>&1") == 0);
+  const auto expected = gqa_test::read_bytes(c.dir / "reference" / "model.safetensors");
+  const std::string reference_log = gqa_test::read_text(log);
+  const auto last = reference_log.find("layer 2/2: loss");
+  REQUIRE(last != std::string::npos);
+  const std::size_t lines = std::size_t(std::count(reference_log.begin(), reference_log.begin() + Index(last), '\n')) + 1;
+  gqa_test::Rng rng(2026);
+  for (const int sig : {SIGKILL, SIGKILL, SIGKILL, SIGKILL, SIGTERM}) {
+    // 1 .. lines - 1: after the last layer's report the tiny checkpoint is written in a few milliseconds, a race the
+    // 1 ms poll could lose (that a killed write leaves no OUTPUT_DIR is test_output_directory's).
+    const std::size_t at = 1 + std::size_t(rng.uniform01() * double(lines - 1));
+    INFO("signal " << sig << " after line " << at << " of " << lines);
+    const int status = run_and_signal(command(c.output), log, at, sig);
+    REQUIRE(WIFSIGNALED(status));
+    CHECK(WTERMSIG(status) == sig);
+    CHECK(!fs::exists(c.output));  // nothing that looks complete: no OUTPUT_DIR at all
+    if (sig == SIGTERM) CHECK_THAT(gqa_test::read_text(log), Contains("was not written"));
+    REQUIRE(run_command(command(c.output) + " --resume > " + log.string() + " 2>&1") == 0);
+    CHECK_THAT(gqa_test::read_text(log), Contains("done:"));
+    CHECK(gqa_test::read_bytes(c.output / "model.safetensors") == expected);
+    CHECK(!fs::exists(progress_dir(c.output)));
+    fs::remove_all(c.output);
+  }
+}
+
+TEST_CASE("gqa-uptrain prints progress lines with an ETA and a summary table", "[uptrain][cli]") {
+  Checkpoints c(1);
+  const std::string log = (c.dir / "log.txt").string();
+  const std::string run = std::string(GQA_UPTRAIN_EXE) + " " + c.original.string() + " " + c.converted.string() +
+                          " " + c.output.string() + " --calibration " + c.ids.string() +
+                          " --window 16 --batch 2 --steps 50 --lr 0.01 --force";
+  REQUIRE(run_command(run + " --progress 0 > " + log + " 2>&1") == 0);
+  std::string out = gqa_test::read_text(log);
+  CHECK_THAT(out, Contains("layer 1/2: loss") && Contains("loss before") && Contains("rel after") &&
+                      Contains("each finished layer is saved in") && Contains("mean"));
+  CHECK_THAT(out, !Contains("ETA"));  // --progress 0: none
+  REQUIRE(run_command(run + " --progress 0.000001 > " + log + " 2>&1") == 0);
+  out = gqa_test::read_text(log);
+  CHECK_THAT(out, Contains("layer 2/2 step 50/50: batch loss") && Contains("ETA layer 0 s, run 0 s"));
+  CHECK_THAT(out, Contains("layer 1/2 step 1/50: batch loss"));
+  CHECK(run_command(run + " --progress -1 > " + log + " 2>&1") == 2);
+  CHECK_THAT(gqa_test::read_text(log), Contains("--progress needs a number >= 0, not '-1'"));
 }
 #endif
 

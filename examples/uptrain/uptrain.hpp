@@ -3,7 +3,9 @@
 //
 // Offers (namespace uptrain):
 //   Options, Train, Inputs, Target  what to train and how (the command line's flags, examples/uptrain.cpp)
-//   uptrain_checkpoint  the whole run: load, check, distill layer by layer, write; returns one LayerReport per layer
+//   uptrain_checkpoint  the whole run: load, check, distill layer by layer (resuming saved layers), write; returns
+//                       one LayerReport per layer
+//   result_options      the options that change the result, as --resume compares them
 //   check_compatible    the original and converted configs describe the same model but for num_key_value_heads
 //
 // The run, with N calibration windows of S tokens (each at positions 0 .. S-1, as example_decoder's perplexity):
@@ -23,6 +25,13 @@
 // Determinism: windows are threaded, each on one thread, and reduced in a fixed order (distill.hpp), so the output is
 // bitwise identical for every --threads.
 //
+// Progress and resume (progress.hpp): after each layer its trained tensors and a manifest are saved atomically in
+// ".<OUTPUT>.gqa-progress" beside the output; with Options::resume the run restores the saved layers, advances both
+// streams through them with the same per-window passes, and trains from the first unsaved layer. Each layer's
+// training is self-contained (a fresh Adam, an RNG seeded from the seed and the layer), so the result is bitwise that
+// of an uninterrupted run. The progress is removed once the output is committed; on a cancel or a failure the
+// finished layers stay (none finished: the directory is removed). Options::on_step reports every Adam step.
+//
 // Output: the converted checkpoint with every layer's trained tensors (k_proj/v_proj weight and bias; with qkvo also
 // q_proj weight and bias and o_proj weight) replaced, in the converted tensor's dtype: the same safetensors files,
 // tensor order, metadata and index, config.json and the other top-level files copied. Written as gqa-convert writes (gqa/checkpoint.hpp: the output path rules, a staging directory moved
@@ -30,12 +39,16 @@
 // which gqa/checkpoint.hpp includes.
 //
 // Errors: gqa::invalid_argument [gqa.uptrain.*] for options out of range, architectures that differ, too few
-// calibration ids; llama::Model::load's and llama::read_ids's errors ([gqa.decoder.*], e.g. an id outside the
-// vocabulary) and gqa::convert_checkpoint's path rules ([gqa.checkpoint.*]) as they are.
+// calibration ids; [gqa.uptrain.resume] for --resume with other inputs or options (each one named);
+// [gqa.uptrain.progress] for progress a fresh run would overwrite (without --force); gqa::format_error
+// [gqa.uptrain.progress] for a damaged manifest or layer file; gqa::io_error [gqa.uptrain.busy] while another run
+// holds the progress directory's lock; llama::Model::load's and llama::read_ids's errors ([gqa.decoder.*], e.g. an
+// id outside the vocabulary) and gqa::convert_checkpoint's path rules ([gqa.checkpoint.*]) as they are.
 #pragma once
 
 #include "../model/llama.hpp"
 #include "distill.hpp"
+#include "progress.hpp"
 
 #include <gqa/checkpoint.hpp>
 
@@ -74,8 +87,17 @@ struct Options {
   Inputs inputs = Inputs::converted;
   Train train = Train::qkvo;
   Target target = Target::output;
+  bool resume = false;      ///< continue from the progress directory (progress.hpp) if there is one
   std::function<void(const struct LayerReport&)> on_layer;  ///< progress, once per layer
+  std::function<void(const struct StepReport&)> on_step;    ///< progress, after every Adam step
+  std::function<void(const std::string&)> on_message;       ///< notes: where the progress is kept, what was resumed
   const std::atomic<int>* cancel = nullptr;                 ///< nonzero: stop (a signal handler sets it)
+};
+
+/// One Adam step of one layer, for a progress line: the step's mini-batch loss and the time since training began.
+struct StepReport {
+  Index layer = 0, layers = 0, step = 0, steps = 0;
+  double batch_loss = 0, target_power = 0, seconds = 0;
 };
 
 struct LayerReport {
@@ -84,6 +106,7 @@ struct LayerReport {
   double target_power = 0;                 ///< mean(Y^2): loss / target_power is the relative error
   bool exact = false;                      ///< loss at rounding level before training: not trained
   bool kept = false;                       ///< training did not lower the loss: converted weights kept
+  bool resumed = false;                    ///< restored from the progress directory (seconds: the earlier run's)
   double seconds = 0;
 };
 
@@ -143,6 +166,20 @@ inline void check_options(const Options& o, const llama::Config& c) {
   check(o.threads >= 0, "options", "--threads ", o.threads, " must be >= 0");
   check(o.target == Target::output || o.inputs == Inputs::converted, "options",
         "--target residual needs --inputs converted (with the original's inputs there is no drift to undo)");
+}
+
+/// The options that change the result, as the command line spells them (what --resume compares; not --threads).
+inline progress::Inputs result_options(const Options& o) {
+  char lr[40];
+  std::snprintf(lr, sizeof lr, "%.17g", o.lr);
+  return {{"--steps", std::to_string(o.steps)},
+          {"--batch", std::to_string(o.batch)},
+          {"--window", std::to_string(o.window)},
+          {"--lr", lr},
+          {"--seed", std::to_string(o.seed)},
+          {"--train", o.train == Train::kv ? "kv" : "qkvo"},
+          {"--inputs", o.inputs == Inputs::converted ? "converted" : "original"},
+          {"--target", o.target == Target::output ? "output" : "residual"}};
 }
 
 namespace detail {
@@ -245,7 +282,7 @@ inline void record_weights(Index l, const LayerWeights<float>& p, std::map<std::
 inline void check_cancel(const Options& o) {
   if (o.cancel && o.cancel->load() != 0)
     throw gqa::io_error("[gqa.checkpoint.interrupted] interrupted (signal " + std::to_string(o.cancel->load()) +
-                        "); nothing was written");
+                        ")");
 }
 
 /// Trains p on `prob` (see the header comment); fills the report's losses and flags.
@@ -268,6 +305,7 @@ inline void train_layer(const LayerProblem<float>& prob, LayerWeights<float>& p,
   size_t next = order.size();  // reshuffle on first use
   const Index B = std::min(o.batch, N);
   LayerWeights<float> g;
+  const auto t0 = std::chrono::steady_clock::now();
   for (Index step = 0; step < o.steps; ++step) {
     check_cancel(o);
     std::vector<Index> batch;
@@ -278,9 +316,12 @@ inline void train_layer(const LayerProblem<float>& prob, LayerWeights<float>& p,
       }
       batch.push_back(order[next++]);
     }
-    batch_loss(prob, p, batch, &g, o.threads);
+    const double loss = batch_loss(prob, p, batch, &g, o.threads);
     const double lr = o.lr * 0.5 * (1 + std::cos(M_PI * double(step) / double(o.steps)));
     adam.step(p, g, lr);
+    if (o.on_step)
+      o.on_step({layer, r.layers, step, o.steps, loss, r.target_power,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()});
   }
   r.loss_after = batch_loss(prob, p, all, nullptr, o.threads);
   if (!(r.loss_after < r.loss_before)) {
@@ -351,12 +392,99 @@ inline void write_checkpoint(const std::filesystem::path& converted, const gqa::
 
 }  // namespace detail
 
+namespace detail {
+
+/// Everything a layer's training reads besides its weights: the models, the windows' rotary tables, the residual
+/// streams at the current layer's input (h_orig always; h_conv with Inputs::converted).
+struct Run {
+  const llama::Model& orig;
+  const llama::Model& conv;
+  Index S = 0;
+  int threads = 0;
+  Rope<float> rope, rope_conv;
+  Matrix h_orig, h_conv;
+};
+
+/// Layer l's problem from the streams at its input; advances h_orig past layer l.
+inline LayerProblem<float> layer_problem(Run& run, Index l, const Options& o) {
+  const llama::Config &c = run.orig.config(), &cc = run.conv.config();
+  const llama::Layer& Lc = run.conv.layer(l);
+  LayerProblem<float> prob;
+  prob.window = run.S;
+  prob.heads = cc.heads;
+  prob.kv_heads = cc.kv_heads;
+  prob.head_dim = cc.head_dim;
+  prob.sliding_window = uniform_window(cc);
+  prob.rope = &run.rope_conv;
+  if (o.train == Train::kv) prob.wo = Lc.o.w();
+  Matrix* q_wanted = o.train == Train::kv ? &prob.q : nullptr;  // fixed queries only when W_q is not trained
+  Matrix drift;
+  if (o.target == Target::residual) drift = run.h_orig - run.h_conv;  // at the layer's input, before h_orig advances
+  run_layer_all(run.orig.layer(l), c, run.rope, run.S, run.h_orig, o.inputs == Inputs::original ? &prob.x : nullptr,
+                o.inputs == Inputs::original ? q_wanted : nullptr, &prob.y, run.threads);
+  if (o.inputs == Inputs::converted) {  // the converted model's own inputs: X (and Q) of h_conv
+    Matrix scratch = run.h_conv;
+    run_layer_all(Lc, cc, run.rope_conv, run.S, scratch, &prob.x, q_wanted, nullptr, run.threads);
+  }
+  if (o.target == Target::residual) prob.y += drift;
+  return prob;
+}
+
+/// Advances h_conv past layer l with its trained weights p (Inputs::converted only).
+inline void advance_converted(Run& run, Index l, const LayerWeights<float>& p, const Options& o) {
+  if (o.inputs == Inputs::converted)
+    run_layer_all(with_weights(run.conv.layer(l), p), run.conv.config(), run.rope_conv, run.S, run.h_conv, nullptr,
+                  nullptr, nullptr, run.threads);
+}
+
+/// Layer l restored from the progress directory: its weights, its report, and both streams advanced past it by
+/// the same passes an uninterrupted run made (progress.hpp: why that is bitwise the same state).
+inline LayerReport restore_layer(Run& run, Index l, const progress::Progress& saved, const Options& o,
+                                 LayerWeights<float>& p) {
+  p = initial_weights(run.conv.layer(l), o.train);
+  saved.load_weights(l, p);
+  run_layer_all(run.orig.layer(l), run.orig.config(), run.rope, run.S, run.h_orig, nullptr, nullptr, nullptr,
+                run.threads);
+  advance_converted(run, l, p, o);
+  const progress::SavedLayer& s = saved.layer(l);
+  LayerReport r;
+  r.layer = l;
+  r.layers = run.orig.config().layers;
+  r.loss_before = s.loss_before;
+  r.loss_after = s.loss_after;
+  r.target_power = s.target_power;
+  r.exact = s.exact;
+  r.kept = s.kept;
+  r.seconds = s.seconds;
+  r.resumed = true;
+  return r;
+}
+
+/// Trains layer l from the streams at its input and advances them past it.
+inline LayerReport train_next_layer(Run& run, Index l, const Options& o, LayerWeights<float>& p) {
+  const auto t0 = std::chrono::steady_clock::now();
+  check_cancel(o);
+  const llama::Layer& Lc = run.conv.layer(l);
+  check((Lc.k.bias == nullptr) == (Lc.v.bias == nullptr), "unsupported", "CONVERTED_DIR: layer ", l,
+        " has a bias on only one of k_proj and v_proj (both or neither are trained)");
+  const LayerProblem<float> prob = layer_problem(run, l, o);
+  p = initial_weights(Lc, o.train);
+  LayerReport r;
+  r.layer = l;
+  r.layers = run.orig.config().layers;
+  train_layer(prob, p, o, l, r);
+  advance_converted(run, l, p, o);
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+
+}  // namespace detail
+
 /// Uptrains `converted` against `original` on the calibration ids and writes `output` (see the header comment).
 inline std::vector<LayerReport> uptrain_checkpoint(const std::filesystem::path& original,
                                                    const std::filesystem::path& converted,
                                                    const std::filesystem::path& output,
                                                    const std::filesystem::path& calibration, const Options& o) {
-  using Clock = std::chrono::steady_clock;
   // Output rules first, so that a bad OUTPUT_DIR fails before the training: never the original or the converted
   // checkpoint, nor inside either; an existing one only with --force and if gqa wrote it (its .gqa-output marker).
   const char* force_flag = "gqa-uptrain --force (uptrain::Options::force)";
@@ -370,55 +498,43 @@ inline std::vector<LayerReport> uptrain_checkpoint(const std::filesystem::path& 
   const Index S = o.window, N = Index(ids.size()) / S;
   check(N >= 1, "calibration", calibration.string(), ": ", ids.size(), " ids are too few for one window of --window ",
         S, " tokens");
-  const int threads = o.threads > 0 ? o.threads : omp_get_max_threads();
-  const Rope<float> rope(llama::detail::rotary_frequencies(c, S), S);  // one window per call
-  const llama::Config& cc = conv.config();
-  const Rope<float> rope_conv(llama::detail::rotary_frequencies(cc, S), S);
-
-  Matrix h_orig(N * S, c.hidden);
+  std::string note;
+  progress::Progress saved(paths.out, progress::inputs_of(original, converted, calibration, ids, result_options(o)),
+                           o.resume, o.force, note);
+  if (o.on_message) {
+    if (!note.empty()) o.on_message(note);
+    o.on_message("each finished layer is saved in " + saved.directory().string() + " (--resume continues from it)");
+  }
+  detail::Run run{orig, conv, S, o.threads > 0 ? o.threads : omp_get_max_threads(),
+                  Rope<float>(llama::detail::rotary_frequencies(c, S), S),  // one window per call
+                  Rope<float>(llama::detail::rotary_frequencies(conv.config(), S), S), Matrix(N * S, c.hidden),
+                  Matrix()};
   for (Index i = 0; i < N * S; ++i)
-    h_orig.row(i) = Eigen::Map<const Eigen::RowVectorXf>(orig.embedding() + Index(ids[size_t(i)]) * c.hidden, c.hidden);
-  Matrix h_conv = o.inputs == Inputs::converted ? h_orig : Matrix();
+    run.h_orig.row(i) = Eigen::Map<const Eigen::RowVectorXf>(orig.embedding() + Index(ids[size_t(i)]) * c.hidden, c.hidden);
+  if (o.inputs == Inputs::converted) run.h_conv = run.h_orig;
 
   std::map<std::string, std::vector<float>> replaced;
   std::vector<LayerReport> reports;
-  for (Index l = 0; l < c.layers; ++l) {
-    const auto t0 = Clock::now();
-    const llama::Layer& Lc = conv.layer(l);
-    check((Lc.k.bias == nullptr) == (Lc.v.bias == nullptr), "unsupported", converted.string(), ": layer ", l,
-          " has a bias on only one of k_proj and v_proj (both or neither are trained)");
-    LayerProblem<float> prob;
-    prob.window = S;
-    prob.heads = cc.heads;
-    prob.kv_heads = cc.kv_heads;
-    prob.head_dim = cc.head_dim;
-    prob.sliding_window = uniform_window(cc);
-    prob.rope = &rope_conv;
-    if (o.train == Train::kv) prob.wo = Lc.o.w();
-    Matrix* q_wanted = o.train == Train::kv ? &prob.q : nullptr;  // fixed queries only when W_q is not trained
-    Matrix drift;
-    if (o.target == Target::residual) drift = h_orig - h_conv;  // at the layer's input, before h_orig advances
-    detail::run_layer_all(orig.layer(l), c, rope, S, h_orig, o.inputs == Inputs::original ? &prob.x : nullptr,
-                          o.inputs == Inputs::original ? q_wanted : nullptr, &prob.y, threads);
-    if (o.inputs == Inputs::converted) {  // the converted model's own inputs: X (and Q) of h_conv
-      Matrix scratch = h_conv;
-      detail::run_layer_all(Lc, cc, rope_conv, S, scratch, &prob.x, q_wanted, nullptr, threads);
+  try {
+    for (Index l = 0; l < c.layers; ++l) {
+      LayerWeights<float> p;
+      const bool restored = l < saved.done();
+      const LayerReport r = restored ? detail::restore_layer(run, l, saved, o, p) : detail::train_next_layer(run, l, o, p);
+      if (!restored) saved.save_layer(l, p, {r.loss_before, r.loss_after, r.target_power, r.seconds, r.exact, r.kept});
+      detail::record_weights(l, p, replaced);
+      if (o.on_layer) o.on_layer(r);
+      reports.push_back(r);
     }
-    if (o.target == Target::residual) prob.y += drift;
-    drift = Matrix();
-    LayerWeights<float> p = detail::initial_weights(Lc, o.train);
-    LayerReport r;
-    r.layer = l;
-    r.layers = c.layers;
-    detail::train_layer(prob, p, o, l, r);
-    detail::record_weights(l, p, replaced);
-    if (o.inputs == Inputs::converted)  // advance the converted stream through the uptrained layer
-      detail::run_layer_all(detail::with_weights(Lc, p), cc, rope_conv, S, h_conv, nullptr, nullptr, nullptr, threads);
-    r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-    if (o.on_layer) o.on_layer(r);
-    reports.push_back(r);
+    detail::write_checkpoint(converted, paths, replaced, o);
+  } catch (const std::exception& e) {
+    if (saved.done() == 0) saved.remove();  // nothing worth keeping
+    if (!o.cancel || o.cancel->load() == 0 || !dynamic_cast<const gqa::io_error*>(&e)) throw;
+    throw gqa::io_error(std::string(e.what()) + "; " + output.string() + " was not written; " +
+                        (saved.done() == 0 ? std::string("no layer was finished")
+                                           : "the " + std::to_string(saved.done()) + " finished layer(s) are kept in " +
+                                                 saved.directory().string() + " (gqa-uptrain --resume continues)"));
   }
-  detail::write_checkpoint(converted, paths, replaced, o);
+  saved.remove();
   return reports;
 }
 
