@@ -256,7 +256,10 @@ class Progress {
     }
   }
 
+  /// The manifest first: a kill in between leaves layer files that no manifest names, never the reverse.
   void discard_layers() const {
+    fs::remove(dir_ / manifest_name);
+    gqa::detail::fsync_directory(dir_);
     for (const auto& e : fs::directory_iterator(dir_))
       if (e.path().filename() != "lock") fs::remove_all(e.path());
   }
