@@ -267,16 +267,9 @@ inline llama::Layer with_weights(const llama::Layer& converted, const LayerWeigh
 /// Adds layer l's trained tensors, by checkpoint name, to `replaced`.
 inline void record_weights(Index l, const LayerWeights<float>& p, std::map<std::string, std::vector<float>>& replaced) {
   const std::string name = "model.layers." + std::to_string(l) + ".self_attn.";
-  const auto put = [&](const std::string& tensor, const auto& m) {
+  progress::for_each_tensor(p, [&](const char* tensor, const auto& m) {
     if (m.size()) replaced[name + tensor].assign(m.data(), m.data() + m.size());
-  };
-  put("q_proj.weight", p.wq);
-  put("q_proj.bias", p.bq);
-  put("k_proj.weight", p.wk);
-  put("k_proj.bias", p.bk);
-  put("v_proj.weight", p.wv);
-  put("v_proj.bias", p.bv);
-  put("o_proj.weight", p.wo);
+  });
 }
 
 inline void check_cancel(const Options& o) {
