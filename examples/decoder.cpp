@@ -3,10 +3,11 @@
 // command line.
 //
 //   example_decoder MODEL_DIR generate (--prompt TEXT | --prompt-ids FILE) [--max-new N] [--kv f32|bf16|f16|i8]
-//                                     [--temperature T [--top-k K] [--seed S]] [--threads N]
+//                                     [--temperature T [--top-k K] [--seed S]] [--threads N] [--weights W]
 //   example_decoder MODEL_DIR perplexity (--text FILE | --ids FILE) [--context N] [--kv f32|bf16|f16|i8]
-//                                       [--threads N]
-//   example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16|f16|i8] [--threads N]
+//                                       [--threads N] [--weights W]
+//   example_decoder MODEL_DIR bench --context N [--tokens T] [--prefill P [--chunk C]] [--kv f32|bf16|f16|i8]
+//                                  [--threads N] [--weights W]
 //   example_decoder MODEL_DIR tokenize --text FILE
 //   mpirun -np P example_decoder MODEL_DIR (generate | perplexity | bench) ... --tensor-parallel
 //
@@ -15,7 +16,8 @@
 // Hugging Face `tokenizers` does, special tokens of its post_processor (a BOS, say) included
 // (examples/model/encoder.hpp). Ids files hold whitespace-separated integers (bench/text_ids.py writes them).
 // --kv is the KV cache's element type (default f32; i8 is the int8 cache with per-row scales); --threads defaults
-// to OpenMP's (OMP_NUM_THREADS, else the cores), at most 1024.
+// to OpenMP's (OMP_NUM_THREADS, else the cores), at most 1024. --weights f32|bf16|f16 is the type the weight
+// matrices are kept and multiplied in (default: as stored in the checkpoint; f32 -> bf16 / f16 rounds at load).
 //
 // generate   prefills the prompt in chunks, then decodes up to --max-new tokens (default 32; stops at the
 //            config's eos_token_id): greedy, or sampled with --temperature (> 0), --top-k (0 = all) and --seed
@@ -24,8 +26,11 @@
 // perplexity evaluates the ids in consecutive windows of --context tokens (default min(2048,
 //            max_position_embeddings)), each from an empty cache; last line: "perplexity <value> over <n> tokens".
 // bench      fills every layer's cache with --context synthetic tokens, then times --tokens (default 32) decode
-//            steps; prints ms per token, the bytes one token reads (weights + KV cache) and a memory roofline from
-//            parallel reads of that many bytes between the steps (medians of both); last line is key=value pairs.
+//            steps; prints ms per token, the bytes one token reads (weights + KV cache) and the floor those bytes
+//            set at the stream rate measured by parallel reads of that many bytes between the steps (medians of
+//            both), and the fraction of it reached (floor / time). --prefill P first times the prefill of P
+//            tokens into an empty cache in chunks of --chunk (default llama::kPrefillChunk), logits of the last
+//            position only, median of 3 (tokens/s). Last line is key=value pairs.
 //            On cores shared with other work, run with OMP_WAIT_POLICY=passive (see README.md).
 // --tensor-parallel (generate, perplexity, bench; a flag without a value) splits the model by heads across the P
 //            ranks of mpirun (examples/model/tensor_parallel.hpp: each rank loads only its rows and columns of
@@ -56,6 +61,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -68,10 +74,11 @@ const char* const usage_text =
     "usage:\n"
     "  example_decoder MODEL_DIR generate (--prompt TEXT | --prompt-ids FILE) [--max-new N]\n"
     "                                    [--kv f32|bf16|f16|i8] [--temperature T [--top-k K] [--seed S]]\n"
-    "                                    [--threads N]\n"
+    "                                    [--threads N] [--weights f32|bf16|f16]\n"
     "  example_decoder MODEL_DIR perplexity (--text FILE | --ids FILE) [--context N] [--kv f32|bf16|f16|i8]\n"
-    "                                      [--threads N]\n"
-    "  example_decoder MODEL_DIR bench --context N [--tokens T] [--kv f32|bf16|f16|i8] [--threads N]\n"
+    "                                      [--threads N] [--weights f32|bf16|f16]\n"
+    "  example_decoder MODEL_DIR bench --context N [--tokens T] [--prefill P [--chunk C]]\n"
+    "                                 [--kv f32|bf16|f16|i8] [--threads N] [--weights f32|bf16|f16]\n"
     "  example_decoder MODEL_DIR tokenize --text FILE\n"
     "  mpirun -np P example_decoder MODEL_DIR (generate | perplexity | bench) ... --tensor-parallel\n"
     "  example_decoder --help\n";
@@ -129,9 +136,10 @@ Args parse(int argc, char** argv) {
   Args a{argv[1], argv[2], {}};
   const std::map<std::string, std::vector<std::string>> allowed = {
       {"generate",
-       {"--prompt-ids", "--prompt", "--max-new", "--kv", "--temperature", "--top-k", "--seed", "--threads"}},
-      {"perplexity", {"--ids", "--text", "--context", "--kv", "--threads"}},
-      {"bench", {"--context", "--tokens", "--kv", "--threads"}},
+       {"--prompt-ids", "--prompt", "--max-new", "--kv", "--temperature", "--top-k", "--seed", "--threads",
+        "--weights"}},
+      {"perplexity", {"--ids", "--text", "--context", "--kv", "--threads", "--weights"}},
+      {"bench", {"--context", "--tokens", "--prefill", "--chunk", "--kv", "--threads", "--weights"}},
       {"tokenize", {"--text"}}};
   const auto mode = allowed.find(a.mode);
   if (mode == allowed.end()) throw usage_error("unknown mode '" + a.mode + "'");
@@ -163,10 +171,21 @@ Args parse(int argc, char** argv) {
   if (a.has("--kv") && a.text("--kv") != "f32" && a.text("--kv") != "bf16" && a.text("--kv") != "f16" &&
       a.text("--kv") != "i8")
     throw usage_error("--kv " + a.text("--kv") + ": expected f32, bf16, f16 or i8");
+  if (a.has("--weights") && a.text("--weights") != "f32" && a.text("--weights") != "bf16" &&
+      a.text("--weights") != "f16")
+    throw usage_error("--weights " + a.text("--weights") + ": expected f32, bf16 or f16");
+  if (a.has("--chunk") && !a.has("--prefill")) throw usage_error("--chunk needs --prefill (the prefill it chunks)");
   for (const char* f : {"--top-k", "--seed"})
     if (a.has(f) && !(a.number("--temperature", 0) > 0))
       throw usage_error(std::string(f) + " needs --temperature > 0: greedy decoding (the default) would ignore it");
   return a;
+}
+
+/// --weights as a WeightType; nothing (as stored) without it.
+std::optional<llama::WeightType> weight_type(const Args& a) {
+  if (!a.has("--weights")) return std::nullopt;
+  const std::string w = a.text("--weights");
+  return w == "f32" ? llama::WeightType::f32 : w == "bf16" ? llama::WeightType::bf16 : llama::WeightType::f16;
 }
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
@@ -217,7 +236,7 @@ void generate(const llama::Model& model, const Args& a) {
   llama::State<KV> state(model, total);
   llama::Matrix logits;
 
-  const Index chunk = 256;
+  const Index chunk = llama::kPrefillChunk;
   const auto t0 = Clock::now();
   for (Index s = 0; s < Index(prompt.size()); s += chunk) {
     const Index n = std::min(chunk, Index(prompt.size()) - s);
@@ -302,6 +321,30 @@ class StreamRead {
   double sink_ = 0;
 };
 
+/// Seconds of prefilling `tokens` synthetic ids into an empty cache in chunks of `chunk` (logits of the last
+/// position only, as generate does): the median of 3 runs after one warm-up.
+template <typename KV>
+double prefill_seconds(const llama::Model& model, Index tokens, Index chunk) {
+  const llama::Config& c = model.config();
+  std::vector<std::int32_t> ids(static_cast<size_t>(tokens));
+  for (Index i = 0; i < tokens; ++i) ids[size_t(i)] = std::int32_t((i * 7919 + 13) % c.vocab);
+  llama::State<KV> state(model, tokens);
+  llama::Matrix logits;
+  std::vector<double> runs;
+  for (int r = 0; r < 4; ++r) {
+    state.clear();
+    const auto t0 = Clock::now();
+    for (Index s = 0; s < tokens; s += chunk) {
+      const Index n = std::min(chunk, tokens - s);
+      model.forward(gqa::span<const std::int32_t>(ids.data() + s, n), state, s + n == tokens ? &logits : nullptr,
+                    false, tokens);
+    }
+    if (r > 0) runs.push_back(seconds_since(t0));
+  }
+  std::sort(runs.begin(), runs.end());
+  return runs[1];
+}
+
 template <typename KV>
 void bench(const llama::Model& model, const Args& a, const char* kv_name) {
   const llama::Config& c = model.config();
@@ -309,6 +352,10 @@ void bench(const llama::Model& model, const Args& a, const char* kv_name) {
   // Compared before adding: both may be any long long.
   llama::check(context <= c.max_positions && tokens <= c.max_positions - context, "context", "--context ", context,
                " + --tokens ", tokens, " exceed max_position_embeddings = ", c.max_positions);
+  const Index prefill = a.integer("--prefill", 0, 1), chunk = a.integer("--chunk", llama::kPrefillChunk, 1);
+  llama::check(prefill <= c.max_positions, "context", "--prefill ", prefill, " exceeds max_position_embeddings = ",
+               c.max_positions);
+  const double prefill_s = prefill > 0 ? prefill_seconds<KV>(model, prefill, chunk) : 0.0;
   const Index warmup = std::min<Index>(2, context);
   llama::State<KV> state(model, context + tokens);
   // Synthetic K/V for the first context - warmup positions: decode time does not depend on the values.
@@ -354,19 +401,25 @@ void bench(const llama::Model& model, const Args& a, const char* kv_name) {
   std::sort(stream_rates.begin(), stream_rates.end());
   const double stream = stream_rates[stream_rates.size() / 2];  // median, like the decode time
   const double roofline_ms = 1e3 * bytes / stream;
-  std::printf("model: %td layers, H %td, G %td, D %td, hidden %td, intermediate %td, vocab %td; kv %s\n", c.layers,
-              c.heads, c.kv_heads, c.head_dim, c.hidden, c.intermediate, c.vocab, kv_name);
+  const char* weights_name = llama::weight_type_name(model.layer(0).q.type);
+  std::printf("model: %td layers, H %td, G %td, D %td, hidden %td, intermediate %td, vocab %td; weights %s, kv %s\n",
+              c.layers, c.heads, c.kv_heads, c.head_dim, c.hidden, c.intermediate, c.vocab, weights_name, kv_name);
+  if (prefill > 0)
+    std::printf("prefill of %td tokens in chunks of %td: %.3f s median of 3 = %.1f tokens/s, %d threads\n", prefill,
+                chunk, prefill_s, double(prefill) / prefill_s, threads);
   std::printf("decode at context %td: %.3f ms/token median (mean %.3f, min %.3f) over %td tokens, %d threads\n",
               context, median, mean, sorted.front(), tokens, threads);
-  std::printf("bytes read per token: weights %.1f MB (float) + KV cache %.1f MB = %.1f MB -> %.2f GB/s\n",
-              weight_bytes / 1e6, kv_bytes / 1e6, bytes / 1e6, bytes / median / 1e6);
-  std::printf("stream read of %.1f MB between the steps, %d threads: %.2f GB/s median (best %.2f) -> memory roofline "
-              "%.3f ms/token; median / roofline = %.3f\n", bytes / 1e6, threads, stream / 1e9, stream_rates.back() / 1e9,
-              roofline_ms, median / roofline_ms);
-  std::printf("bench context=%td tokens=%td kv=%s threads=%d wait_policy=%s ms_per_token=%.4f weight_bytes=%.0f "
-              "kv_bytes=%.0f bytes_per_token=%.0f stream_GBps=%.3f roofline_ms=%.4f ratio=%.4f\n", context, tokens,
-              kv_name, threads, wait_policy.c_str(), median, weight_bytes, kv_bytes, bytes, stream / 1e9, roofline_ms,
-              median / roofline_ms);
+  std::printf("bytes read per token: weights %.1f MB (%s) + KV cache %.1f MB = %.1f MB -> %.2f GB/s\n",
+              weight_bytes / 1e6, weights_name, kv_bytes / 1e6, bytes / 1e6, bytes / median / 1e6);
+  std::printf("stream read of %.1f MB between the steps, %d threads: %.2f GB/s median (best %.2f) -> floor "
+              "%.3f ms/token; floor / median = %.3f of the stream rate reached (median / floor = %.3f)\n", bytes / 1e6,
+              threads, stream / 1e9, stream_rates.back() / 1e9, roofline_ms, roofline_ms / median, median / roofline_ms);
+  std::printf("bench context=%td tokens=%td weights=%s kv=%s threads=%d wait_policy=%s ms_per_token=%.4f "
+              "weight_bytes=%.0f kv_bytes=%.0f bytes_per_token=%.0f stream_GBps=%.3f roofline_ms=%.4f ratio=%.4f "
+              "floor_fraction=%.4f prefill_tokens=%td prefill_chunk=%td prefill_tokens_per_s=%.2f\n", context, tokens,
+              weights_name, kv_name, threads, wait_policy.c_str(), median, weight_bytes, kv_bytes, bytes, stream / 1e9,
+              roofline_ms, median / roofline_ms, roofline_ms / median, prefill, prefill > 0 ? chunk : 0,
+              prefill > 0 ? double(prefill) / prefill_s : 0.0);
 }
 
 /// tokenize: the ids of --text FILE on stdout as an ids file, the count and the encode time on stderr.
@@ -423,7 +476,7 @@ int run_tensor_parallel(llama::TensorParallel& group, int argc, char** argv) {
     }
     if (a.has("--threads")) omp_set_num_threads(tool_cli::parse_threads("--threads", a.text("--threads")));
     const llama::Config config = llama::read_config(a.dir);
-    const llama::Model model = llama::Model::load(a.dir, group.shard(config));
+    const llama::Model model = llama::Model::load(a.dir, group.shard(config), weight_type(a));
     run_model(model, a);
     if (!group.agreed() && group.agree(true) < group.size()) return 1;  // no forward pass ran: agree here
     const gqa::DistributedStats& st = group.stats();
@@ -483,7 +536,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (a.has("--threads")) omp_set_num_threads(tool_cli::parse_threads("--threads", a.text("--threads")));
-    const llama::Model model = llama::Model::load(a.dir);
+    const llama::Model model = llama::Model::load(a.dir, {}, weight_type(a));
     run_model(model, a);
     return 0;
   } catch (const usage_error& e) {

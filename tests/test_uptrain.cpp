@@ -221,7 +221,8 @@ llama::Matrix logits_of(const fs::path& dir, const std::vector<std::int32_t>& id
 
 /// True when layer l's tensor `name` (e.g. "q_proj") has the same weights in both model directories.
 bool same_weights(const fs::path& a, const fs::path& b, Index l, const char* name) {
-  const llama::Model ma = llama::Model::load(a), mb = llama::Model::load(b);
+  const llama::Model ma = llama::Model::load(a, {}, llama::WeightType::f32),
+                     mb = llama::Model::load(b, {}, llama::WeightType::f32);
   const auto pick = [name](const llama::Layer& L) -> const llama::Linear& {
     return std::string(name) == "q_proj" ? L.q : std::string(name) == "k_proj" ? L.k : L.o;
   };

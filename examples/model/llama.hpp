@@ -3,7 +3,8 @@
 //
 // Offers (namespace llama):
 //   (Config and parse_config() are in config.hpp: the one config.json reader of the model code)
-//   Model::load(dir)         config.json + model.safetensors (or a sharded index), memory-mapped
+//   Model::load(dir)         config.json + model.safetensors (or a sharded index), memory-mapped; the weights
+//                            as stored or as the WeightType asked for (see Weights below)
 //   Model::load(dir, shard)  only one process's part of each layer (tensor parallel: Shard; the MPI side is
 //                            tensor_parallel.hpp)
 //   read_config(dir)         dir/config.json alone (to plan a Shard before loading)
@@ -24,14 +25,15 @@
 // their columns, so o_proj's and down_proj's products are partial sums [S, hidden] that Shard::all_reduce
 // completes. Embedding, norms and lm_head are whole on every process.
 //
-// Weights: F32 tensors aligned in the mapping are used in place (zero copy); BF16, F16 and F64 are converted to
-// float once at load, so decode streams float weights (4 bytes each) once per token, through Eigen's
-// matrix-vector product. Widening BF16 weights on the fly would halve the bytes of a BF16 checkpoint; on the
-// (heavily shared) development machine an AVX-512 widen-and-FMA loop over SmolLM2-135M's matrices was not faster
-// than the float GEMV (best of 8 at 2 threads: 83 ms against 56 ms per token), so the simple path stays.
+// Weights: the matrices (q/k/v/o, gate/up/down, the embedding and lm_head) are kept in a WeightType of
+// linear.hpp: as stored (F32 as f32, BF16 as bf16, F16 as f16, F64 converted to f32), or converted at load to the
+// type Model::load is asked for (f32 -> bf16 rounds to nearest even; to f16 too, and a weight beyond half's range
+// is refused as not finite). Tensors kept as stored and aligned in the mapping are used in place (zero copy).
+// Norms and biases are float. Decode thus streams 2 bytes per weight of a BF16 / F16 checkpoint, widened to float
+// in registers (linear.hpp).
 //
-// Threads: OpenMP. Prefill products are Eigen GEMMs (Eigen threads them); decode products split the weights' rows
-// across threads, q/k/v and gate/up each in one parallel region (detail::linear). gqa::attention threads itself.
+// Threads: OpenMP. The products split the weights' rows across threads (detail::linear in linear.hpp: decode by
+// rows, prefill by panels of rows), q/k/v and gate/up each in one parallel region. gqa::attention threads itself.
 //
 // Errors: gqa::format_error for a malformed config.json, ids file or weight shape; gqa::invalid_argument for what
 // is well-formed but unsupported (config.hpp: rope types other than transformers' six, partial rotary, hidden_act
@@ -48,6 +50,7 @@
 
 #include "../cli/printable.hpp"
 #include "config.hpp"
+#include "linear.hpp"
 #include <gqa/kv_cache.hpp>
 #include <gqa/safetensors.hpp>
 
@@ -72,25 +75,15 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace llama {
 
 using gqa::Index;
-using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 // The library's view of a checkpoint directory (index + shards, or model.safetensors), named here only.
 using CheckpointFiles = gqa::safetensors::Directory;
-
-/// One nn.Linear: weight [rows, cols] = [out, in], optional bias [rows]. Non-owning.
-struct Linear {
-  const float* weight = nullptr;
-  const float* bias = nullptr;
-  Index rows = 0, cols = 0;
-
-  Eigen::Map<const Matrix> w() const { return {weight, rows, cols}; }
-  std::uint64_t bytes() const { return std::uint64_t(rows) * std::uint64_t(cols + (bias ? 1 : 0)) * 4; }
-};
 
 /// The part of every layer one process keeps when the model is split across processes by heads (tensor
 /// parallel): query heads [first_head, first_head + num_heads), the KV heads [first_kv_head, first_kv_head +
@@ -119,6 +112,10 @@ struct Layer {
 template <typename KV>
 class State;
 
+/// Tokens per forward call of a prefill (generate, perplexity, bench --prefill): chosen by measurement (see
+/// bench/README.md, "prefill chunk").
+inline constexpr Index kPrefillChunk = 256;
+
 /// Which part of a tensor a (sharded) Model keeps: rows [begin, begin + count) (axis 0) or columns (axis 1);
 /// count 0: all of it.
 struct TensorPart {
@@ -129,8 +126,10 @@ struct TensorPart {
 class Model {
  public:
   /// Reads dir/config.json and the weights (see the header comment for what is refused). With a Shard, keeps (and
-  /// converts and checks) only the shard's rows and columns of each layer.
-  static Model load(const std::filesystem::path& dir, Shard shard = {});
+  /// converts and checks) only the shard's rows and columns of each layer. `weights`: the type the matrices are
+  /// kept in; std::nullopt: each as stored.
+  static Model load(const std::filesystem::path& dir, Shard shard = {},
+                    std::optional<WeightType> weights = std::nullopt);
 
   Model(Model&&) = default;
   Model& operator=(Model&&) = default;
@@ -143,9 +142,11 @@ class Model {
   /// Layer l's weights and the embedding table [vocab, hidden], for tools that run or train one layer at a time
   /// (gqa-uptrain, examples/uptrain.cpp).
   const Layer& layer(Index l) const { return layers_[size_t(l)]; }
-  const float* embedding() const noexcept { return embed_; }
-  /// Bytes of weights one decode step reads: every layer's matrices, biases and norms, the final norm and
-  /// lm_head, as float (the embedding row of the new token is left out: one row).
+  const Linear& embedding() const noexcept { return embed_; }
+  /// Row `id` of the embedding table as float, into out [hidden].
+  void embed(std::int32_t id, float* out) const { detail::widen_rows(embed_, id, id + 1, out); }
+  /// Bytes of weights one decode step reads: every layer's matrices (in their WeightType), biases and norms, the
+  /// final norm and lm_head (the embedding row of the new token is left out: one row).
   std::uint64_t decode_weight_bytes() const;
 
   /// Runs ids (S >= 1 new tokens at positions state.position() ..) through the model, appending their K/V to
@@ -160,7 +161,12 @@ class Model {
  private:
   Model() = default;
   using Part = TensorPart;
+  const gqa::safetensors::TensorView* find(const std::string& name, const std::vector<std::int64_t>& shape,
+                                           bool required);
   const float* tensor(const std::string& name, std::vector<std::int64_t> shape, bool required = true, Part part = {});
+  Linear matrix(const std::string& name, Index rows, Index cols, Part part = {});
+  template <typename T>
+  const T* converted(const gqa::safetensors::TensorView& t, Index rows, Index cols, Part part);
   Linear linear(const std::string& prefix, Index rows, Index cols, bool bias_allowed, Part part = {});
   void check_shard();
   void load_lm_head();
@@ -170,8 +176,11 @@ class Model {
   Config cfg_;
   Shard shard_;
   CheckpointFiles files_;                  // the mapping F32 weights point into
-  std::deque<std::vector<float>> owned_;   // converted weights (BF16 / F16 / F64, or unaligned F32)
-  const float* embed_ = nullptr;           // [vocab, hidden]
+  std::optional<WeightType> weights_;      // the type asked for; nullopt: as stored
+  std::deque<std::vector<float>> owned_;   // converted or unaligned float weights
+  std::deque<std::vector<gqa::bfloat16>> owned_bf16_;  // converted or unaligned bf16 weights
+  std::deque<std::vector<gqa::half>> owned_f16_;       // converted or unaligned half weights
+  Linear embed_;                           // [vocab, hidden]
   const float* final_norm_ = nullptr;      // [hidden]
   Linear lm_head_;                         // [vocab, hidden]; the embedding when tied
   std::vector<Layer> layers_;
@@ -211,49 +220,6 @@ class State {
 
 namespace detail {
 
-/// One product Y [S, rows] = X [S, cols] W^T + bias of a group that shares X.
-struct Product {
-  const Linear& L;
-  Matrix& Y;
-};
-
-/// The products of one input X (q, k, v; or gate, up). For one token (decode) each is a matrix-vector product that
-/// reads its weight once and is memory-bound, so the group's rows, concatenated, are split evenly across the
-/// threads and every core streams its own share (Eigen runs a matrix-vector product on one thread). One parallel
-/// region per group rather than per matrix: each region ends in a barrier, which costs far more than its
-/// microseconds when the cores are shared and a thread is descheduled. Below 64K weights (256 KB, L2-resident)
-/// the fork-join costs more than it saves. For several tokens (prefill) each product is an Eigen GEMM, which
-/// Eigen threads itself.
-inline void linear(const Matrix& X, std::initializer_list<Product> group) {
-  Index total = 0, weights = 0;
-  for (const Product& p : group) {
-    assert(p.L.cols == X.cols());
-    p.Y.resize(X.rows(), p.L.rows);
-    total += p.L.rows;
-    weights += p.L.rows * p.L.cols;
-  }
-  if (X.rows() == 1) {
-    const Eigen::Map<const Eigen::VectorXf> x(X.data(), X.cols());
-#pragma omp parallel if (weights >= (Index(1) << 16))
-    {
-      const Index threads = omp_get_num_threads(), t = omp_get_thread_num();
-      const Index per = ((total + threads - 1) / threads + 15) / 16 * 16;  // whole cache lines of y per thread
-      const Index begin = std::min(total, t * per), end = std::min(total, begin + per);
-      Index offset = 0;  // of the current matrix in the concatenated rows
-      for (const Product& p : group) {
-        const Index r0 = std::max<Index>(begin - offset, 0), r1 = std::min(end - offset, p.L.rows);
-        if (r1 > r0)
-          Eigen::Map<Eigen::VectorXf>(p.Y.data() + r0, r1 - r0).noalias() = p.L.w().middleRows(r0, r1 - r0) * x;
-        offset += p.L.rows;
-      }
-    }
-  } else {
-    for (const Product& p : group) p.Y.noalias() = X * p.L.w().transpose();
-  }
-  for (const Product& p : group)
-    if (p.L.bias) p.Y.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(p.L.bias, p.L.rows);
-}
-
 /// Whether n floats are all finite: x * 0 is 0 for finite x and NaN for NaN and inf, and Eigen's vectorised sum of
 /// those reads the data once (2-3x faster than Eigen's allFinite(), which evaluates x - x and compares).
 inline bool all_finite(const float* data, Index n) {
@@ -264,23 +230,38 @@ inline bool all_finite(const float* data, Index n) {
 /// naming the tensor, its layer and the first bad element. One pass over the float weights: on SmolLM2-135M (F32,
 /// 538 MB, page cache warm, 1 thread of the shared development machine) 0.15-0.24 s of a 0.19-0.37 s load. That is
 /// most of a zero-copy F32 load (a mapping), but it reads the pages the first forward pass reads anyway, and one
-/// prefill of 256 tokens takes 2.5 s; for BF16 / F16 checkpoints it is a fraction of the widening pass.
-inline void check_finite(const std::string& name, const std::vector<std::int64_t>& shape, const float* data,
-                         Index row0 = 0, Index col0 = 0) {
+/// prefill of 256 tokens takes 2.5 s. 16-bit weights are widened a block at a time for the check.
+template <typename T>
+void check_finite(const std::string& name, const std::vector<std::int64_t>& shape, const T* data, Index row0 = 0,
+                  Index col0 = 0) {
   // shape: that of data, a block of the tensor starting at [row0, col0] (a shard's slice), for the position named.
   const Index n = std::accumulate(shape.begin(), shape.end(), Index(1), std::multiplies<>());
-  if (all_finite(data, n)) return;
-  const Index i = Index(std::find_if(data, data + n, [](float x) { return !std::isfinite(x); }) - data);
-  const Index cols = shape.size() == 2 ? Index(shape[1]) : n;
-  const std::string layers = "model.layers.";
-  const std::string layer = name.compare(0, layers.size(), layers) == 0
-                                ? " (layer " + name.substr(layers.size(), name.find('.', layers.size()) - layers.size()) + ")"
-                                : "";
-  fail<gqa::format_error>("nonfinite", "tensor '", name, "'", layer, " holds ", data[i],
-                          shape.size() == 2 ? " at [" + std::to_string(row0 + i / cols) + ", " +
-                                                  std::to_string(col0 + i % cols) + "]"
-                                            : " at [" + std::to_string(row0 + i) + "]",
-                          ": a weight that is not finite makes every output NaN");
+  constexpr Index block = Index(1) << 14;
+  std::vector<float> widened(std::is_same<T, float>::value ? 0 : size_t(std::min(n, block)));
+  for (Index first = 0; first < n; first += block) {
+    const Index m = std::min(block, n - first);
+    const float* f = nullptr;
+    if constexpr (std::is_same<T, float>::value) {
+      f = data + first;
+    } else {
+      widen(data + first, m, widened.data());
+      f = widened.data();
+    }
+    if (all_finite(f, m)) continue;
+    const Index i = first + Index(std::find_if(f, f + m, [](float x) { return !std::isfinite(x); }) - f);
+    const Index cols = shape.size() == 2 ? Index(shape[1]) : n;
+    const std::string layers = "model.layers.";
+    const std::string layer =
+        name.compare(0, layers.size(), layers) == 0
+            ? " (layer " + name.substr(layers.size(), name.find('.', layers.size()) - layers.size()) + ")"
+            : "";
+    fail<gqa::format_error>("nonfinite", "tensor '", name, "'", layer, " holds ", float(data[i]),
+                            shape.size() == 2 ? " at [" + std::to_string(row0 + i / cols) + ", " +
+                                                    std::to_string(col0 + i % cols) + "]"
+                                              : " at [" + std::to_string(row0 + i) + "]",
+                            std::is_same<T, float>::value ? "" : " (as 16-bit)",
+                            ": a weight that is not finite makes every output NaN");
+  }
 }
 
 /// Elements [first, first + n) of t (any supported dtype, any alignment) as float, into out.
@@ -337,9 +318,10 @@ inline Config read_config(const std::filesystem::path& dir) {
   return parse_config(j, config_path.string());
 }
 
-inline Model Model::load(const std::filesystem::path& dir, Shard shard) {
+inline Model Model::load(const std::filesystem::path& dir, Shard shard, std::optional<WeightType> weights) {
   Model m;
   m.cfg_ = read_config(dir);
+  m.weights_ = weights;
   m.shard_ = std::move(shard);
   m.check_shard();
   const Config& c = m.cfg_;
@@ -358,7 +340,7 @@ inline Model Model::load(const std::filesystem::path& dir, Shard shard) {
   const Part heads_rows{0, sh.first_head * D, sh.num_heads * D}, heads_cols{1, sh.first_head * D, sh.num_heads * D},
       kv_rows{0, sh.first_kv_head * D, sh.num_kv_heads * D},
       mlp_rows{0, sh.first_intermediate, sh.num_intermediate}, mlp_cols{1, sh.first_intermediate, sh.num_intermediate};
-  m.embed_ = m.tensor("model.embed_tokens.weight", {c.vocab, hidden});
+  m.embed_ = m.matrix("model.embed_tokens.weight", c.vocab, hidden);
   m.final_norm_ = m.tensor("model.norm.weight", {hidden});
   for (Index l = 0; l < c.layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
@@ -395,7 +377,7 @@ inline void Model::load_lm_head() {
     if (same) used_.insert(head->name);  // the tie transformers makes: the embedding serves as lm_head
     head = same ? nullptr : head;
   }
-  lm_head_ = head ? linear("lm_head", c.vocab, c.hidden, false) : Linear{embed_, nullptr, c.vocab, c.hidden};
+  lm_head_ = head ? linear("lm_head", c.vocab, c.hidden, false) : embed_;
 }
 
 /// A Shard's counts of 0 mean the whole model; a partial one must fit the config, and its query heads must use its
@@ -451,10 +433,9 @@ inline void Model::check_all_used() const {
                           "): config.json does not describe these weights");
 }
 
-/// A float view of tensor `name` (or of `part` of it: a shard's rows or columns), checked against `shape`; nullptr
-/// when absent and not required. F32 rows aligned in the mapping are used in place; anything else is converted
-/// (only the part kept) into owned_.
-inline const float* Model::tensor(const std::string& name, std::vector<std::int64_t> shape, bool required, Part part) {
+/// Tensor `name`, checked against `shape` and marked used; nullptr when absent and not required.
+inline const gqa::safetensors::TensorView* Model::find(const std::string& name, const std::vector<std::int64_t>& shape,
+                                                        bool required) {
   namespace st = gqa::safetensors;
   const st::TensorView* t = files_.find(name);
   if (!t) {
@@ -467,32 +448,72 @@ inline const float* Model::tensor(const std::string& name, std::vector<std::int6
             t->dtype == st::Dtype::F64,
         "unsupported", "tensor '", name, "' has dtype ", st::dtype_name(t->dtype), " (F32, BF16, F16, F64 only)");
   used_.insert(name);
-  const Index rows = Index(shape[0]), cols = shape.size() == 2 ? Index(shape[1]) : 1;
+  return t;
+}
+
+/// `part` of t [rows, cols] (all of it: count 0) as T: in place when t holds T, the part is whole rows and the
+/// bytes are aligned for T; else converted (through float: exact between the types, rounded to nearest even
+/// from f32 to bf16 or f16) into a buffer this model owns. Checked finite after the conversion.
+template <typename T>
+const T* Model::converted(const gqa::safetensors::TensorView& t, Index rows, Index cols, Part part) {
+  namespace st = gqa::safetensors;
   if (part.count == 0) part = Part{0, 0, rows};
-  std::vector<std::int64_t> kept = shape;
-  kept[size_t(part.axis)] = part.count;
+  const st::Dtype same = std::is_same<T, float>::value ? st::Dtype::F32
+                         : std::is_same<T, gqa::bfloat16>::value ? st::Dtype::BF16 : st::Dtype::F16;
   const Index row0 = part.axis == 0 ? part.begin : 0, col0 = part.axis == 1 ? part.begin : 0;
-  const float* data = nullptr;
-  if (part.axis == 0 && t->dtype == st::Dtype::F32 &&
-      reinterpret_cast<std::uintptr_t>(t->bytes.data()) % alignof(float) == 0) {
-    data = t->as<float>().data() + row0 * cols;  // zero copy
+  const Index kept_rows = part.axis == 0 ? part.count : rows, kept_cols = part.axis == 1 ? part.count : cols;
+  const T* data = nullptr;
+  if (part.axis == 0 && t.dtype == same && reinterpret_cast<std::uintptr_t>(t.bytes.data()) % alignof(T) == 0) {
+    data = reinterpret_cast<const T*>(t.bytes.data()) + row0 * cols;  // zero copy
   } else {
-    owned_.emplace_back(size_t(part.axis == 0 ? part.count * cols : rows * part.count));
-    float* out = owned_.back().data();
-    if (part.axis == 0) detail::widen_into(*t, row0 * cols, part.count * cols, out);
-    else
-      for (Index r = 0; r < rows; ++r) detail::widen_into(*t, r * cols + col0, part.count, out + r * part.count);
+    auto& owned = [this]() -> auto& {
+      if constexpr (std::is_same<T, float>::value) return owned_;
+      else if constexpr (std::is_same<T, gqa::bfloat16>::value) return owned_bf16_;
+      else return owned_f16_;
+    }();
+    owned.emplace_back(size_t(kept_rows * kept_cols));
+    T* out = owned.back().data();
+    std::vector<float> row(std::is_same<T, float>::value ? 0 : size_t(kept_cols));
+    for (Index r = 0; r < kept_rows; ++r) {
+      float* f = std::is_same<T, float>::value ? reinterpret_cast<float*>(out + r * kept_cols) : row.data();
+      detail::widen_into(t, (row0 + r) * cols + col0, kept_cols, f);
+      if constexpr (!std::is_same<T, float>::value)
+        for (Index c = 0; c < kept_cols; ++c) out[r * kept_cols + c] = T(f[c]);
+    }
     data = out;
   }
-  detail::check_finite(name, kept, data, row0, col0);
+  std::vector<std::int64_t> kept{kept_rows};
+  if (t.shape.size() == 2) kept.push_back(kept_cols);
+  detail::check_finite(t.name, kept, data, row0, col0);
   return data;
 }
 
-inline Linear Model::linear(const std::string& prefix, Index rows, Index cols, bool bias_allowed, Part part) {
+/// A float view of tensor `name` (or of `part` of it: a shard's rows or columns), checked against `shape`; nullptr
+/// when absent and not required. For norms and biases (always float).
+inline const float* Model::tensor(const std::string& name, std::vector<std::int64_t> shape, bool required, Part part) {
+  const gqa::safetensors::TensorView* t = find(name, shape, required);
+  if (!t) return nullptr;
+  return converted<float>(*t, Index(shape[0]), shape.size() == 2 ? Index(shape[1]) : 1, part);
+}
+
+/// Weight matrix `name` [rows, cols] (or `part` of it) in weights_' type, or as stored (F64 as f32).
+inline Linear Model::matrix(const std::string& name, Index rows, Index cols, Part part) {
+  namespace st = gqa::safetensors;
+  const st::TensorView& t = *find(name, {rows, cols}, true);
+  const WeightType stored = t.dtype == st::Dtype::BF16 ? WeightType::bf16
+                            : t.dtype == st::Dtype::F16 ? WeightType::f16 : WeightType::f32;
   Linear L;
+  L.type = weights_.value_or(stored);
   L.rows = part.count && part.axis == 0 ? part.count : rows;
   L.cols = part.count && part.axis == 1 ? part.count : cols;
-  L.weight = tensor(prefix + ".weight", {rows, cols}, true, part);
+  if (L.type == WeightType::f32) L.weight = converted<float>(t, rows, cols, part);
+  else if (L.type == WeightType::bf16) L.weight = converted<gqa::bfloat16>(t, rows, cols, part);
+  else L.weight = converted<gqa::half>(t, rows, cols, part);
+  return L;
+}
+
+inline Linear Model::linear(const std::string& prefix, Index rows, Index cols, bool bias_allowed, Part part) {
+  Linear L = matrix(prefix + ".weight", rows, cols, part);
   // A bias follows the rows kept; a column split's bias (o_proj) is added by one process (Shard::owns_bias).
   if (bias_allowed) L.bias = tensor(prefix + ".bias", {rows}, false, part.axis == 0 ? part : Part{});
   if (part.count && part.axis == 1 && !shard_.owns_bias) L.bias = nullptr;
@@ -548,7 +569,7 @@ void Model::forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix*
   Matrix x(S, c.hidden), h, q, k, v, attn(S, H * D), t, gate, up;
   for (Index s = 0; s < S; ++s) {
     check(ids[s] >= 0 && ids[s] < c.vocab, "token", "token id ", ids[s], " is outside the vocabulary [0, ", c.vocab, ")");
-    x.row(s) = Eigen::Map<const Eigen::RowVectorXf>(embed_ + Index(ids[s]) * c.hidden, c.hidden);
+    embed(ids[s], x.row(s).data());
   }
   check(call_length == 0 || call_length >= pos0 + S, "forward", "forward: call_length ", call_length,
         " is shorter than the ", pos0 + S, " positions of the call");
@@ -639,7 +660,8 @@ struct PerplexityResult {
 /// window (Model::forward's call_length), so that longrope's factors are those of transformers run on the window in
 /// one call.
 template <typename KV>
-PerplexityResult perplexity(const Model& model, gqa::span<const std::int32_t> ids, Index context, Index chunk = 256) {
+PerplexityResult perplexity(const Model& model, gqa::span<const std::int32_t> ids, Index context,
+                            Index chunk = kPrefillChunk) {
   const Config& c = model.config();
   check(context >= 2 && context <= c.max_positions, "context", "--context ", context,
         " is not in [2, max_position_embeddings = ", c.max_positions, "]");

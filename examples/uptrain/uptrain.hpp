@@ -483,7 +483,9 @@ inline std::vector<LayerReport> uptrain_checkpoint(const std::filesystem::path& 
   const char* force_flag = "gqa-uptrain --force (uptrain::Options::force)";
   (void)gqa::detail::check_paths(original, output, o.force, force_flag);
   const gqa::detail::CheckpointPaths paths = gqa::detail::check_paths(converted, output, o.force, force_flag);
-  const llama::Model orig = llama::Model::load(original), conv = llama::Model::load(converted);
+  // Float weights: the trained ones replace them in place (with_weights) and the fits read them as matrices.
+  const llama::Model orig = llama::Model::load(original, {}, llama::WeightType::f32),
+                     conv = llama::Model::load(converted, {}, llama::WeightType::f32);
   const llama::Config& c = orig.config();
   check_compatible(c, conv.config());
   check_options(o, c);
@@ -503,7 +505,7 @@ inline std::vector<LayerReport> uptrain_checkpoint(const std::filesystem::path& 
                   Rope<float>(llama::detail::rotary_frequencies(conv.config(), S), S), Matrix(N * S, c.hidden),
                   Matrix()};
   for (Index i = 0; i < N * S; ++i)
-    run.h_orig.row(i) = Eigen::Map<const Eigen::RowVectorXf>(orig.embedding() + Index(ids[size_t(i)]) * c.hidden, c.hidden);
+    orig.embed(ids[size_t(i)], run.h_orig.row(i).data());
   if (o.inputs == Inputs::converted) run.h_conv = run.h_orig;
 
   std::map<std::string, std::vector<float>> replaced;
