@@ -414,11 +414,11 @@ void bench(const llama::Model& model, const Args& a, const char* kv_name) {
   std::printf("stream read of %.1f MB between the steps, %d threads: %.2f GB/s median (best %.2f) -> floor "
               "%.3f ms/token; floor / median = %.3f of the stream rate reached (median / floor = %.3f)\n", bytes / 1e6,
               threads, stream / 1e9, stream_rates.back() / 1e9, roofline_ms, roofline_ms / median, median / roofline_ms);
-  std::printf("bench context=%td tokens=%td weights=%s kv=%s threads=%d wait_policy=%s ms_per_token=%.4f "
-              "weight_bytes=%.0f kv_bytes=%.0f bytes_per_token=%.0f stream_GBps=%.3f roofline_ms=%.4f ratio=%.4f "
+  std::printf("bench context=%td tokens=%td kv=%s threads=%d wait_policy=%s ms_per_token=%.4f weight_bytes=%.0f "
+              "kv_bytes=%.0f bytes_per_token=%.0f stream_GBps=%.3f roofline_ms=%.4f ratio=%.4f weights=%s "
               "floor_fraction=%.4f prefill_tokens=%td prefill_chunk=%td prefill_tokens_per_s=%.2f\n", context, tokens,
-              weights_name, kv_name, threads, wait_policy.c_str(), median, weight_bytes, kv_bytes, bytes, stream / 1e9,
-              roofline_ms, median / roofline_ms, roofline_ms / median, prefill, prefill > 0 ? chunk : 0,
+              kv_name, threads, wait_policy.c_str(), median, weight_bytes, kv_bytes, bytes, stream / 1e9, roofline_ms,
+              median / roofline_ms, weights_name, roofline_ms / median, prefill, prefill > 0 ? chunk : 0,
               prefill > 0 ? double(prefill) / prefill_s : 0.0);
 }
 

@@ -295,6 +295,67 @@ TEST_CASE("decoder logits match a double-precision reference", "[decoder]") {
   }
 }
 
+// 16-bit checkpoints are multiplied as stored (widened in registers) or widened at load (WeightType::f32): the
+// same weight values, so the same logits up to summation order (float error, atol/rtol 2e-5) and the same
+// perplexity (relative 1e-5; the decoder's bar is 1e-4 on SmolLM2).
+TEST_CASE("16-bit weights kept as stored give the logits and perplexity of widening them at load", "[decoder]") {
+  for (const Variant& v : {variants[1], variants[3]}) {
+    SECTION(v.name) {
+      TempDir dir;
+      LlamaFixture f = fixture(v);
+      f.write(dir.path());
+      const llama::Model stored = llama::Model::load(dir.path()),
+                         widened = llama::Model::load(dir.path(), {}, llama::WeightType::f32);
+      const llama::WeightType type = v.dtype == gqa::safetensors::Dtype::BF16 ? llama::WeightType::bf16
+                                                                              : llama::WeightType::f16;
+      CHECK(stored.layer(0).q.type == type);
+      CHECK(stored.embedding().type == type);
+      CHECK(widened.layer(1).down.type == llama::WeightType::f32);
+      CHECK(stored.decode_weight_bytes() < widened.decode_weight_bytes() * 6 / 10);
+      const auto ids = test_ids(23, f.vocab);
+      CHECK_CLOSE(prefill(stored, ids), to_rows(prefill(widened, ids)), 2e-5, 2e-5);
+      CHECK_CLOSE(decode(stored, ids), to_rows(prefill(widened, ids)), 2e-5, 2e-5);
+      CHECK_THAT(llama::perplexity<float>(stored, ids, 16).value(),
+                 Catch::Matchers::WithinRel(llama::perplexity<float>(widened, ids, 16).value(), 1e-5));
+    }
+  }
+}
+
+// WeightType::bf16 / f16 on a float checkpoint rounds each matrix at load (norms and biases stay float): against
+// the reference on the same rounded matrices, with the tolerances of the float model.
+TEST_CASE("a float checkpoint converted to bf16 or f16 at load matches the reference on the rounded weights",
+          "[decoder]") {
+  for (const llama::WeightType type : {llama::WeightType::bf16, llama::WeightType::f16}) {
+    SECTION(llama::weight_type_name(type)) {
+      TempDir dir;
+      LlamaFixture f = fixture(variants[2]);  // biases, separate lm_head
+      f.write(dir.path());
+      const llama::Model m = llama::Model::load(dir.path(), {}, type);
+      CHECK(m.layer(1).o.type == type);
+      LlamaFixture rounded = f;
+      for (auto& [name, values] : rounded.values) {
+        const bool matrix = name.find("proj.weight") != std::string::npos || name == "lm_head.weight" ||
+                            name == "model.embed_tokens.weight";
+        if (matrix)
+          for (double& x : values)
+            x = type == llama::WeightType::bf16 ? double(float(gqa::bfloat16(float(x)))) : double(float(gqa::half(float(x))));
+      }
+      const auto ids = test_ids(19, f.vocab);
+      const Rows ref = Reference{rounded}.logits(ids);
+      CHECK_CLOSE(prefill(m, ids), ref, 5e-5, 5e-5);
+      CHECK_CLOSE(decode(m, ids), ref, 5e-5, 5e-5);
+      // Without the rounding in the reference the logits are off by far more than the tolerance: the matrices
+      // really are held in 16 bits.
+      const Rows unrounded = Reference{f}.logits(ids);
+      double worst = 0;
+      const Rows got = to_rows(prefill(m, ids));
+      for (size_t s = 0; s < got.size(); ++s)
+        for (size_t i = 0; i < got[s].size(); ++i) worst = std::max(worst, std::abs(got[s][i] - unrounded[s][i]));
+      CHECK(worst > 1e-3);
+    }
+  }
+}
+
 // Mistral's sliding window (W = 5 keys, the current one included) through gqa's window option, in one prefill and
 // token by token (where the cache holds more than W keys): same tolerances as above.
 TEST_CASE("a Mistral sliding window matches the reference", "[decoder]") {
@@ -627,6 +688,28 @@ TEST_CASE("a weight that is not finite is refused at load, naming the tensor and
                                                         Contains("(layer 1)") && Contains("at [2, 5]"));
 }
 
+// f16 holds up to 65504: a float weight beyond that becomes inf when converted, refused like any non-finite weight.
+TEST_CASE("a float weight beyond half's range is refused when converting to f16", "[decoder]") {
+  TempDir dir;
+  LlamaFixture f;
+  f.write(dir.path());
+  const std::string name = "model.layers.0.self_attn.v_proj.weight";
+  std::vector<std::byte> bytes;
+  rewrite_weights(dir.path(), [&](auto& tensors, auto&) {
+    for (auto& t : tensors)
+      if (t.name == name) {
+        bytes.assign(t.bytes.data(), t.bytes.data() + t.bytes.size());
+        const float big = 1e5f;
+        std::memcpy(bytes.data() + 4 * 3, &big, 4);  // row 0, column 3
+        t.bytes = gqa::span<const std::byte>(bytes.data(), Index(bytes.size()));
+      }
+  });
+  CHECK_NOTHROW(llama::Model::load(dir.path(), {}, llama::WeightType::bf16));
+  CHECK_THROWS_WITH(llama::Model::load(dir.path(), {}, llama::WeightType::f16),
+                    Contains("[gqa.decoder.nonfinite]") && Contains(name) && Contains("at [0, 3]") &&
+                        Contains("16-bit"));
+}
+
 TEST_CASE("forward names the layer where the hidden state overflows", "[decoder]") {
   TempDir dir;
   LlamaFixture f;
@@ -770,7 +853,33 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
     REQUIRE(r.status == 0);
     CHECK_THAT(last_line(r.output), Catch::Matchers::StartsWith("bench context=20 tokens=4 kv=f32 threads=1 wait_policy=") &&
                                      Contains(" ms_per_token=") && Contains("bytes_per_token=") &&
-                                     Contains("ratio="));
+                                     Contains("ratio=") && Contains(" weights=f32 ") && Contains(" floor_fraction="));
+    // 16-bit weights: half the weight bytes; --prefill adds its timing.
+    const Run h = run_decoder(model + "bench --context 20 --tokens 4 --threads 1 --weights bf16 --prefill 9 --chunk 4");
+    INFO(h.output);
+    REQUIRE(h.status == 0);
+    CHECK_THAT(h.output, Contains("prefill of 9 tokens in chunks of 4: ") && Contains("weights bf16"));
+    CHECK_THAT(last_line(h.output), Contains(" weights=bf16 ") && Contains(" prefill_tokens=9 prefill_chunk=4 "));
+    const auto field = [](const std::string& line, const std::string& key) {
+      const size_t at = line.find(" " + key + "=") + key.size() + 2;
+      return std::stod(line.substr(at, line.find(' ', at) - at));
+    };
+    const double f32_weights = field(last_line(r.output), "weight_bytes"), bf16_weights = field(last_line(h.output), "weight_bytes");
+    CHECK(bf16_weights < 0.6 * f32_weights);
+    CHECK(field(last_line(h.output), "prefill_tokens_per_s") > 0);
+  }
+  SECTION("--weights: the perplexity of the library's model in that type; bad values are usage errors") {
+    const llama::Model m = llama::Model::load(dir / "model", {}, llama::WeightType::f16);
+    const Run r = run_decoder(model + "perplexity --ids " + ids_file + " --context 16 --weights f16");
+    INFO(r.output);
+    REQUIRE(r.status == 0);
+    CHECK(same_printed(printed_perplexity(last_line(r.output), 28), llama::perplexity<float>(m, ids, 16).value()));
+    const Run bad = run_decoder(model + "perplexity --ids " + ids_file + " --weights f8");
+    CHECK(bad.status == 2);
+    CHECK_THAT(bad.output, Contains("--weights f8") && Contains("expected f32, bf16 or f16"));
+    const Run chunk = run_decoder(model + "bench --context 4 --chunk 4");
+    CHECK(chunk.status == 2);
+    CHECK_THAT(chunk.output, Contains("--chunk needs --prefill"));
   }
   SECTION("errors") {
     const Run ctx = run_decoder(model + "perplexity --ids " + ids_file + " --context 100");
