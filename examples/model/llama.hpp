@@ -114,7 +114,7 @@ class State;
 
 /// Tokens per forward call of a prefill (generate, perplexity, bench --prefill): chosen by measurement (see
 /// bench/README.md, "prefill chunk").
-inline constexpr Index kPrefillChunk = 256;
+inline constexpr Index kPrefillChunk = 512;
 
 /// Which part of a tensor a (sharded) Model keeps: rows [begin, begin + count) (axis 0) or columns (axis 1);
 /// count 0: all of it.
