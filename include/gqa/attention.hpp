@@ -81,14 +81,17 @@ TensorRef<const T> input_ref(const X& x) {
   return TensorRef<const T>(r);
 }
 
-/// `scales`: the per-row scales of int8 K/V (a KVCache<std::int8_t>); null for the other storage types.
+/// `scales`: the per-row scales of int8 K/V (a KVCache<std::int8_t>); null for the other storage types. `paged`: the
+/// block tables of a paged K/V (gqa::PagedKVCache), k and v then viewing its pools (set_paged); null otherwise.
 template <int GroupSize, typename T, typename KVT>
 void attention_impl(TensorRef<const T> q, TensorRef<const KVT> k, TensorRef<const KVT> v, TensorRef<T> out,
-                    const AttentionOptions& options, const KVScales* scales = nullptr) {
+                    const AttentionOptions& options, const KVScales* scales = nullptr,
+                    const PagedKV* paged = nullptr) {
   static_assert(is_storage_type_v<T> && is_kv_storage_type_v<KVT>,
                 "gqa: element types must be float, double, bfloat16 or half (int8 K/V through a KVCache)");
   static_assert(GroupSize == Dynamic || GroupSize >= 1, "gqa: GroupSize must be Dynamic or >= 1");
-  const auto p = make_params<T, KVT>(q, k, v, out, options, scales);
+  auto p = make_params<T, KVT>(q, k, v, out, options, scales);
+  if (paged) set_paged(p, *paged, out);
   if constexpr (GroupSize != Dynamic)
     require<shape_error>(p.group_size == GroupSize, "shape", "attention<", GroupSize, ">: group size H/G = ",
                          p.heads, "/", p.kv_heads, " = ", p.group_size, " but the template asks for ", GroupSize);

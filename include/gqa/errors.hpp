@@ -49,6 +49,12 @@ inline constexpr ErrorId error_ids[] = {
   {"gqa.kv_cache_range",    "invalid_argument", "an appended value is finite but beyond the cache type's range (above "
                                      "65504 for half; a double beyond float range for float and int8): it would be "
                                      "stored as inf"},
+  // Paged KV cache (gqa/paged_kv_cache.hpp); its appends also refuse values as KVCache does (kv_cache_nonfinite,
+  // kv_cache_range)
+  {"gqa.paged_kv_cache",      "shape_error, invalid_argument", "a non-positive PagedKVCache size, a sequence id "
+                                     "that is not live (or twice in one append), appended K/V whose shape "
+                                     "disagrees with the cache, or counts / truncate arguments out of range"},
+  {"gqa.paged_kv_cache_full", "invalid_argument", "an append needs more blocks than the pool has free"},
   // Conversion math (gqa/convert.hpp)
   {"gqa.convert.assignment", "invalid_argument", "ConvertOptions::assignment is not a partition of the H heads "
                                      "into G groups of H/G"},

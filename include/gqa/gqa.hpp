@@ -8,6 +8,7 @@
 //   gqa/attention_backward.hpp  gradients of attention (dQ; dK, dV summed per group)
 //   gqa/reference.hpp    naive double-precision attention (oracle and baseline)
 //   gqa/kv_cache.hpp     head-major KV cache and decode against it
+//   gqa/paged_kv_cache.hpp  paged KV cache (blocks, prefix sharing) and batched decode against it
 //   gqa/convert.hpp      MHA -> GQA/MQA conversion math on tensors and buffers (mean-pool K/V heads)
 //
 // Not included: checkpoint file I/O, which needs nlohmann_json and POSIX and comes with the gqa::checkpoint target.
@@ -22,6 +23,7 @@
 #include "gqa/convert.hpp"
 #include "gqa/errors.hpp"
 #include "gqa/kv_cache.hpp"
+#include "gqa/paged_kv_cache.hpp"
 #include "gqa/options.hpp"
 #include "gqa/reference.hpp"
 #include "gqa/types.hpp"

@@ -44,6 +44,8 @@
 #pragma once
 
 #include "gqa/attention.hpp"
+#define GQA_DETAIL_ALLOWED  // the detail header below checks it (gqa/detail/internal_header_check.hpp)
+#include "gqa/detail/kv_rows.hpp"
 #include "gqa/errors.hpp"
 #include "gqa/options.hpp"
 #include "gqa/types.hpp"
@@ -55,10 +57,6 @@
 #include <string>
 #include <type_traits>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace gqa {
 
@@ -79,8 +77,8 @@ class KVCache {
     detail::require<shape_error>(head_dim > 0, "kv_cache", "KVCache: head_dim = ", head_dim, " must be positive");
     keys_ = Tensor4<T>(batch, kv_heads, capacity, head_dim);
     values_ = Tensor4<T>(batch, kv_heads, capacity, head_dim);
-    advise_huge_pages(keys_.data(), std::size_t(keys_.size()) * sizeof(T));  // before the first touch (setZero)
-    advise_huge_pages(values_.data(), std::size_t(values_.size()) * sizeof(T));
+    detail::advise_huge_pages(keys_.data(), std::size_t(keys_.size()) * sizeof(T));  // before the first touch
+    detail::advise_huge_pages(values_.data(), std::size_t(values_.size()) * sizeof(T));
     keys_.setZero();
     values_.setZero();
     if constexpr (kQuantized) {
@@ -152,20 +150,18 @@ class KVCache {
                       "KVCache::append: sequence ", b, " holds ", lengths_[size_t(b)], " tokens; appending ",
                       counts[b], " exceeds capacity ", capacity());
     }
-    check_storable("k_new", kr, counts);
-    check_storable("v_new", vr, counts);
+    const std::string caller = detail::concat("KVCache<", Codec::type_name(), ">::append");
+    auto position = [&](Index b) { return lengths_[size_t(b)]; };
+    Codec::check_storable(caller, "k_new", kr, counts, position);
+    Codec::check_storable(caller, "v_new", vr, counts, position);
     const Index G = kv_heads(), D = head_dim();
     for (Index b = 0; b < batch(); ++b) {
       const Index start = lengths_[size_t(b)];
       for (Index g = 0; g < G; ++g)
         for (Index s = 0; s < counts[b]; ++s) {
-          if constexpr (kQuantized) {
-            key_scales_(b, g, start + s) = quantize(&keys_(b, g, start + s, 0), &kr(b, s, g, 0), D);
-            value_scales_(b, g, start + s) = quantize(&values_(b, g, start + s, 0), &vr(b, s, g, 0), D);
-          } else {
-            store(&keys_(b, g, start + s, 0), &kr(b, s, g, 0), D);
-            store(&values_(b, g, start + s, 0), &vr(b, s, g, 0), D);
-          }
+          const float ks = Codec::write_row(&keys_(b, g, start + s, 0), &kr(b, s, g, 0), D);
+          const float vs = Codec::write_row(&values_(b, g, start + s, 0), &vr(b, s, g, 0), D);
+          if constexpr (kQuantized) key_scales_(b, g, start + s) = ks, value_scales_(b, g, start + s) = vs;
         }
       lengths_[size_t(b)] = std::int32_t(start + counts[b]);
     }
@@ -202,140 +198,7 @@ class KVCache {
   }
 
  private:
-  /// Asks Linux for transparent huge pages (2 MiB) over the whole 2 MiB pages inside [p, p + bytes), before they
-  /// are first touched; elsewhere, or where THP is off ("never"), nothing. Decode streams the whole cache once per
-  /// token, and with 4 KiB pages that is a TLB miss (and a page walk) every 4 KiB. Measured on the 2-core Xeon of
-  /// bench/README.md, bf16, H = 32, G = 32, S = 16384, 1 thread, small and huge pages interleaved in one process,
-  /// medians of 5 at load ~1: decode 26.5 -> 24.8 ms per token, the stream read of the same cache 20.8 -> 18.5 ms;
-  /// at load ~7 (CPU time) G = 32 43 -> 29 ms, G = 8 14.0 -> 8.0 ms. With THP "always" the kernel does this
-  /// anyway; with "madvise" (this machine's setting) only memory advised so gets huge pages. A failed madvise only
-  /// leaves the small pages.
-  static void advise_huge_pages(void* p, std::size_t bytes) noexcept {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    constexpr std::uintptr_t kHuge = std::uintptr_t(1) << 21;
-    const std::uintptr_t lo = (reinterpret_cast<std::uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-    const std::uintptr_t hi = (reinterpret_cast<std::uintptr_t>(p) + bytes) & ~(kHuge - 1);
-    if (hi > lo) (void)::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-    (void)p, (void)bytes;
-#endif
-  }
-
-  template <typename Src>
-  static void store(T* dst, const Src* src, Index n) {
-    using S = std::remove_const_t<Src>;
-    if constexpr (std::is_same_v<T, half> && std::is_same_v<S, float>) {
-      detail::mk::narrow_to_half(src, dst, n);  // F16C where available (Eigen's cast is scalar under GCC)
-    } else if constexpr (std::is_same_v<T, half>) {
-      for (Index i = 0; i < n; ++i) dst[i] = detail::mk::narrow_to_half(float(src[i]));
-    } else {
-      Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(dst, n) =
-          Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(src, n).template cast<T>();
-    }
-  }
-
-  /// Quantises n values of src into dst (see the header comment) and returns the scale. The caller has checked
-  /// that they are finite.
-  template <typename Src>
-  static float quantize(std::int8_t* dst, const Src* src, Index n) {
-    float max_abs = 0;
-    for (Index i = 0; i < n; ++i) max_abs = std::max(max_abs, std::abs(to_float(src[i])));
-    if (max_abs == 0) {
-      std::fill_n(dst, n, std::int8_t(0));
-      return 0.0f;
-    }
-    const float scale = max_abs / 127.0f, inv = 127.0f / max_abs;
-    for (Index i = 0; i < n; ++i) {
-      // Round to nearest, ties to even (the default rounding mode); |x| * inv <= 127 up to one rounding, clamped.
-      const float r = std::nearbyint(to_float(src[i]) * inv);
-      dst[i] = std::int8_t(std::clamp(r, -127.0f, 127.0f));
-    }
-    return scale;
-  }
-
-  template <typename Src>
-  static float to_float(Src x) noexcept {
-    return detail::mk::widen<float>(std::remove_const_t<Src>(x));
-  }
-
-  /// int8, half and bfloat16 caches store finite values only (see the header comment).
-  static constexpr bool kFiniteOnly = kQuantized || std::is_same_v<T, half> || std::is_same_v<T, bfloat16>;
-  /// Values are converted through float (store, quantize); a float of magnitude at or above this rounds to inf in
-  /// T: halfway between T's largest finite value and the next power of two, which ties-to-even rounds up. int8's
-  /// float scales take any finite float.
-  static constexpr float kLimit = std::is_same_v<T, half>       ? 65520.0f     // 65504 = 0x1.ffcp15
-                                  : std::is_same_v<T, bfloat16> ? 0x1.ffp127f  // 0x1.fep127
-                                                                : std::numeric_limits<float>::infinity();
-  static constexpr const char* type_name() noexcept {
-    return kQuantized ? "int8" : std::is_same_v<T, half> ? "half" : std::is_same_v<T, bfloat16> ? "bfloat16"
-                                                          : std::is_same_v<T, float> ? "float" : "double";
-  }
-
-  /// Whether appending x stores x up to rounding: finite and within range in an int8, half or bfloat16 cache; in a
-  /// float cache, anything but a finite double that overflows float (NaN and inf are kept as given, as in any float
-  /// tensor); in a double cache, anything.
-  template <typename S>
-  static bool storable(S x) noexcept {
-    if constexpr (std::is_same_v<T, double>) {
-      return true;
-    } else {
-      const float f = to_float(x);
-      if constexpr (kFiniteOnly)
-        return std::abs(f) < kLimit;  // false for NaN
-      else
-        return std::isfinite(f) || !std::isfinite(as_double(x));
-    }
-  }
-
-  /// storable() for all n values; float rows (the usual append) in a branch-free loop the compiler vectorises.
-  template <typename S>
-  static bool row_storable(const S* row, Index n) noexcept {
-    if constexpr (std::is_same_v<S, float> && kFiniteOnly) {
-      int bad = 0;
-      for (Index d = 0; d < n; ++d) bad |= !(std::abs(row[d]) < kLimit);  // true for NaN
-      return bad == 0;
-    } else {
-      for (Index d = 0; d < n; ++d)
-        if (!storable(row[d])) return false;
-      return true;
-    }
-  }
-
-  /// Refuses, before anything is written, a value among the tokens to append that storable() rejects, naming its
-  /// position and value. Only element types that can fail are scanned (float from float, half or bfloat16 cannot).
-  template <typename R>
-  void check_storable(const char* name, const R& r, span<const std::int32_t> counts) const {
-    using S = std::remove_const_t<detail::ref_elem_t<R>>;
-    if constexpr (kFiniteOnly || (std::is_same_v<T, float> && std::is_same_v<S, double>)) {
-      const Index G = kv_heads(), D = head_dim();
-      for (Index b = 0; b < batch(); ++b)
-        for (Index s = 0; s < counts[b]; ++s)
-          for (Index g = 0; g < G; ++g) {
-            const S* row = &r(b, s, g, 0);
-            if (row_storable(row, D)) continue;
-            for (Index d = 0; d < D; ++d)
-              if (!storable(row[d])) refuse(name, b, s, g, d, as_double(row[d]));
-          }
-    }
-  }
-
-  template <typename S>
-  static double as_double(S x) noexcept {
-    if constexpr (std::is_same_v<S, double>) return x;
-    else return double(to_float(x));
-  }
-
-  void refuse(const char* name, Index b, Index s, Index g, Index d, double x) const {
-    using Limit = std::conditional_t<kQuantized, float, T>;  // int8 rows keep float scales
-    const std::string where = detail::concat("KVCache<", type_name(), ">::append: ", name, "[", b, ", ", s, ", ", g,
-                                             ", ", d, "] (sequence ", b, ", new token ", s, ", KV head ", g,
-                                             ", cache position ", lengths_[size_t(b)] + s, ") = ", x);
-    detail::require(std::isfinite(x), "kv_cache_nonfinite", where, "; ", kQuantized ? "an " : "a ", type_name(),
-                    " cache stores finite values only (nothing was appended)");
-    detail::require(false, "kv_cache_range", where, " is beyond the range of ", kQuantized ? "the float scales" : type_name(),
-                    " (largest finite value ", double(std::numeric_limits<Limit>::max()),
-                    "): it would be stored as inf (nothing was appended)");
-  }
+  using Codec = detail::KVRowCodec<T>;
 
   void check_new_tokens(const char* name, const std::array<Index, 4>& dims, const std::array<Index, 4>& strides) const {
     detail::require<shape_error>(dims[0] == batch(), "kv_cache", "KVCache::append: ", name, " dim 0 (batch B) = ",

@@ -49,6 +49,8 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -73,7 +75,9 @@ namespace detail {
 struct TilePlan {
   Index q_tile = 1;        // queries per item
   Index k_tile = 128;      // keys per inner step
-  Index splits = 1;        // key-range splits per (b, g, query tile)
+  Index splits = 1;        // key-range splits per (b, g, query tile) of the sequence with the most
+  std::vector<Index> seq_splits;  // [B]: key-range splits per (b, g, query tile) of sequence b
+  std::vector<Index> first_item;  // [B + 1]: the items of sequence b are [first_item[b], first_item[b + 1])
   Index q_tiles = 1;       // ceil(Sq / q_tile)
   Index rows_max = 1;      // q_tile * group_size
   bool small = false;      // decode: the register-blocked micro-kernels instead of Eigen's GEMM
@@ -85,6 +89,33 @@ struct TilePlan {
 inline constexpr Index kMinWorkItems = 16;
 /// Keys per split are at least this many, so merging partials stays negligible next to streaming K/V.
 inline constexpr Index kMinKeysPerSplit = 512;
+
+/// Key-range splits per sequence (flash-decoding), so that about kMinWorkItems items of similar size exist: sequence
+/// b, holding len_b of all the batch's keys, gets ceil(kMinWorkItems * len_b / (G * q_tiles * sum of len)) splits,
+/// at most len_b / kMinKeysPerSplit and at least 1. Equal lengths give ceil(kMinWorkItems / items) splits when the
+/// B * G * q_tiles items are fewer than kMinWorkItems, else none; a long sequence among short ones (a serving batch)
+/// is split even when the items are many, so that it does not leave one thread working alone at the end. Depends on
+/// the shapes and key lengths only, never on the thread count.
+template <typename P>
+void plan_splits(const P& p, TilePlan& t) {
+  Index total = 0;
+  for (Index b = 0; b < p.batch; ++b) total += p.keys_of(b);
+  t.seq_splits.assign(size_t(p.batch), 1);
+  t.first_item.assign(size_t(p.batch) + 1, 0);
+  t.splits = 1;
+  const Index per_split = p.kv_heads * t.q_tiles;  // items per split of one sequence
+  for (Index b = 0; b < p.batch; ++b) {
+    const Index len = p.keys_of(b);
+    Index splits = 1;
+    if (total > 0 && per_split > 0) {
+      const Index want = (kMinWorkItems * len + per_split * total - 1) / (per_split * total);
+      splits = std::max<Index>(1, std::min(want, len / kMinKeysPerSplit));
+    }
+    t.seq_splits[size_t(b)] = splits;
+    t.splits = std::max(t.splits, splits);
+    t.first_item[size_t(b) + 1] = t.first_item[size_t(b)] + splits * per_split;
+  }
+}
 
 template <typename P>
 TilePlan plan_tiles(const P& p) {
@@ -109,12 +140,7 @@ TilePlan plan_tiles(const P& p) {
   }
   t.q_tiles = p.q_len == 0 ? 0 : (p.q_len + t.q_tile - 1) / t.q_tile;
   t.rows_max = t.q_tile * p.group_size;
-  const Index items = p.batch * p.kv_heads * t.q_tiles;
-  if (items > 0 && items < kMinWorkItems) {
-    const Index want = (kMinWorkItems + items - 1) / items;
-    const Index cap = std::max<Index>(1, p.k_len / kMinKeysPerSplit);
-    t.splits = std::max<Index>(1, std::min(want, cap));
-  }
+  plan_splits(p, t);
   return t;
 }
 
@@ -193,15 +219,18 @@ struct SplitPartials {
 };
 
 /// Where one work item sits: sequence b (with len valid keys), KV head g, query tile qt (queries [q0, q0 + nq),
-/// stacked as rows = nq * H/G rows r = (i - q0) * H/G + head within the group) and key split `split`.
+/// stacked as rows = nq * H/G rows r = (i - q0) * H/G + head within the group) and key split `split` of the
+/// sequence's `splits`; `slot`: its partial results in SplitPartials (the splits of one (b, g, qt) are adjacent).
 struct ItemCoords {
-  Index b, g, qt, split, q0, nq, rows, len;
+  Index b, g, qt, split, splits, slot, q0, nq, rows, len;
 };
 
 template <typename P>
 ItemCoords item_coords(const P& p, const TilePlan& t, Index b, Index g, Index qt, Index split) {
   ItemCoords c;
   c.b = b, c.g = g, c.qt = qt, c.split = split;
+  c.splits = t.seq_splits[size_t(b)];
+  c.slot = t.first_item[size_t(b)] + (g * t.q_tiles + qt) * c.splits + split;
   c.q0 = qt * t.q_tile;
   c.nq = std::min(t.q_tile, p.q_len - c.q0);
   c.rows = c.nq * p.group_size;
@@ -209,16 +238,21 @@ ItemCoords item_coords(const P& p, const TilePlan& t, Index b, Index g, Index qt
   return c;
 }
 
-/// Slot of an item's partial results in SplitPartials (items of one (b, g, qt) are adjacent).
+/// The coordinates of work item `item` in the order flash_fwd hands them out: sequence by sequence, and within one
+/// the query tiles of a (g, split) together, latest first.
 template <typename P>
-Index partial_slot(const P& p, const TilePlan& t, const ItemCoords& c) {
-  return ((c.b * p.kv_heads + c.g) * t.q_tiles + c.qt) * t.splits + c.split;
+ItemCoords item_at(const P& p, const TilePlan& t, Index item) {
+  const auto next = std::upper_bound(t.first_item.begin(), t.first_item.end(), item);
+  const Index b = Index(next - t.first_item.begin()) - 1;
+  const Index local = item - t.first_item[size_t(b)], splits = t.seq_splits[size_t(b)];
+  const Index qt = t.q_tiles - 1 - local % t.q_tiles, rest = local / t.q_tiles;
+  return item_coords(p, t, b, rest / splits, qt, rest % splits);
 }
 
-/// The keys of split `split` of `keys`: whole decode tiles, so splits never share a tile.
-inline KeyRange split_keys(const TilePlan& t, const KeyRange& keys, Index split) {
-  if (t.splits == 1) return keys;
-  Index chunk = (keys.size() + t.splits - 1) / t.splits;
+/// The keys of split `split` of `keys` (one of `splits`): whole decode tiles, so splits never share a tile.
+inline KeyRange split_keys(const TilePlan& t, const KeyRange& keys, Index split, Index splits) {
+  if (splits == 1) return keys;
+  Index chunk = (keys.size() + splits - 1) / splits;
   chunk = (chunk + t.k_tile - 1) / t.k_tile * t.k_tile;
   const Index lo = std::min(keys.hi, keys.lo + split * chunk);
   return {lo, std::min(keys.hi, lo + chunk)};
@@ -304,11 +338,15 @@ void scale_tile_rows(Acc* tile, Index n, Index rows, const float* scale) {
   }
 }
 
-/// S^T [n, rows] = K_tile Qg^T into ws.scores (times the rows' scales for an int8 K).
+/// S^T [n, rows] = K_tile Qg^T into ws.scores from its row `at` on (times the rows' scales for an int8 K). at > 0:
+/// the later runs of a paged tile, decode only.
 template <typename Acc, typename KVScalar>
-void tile_scores(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>& k, Workspace<Acc>& ws) {
+void tile_scores(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>& k, Workspace<Acc>& ws,
+                 Index at = 0) {
+  Acc* st = ws.scores.data() + at * c.rows;
+  GQA_ASSERT(at == 0 || t.small);
   if (t.small) {
-    mk::score_tile(ws.q_small.data(), c.rows, k, ws.scores.data());
+    mk::score_tile(ws.q_small.data(), c.rows, k, st);
   } else if (t.tile_gemm) {
     const mk::KVRows<Acc> kt = acc_rows(k, ws.k_buf);
     tile::scores(ws.q_panels.data(), c.rows, kt.data, kt.stride, kt.count, kt.cols, ws.scores.data());
@@ -316,7 +354,7 @@ void tile_scores(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScal
     Eigen::Map<RowMatrix<Acc>> s(ws.scores.data(), k.count, c.rows);
     s.noalias() = load_tile<Acc>(k, ws.k_buf) * ws.qg.topRows(c.rows).transpose();
   }
-  if constexpr (std::is_same_v<KVScalar, std::int8_t>) scale_tile_rows(ws.scores.data(), k.count, c.rows, k.scale);
+  if constexpr (std::is_same_v<KVScalar, std::int8_t>) scale_tile_rows(st, k.count, c.rows, k.scale);
 }
 
 /// Adds the bias to the scores of keys kb .. kb+n-1; a -inf entry masks its key (even where the score is NaN).
@@ -463,16 +501,19 @@ void accumulate_pv_skipping_zeros(const Acc* pt, Index rows, const mk::KVRows<KV
   }
 }
 
-/// O += probabilities x V_tile. `may_mask`: some row may have a zero weight for a key others see (a masked tile, or
-/// a bias); then 0 x NaN = NaN would leak a masked V into that row, so non-finite V takes the skipping product.
+/// O += probabilities x V_tile, the probabilities from row `at` of the tile on (at > 0: the later runs of a paged
+/// tile, decode only). `may_mask`: some row may have a zero weight for a key others see (a masked tile, or a bias);
+/// then 0 x NaN = NaN would leak a masked V into that row, so non-finite V takes the skipping product.
 template <typename Acc, typename KVScalar>
 void tile_pv(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScalar>& v, bool may_mask,
-             Workspace<Acc>& ws) {
+             Workspace<Acc>& ws, Index at = 0) {
   const Index rows = c.rows;
-  if constexpr (std::is_same_v<KVScalar, std::int8_t>) scale_tile_rows(ws.scores.data(), v.count, rows, v.scale);
-  if (may_mask && !rows_finite(v)) return accumulate_pv_skipping_zeros(ws.scores.data(), rows, v, ws.out);
+  Acc* pt = ws.scores.data() + at * rows;
+  GQA_ASSERT(at == 0 || t.small);
+  if constexpr (std::is_same_v<KVScalar, std::int8_t>) scale_tile_rows(pt, v.count, rows, v.scale);
+  if (may_mask && !rows_finite(v)) return accumulate_pv_skipping_zeros(pt, rows, v, ws.out);
   if (t.small)
-    return mk::accumulate_pv(mk::Strided<const Acc>{ws.scores.data(), rows}, rows, v,
+    return mk::accumulate_pv(mk::Strided<const Acc>{pt, rows}, rows, v,
                              mk::Strided<Acc>{ws.out.data(), ws.out.cols()});
   if (t.tile_gemm) {
     const mk::KVRows<Acc> vt = acc_rows(v, ws.v_buf);
@@ -488,8 +529,8 @@ template <typename P, typename Acc>
 void finish_item(const P& p, const TilePlan& t, const ItemCoords& c, const Workspace<Acc>& ws,
                  SplitPartials<Acc>* partials) {
   const Index group_size = p.group_size, D = p.head_dim, rows = c.rows;
-  if (partials) {
-    const Index slot = partial_slot(p, t, c);
+  if (c.splits > 1) {
+    const Index slot = c.slot;
     Eigen::Map<RowMatrix<Acc>>(partials->out.data() + slot * t.rows_max * D, rows, D) = ws.out.topRows(rows);
     std::copy_n(ws.row_max.data(), rows, partials->max.data() + slot * t.rows_max);
     std::copy_n(ws.row_sum.data(), rows, partials->sum.data() + slot * t.rows_max);
@@ -500,29 +541,108 @@ void finish_item(const P& p, const TilePlan& t, const ItemCoords& c, const Works
               ws.out.row(r));
 }
 
+/// The K and V rows of one work item's KV head: strided in place from k_head / v_head, or, for a paged K/V, in its
+/// sequence's blocks (the page maps; the int8 scales of key j at k_scale + block * scale_block_stride + j %
+/// block_size).
+template <typename KVScalar>
+struct ItemKV {
+  const KVScalar* k_head = nullptr;
+  const KVScalar* v_head = nullptr;
+  const float* k_scale = nullptr;  // int8 only
+  const float* v_scale = nullptr;
+  mk::PageMap<KVScalar> k_pages, v_pages;  // paged only
+};
+
+template <typename P>
+ItemKV<typename P::KVScalar> item_kv(const P& p, const ItemCoords& c) {
+  ItemKV<typename P::KVScalar> kv;
+  kv.k_head = p.k + c.b * p.k_stride_b + c.g * p.k_stride_h;
+  kv.v_head = p.v + c.b * p.v_stride_b + c.g * p.v_stride_h;
+  const Index scale_at = c.b * p.scale_stride_b + c.g * p.scale_stride_h;
+  kv.k_scale = p.k_scale ? p.k_scale + scale_at : nullptr;
+  kv.v_scale = p.v_scale ? p.v_scale + scale_at : nullptr;
+  if (p.is_paged()) {
+    const std::int32_t* table = p.paged.table + c.b * p.paged.table_stride;
+    kv.k_pages = {kv.k_head, table, p.paged.block_size, p.paged.block_stride, p.k_stride_s};
+    kv.v_pages = {kv.v_head, table, p.paged.block_size, p.paged.block_stride, p.v_stride_s};
+  }
+  return kv;
+}
+
+/// Calls f(at, k, v) for the runs of keys [kb, kb + n) that lie contiguous in memory, `at` being a run's first key
+/// within the tile: the whole tile for strided K/V, one run per block for a paged K/V (keys up to `hi` may be
+/// prefetched, across blocks by the page maps).
+template <typename P, typename F>
+void for_each_key_run(const P& p, const ItemKV<typename P::KVScalar>& kv, Index kb, Index n, Index hi, F&& f) {
+  using Rows = mk::KVRows<typename P::KVScalar>;
+  const Index D = p.head_dim;
+  if (!p.is_paged()) {
+    f(Index(0), Rows{kv.k_head + kb * p.k_stride_s, p.k_stride_s, n, D, hi - kb, kv.k_scale ? kv.k_scale + kb : nullptr},
+      Rows{kv.v_head + kb * p.v_stride_s, p.v_stride_s, n, D, hi - kb, kv.v_scale ? kv.v_scale + kb : nullptr});
+    return;
+  }
+  const Index size = p.paged.block_size;
+  for (Index j = kb; j < kb + n;) {
+    const Index block = kv.k_pages.table[j / size], r = j % size, m = std::min(size - r, kb + n - j);
+    const Index scale_at = block * p.paged.scale_block_stride + r;
+    f(j - kb,
+      Rows{kv.k_pages.row(j), p.k_stride_s, m, D, hi - j, kv.k_scale ? kv.k_scale + scale_at : nullptr, &kv.k_pages, j},
+      Rows{kv.v_pages.row(j), p.v_stride_s, m, D, hi - j, kv.v_scale ? kv.v_scale + scale_at : nullptr, &kv.v_pages, j});
+    j += m;
+  }
+}
+
+/// A key tile of a paged K/V gathered into contiguous rows of the stored type (and its int8 scales), for the tile
+/// products of prefill, which take one K and one V matrix: copying n rows costs nothing next to multiplying them by
+/// up to 128 query rows, and the products then run exactly as on a contiguous cache.
+template <typename KVScalar>
+struct GatheredTile {
+  std::vector<KVScalar> k, v;    // [k_tile, D]
+  std::vector<float> k_scale, v_scale;  // [k_tile], int8 only
+
+  GatheredTile(Index k_tile, Index D) : k(size_t(k_tile * D)), v(size_t(k_tile * D)) {
+    if constexpr (std::is_same_v<KVScalar, std::int8_t>) k_scale.resize(size_t(k_tile)), v_scale.resize(size_t(k_tile));
+  }
+
+  template <typename P>
+  std::pair<mk::KVRows<KVScalar>, mk::KVRows<KVScalar>> gather(const P& p, const ItemKV<KVScalar>& kv, Index kb,
+                                                               Index n) {
+    const Index D = p.head_dim;
+    for_each_key_run(p, kv, kb, n, kb + n, [&](Index at, const auto& kr, const auto& vr) {
+      std::copy_n(kr.data, kr.count * D, k.data() + at * D);  // rows of a block are contiguous (stride D)
+      std::copy_n(vr.data, vr.count * D, v.data() + at * D);
+      if (kr.scale) std::copy_n(kr.scale, kr.count, k_scale.data() + at), std::copy_n(vr.scale, vr.count, v_scale.data() + at);
+    });
+    const bool scaled = !k_scale.empty();
+    return {{k.data(), D, n, D, n, scaled ? k_scale.data() : nullptr}, {v.data(), D, n, D, n, scaled ? v_scale.data() : nullptr}};
+  }
+};
+
 /// Runs one work item: the item's queries against the keys of its split, one key tile at a time. Tiles wholly
-/// inside the keys every query sees (tile_keys_all) need no per-element mask.
+/// inside the keys every query sees (tile_keys_all) need no per-element mask. A paged K/V's tile is multiplied a
+/// block at a time by the decode micro-kernels (which read rows in place), or gathered for the prefill products.
 template <typename P, typename Acc>
-void run_item(const P& p, const TilePlan& t, const ItemCoords& c, Workspace<Acc>& ws, SplitPartials<Acc>* partials) {
-  using KVScalar = typename P::KVScalar;
+void run_item(const P& p, const TilePlan& t, const ItemCoords& c, Workspace<Acc>& ws, SplitPartials<Acc>* partials,
+              GatheredTile<typename P::KVScalar>* gathered) {
   const KeyRange seen_by_all = tile_keys_all(p, c.q0, c.nq, c.len);
-  const KeyRange keys = split_keys(t, tile_keys_any(p, c.q0, c.nq, c.len), c.split);
+  const KeyRange keys = split_keys(t, tile_keys_any(p, c.q0, c.nq, c.len), c.split, c.splits);
   load_queries(p, t, c, ws);
-  const KVScalar* k_head = p.k + c.b * p.k_stride_b + c.g * p.k_stride_h;
-  const KVScalar* v_head = p.v + c.b * p.v_stride_b + c.g * p.v_stride_h;
-  const Index scale_at = c.b * p.scale_stride_b + c.g * p.scale_stride_h;  // int8 K/V only
-  const float* k_scale = p.k_scale ? p.k_scale + scale_at : nullptr;
-  const float* v_scale = p.v_scale ? p.v_scale + scale_at : nullptr;
+  const auto kv = item_kv(p, c);
   for (Index kb = keys.lo; kb < keys.hi; kb += t.k_tile) {
-    const Index n = std::min(t.k_tile, keys.hi - kb), avail = keys.hi - kb;  // avail: rows prefetches may reach
-    const mk::KVRows<KVScalar> k{k_head + kb * p.k_stride_s, p.k_stride_s, n, p.head_dim, avail,
-                                 k_scale ? k_scale + kb : nullptr};
-    const mk::KVRows<KVScalar> v{v_head + kb * p.v_stride_s, p.v_stride_s, n, p.head_dim, avail,
-                                 v_scale ? v_scale + kb : nullptr};
-    tile_scores(t, c, k, ws);
-    const bool masked = kb < seen_by_all.lo || kb + n > seen_by_all.hi;
+    const Index n = std::min(t.k_tile, keys.hi - kb);
+    const bool masked = kb < seen_by_all.lo || kb + n > seen_by_all.hi, may_mask = masked || p.has_bias();
+    if (gathered) {
+      const auto [k, v] = gathered->gather(p, kv, kb, n);
+      tile_scores(t, c, k, ws);
+      softmax_tile(p, c, kb, n, masked, ws);
+      tile_pv(t, c, v, may_mask, ws);
+      continue;
+    }
+    for_each_key_run(p, kv, kb, n, keys.hi, [&](Index at, const auto& k, const auto&) { tile_scores(t, c, k, ws, at); });
     softmax_tile(p, c, kb, n, masked, ws);
-    tile_pv(t, c, v, masked || p.has_bias(), ws);
+    for_each_key_run(p, kv, kb, n, keys.hi, [&](Index at, const auto&, const auto& v) {
+      tile_pv(t, c, v, may_mask, ws, at);
+    });
   }
   finish_item(p, t, c, ws, partials);
 }
@@ -533,19 +653,19 @@ template <typename P, typename Acc>
 void merge_splits(const P& p, const TilePlan& t, const ItemCoords& first, const SplitPartials<Acc>& parts,
                   RowVector<Acc>& acc) {
   const Index group_size = p.group_size, D = p.head_dim;
-  const Index slot0 = partial_slot(p, t, first);
+  const Index slot0 = first.slot;
   constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
   for (Index r = 0; r < first.rows; ++r) {
     Acc m = kNegInf;
     bool nan = false;
-    for (Index sp = 0; sp < t.splits; ++sp) {
+    for (Index sp = 0; sp < first.splits; ++sp) {
       const Index at = (slot0 + sp) * t.rows_max + r;
       m = std::max(m, parts.max[size_t(at)]);
       nan = nan || std::isnan(parts.sum[size_t(at)]);
     }
     acc.setZero();
     Acc l = nan ? std::numeric_limits<Acc>::quiet_NaN() : Acc(0);
-    for (Index sp = 0; sp < t.splits && !nan && m > kNegInf; ++sp) {
+    for (Index sp = 0; sp < first.splits && !nan && m > kNegInf; ++sp) {
       const Index at = (slot0 + sp) * t.rows_max + r;
       const Acc ls = parts.sum[size_t(at)];
       if (!(ls > Acc(0))) continue;  // a split with no visible key
@@ -567,8 +687,7 @@ void flash_fwd(const P& p) {
   using Acc = typename P::Acc;
   if (p.batch == 0 || p.q_len == 0) return;
   const TilePlan t = plan_tiles(p);
-  const Index per_qt = p.batch * p.kv_heads * t.splits;
-  const Index items = per_qt * t.q_tiles;
+  const Index items = t.first_item.back();
   const bool widen = !std::is_same_v<typename P::KVScalar, Acc>;
 
   SplitPartials<Acc> partials;
@@ -586,20 +705,17 @@ void flash_fwd(const P& p) {
     omp_set_num_threads(1);  // Eigen's GEMM inside an item must not start threads of its own
 #endif
     Workspace<Acc> ws(t, p.head_dim, widen);
+    std::optional<GatheredTile<typename P::KVScalar>> gathered;
+    if (p.is_paged() && !t.small) gathered.emplace(t.k_tile, p.head_dim);
 #pragma omp for schedule(dynamic, 1)
-    for (Index item = 0; item < items; ++item) {
-      const Index qt = t.q_tiles - 1 - item % t.q_tiles;
-      Index rest = item / t.q_tiles;
-      const Index split = rest % t.splits;
-      rest /= t.splits;
-      run_item(p, t, item_coords(p, t, rest / p.kv_heads, rest % p.kv_heads, qt, split), ws, parts);
-    }
+    for (Index item = 0; item < items; ++item) run_item(p, t, item_at(p, t, item), ws, parts, gathered ? &*gathered : nullptr);
     if (parts) {
       RowVector<Acc> acc(p.head_dim);
 #pragma omp for schedule(static)
       for (Index j = 0; j < p.batch * p.kv_heads * t.q_tiles; ++j) {
-        const Index qt = j % t.q_tiles, bg = j / t.q_tiles;
-        merge_splits(p, t, item_coords(p, t, bg / p.kv_heads, bg % p.kv_heads, qt, 0), partials, acc);
+        const Index qt = j % t.q_tiles, bg = j / t.q_tiles, b = bg / p.kv_heads;
+        if (t.seq_splits[size_t(b)] > 1)
+          merge_splits(p, t, item_coords(p, t, b, bg % p.kv_heads, qt, 0), partials, acc);
       }
     }
   }

@@ -54,10 +54,26 @@ inline constexpr int kLanes = Eigen::internal::unpacket_traits<Packet<Acc>>::siz
 /// Accumulator registers a kernel may use (16 vector registers on AVX2, two left for operands and broadcasts).
 inline constexpr int kAccRegisters = 12;
 
+/// Where the rows of one KV head of a paged K or V (gqa::PagedKVCache) lie: key j is row j % block_size of block
+/// table[j / block_size], rows `row_stride` elements apart inside a block. The kernels read one block's rows at a
+/// time (KVRows); their prefetches follow the table into the next blocks.
+template <typename Src>
+struct PageMap {
+  const Src* head = nullptr;            // row 0 of this KV head in block 0 of the pool
+  const std::int32_t* table = nullptr;  // the sequence's blocks
+  Index block_size = 0, block_stride = 0, row_stride = 0;
+
+  const Src* row(Index j) const noexcept {
+    return head + Index(table[j / block_size]) * block_stride + (j % block_size) * row_stride;
+  }
+};
+
 /// `count` rows of K or V, read in place: row j at data + j * stride, `cols` (D) elements each. `avail` >= count rows
-/// from `data` may be read, so prefetches may reach that far (the end of the work item's keys). Quantised (int8)
-/// K/V carry their per-row scales: row j stands for data[j] * scale[j]. The micro-kernels multiply the raw rows;
-/// the caller applies the scales to the scores (K) and the probabilities (V), n multiplies per row instead of n * D.
+/// from `data` may be read, so prefetches may reach that far (the end of the work item's keys): in memory after
+/// `data`, or, where `pages` is set (a paged K/V, the rows inside one block), at the keys first + count .. of the
+/// page map. Quantised (int8) K/V carry their per-row scales: row j stands for data[j] * scale[j]. The micro-kernels
+/// multiply the raw rows; the caller applies the scales to the scores (K) and the probabilities (V), n multiplies
+/// per row instead of n * D.
 template <typename Src>
 struct KVRows {
   const Src* data = nullptr;
@@ -66,11 +82,13 @@ struct KVRows {
   Index cols = 0;
   Index avail = 0;
   const float* scale = nullptr;  // [count], int8 rows only
+  const PageMap<Src>* pages = nullptr;
+  Index first = 0;  // paged: the key index of row 0
 
   const Src* row(Index j) const noexcept { return data + j * stride; }
   /// Rows [j, j + n).
   KVRows rows(Index j, Index n) const noexcept {
-    return {row(j), stride, n, cols, avail - j, scale ? scale + j : nullptr};
+    return {row(j), stride, n, cols, avail - j, scale ? scale + j : nullptr, pages, first + j};
   }
 };
 
@@ -351,10 +369,13 @@ inline constexpr Index prefetch_rows = std::is_same_v<Src, std::int8_t> ? 64 : k
 /// lines evenly over all of its passes: issued all in the first pass, they exceed the core's outstanding-miss
 /// slots, the excess is lost, and DRAM idles during the later passes (measured at H=32, D=128, S=16384, 2 threads:
 /// GQA-4 3.7 -> 2.7 ms, GQA-8 6.3 -> 5.4 ms per token). Rows are `stride` elements apart; a contiguous run (the
-/// head-major KV cache) is prefetched as one range.
+/// head-major KV cache) is prefetched as one range, and the rows of a paged K/V as one range per block (up to
+/// kMorePages blocks past the first: a hint needs no more).
 template <typename Src>
 class LinePrefetcher {
  public:
+  static constexpr int kMorePages = 4;
+
   /// `rows` rows of D elements starting at `first`, `stride` elements apart (none when rows <= 0).
   LinePrefetcher(const Src* first, Index stride, Index rows, Index D)
       : next_(reinterpret_cast<const char*>(first)), stride_bytes_(stride * Index(sizeof(Src))),
@@ -369,22 +390,31 @@ class LinePrefetcher {
     }
     lines_ = rows <= 0 ? 0 : rows * ((row_bytes_ + 63) / 64);
   }
-  /// The rows [distance, distance + n) of `rows` that lie within its first `avail` rows.
-  static LinePrefetcher ahead(const Src* rows, Index stride, Index n, Index avail, Index D,
-                              Index distance = prefetch_rows<Src>) {
-    return LinePrefetcher(rows + distance * stride, stride, std::min(n, avail - distance), D);
+  /// The rows [distance, distance + n) of `k` that lie within its first `avail` rows: after k.data in memory, or
+  /// where its page map puts them.
+  static LinePrefetcher ahead(const KVRows<Src>& k, Index n, Index distance = prefetch_rows<Src>) {
+    const Index rows = std::min(n, k.avail - distance);
+    if (!k.pages || rows <= 0) return LinePrefetcher(k.data + distance * k.stride, k.stride, rows, k.cols);
+    const PageMap<Src>& pages = *k.pages;
+    Index j = k.first + distance, left = rows;
+    const Index head_rows = std::min(left, pages.block_size - j % pages.block_size);
+    LinePrefetcher lp(pages.row(j), pages.row_stride, head_rows, k.cols);
+    for (j += head_rows, left -= head_rows; left > 0 && lp.more_ < kMorePages; ++lp.more_) {
+      const Index m = std::min(left, pages.block_size);
+      const char* lo = reinterpret_cast<const char*>(pages.row(j));
+      lp.more_lo_[lp.more_] = lo;
+      lp.more_hi_[lp.more_] = lo + m * lp.row_bytes_;
+      j += m, left -= m;
+    }
+    lp.lines_ = (rows - left) * ((lp.row_bytes_ + 63) / 64);
+    return lp;
   }
   /// Lines per step that spread all of them evenly over `steps` steps.
   Index per_step(Index steps) const { return steps > 0 ? (lines_ + steps - 1) / steps : 0; }
   /// Prefetches the next `count` lines (fewer at the end).
   EIGEN_STRONG_INLINE void issue(Index count) {
     while (count > 0) {
-      if (next_ >= end_) {
-        if (rows_after_ == 0) return;
-        next_ = end_ - row_bytes_ + stride_bytes_;
-        end_ = next_ + row_bytes_;
-        --rows_after_;
-      }
+      if (next_ >= end_ && !next_run()) return;
       const Index n = std::min<Index>(count, (end_ - next_ + 63) / 64);
       for (Index i = 0; i < n; ++i) Eigen::internal::prefetch(next_ + 64 * i);
       next_ += 64 * n;
@@ -393,9 +423,26 @@ class LinePrefetcher {
   }
 
  private:
+  /// Moves to the next row of a strided run, or the next page; false when there is none.
+  bool next_run() {
+    if (rows_after_ > 0) {
+      next_ = end_ - row_bytes_ + stride_bytes_;
+      end_ = next_ + row_bytes_;
+      --rows_after_;
+      return true;
+    }
+    if (page_ == more_) return false;
+    next_ = more_lo_[page_], end_ = more_hi_[page_];
+    ++page_;
+    return true;
+  }
+
   const char* next_;  // next line to prefetch, in the current run [.., end_)
   const char* end_;
   Index stride_bytes_, row_bytes_, rows_after_ = 0, lines_ = 0;
+  int more_ = 0, page_ = 0;  // pages after the first, and the next of them to prefetch
+  const char* more_lo_[kMorePages];
+  const char* more_hi_[kMorePages];
 };
 
 /// A LinePrefetcher and the lines to issue per key read, so that its lines are spread evenly over the reads.
@@ -406,7 +453,7 @@ struct PrefetchShare {
 
   /// Prefetches the rows [distance, distance + n) ahead of `k` (within k.avail), spread over `steps` key reads.
   static PrefetchShare ahead(const KVRows<Src>& k, Index n, Index steps, Index distance = prefetch_rows<Src>) {
-    auto lines = LinePrefetcher<Src>::ahead(k.data, k.stride, n, k.avail, k.cols, distance);
+    auto lines = LinePrefetcher<Src>::ahead(k, n, distance);
     const Index per_key = lines.per_step(steps);
     return {lines, per_key};
   }

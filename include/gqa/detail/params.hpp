@@ -28,6 +28,20 @@ struct KVScales {
   Index stride_b = 0, stride_h = 0;
 };
 
+/// Paged K/V (gqa::PagedKVCache): a pool of blocks, each [G, block_size, D] (head-major inside a block), and one
+/// block table per sequence. Key j of sequence b, KV head g, is row j % block_size of head g in block
+/// table[b * table_stride + j / block_size]: at k + block * block_stride + g * k_stride_h + (j % block_size) *
+/// k_stride_s (likewise v); an int8 pool's scale of it at k_scale + block * scale_block_stride + g * scale_stride_h +
+/// j % block_size. The table of b lists at least ceil(keys_of(b) / block_size) valid blocks (make_params checks).
+struct PagedKV {
+  const std::int32_t* table = nullptr;  // [B, table_stride] block ids
+  Index table_stride = 0;
+  Index block_size = 0;
+  Index blocks = 0;                 // blocks in the pool
+  Index block_stride = 0;           // elements of one block of K (and of V): G * block_size * D
+  Index scale_block_stride = 0;     // int8: floats of one block's scales: G * block_size
+};
+
 template <typename T, typename KVT>
 struct AttentionParams {
   using Scalar = std::remove_const_t<T>;     // Q and output storage
@@ -73,10 +87,12 @@ struct AttentionParams {
   float* lse = nullptr;                         // [B, H, Sq] or null
   const float* sinks = nullptr;                 // [H] extra softmax logit per query head (no value), or null
   const float* alibi = nullptr;                 // [H] ALiBi slopes: + slope[h] * (j - p) on the logits, or null
+  PagedKV paged;                                // table null: K/V are the strided tensors above
 
   int num_threads = 1;
 
   bool has_bias() const noexcept { return bias_float != nullptr || bias_double != nullptr; }
+  bool is_paged() const noexcept { return paged.table != nullptr; }
   /// Absolute position of query i of sequence b (bottom-right aligned, as the masks): ALiBi's p.
   Index position_of(Index b, Index i) const noexcept { return i + keys_of(b) - q_len; }
   /// Number of valid keys of sequence b.
@@ -276,6 +292,33 @@ AttentionParams<T, KVT> make_params(TensorRef<const T> q, TensorRef<const KVT> k
   check_no_overlap(q, k, v, out, opt);
   p.num_threads = opt.num_threads;
   return p;
+}
+
+/// Attaches a paged K/V to params made from k, v views of its pools ([B, Sk, G, D] with strides {0, D,
+/// block_size * D, 1}: the layout inside a block): checks that every sequence's table holds valid block ids for its
+/// keys and that out does not overlap either pool. The cache builds the tables, so a failure here is a gqa bug, but
+/// the check is cheap next to the attention and turns one into an error rather than a read out of bounds.
+template <typename T, typename KVT>
+void set_paged(AttentionParams<T, KVT>& p, const PagedKV& paged, TensorRef<T> out) {
+  using KVScalar = std::remove_const_t<KVT>;
+  require(paged.block_size > 0 && paged.table != nullptr, "null", "paged K/V: no block table");
+  for (Index b = 0; b < p.batch; ++b) {
+    const Index need = (p.keys_of(b) + paged.block_size - 1) / paged.block_size;
+    require<shape_error>(need <= paged.table_stride, "shape", "paged K/V: sequence ", b, " holds ", p.keys_of(b),
+                         " keys, ", need, " blocks, but its table has ", paged.table_stride);
+    for (Index i = 0; i < need; ++i) {
+      const Index block = paged.table[b * paged.table_stride + i];
+      require(block >= 0 && block < paged.blocks, "option", "paged K/V: sequence ", b, " block ", i, " = ", block,
+              " not in [0, ", paged.blocks, ")");
+    }
+  }
+  const ByteRange o = byte_range(out.data, out.dims, out.strides, sizeof(T));
+  const Index pool_bytes = paged.blocks * paged.block_stride * Index(sizeof(KVScalar));
+  const auto* k = reinterpret_cast<const char*>(p.k);
+  const auto* v = reinterpret_cast<const char*>(p.v);
+  require(!o.overlaps({k, k + pool_bytes}), "alias", "out overlaps the paged K pool in memory");
+  require(!o.overlaps({v, v + pool_bytes}), "alias", "out overlaps the paged V pool in memory");
+  p.paged = paged;
 }
 
 }  // namespace detail
