@@ -166,10 +166,19 @@ struct Reusable {
   virtual ~Reusable() = default;
 };
 
+/// The one set-up held, of whatever type (one slot for all of them, so set-ups of different types never coexist).
+struct ReusableSlot {
+  std::unique_ptr<Reusable> held;
+  std::string held_key;
+};
+inline ReusableSlot& reusable_slot() {
+  static ReusableSlot slot;
+  return slot;
+}
+
 template <typename Setup, typename Make>
 Setup& reuse(const std::string& key, Make&& make) {
-  static std::unique_ptr<Reusable> held;
-  static std::string held_key;
+  auto& [held, held_key] = reusable_slot();
   Setup* setup = held ? dynamic_cast<Setup*>(held.get()) : nullptr;
   if (!setup || held_key != key) {
     held.reset();  // free first: two GiB-sized set-ups never coexist
@@ -189,11 +198,11 @@ struct ByteRange {
   std::size_t bytes = 0;
 };
 
-/// Reads every byte of `ranges` once with `threads` threads, each thread a contiguous part of every range in turn,
-/// as 32-bit words summed into 64 independent partial sums (eight 8-lane vectors under AVX2), so the loop runs at
+/// Reads every byte of `ranges` once with `threads` threads, each thread a contiguous part of every range in turn
+/// (or, with `whole_ranges`, a contiguous share of the ranges, each read whole: many small ranges), as 32-bit words summed into 64 independent partial sums (eight 8-lane vectors under AVX2), so the loop runs at
 /// the memory system's rate whatever the bytes hold (bf16 or half bit patterns too); GCC and Clang vectorise the
 /// inner loop at -O3. Returns the sum, for DoNotOptimize.
-inline std::uint32_t stream_read(const std::vector<ByteRange>& ranges, int threads) {
+inline std::uint32_t stream_read(const std::vector<ByteRange>& ranges, int threads, bool whole_ranges = false) {
   std::uint32_t total = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : total) if (threads > 1)
   {
@@ -204,11 +213,15 @@ inline std::uint32_t stream_read(const std::vector<ByteRange>& ranges, int threa
 #endif
     constexpr std::size_t kLanes = 64;
     std::uint32_t acc[kLanes] = {};
-    for (const ByteRange& range : ranges) {
-      const auto* p = static_cast<const std::uint32_t*>(range.data);
-      const std::size_t n = range.bytes / sizeof(std::uint32_t);
-      const std::size_t per = (n / std::size_t(nt)) / kLanes * kLanes;
-      const std::size_t begin = std::size_t(t) * per, end = t == nt - 1 ? n : begin + per;
+    const std::size_t R = ranges.size();
+    const std::size_t r_begin = whole_ranges ? R * std::size_t(t) / std::size_t(nt) : 0;
+    const std::size_t r_end = whole_ranges ? R * std::size_t(t + 1) / std::size_t(nt) : R;
+    for (std::size_t r = r_begin; r < r_end; ++r) {
+      const auto* p = static_cast<const std::uint32_t*>(ranges[r].data);
+      const std::size_t n = ranges[r].bytes / sizeof(std::uint32_t);
+      const int parts = whole_ranges ? 1 : nt, part = whole_ranges ? 0 : t;
+      const std::size_t per = (n / std::size_t(parts)) / kLanes * kLanes;
+      const std::size_t begin = std::size_t(part) * per, end = part == parts - 1 ? n : begin + per;
       std::size_t i = begin;
       for (; i + kLanes <= end; i += kLanes)
         for (std::size_t j = 0; j < kLanes; ++j) acc[j] += p[i + j];
@@ -222,12 +235,13 @@ inline std::uint32_t stream_read(const std::vector<ByteRange>& ranges, int threa
 }
 
 /// Times stream_read over `ranges` (kv_bytes: their total size).
-inline void bm_stream_read(benchmark::State& state, const std::vector<ByteRange>& ranges, int threads) {
+inline void bm_stream_read(benchmark::State& state, const std::vector<ByteRange>& ranges, int threads,
+                           bool whole_ranges = false) {
   std::size_t bytes = 0;
   for (const ByteRange& r : ranges) bytes += r.bytes;
-  benchmark::DoNotOptimize(stream_read(ranges, threads));  // warm: same state as the timed reads
+  benchmark::DoNotOptimize(stream_read(ranges, threads, whole_ranges));  // warm: same state as the timed reads
   WallClock clock;
-  for (auto _ : state) benchmark::DoNotOptimize(stream_read(ranges, threads));
+  for (auto _ : state) benchmark::DoNotOptimize(stream_read(ranges, threads, whole_ranges));
   set_counters(state, Work{double(bytes), 0, 0}, clock.seconds());
 }
 

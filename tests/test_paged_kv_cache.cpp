@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <vector>
 
 using gqa::Index;
@@ -46,6 +47,13 @@ Index blocks_for(const std::vector<std::int32_t>& lengths, Index block) {
   return n;
 }
 
+/// Runs of consecutive block ids in a table: 1 for one run, table.size() when no two blocks follow each other.
+Index runs(gqa::span<const std::int32_t> table) {
+  Index n = 0;
+  for (Index i = 0; i < table.size(); ++i) n += i == 0 || table[i] != table[i - 1] + 1;
+  return n;
+}
+
 /// A paged cache and a contiguous one holding the same ragged tokens: sequence b the first lengths[b] tokens of
 /// row b of k, v (appended in pieces of `piece`, so appends cross blocks).
 template <typename T>
@@ -53,18 +61,24 @@ struct Twins {
   PagedKVCache<T> paged;
   KVCache<T> contiguous;
   std::vector<std::int32_t> ids;
+  Index jumps = 0;  // over all tables, places where the next block does not follow in the pool
 
   Twins(const Tensor4<float>& k, const Tensor4<float>& v, const std::vector<std::int32_t>& lengths, Index block,
         Index piece = 37)
       : paged(k.dimension(2), k.dimension(3), block, blocks_for(lengths, block)),
         contiguous(Index(lengths.size()), k.dimension(2), k.dimension(1), k.dimension(3)) {
     for (size_t b = 0; b < lengths.size(); ++b) ids.push_back(paged.add_sequence());
-    for (size_t b = 0; b < lengths.size(); ++b)
-      for (Index s = 0; s < lengths[b]; s += piece) {
+    // Round robin, a piece at a time, in a pool with one block to spare: the sequences grow side by side until they
+    // run into each other, so the tables hold runs of consecutive blocks and jumps between them (as a server's
+    // decode steps leave them), and each piece ends inside a block.
+    const Index longest = *std::max_element(lengths.begin(), lengths.end());
+    for (Index s = 0; s < longest; s += piece)
+      for (size_t b = 0; b < lengths.size(); ++b) {
         const Index n = std::min<Index>(piece, lengths[b] - s);
-        paged.append(ids[b], tokens(k, Index(b), s, n), tokens(v, Index(b), s, n));
+        if (n > 0) paged.append(ids[b], tokens(k, Index(b), s, n), tokens(v, Index(b), s, n));
       }
     contiguous.append(k, v, lengths);
+    for (std::int32_t id : ids) jumps += runs(paged.block_table(id)) - 1;
   }
 };
 
@@ -96,8 +110,8 @@ TEST_CASE("PagedKVCache takes blocks as sequences grow and stores each token at 
     for (Index g = 0; g < G; ++g)
       for (Index d = 0; d < D; ++d) {
         const std::int32_t block = cache.block_table(a)[j / size];
-        CHECK(cache.key_storage()(block, g, j % size, d) == k(0, j, g, d));
-        CHECK(cache.value_storage()(block, g, j % size, d) == v(0, j, g, d));
+        CHECK(cache.key_storage()(g, block, j % size, d) == k(0, j, g, d));
+        CHECK(cache.value_storage()(g, block, j % size, d) == v(0, j, g, d));
       }
   cache.truncate(a, 5);  // keeps 2 blocks
   CHECK(cache.block_table(a).size() == 2);
@@ -107,6 +121,70 @@ TEST_CASE("PagedKVCache takes blocks as sequences grow and stores each token at 
   CHECK(cache.blocks_used() == 2);
   CHECK(cache.sequences() == std::vector<std::int32_t>{a});
   CHECK(cache.add_sequence() == b);  // the freed id comes back
+}
+
+TEST_CASE("PagedKVCache keeps a growing sequence in consecutive blocks and spaces new ones apart", "[paged]") {
+  const Index G = 1, D = 4, size = 4;
+  PagedKVCache<float> cache(G, D, size, 16);
+  Tensor4<float> k(1, 16, G, D);
+  gqa_test::fill_uniform(k, 7);
+  auto table = [&](std::int32_t id) {
+    return std::vector<std::int32_t>(cache.block_table(id).begin(), cache.block_table(id).end());
+  };
+  const std::int32_t a = cache.add_sequence();
+  cache.append(a, tokens(k, 0, 0, 10), tokens(k, 0, 0, 10));
+  CHECK(table(a) == std::vector<std::int32_t>{0, 1, 2});  // a fresh pool: from block 0, in order
+  // b starts in the middle of the free run after a's last block, leaving a room to grow: [3, 16) -> 3 + 13 / 2.
+  const std::int32_t b = cache.add_sequence();
+  cache.append(b, tokens(k, 0, 0, 1), tokens(k, 0, 0, 1));
+  CHECK(table(b) == std::vector<std::int32_t>{9});
+  cache.append(a, tokens(k, 0, 0, 3), tokens(k, 0, 0, 3));  // 13 tokens: a fourth block, right after a's third
+  CHECK(table(a) == std::vector<std::int32_t>{0, 1, 2, 3});
+  cache.append(b, tokens(k, 0, 0, 15), tokens(k, 0, 0, 15));
+  CHECK(table(b) == std::vector<std::int32_t>{9, 10, 11, 12});
+  // Free: [4, 9) and [13, 16); c takes the middle of the longest, which follows a's last block.
+  const std::int32_t c = cache.add_sequence();
+  cache.append(c, tokens(k, 0, 0, 5), tokens(k, 0, 0, 5));
+  CHECK(table(c) == std::vector<std::int32_t>{6, 7});
+  // c runs into b at block 9 and jumps to the longest free run, [13, 16), whose start follows b's last block.
+  cache.append(c, tokens(k, 0, 0, 8), tokens(k, 0, 0, 8));
+  CHECK(table(c) == std::vector<std::int32_t>{6, 7, 8, 14});
+  // Released blocks merge back into runs: a's four and 4, 5 make [0, 6), where nothing ends before block 0.
+  cache.release(a);
+  const std::int32_t d = cache.add_sequence();
+  cache.append(d, tokens(k, 0, 0, 16), tokens(k, 0, 0, 16));
+  CHECK(table(d) == std::vector<std::int32_t>{0, 1, 2, 3});
+}
+
+TEST_CASE("FreeBlocks: take, give back and the longest run agree with a plain set of free ids", "[paged]") {
+  const std::int32_t n = 200;
+  gqa::detail::FreeBlocks free(n);
+  std::vector<bool> model(size_t(n), true);
+  std::mt19937_64 rng(11);
+  for (int step = 0; step < 20000; ++step) {
+    const auto block = std::int32_t(rng() % std::uint64_t(n));
+    if (model[size_t(block)])
+      free.take(block);
+    else
+      free.give_back(block);
+    model[size_t(block)] = !model[size_t(block)];
+    if (step % 97 != 0) continue;
+    std::int32_t count = 0, best_start = -1, best_length = 0;
+    for (std::int32_t i = 0; i < n;) {
+      if (!model[size_t(i)]) {
+        ++i;
+        continue;
+      }
+      std::int32_t j = i;
+      while (j < n && model[size_t(j)]) ++j;
+      count += j - i;
+      if (j - i > best_length) best_start = i, best_length = j - i;
+      i = j;
+    }
+    REQUIRE(free.size() == count);
+    for (std::int32_t i = 0; i < n; ++i) REQUIRE(free.contains(i) == model[size_t(i)]);
+    if (count > 0) REQUIRE(free.longest() == std::pair<std::int32_t, std::int32_t>{best_start, best_length});
+  }
 }
 
 TEST_CASE("PagedKVCache::fork shares the parent's blocks and copies a shared partial block on write", "[paged]") {
@@ -133,15 +211,15 @@ TEST_CASE("PagedKVCache::fork shares the parent's blocks and copies a shared par
   for (Index g = 0; g < G; ++g)
     for (Index d = 0; d < D; ++d) {
       for (Index r = 0; r < 2; ++r)  // the copied rows
-        CHECK(keys(cache.block_table(child)[1], g, r, d) == keys(before[1], g, r, d));
-      CHECK(float(keys(cache.block_table(child)[1], g, 2, d)) == float(gqa::half(k2(0, 0, g, d))));
+        CHECK(keys(g, cache.block_table(child)[1], r, d) == keys(g, before[1], r, d));
+      CHECK(float(keys(g, cache.block_table(child)[1], 2, d)) == float(gqa::half(k2(0, 0, g, d))));
     }
   // The parent, now alone in its partial block, writes in place.
   cache.append(parent, tokens(k, 0, 6, 1), tokens(v, 0, 6, 1));
   CHECK(cache.block_table(parent)[1] == before[1]);
   CHECK(cache.blocks_used() == 3);
   for (Index g = 0; g < G; ++g)
-    for (Index d = 0; d < D; ++d) CHECK(float(keys(before[1], g, 2, d)) == float(gqa::half(k(0, 6, g, d))));
+    for (Index d = 0; d < D; ++d) CHECK(float(keys(g, before[1], 2, d)) == float(gqa::half(k(0, 6, g, d))));
 
   // Forked at a block boundary: the child's next token takes a new block and copies nothing.
   const std::int32_t twin = cache.fork(child);
@@ -230,6 +308,7 @@ TEMPLATE_TEST_CASE("Paged decode equals the contiguous cache bitwise where the k
     gqa_test::fill_uniform(v, 12);
     gqa_test::fill_uniform(q, 13, -2.0, 2.0);
     const Twins<TestType> twins(k, v, lengths, block);
+    CHECK(twins.jumps > 0);  // the kernels meet block runs that end where the next block is elsewhere
     gqa::AttentionOptions opt;
     opt.causal = true;
     const Tensor4<float> paged = gqa::attention(q, twins.paged, twins.ids, opt);
@@ -265,6 +344,7 @@ TEMPLATE_TEST_CASE("Paged decode and chunked prefill with any block size match t
     gqa_test::fill_uniform(q, 23, -2.0, 2.0);
     gqa_test::fill_uniform(bias, 24, -1.0, 1.0);
     const Twins<TestType> twins(k, v, lengths, block);
+    CHECK(twins.jumps > 0);  // the kernels meet block runs that end where the next block is elsewhere
     std::vector<float> sinks(static_cast<size_t>(H)), lse(static_cast<size_t>(B * H * Sq)), lse_ref(lse.size());
     for (Index h = 0; h < H; ++h) sinks[size_t(h)] = float(h % 3) - 1.0f;
     const auto slopes = gqa::alibi_slopes(H);
@@ -307,6 +387,8 @@ TEST_CASE("Batched decode of forked sequences in one call equals each decoded al
   // The prompt's 21 full blocks are stored once; each fork copied the 28 rows of its partial last block.
   CHECK(cache.bytes_in_use() == size_t(700 + 3 * 28 + 1 + 90 + 333 + 3000) * cache.bytes_per_token());
   CHECK(cache.bytes_reserved() <= cache.bytes_in_use() + 5 * cache.bytes_per_block());
+  // The prompt was appended at once: its blocks follow each other in the pool (runs of consecutive blocks).
+  for (size_t i = 1; i < 21; ++i) CHECK(cache.block_table(root)[i] == cache.block_table(root)[i - 1] + 1);
 
   gqa::AttentionOptions one, two;
   one.num_threads = 1, two.num_threads = 2;

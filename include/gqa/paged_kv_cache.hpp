@@ -3,11 +3,15 @@
 //
 // A gqa::KVCache reserves capacity tokens for every sequence up front. A server whose requests have unknown lengths
 // either reserves the longest for each or cannot admit more. PagedKVCache (vLLM's PagedAttention; llama.cpp's
-// unified cache) keeps K and V in a pool of `num_blocks` blocks of `block_size` tokens, each block [G, block_size,
-// D] (head-major inside a block: one KV head's rows of a block are contiguous, and the decode kernels stream them
-// as they stream a KVCache's), with the scales of an int8 pool beside it, [num_blocks, G, block_size] for K and V.
-// A sequence takes blocks as it grows (append) and gives them back (truncate, release); bytes_reserved() is the
-// blocks taken, at most one partial block per sequence more than bytes_in_use().
+// unified cache) keeps K and V in a pool of `num_blocks` blocks of `block_size` tokens x G heads x D, head-major:
+// the pool is [G, num_blocks, block_size, D], so one KV head's rows of a block are contiguous, and so are its rows of
+// consecutive blocks, which the kernels read as one run, as they stream a KVCache's. The scales of an int8 pool sit
+// beside it, [G, num_blocks, block_size] for K and for V. A sequence takes blocks as it grows (append) and gives
+// them back (truncate, release); bytes_reserved() is the blocks taken, at most one partial block per sequence more
+// than bytes_in_use(). The allocator keeps sequences in runs of consecutive blocks where it can: a growing sequence
+// gets the block after its last one if that is free, else the start of the longest free run, or its middle when a
+// live sequence ends just before that run (so that one can grow too). A pool read in random block order streams
+// slower than one run of memory (the hardware prefetchers stop at each block; bench/README.md, "Paged KV cache").
 //
 // Sequences are named by the ids add_sequence() and fork() return (the lowest free id; release() frees it). fork()
 // makes a sequence that shares all its parent's blocks (a common prompt prefix is stored once); a block shared by
@@ -38,6 +42,7 @@
 
 #include "gqa/attention.hpp"
 #define GQA_DETAIL_ALLOWED  // the detail header below checks it (gqa/detail/internal_header_check.hpp)
+#include "gqa/detail/free_blocks.hpp"
 #include "gqa/detail/kv_rows.hpp"
 #include "gqa/errors.hpp"
 #include "gqa/options.hpp"
@@ -73,23 +78,22 @@ class PagedKVCache {
     positive(num_blocks, "num_blocks");
     detail::require<shape_error>(num_blocks <= Index(std::numeric_limits<std::int32_t>::max()), "paged_kv_cache",
                                  "PagedKVCache: num_blocks = ", num_blocks, " exceeds the int32 block ids");
-    keys_ = Tensor4<T>(num_blocks, kv_heads, block_size, head_dim);
-    values_ = Tensor4<T>(num_blocks, kv_heads, block_size, head_dim);
+    keys_ = Tensor4<T>(kv_heads, num_blocks, block_size, head_dim);
+    values_ = Tensor4<T>(kv_heads, num_blocks, block_size, head_dim);
     detail::advise_huge_pages(keys_.data(), std::size_t(keys_.size()) * sizeof(T));
     detail::advise_huge_pages(values_.data(), std::size_t(values_.size()) * sizeof(T));
     if constexpr (kQuantized) {
-      key_scales_ = Scales(num_blocks, kv_heads, block_size);
-      value_scales_ = Scales(num_blocks, kv_heads, block_size);
+      key_scales_ = Scales(kv_heads, num_blocks, block_size);
+      value_scales_ = Scales(kv_heads, num_blocks, block_size);
     }
     references_.assign(size_t(num_blocks), 0);
-    free_.resize(size_t(num_blocks));
-    for (Index i = 0; i < num_blocks; ++i) free_[size_t(i)] = std::int32_t(num_blocks - 1 - i);  // block 0 first
+    free_ = detail::FreeBlocks(std::int32_t(num_blocks));
   }
 
-  Index kv_heads() const noexcept { return keys_.dimension(1); }
+  Index kv_heads() const noexcept { return keys_.dimension(0); }
   Index head_dim() const noexcept { return keys_.dimension(3); }
   Index block_size() const noexcept { return keys_.dimension(2); }
-  Index num_blocks() const noexcept { return keys_.dimension(0); }
+  Index num_blocks() const noexcept { return keys_.dimension(1); }
   Index blocks_free() const noexcept { return Index(free_.size()); }
   Index blocks_used() const noexcept { return num_blocks() - blocks_free(); }
 
@@ -172,7 +176,7 @@ class PagedKVCache {
     return sequences_[size_t(sequence)].blocks;
   }
 
-  /// The pools, [num_blocks, G, block_size, D]; the int8 scales, [num_blocks, G, block_size] (empty otherwise).
+  /// The pools, [G, num_blocks, block_size, D]; the int8 scales, [G, num_blocks, block_size] (empty otherwise).
   const Tensor4<T>& key_storage() const noexcept { return keys_; }
   const Tensor4<T>& value_storage() const noexcept { return values_; }
   const Scales& key_scales() const noexcept { return key_scales_; }
@@ -250,13 +254,25 @@ class PagedKVCache {
   }
 
   void drop(std::int32_t block) {
-    if (--references_[size_t(block)] == 0) free_.push_back(block);
+    if (--references_[size_t(block)] == 0) free_.give_back(block);
   }
-  std::int32_t take() {
-    const std::int32_t block = free_.back();
-    free_.pop_back();
+  /// Takes a free block to follow `prev` in a sequence (-1: its first): prev + 1 where that is free, so the
+  /// sequence stays one run of memory; else the start of the longest free run, or its middle where the block before
+  /// that run ends a live sequence (which would grow into it). Blocks must be free (reserve_blocks checked).
+  std::int32_t take_after(std::int32_t prev) {
+    std::int32_t block = prev + 1;
+    if (prev < 0 || block >= std::int32_t(num_blocks()) || !free_.contains(block)) {
+      const auto [start, length] = free_.longest();
+      block = start > 0 && ends_a_sequence(start - 1) ? start + length / 2 : start;
+    }
+    free_.take(block);
     references_[size_t(block)] = 1;
     return block;
+  }
+  bool ends_a_sequence(std::int32_t block) const {
+    for (const Sequence& s : sequences_)
+      if (s.live && !s.blocks.empty() && s.blocks.back() == block) return true;
+    return false;
   }
 
   void check_append(span<const std::int32_t> sequences, const std::array<Index, 4>& kd,
@@ -313,14 +329,14 @@ class PagedKVCache {
   void own_last_block(Sequence& s) {
     const std::int32_t shared = s.blocks.back();
     if (references_[size_t(shared)] == 1) return;
-    const std::int32_t own = take();
+    const std::int32_t own = take_after(s.blocks.size() >= 2 ? s.blocks[s.blocks.size() - 2] : -1);
     const Index rows = s.length % block_size(), G = kv_heads(), D = head_dim();
     for (Index g = 0; g < G; ++g) {
-      std::copy_n(&keys_(shared, g, 0, 0), rows * D, &keys_(own, g, 0, 0));
-      std::copy_n(&values_(shared, g, 0, 0), rows * D, &values_(own, g, 0, 0));
+      std::copy_n(&keys_(g, shared, 0, 0), rows * D, &keys_(g, own, 0, 0));
+      std::copy_n(&values_(g, shared, 0, 0), rows * D, &values_(g, own, 0, 0));
       if constexpr (kQuantized) {
-        std::copy_n(&key_scales_(shared, g, 0), rows, &key_scales_(own, g, 0));
-        std::copy_n(&value_scales_(shared, g, 0), rows, &value_scales_(own, g, 0));
+        std::copy_n(&key_scales_(g, shared, 0), rows, &key_scales_(g, own, 0));
+        std::copy_n(&value_scales_(g, shared, 0), rows, &value_scales_(g, own, 0));
       }
     }
     drop(shared);
@@ -335,20 +351,20 @@ class PagedKVCache {
     if (count > 0 && s.length % size != 0) own_last_block(s);
     for (Index i = 0; i < count; ++i, ++s.length) {
       const Index row = s.length % size;
-      if (row == 0) s.blocks.push_back(take());
+      if (row == 0) s.blocks.push_back(take_after(s.blocks.empty() ? -1 : s.blocks.back()));
       const std::int32_t block = s.blocks.back();
       for (Index g = 0; g < G; ++g) {
-        const float ks = Codec::write_row(&keys_(block, g, row, 0), &kr(b, i, g, 0), D);
-        const float vs = Codec::write_row(&values_(block, g, row, 0), &vr(b, i, g, 0), D);
-        if constexpr (kQuantized) key_scales_(block, g, row) = ks, value_scales_(block, g, row) = vs;
+        const float ks = Codec::write_row(&keys_(g, block, row, 0), &kr(b, i, g, 0), D);
+        const float vs = Codec::write_row(&values_(g, block, row, 0), &vr(b, i, g, 0), D);
+        if constexpr (kQuantized) key_scales_(g, block, row) = ks, value_scales_(g, block, row) = vs;
       }
     }
   }
 
-  Tensor4<T> keys_, values_;           // [num_blocks, G, block_size, D]
-  Scales key_scales_, value_scales_;   // [num_blocks, G, block_size], int8 only
+  Tensor4<T> keys_, values_;           // [G, num_blocks, block_size, D]
+  Scales key_scales_, value_scales_;   // [G, num_blocks, block_size], int8 only
   std::vector<std::int32_t> references_;  // [num_blocks]: sequences holding each block
-  std::vector<std::int32_t> free_;        // free blocks, the next to take last
+  detail::FreeBlocks free_{0};            // free blocks, as runs of consecutive ids
   std::vector<Sequence> sequences_;       // by id
 };
 
@@ -374,13 +390,15 @@ void attention(const Q& q, const PagedKVCache<T>& cache, const Sequences& sequen
   const auto batch = cache.batch(sequences);
   options.key_lengths = batch.lengths;
   const Index keys = batch.lengths.empty() ? 0 : *std::max_element(batch.lengths.begin(), batch.lengths.end());
-  // The pools as [B, Sk, G, D] views of the layout inside a block, for make_params' shape checks; set_paged adds
-  // the tables and checks out against the whole pools.
-  const TensorRef<const T> k{cache.key_storage().data(), {B, keys, G, D}, {0, D, size * D, 1}};
-  const TensorRef<const T> v{cache.value_storage().data(), {B, keys, G, D}, {0, D, size * D, 1}};
-  const detail::PagedKV paged{batch.tables.data(), batch.stride, size, cache.num_blocks(), G * size * D, G * size};
+  // The pools as [B, Sk, G, D] views of one block's rows of each head, for make_params' shape checks; set_paged
+  // adds the tables and checks out against the whole pools.
+  const Index head_stride = cache.num_blocks() * size * D;
+  const TensorRef<const T> k{cache.key_storage().data(), {B, keys, G, D}, {0, D, head_stride, 1}};
+  const TensorRef<const T> v{cache.value_storage().data(), {B, keys, G, D}, {0, D, head_stride, 1}};
+  const detail::PagedKV paged{batch.tables.data(), batch.stride, size, cache.num_blocks(), size * D, size};
   if constexpr (std::is_same_v<T, std::int8_t>) {
-    const detail::KVScales scales{cache.key_scales().data(), cache.value_scales().data(), B, G, keys, 0, size};
+    const detail::KVScales scales{cache.key_scales().data(), cache.value_scales().data(), B, G, keys, 0,
+                                  cache.num_blocks() * size};
     detail::attention_impl<GroupSize, QT, T>(TensorRef<const QT>(qr), k, v, orf, options, &scales, &paged);
   } else {
     detail::attention_impl<GroupSize, QT, T>(TensorRef<const QT>(qr), k, v, orf, options, nullptr, &paged);

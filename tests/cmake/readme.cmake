@@ -81,3 +81,7 @@ if(GQA_BUILD_EXAMPLES AND EXISTS "${PROJECT_SOURCE_DIR}/examples/basic_attention
   add_test(NAME example_basic_attention COMMAND example_basic_attention)
   set_tests_properties(example_basic_attention PROPERTIES LABELS docs TIMEOUT 300)
 endif()
+if(GQA_BUILD_EXAMPLES AND EXISTS "${PROJECT_SOURCE_DIR}/examples/serve.cpp")
+  add_test(NAME example_serve COMMAND example_serve)
+  set_tests_properties(example_serve PROPERTIES LABELS docs TIMEOUT 300 PASS_REGULAR_EXPRESSION "max \\|out - reference\\| [0-9.e+-]+  ok")
+endif()

@@ -569,9 +569,22 @@ ItemKV<typename P::KVScalar> item_kv(const P& p, const ItemCoords& c) {
   return kv;
 }
 
+/// Prefetches the int8 scales of K and V in `block`. The micro-kernels prefetch the rows they read next, across
+/// blocks (LinePrefetcher), but the scales are read by the caller; in a contiguous cache the hardware prefetchers
+/// stream them, but a block's scales in a pool handed out in random order were a demand miss every block: int8,
+/// G = 8, block 32, 1 thread, paged / contiguous throughput 0.67 -> 0.90 (AMD EPYC Zen 5, bench_paged).
+template <typename P>
+void prefetch_scales(const P& p, const ItemKV<typename P::KVScalar>& kv, Index block) {
+  const Index at = block * p.paged.scale_block_stride;
+  for (Index i = 0; i < p.paged.block_size; i += 64 / Index(sizeof(float))) {
+    Eigen::internal::prefetch(kv.k_scale + at + i);
+    Eigen::internal::prefetch(kv.v_scale + at + i);
+  }
+}
+
 /// Calls f(at, k, v) for the runs of keys [kb, kb + n) that lie contiguous in memory, `at` being a run's first key
-/// within the tile: the whole tile for strided K/V, one run per block for a paged K/V (keys up to `hi` may be
-/// prefetched, across blocks by the page maps).
+/// within the tile: the whole tile for strided K/V, one run per block or per run of consecutive blocks for a paged
+/// K/V (keys up to `hi` may be prefetched, across blocks by the page maps).
 template <typename P, typename F>
 void for_each_key_run(const P& p, const ItemKV<typename P::KVScalar>& kv, Index kb, Index n, Index hi, F&& f) {
   using Rows = mk::KVRows<typename P::KVScalar>;
@@ -581,9 +594,17 @@ void for_each_key_run(const P& p, const ItemKV<typename P::KVScalar>& kv, Index 
       Rows{kv.v_head + kb * p.v_stride_s, p.v_stride_s, n, D, hi - kb, kv.v_scale ? kv.v_scale + kb : nullptr});
     return;
   }
-  const Index size = p.paged.block_size;
-  for (Index j = kb; j < kb + n;) {
-    const Index block = kv.k_pages.table[j / size], r = j % size, m = std::min(size - r, kb + n - j);
+  // A run: the keys of one block, and of the blocks after it while the table lists consecutive ids (whose rows
+  // follow in the pool: a prompt appended at once), up to the tile's end.
+  const Index size = p.paged.block_size, end = kb + n;
+  const std::int32_t* table = kv.k_pages.table;
+  for (Index j = kb; j < end;) {
+    Index index = kv.k_pages.block_of(j);
+    const Index block = table[index], r = kv.k_pages.row_in_block(j);
+    Index m = std::min(size - r, end - j);
+    while (j + m < end && table[index + 1] == table[index] + 1) m = std::min(m + size, end - j), ++index;
+    if (kv.k_scale && j + m < hi && kv.k_pages.block_of(j + m) != index)  // the next run's block (of this item)
+      prefetch_scales(p, kv, table[kv.k_pages.block_of(j + m)]);
     const Index scale_at = block * p.paged.scale_block_stride + r;
     f(j - kb,
       Rows{kv.k_pages.row(j), p.k_stride_s, m, D, hi - j, kv.k_scale ? kv.k_scale + scale_at : nullptr, &kv.k_pages, j},

@@ -28,18 +28,18 @@ struct KVScales {
   Index stride_b = 0, stride_h = 0;
 };
 
-/// Paged K/V (gqa::PagedKVCache): a pool of blocks, each [G, block_size, D] (head-major inside a block), and one
-/// block table per sequence. Key j of sequence b, KV head g, is row j % block_size of head g in block
-/// table[b * table_stride + j / block_size]: at k + block * block_stride + g * k_stride_h + (j % block_size) *
-/// k_stride_s (likewise v); an int8 pool's scale of it at k_scale + block * scale_block_stride + g * scale_stride_h +
-/// j % block_size. The table of b lists at least ceil(keys_of(b) / block_size) valid blocks (make_params checks).
+/// Paged K/V (gqa::PagedKVCache): per KV head a pool of blocks of block_size rows ([G, blocks, block_size, D]), and
+/// one block table per sequence. Key j of sequence b, KV head g, is row j % block_size of block
+/// table[b * table_stride + j / block_size]: at k + g * k_stride_h + block * block_stride + (j % block_size) *
+/// k_stride_s (likewise v); an int8 pool's scale of it at k_scale + g * scale_stride_h + block * scale_block_stride +
+/// j % block_size. The table of b lists at least ceil(keys_of(b) / block_size) valid blocks (set_paged checks).
 struct PagedKV {
   const std::int32_t* table = nullptr;  // [B, table_stride] block ids
   Index table_stride = 0;
   Index block_size = 0;
-  Index blocks = 0;                 // blocks in the pool
-  Index block_stride = 0;           // elements of one block of K (and of V): G * block_size * D
-  Index scale_block_stride = 0;     // int8: floats of one block's scales: G * block_size
+  Index blocks = 0;              // blocks in the pool
+  Index block_stride = 0;        // elements from one block of a head to the next: block_size * D
+  Index scale_block_stride = 0;  // int8: floats from one block's scales of a head to the next: block_size
 };
 
 template <typename T, typename KVT>
@@ -295,7 +295,7 @@ AttentionParams<T, KVT> make_params(TensorRef<const T> q, TensorRef<const KVT> k
 }
 
 /// Attaches a paged K/V to params made from k, v views of its pools ([B, Sk, G, D] with strides {0, D,
-/// block_size * D, 1}: the layout inside a block): checks that every sequence's table holds valid block ids for its
+/// blocks * block_size * D, 1}: one block's rows of each head): checks that every sequence's table holds valid block ids for its
 /// keys and that out does not overlap either pool. The cache builds the tables, so a failure here is a gqa bug, but
 /// the check is cheap next to the attention and turns one into an error rather than a read out of bounds.
 template <typename T, typename KVT>
@@ -313,7 +313,7 @@ void set_paged(AttentionParams<T, KVT>& p, const PagedKV& paged, TensorRef<T> ou
     }
   }
   const ByteRange o = byte_range(out.data, out.dims, out.strides, sizeof(T));
-  const Index pool_bytes = paged.blocks * paged.block_stride * Index(sizeof(KVScalar));
+  const Index pool_bytes = p.kv_heads * paged.blocks * paged.block_stride * Index(sizeof(KVScalar));
   const auto* k = reinterpret_cast<const char*>(p.k);
   const auto* v = reinterpret_cast<const char*>(p.v);
   require(!o.overlaps({k, k + pool_bytes}), "alias", "out overlaps the paged K pool in memory");
