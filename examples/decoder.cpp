@@ -4,10 +4,11 @@
 //
 //   example_decoder MODEL_DIR generate (--prompt TEXT | --prompt-ids FILE) [--max-new N] [--kv f32|bf16|f16|i8]
 //                                     [--temperature T [--top-k K] [--seed S]] [--threads N] [--weights W]
+//                                     [--sinks LOGIT]
 //   example_decoder MODEL_DIR perplexity (--text FILE | --ids FILE) [--context N] [--kv f32|bf16|f16|i8]
-//                                       [--threads N] [--weights W]
+//                                       [--threads N] [--weights W] [--sinks LOGIT]
 //   example_decoder MODEL_DIR bench --context N [--tokens T] [--prefill P [--chunk C]] [--kv f32|bf16|f16|i8]
-//                                  [--threads N] [--weights W]
+//                                  [--threads N] [--weights W] [--sinks LOGIT]
 //   example_decoder MODEL_DIR tokenize --text FILE
 //   mpirun -np P example_decoder MODEL_DIR (generate | perplexity | bench) ... --tensor-parallel
 //
@@ -18,6 +19,9 @@
 // --kv is the KV cache's element type (default f32; i8 is the int8 cache with per-row scales); --threads defaults
 // to OpenMP's (OMP_NUM_THREADS, else the cores), at most 1024. --weights f32|bf16|f16 is the type the weight
 // matrices are kept and multiplied in (default: as stored in the checkpoint; f32 -> bf16 / f16 rounds at load).
+// --sinks LOGIT (generate, perplexity, bench) gives every query head an attention sink of that logit
+// (gqa::AttentionOptions::sinks; llama::Model::set_attention_sinks), for experiments: -inf is no sink (the same
+// numbers, bitwise), a finite logit adds exp(LOGIT) to every softmax denominator.
 //
 // generate   prefills the prompt in chunks, then decodes up to --max-new tokens (default 32; stops at the
 //            config's eos_token_id): greedy, or sampled with --temperature (> 0), --top-k (0 = all) and --seed
@@ -56,10 +60,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <optional>
 #include <string>
@@ -74,11 +80,12 @@ const char* const usage_text =
     "usage:\n"
     "  example_decoder MODEL_DIR generate (--prompt TEXT | --prompt-ids FILE) [--max-new N]\n"
     "                                    [--kv f32|bf16|f16|i8] [--temperature T [--top-k K] [--seed S]]\n"
-    "                                    [--threads N] [--weights f32|bf16|f16]\n"
+    "                                    [--threads N] [--weights f32|bf16|f16] [--sinks LOGIT]\n"
     "  example_decoder MODEL_DIR perplexity (--text FILE | --ids FILE) [--context N] [--kv f32|bf16|f16|i8]\n"
-    "                                      [--threads N] [--weights f32|bf16|f16]\n"
+    "                                      [--threads N] [--weights f32|bf16|f16] [--sinks LOGIT]\n"
     "  example_decoder MODEL_DIR bench --context N [--tokens T] [--prefill P [--chunk C]]\n"
     "                                 [--kv f32|bf16|f16|i8] [--threads N] [--weights f32|bf16|f16]\n"
+    "                                 [--sinks LOGIT]\n"
     "  example_decoder MODEL_DIR tokenize --text FILE\n"
     "  mpirun -np P example_decoder MODEL_DIR (generate | perplexity | bench) ... --tensor-parallel\n"
     "  example_decoder --help\n";
@@ -106,7 +113,7 @@ struct Args {
     } catch (const std::exception&) {
       used = 0;
     }
-    if (used != flags.at(f).size() || v < min)
+    if (used == 0 || used != flags.at(f).size() || v < min)
       throw usage_error(f + " " + flags.at(f) + ": expected an integer >= " + std::to_string(min));
     return v;
   }
@@ -119,10 +126,25 @@ struct Args {
     } catch (const std::exception&) {
       used = 0;
     }
-    if (used != flags.at(f).size() || !(v >= 0)) throw usage_error(f + " " + flags.at(f) + ": expected a number >= 0");
+    if (used == 0 || used != flags.at(f).size() || !(v >= 0)) throw usage_error(f + " " + flags.at(f) + ": expected a number >= 0");
     return v;
   }
 };
+
+/// --sinks as a float: a finite number or -inf.
+float sink_logit(const Args& a) {
+  const std::string& text = a.text("--sinks");
+  std::size_t used = 0;
+  float v = 0;
+  try {
+    v = std::stof(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size() || std::isnan(v) || v == std::numeric_limits<float>::infinity())
+    throw usage_error("--sinks " + text + ": expected a finite number or -inf (no sink)");
+  return v;
+}
 
 Args parse(int argc, char** argv) {
   // -h / --help in place of MODEL_DIR, the mode or a flag (not as a flag's value, which may be any file name).
@@ -137,9 +159,9 @@ Args parse(int argc, char** argv) {
   const std::map<std::string, std::vector<std::string>> allowed = {
       {"generate",
        {"--prompt-ids", "--prompt", "--max-new", "--kv", "--temperature", "--top-k", "--seed", "--threads",
-        "--weights"}},
-      {"perplexity", {"--ids", "--text", "--context", "--kv", "--threads", "--weights"}},
-      {"bench", {"--context", "--tokens", "--prefill", "--chunk", "--kv", "--threads", "--weights"}},
+        "--weights", "--sinks"}},
+      {"perplexity", {"--ids", "--text", "--context", "--kv", "--threads", "--weights", "--sinks"}},
+      {"bench", {"--context", "--tokens", "--prefill", "--chunk", "--kv", "--threads", "--weights", "--sinks"}},
       {"tokenize", {"--text"}}};
   const auto mode = allowed.find(a.mode);
   if (mode == allowed.end()) throw usage_error("unknown mode '" + a.mode + "'");
@@ -175,6 +197,7 @@ Args parse(int argc, char** argv) {
       a.text("--weights") != "f16")
     throw usage_error("--weights " + a.text("--weights") + ": expected f32, bf16 or f16");
   if (a.has("--chunk") && !a.has("--prefill")) throw usage_error("--chunk needs --prefill (the prefill it chunks)");
+  if (a.has("--sinks")) (void)sink_logit(a);
   for (const char* f : {"--top-k", "--seed"})
     if (a.has(f) && !(a.number("--temperature", 0) > 0))
       throw usage_error(std::string(f) + " needs --temperature > 0: greedy decoding (the default) would ignore it");
@@ -186,6 +209,13 @@ std::optional<llama::WeightType> weight_type(const Args& a) {
   if (!a.has("--weights")) return std::nullopt;
   const std::string w = a.text("--weights");
   return w == "f32" ? llama::WeightType::f32 : w == "bf16" ? llama::WeightType::bf16 : llama::WeightType::f16;
+}
+
+/// The model of MODEL_DIR (this rank's shard of it), with --sinks applied.
+llama::Model load_model(const Args& a, llama::Shard shard) {
+  llama::Model model = llama::Model::load(a.dir, shard, weight_type(a));
+  if (a.has("--sinks")) model.set_attention_sinks(sink_logit(a));
+  return model;
 }
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
@@ -476,7 +506,7 @@ int run_tensor_parallel(llama::TensorParallel& group, int argc, char** argv) {
     }
     if (a.has("--threads")) omp_set_num_threads(tool_cli::parse_threads("--threads", a.text("--threads")));
     const llama::Config config = llama::read_config(a.dir);
-    const llama::Model model = llama::Model::load(a.dir, group.shard(config), weight_type(a));
+    const llama::Model model = load_model(a, group.shard(config));
     run_model(model, a);
     if (!group.agreed() && group.agree(true) < group.size()) return 1;  // no forward pass ran: agree here
     const gqa::DistributedStats& st = group.stats();
@@ -536,7 +566,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (a.has("--threads")) omp_set_num_threads(tool_cli::parse_threads("--threads", a.text("--threads")));
-    const llama::Model model = llama::Model::load(a.dir, {}, weight_type(a));
+    const llama::Model model = load_model(a, {});
     run_model(model, a);
     return 0;
   } catch (const usage_error& e) {

@@ -689,6 +689,29 @@ TEST_CASE("a weight that is not finite is refused at load, naming the tensor and
 }
 
 // f16 holds up to 65504: a float weight beyond that becomes inf when converted, refused like any non-finite weight.
+// Model::set_attention_sinks: a sink of -inf is none (gqa::AttentionOptions::sinks), so the logits and the
+// perplexity are bitwise those of the model without; a finite sink adds exp(logit) to every denominator, which
+// must show (a sink of 0 next to logits of order 1 moves the logits by far more than float error).
+TEST_CASE("attention sinks of -inf change nothing, bitwise; a finite sink changes every softmax", "[decoder]") {
+  TempDir dir;
+  LlamaFixture f;
+  f.write(dir.path());
+  const auto ids = test_ids(23, f.vocab);
+  const llama::Model plain = llama::Model::load(dir.path());
+  llama::Model none = llama::Model::load(dir.path()), zero = llama::Model::load(dir.path());
+  none.set_attention_sinks(-std::numeric_limits<float>::infinity());
+  zero.set_attention_sinks(0.0f);
+  const llama::Matrix a = prefill(plain, ids), b = prefill(none, ids), c = prefill(zero, ids);
+  CHECK((a.array() == b.array()).all());
+  CHECK((decode(plain, ids).array() == decode(none, ids).array()).all());
+  CHECK(llama::perplexity<float>(plain, ids, 16).value() == llama::perplexity<float>(none, ids, 16).value());
+  CHECK((a - c).cwiseAbs().maxCoeff() > 1e-3);
+  CHECK(llama::perplexity<float>(plain, ids, 16).value() != llama::perplexity<float>(zero, ids, 16).value());
+  CHECK_THROWS_WITH(zero.set_attention_sinks(std::numeric_limits<float>::quiet_NaN()),
+                    Contains("gqa.decoder.sinks") && Contains("nan"));
+  CHECK_THROWS_WITH(zero.set_attention_sinks(std::numeric_limits<float>::infinity()), Contains("inf"));
+}
+
 TEST_CASE("a float weight beyond half's range is refused when converting to f16", "[decoder]") {
   TempDir dir;
   LlamaFixture f;
@@ -880,6 +903,26 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
     const Run chunk = run_decoder(model + "bench --context 4 --chunk 4");
     CHECK(chunk.status == 2);
     CHECK_THAT(chunk.output, Contains("--chunk needs --prefill"));
+  }
+  SECTION("--sinks: -inf prints the perplexity without; a finite logit the library's with it; NaN, +inf refused") {
+    const Run none = run_decoder(model + "perplexity --ids " + ids_file + " --context 16 --sinks -inf");
+    INFO(none.output);
+    REQUIRE(none.status == 0);
+    const llama::Model plain = llama::Model::load(dir / "model");
+    CHECK(same_printed(printed_perplexity(last_line(none.output), 28), llama::perplexity<float>(plain, ids, 16).value()));
+    llama::Model sunk = llama::Model::load(dir / "model");
+    sunk.set_attention_sinks(0.5f);
+    const Run half = run_decoder(model + "perplexity --ids " + ids_file + " --context 16 --sinks 0.5");
+    REQUIRE(half.status == 0);
+    CHECK(same_printed(printed_perplexity(last_line(half.output), 28), llama::perplexity<float>(sunk, ids, 16).value()));
+    for (const char* bad : {"nan", "inf", "1x", ""}) {
+      const Run r = run_decoder(model + "perplexity --ids " + ids_file + " --sinks '" + bad + "'");
+      CHECK(r.status == 2);
+      CHECK_THAT(r.output, Contains("--sinks") && Contains("expected a finite number or -inf"));
+    }
+    // An empty value is no number (it had read as 0 for --temperature, and --top-k).
+    CHECK(run_decoder(model + "generate --prompt-ids " + ids_file + " --temperature ''").status == 2);
+    CHECK(run_decoder(model + "generate --prompt-ids " + ids_file + " --temperature 1 --top-k ''").status == 2);
   }
   SECTION("errors") {
     const Run ctx = run_decoder(model + "perplexity --ids " + ids_file + " --context 100");

@@ -149,6 +149,11 @@ class Model {
   /// final norm and lm_head (the embedding row of the new token is left out: one row).
   std::uint64_t decode_weight_bytes() const;
 
+  /// Gives every query head of every layer an attention sink (gqa::AttentionOptions::sinks) of this logit, for
+  /// experiments on a model trained without them: -inf is no sink (the same numbers, bitwise), a finite logit adds
+  /// exp(logit) to every softmax denominator. Refuses NaN and +inf, naming the value.
+  void set_attention_sinks(float logit);
+
   /// Runs ids (S >= 1 new tokens at positions state.position() ..) through the model, appending their K/V to
   /// `state`. With `logits`, writes [S, vocab] (all_positions) or [1, vocab] (the last position).
   /// `call_length`: the sequence length transformers' rotary embedding would see for this call (rope_type longrope
@@ -185,6 +190,7 @@ class Model {
   Linear lm_head_;                         // [vocab, hidden]; the embedding when tied
   std::vector<Layer> layers_;
   std::set<std::string> used_;             // the tensors load() read, to refuse the ones nothing reads
+  std::vector<float> sinks_;               // [shard heads]; empty: none (set_attention_sinks)
 };
 
 /// The decoding state of one sequence: a KV cache per layer, all of the same length.
@@ -520,6 +526,12 @@ inline Linear Model::linear(const std::string& prefix, Index rows, Index cols, b
   return L;
 }
 
+inline void Model::set_attention_sinks(float logit) {
+  check(!std::isnan(logit) && logit != std::numeric_limits<float>::infinity(), "sinks", "attention sink logit ", logit,
+        ": expected a finite number or -inf (no sink)");
+  sinks_.assign(size_t(shard_.num_heads), logit);
+}
+
 inline std::uint64_t Model::decode_weight_bytes() const {
   std::uint64_t b = 4 * std::uint64_t(cfg_.hidden) + lm_head_.bytes();
   for (const auto& L : layers_) {
@@ -578,6 +590,7 @@ void Model::forward(gqa::span<const std::int32_t> ids, State<KV>& state, Matrix*
   const std::vector<double> inv_freq = detail::rotary_frequencies(c, call_length ? call_length : pos0 + S);
   gqa::AttentionOptions opt;
   opt.causal = true;
+  opt.sinks = sinks_;
   for (Index l = 0; l < c.layers; ++l) {
     const Layer& L = layers_[size_t(l)];
     opt.window = c.windows[size_t(l)];
