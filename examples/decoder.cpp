@@ -5,8 +5,8 @@
 //   example_decoder MODEL_DIR generate (--prompt TEXT | --prompt-ids FILE) [--max-new N] [--kv f32|bf16|f16|i8]
 //                                     [--temperature T [--top-k K] [--seed S]] [--threads N] [--weights W]
 //                                     [--sinks LOGIT]
-//   example_decoder MODEL_DIR perplexity (--text FILE | --ids FILE) [--context N] [--kv f32|bf16|f16|i8]
-//                                       [--threads N] [--weights W] [--sinks LOGIT]
+//   example_decoder MODEL_DIR perplexity (--text FILE | --ids FILE) [--context N] [--chunk C]
+//                                       [--kv f32|bf16|f16|i8] [--threads N] [--weights W] [--sinks LOGIT]
 //   example_decoder MODEL_DIR bench --context N [--tokens T] [--prefill P [--chunk C]] [--kv f32|bf16|f16|i8]
 //                                  [--threads N] [--weights W] [--sinks LOGIT]
 //   example_decoder MODEL_DIR tokenize --text FILE
@@ -28,7 +28,9 @@
 //            (--top-k and --seed without --temperature > 0 are a usage error: greedy decoding would ignore them).
 //            Prints the ids, the text, and prefill and decode tokens/s.
 // perplexity evaluates the ids in consecutive windows of --context tokens (default min(2048,
-//            max_position_embeddings)), each from an empty cache; last line: "perplexity <value> over <n> tokens".
+//            max_position_embeddings)), each from an empty cache, fed in chunks of --chunk tokens (default
+//            llama::kPrefillChunk; 1 runs every token as a decode step, the kernels decode uses); last line:
+//            "perplexity <value> over <n> tokens".
 // bench      fills every layer's cache with --context synthetic tokens, then times --tokens (default 32) decode
 //            steps; prints ms per token, the bytes one token reads (weights + KV cache) and the floor those bytes
 //            set at the stream rate measured by parallel reads of that many bytes between the steps (medians of
@@ -81,8 +83,9 @@ const char* const usage_text =
     "  example_decoder MODEL_DIR generate (--prompt TEXT | --prompt-ids FILE) [--max-new N]\n"
     "                                    [--kv f32|bf16|f16|i8] [--temperature T [--top-k K] [--seed S]]\n"
     "                                    [--threads N] [--weights f32|bf16|f16] [--sinks LOGIT]\n"
-    "  example_decoder MODEL_DIR perplexity (--text FILE | --ids FILE) [--context N] [--kv f32|bf16|f16|i8]\n"
-    "                                      [--threads N] [--weights f32|bf16|f16] [--sinks LOGIT]\n"
+    "  example_decoder MODEL_DIR perplexity (--text FILE | --ids FILE) [--context N] [--chunk C]\n"
+    "                                      [--kv f32|bf16|f16|i8] [--threads N] [--weights f32|bf16|f16]\n"
+    "                                      [--sinks LOGIT]\n"
     "  example_decoder MODEL_DIR bench --context N [--tokens T] [--prefill P [--chunk C]]\n"
     "                                 [--kv f32|bf16|f16|i8] [--threads N] [--weights f32|bf16|f16]\n"
     "                                 [--sinks LOGIT]\n"
@@ -160,7 +163,7 @@ Args parse(int argc, char** argv) {
       {"generate",
        {"--prompt-ids", "--prompt", "--max-new", "--kv", "--temperature", "--top-k", "--seed", "--threads",
         "--weights", "--sinks"}},
-      {"perplexity", {"--ids", "--text", "--context", "--kv", "--threads", "--weights", "--sinks"}},
+      {"perplexity", {"--ids", "--text", "--context", "--chunk", "--kv", "--threads", "--weights", "--sinks"}},
       {"bench", {"--context", "--tokens", "--prefill", "--chunk", "--kv", "--threads", "--weights", "--sinks"}},
       {"tokenize", {"--text"}}};
   const auto mode = allowed.find(a.mode);
@@ -196,7 +199,8 @@ Args parse(int argc, char** argv) {
   if (a.has("--weights") && a.text("--weights") != "f32" && a.text("--weights") != "bf16" &&
       a.text("--weights") != "f16")
     throw usage_error("--weights " + a.text("--weights") + ": expected f32, bf16 or f16");
-  if (a.has("--chunk") && !a.has("--prefill")) throw usage_error("--chunk needs --prefill (the prefill it chunks)");
+  if (a.mode == "bench" && a.has("--chunk") && !a.has("--prefill"))
+    throw usage_error("--chunk needs --prefill (the prefill it chunks)");
   if (a.has("--sinks")) (void)sink_logit(a);
   for (const char* f : {"--top-k", "--seed"})
     if (a.has(f) && !(a.number("--temperature", 0) > 0))
@@ -310,7 +314,8 @@ void perplexity(const llama::Model& model, const Args& a) {
       input_ids(a, "--ids", "--text", a.has("--text") ? read_file(a.text("--text")) : std::string(), c.vocab);
   const Index context = a.integer("--context", std::min<Index>(2048, c.max_positions), 0);
   const auto t0 = Clock::now();
-  const llama::PerplexityResult r = llama::perplexity<KV>(model, ids, context);
+  const llama::PerplexityResult r =
+      llama::perplexity<KV>(model, ids, context, a.integer("--chunk", llama::kPrefillChunk, 1));
   const double s = seconds_since(t0);
   std::printf("%zu ids in windows of %td: mean negative log-likelihood %.6f nats, %.1f s (%.1f tokens/s)\n",
               ids.size(), context, r.nll / double(r.tokens), s, double(ids.size()) / s);

@@ -844,6 +844,13 @@ TEST_CASE("example_decoder command line", "[decoder][cli]") {
       INFO(q.output);
       CHECK(same_printed(printed_perplexity(last_line(q.output), 28), kv_value));
     }
+    // --chunk 1: every token a decode step (the int8 cache's integer score kernels), the library's value.
+    const Run step = run_decoder(model + "perplexity --ids " + ids_file + " --context 16 --chunk 1 --kv i8");
+    INFO(step.output);
+    CHECK(step.status == 0);
+    CHECK(same_printed(printed_perplexity(last_line(step.output), 28),
+                       llama::perplexity<std::int8_t>(m, ids, 16, 1).value()));
+    CHECK(run_decoder(model + "perplexity --ids " + ids_file + " --chunk 0").status == 2);
   }
   SECTION("generate: greedy ids equal the library's argmax continuation") {
     const Run r = run_decoder(model + "generate --prompt-ids " + ids_file + " --max-new 5 --kv bf16");

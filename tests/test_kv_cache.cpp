@@ -3,6 +3,7 @@
 #include "gqa/kv_cache.hpp"
 #include "gqa/reference.hpp"
 #include "support/compare.hpp"
+#include "support/int8_queries.hpp"
 #include "support/random.hpp"
 
 #include <catch2/catch.hpp>
@@ -484,11 +485,22 @@ TEST_CASE("Attention on an int8 cache: the reference on its dequantised values (
     gqa::AttentionOptions ref_opt = opt;
     ref_opt.lse = {};
     ref_opt.key_lengths = cache.lengths();
-    const auto ref = gqa::reference_attention<float, float>(gqa::make_ref(q), deq.keys(cache), deq.values(cache),
-                                                            ref_opt);
+    // Decode with 1, 2, 4, 8 or 16 rows per KV head quantises the queries too (int8_scores.hpp): the reference
+    // takes them as the kernels multiply them.
+    const Tensor4<float> q_kernel = gqa_test::kernel_queries<std::int8_t>(q, G);
+    const auto ref = gqa::reference_attention<float, float>(gqa::make_ref(q_kernel), deq.keys(cache),
+                                                            deq.values(cache), ref_opt);
     // Same float kernel tolerance as the other caches: the int8 kernel multiplies q . k_int by the scale after the
     // dot product, the reference multiplies dequantised floats, so a few float roundings more than the f32 cache.
     gqa_test::check_close(out, ref, kFloatTol);
+    if (gqa_test::int8_scores_apply(Sq, H / G, D)) {  // the quantised queries matter: the float ones are off
+      const auto ref_float_q = gqa::reference_attention<float, float>(gqa::make_ref(q), deq.keys(cache),
+                                                                      deq.values(cache), ref_opt);
+      double max_diff = 0;
+      for (Index i = 0; i < out.size(); ++i)
+        max_diff = std::max(max_diff, std::abs(double(out.data()[i]) - ref_float_q.data()[i]));
+      CHECK(max_diff > 1e-4);
+    }
 
     // Against the unquantised keys and values: each stored value errs by up to max|x| / 254 of its row (uniform
     // [-1, 1) here, so <= 0.004); the output, a convex combination of V rows, errs by about that much from V, and
@@ -518,11 +530,13 @@ TEST_CASE("int8 decode with split keys is bitwise identical for 1 and 2 threads"
   two.num_threads = 2;
   const Tensor4<float> out = gqa::attention(q, cache, one);
   gqa_test::check_identical(out, gqa::attention(q, cache, two));
-  // B * G = 2 items: the keys are split (flash-decoding) and merged; still the reference on the stored values.
+  // B * G = 2 items: the keys are split (flash-decoding) and merged; still the reference on the stored values (and
+  // the queries as the kernels quantise them: 8 rows per KV head).
   const Dequantized deq(cache);
   gqa::AttentionOptions ref_opt;
   ref_opt.key_lengths = cache.lengths();
-  gqa_test::check_close(out, gqa::reference_attention<float, float>(gqa::make_ref(q), deq.keys(cache),
+  const Tensor4<float> q_kernel = gqa_test::kernel_queries<std::int8_t>(q, G);
+  gqa_test::check_close(out, gqa::reference_attention<float, float>(gqa::make_ref(q_kernel), deq.keys(cache),
                                                                     deq.values(cache), ref_opt), kFloatTol);
 }
 
@@ -561,13 +575,15 @@ TEST_CASE("An int8 cache serves double and bfloat16 queries", "[kv_cache][int8]"
 
 namespace {
 
-/// Reference on what a cache stores: its own K/V, or for int8 the dequantised values.
+/// Reference on what a cache stores: its own K/V, or for int8 the dequantised values (and the queries as its decode
+/// kernels quantise them).
 template <typename T>
 Tensor4<double> reference_on(const Tensor4<float>& q, const KVCache<T>& cache, gqa::AttentionOptions opt) {
   opt.key_lengths = cache.lengths();
   if constexpr (std::is_same_v<T, std::int8_t>) {
     const Dequantized deq(cache);
-    return gqa::reference_attention<float, float>(gqa::make_ref(q), deq.keys(cache), deq.values(cache), opt);
+    const Tensor4<float> q_kernel = gqa_test::kernel_queries<std::int8_t>(q, cache.kv_heads());
+    return gqa::reference_attention<float, float>(gqa::make_ref(q_kernel), deq.keys(cache), deq.values(cache), opt);
   } else {
     return gqa::reference_attention<float, T>(gqa::make_ref(q), cache.keys(), cache.values(), opt);
   }

@@ -128,6 +128,69 @@ TEST_CASE("score_tile: every row count in every form matches double dot products
   }
 }
 
+// int8_scores.hpp: q . k as exact integer sums of the quantised queries and the stored key bytes, the extremes
+// -128 and +-127 included (VNNI flips k's sign bit and takes 128 * sum(q8) back; AVX2 multiplies |k| by q with k's
+// sign, whose 16-bit pair sums must not saturate), times the row's scale: bitwise float(sum) * scale.
+TEST_CASE("score_tile_i8: exact integer dot products of quantised queries, times their scales", "[microkernels][int8]") {
+  if (mk::kI8Lanes == 0) return;  // no integer path on this target: int8_dot_rows is false, the float path runs
+  for (Index rows = 1; rows <= mk::kI8Lanes; ++rows)
+    for (Index D : {Index(mk::kI8Step), Index(2 * mk::kI8Step), Index(4 * mk::kI8Step)}) {
+      if (!mk::int8_dot_rows(rows, D)) continue;
+      for (Index n : {Index(1), Index(5), mk::kI8Lanes / rows, Index(37), Index(300)}) {
+        const Index stride = D + 3;
+        auto k = strided_rows<std::int8_t>(n, D, stride, std::uint64_t(rows * 31 + n));
+        for (Index j = 0; j < n; ++j) k[size_t(j * stride + j % D)] = std::int8_t(j % 2 ? -128 : 127);
+        gqa_test::Rng rng(std::uint64_t(rows * 7 + D + n));
+        const Index padded = mk::int8_padded_rows(rows);
+        std::vector<float> q(size_t(rows * D)), scale(static_cast<size_t>(padded)),
+            offset(static_cast<size_t>(padded)), st(size_t(n * rows));
+        for (auto& x : q) x = float(rng.normal());
+        q[0] = -40.0f;  // a row's extreme maps to -127
+        std::vector<std::int8_t> q8(size_t(padded * D));
+        mk::quantize_queries(q.data(), rows, D, q8.data(), scale.data(), offset.data());
+        mk::score_tile_i8({q8.data(), scale.data(), offset.data()}, rows, mk::KVRows<std::int8_t>{k.data(), stride, n, D, n},
+                          st.data());
+        Index bad = 0;
+        for (Index j = 0; j < n; ++j)
+          for (Index r = 0; r < rows; ++r) {
+            std::int64_t sum = 0;
+            for (Index d = 0; d < D; ++d) sum += std::int64_t(q8[size_t(r * D + d)]) * k[size_t(j * stride + d)];
+            bad += st[size_t(j * rows + r)] != float(sum) * scale[size_t(r)];
+          }
+        INFO("rows " << rows << ", D " << D << ", keys " << n);
+        CHECK(bad == 0);
+        CHECK(q8[0] == -127);
+      }
+    }
+  CHECK(mk::int8_padded_rows(3) == 4);
+  CHECK(mk::int8_padded_rows(9) == 16);
+  CHECK_FALSE(mk::int8_dot_rows(mk::kI8Lanes + 1, 2 * mk::kI8Step));  // more than a packet: the float path
+  CHECK_FALSE(mk::int8_dot_rows(2, mk::kI8Step + 8));                 // nor D not a whole number of steps
+}
+
+TEST_CASE("quantize_query_row: scale max|q| / 127, nearest step per element, zero and non-finite rows",
+          "[microkernels][int8]") {
+  gqa_test::Rng rng(5);
+  std::vector<float> q(96);
+  std::vector<std::int8_t> q8(96);
+  for (auto& x : q) x = float(rng.normal());
+  q[17] = 3.5f;
+  const float scale = mk::quantize_query_row(q.data(), 96, q8.data());
+  CHECK(scale == 3.5f / 127.0f);
+  CHECK(q8[17] == 127);
+  for (size_t d = 0; d < q.size(); ++d) {
+    CHECK(std::abs(q8[d]) <= 127);
+    CHECK(std::abs(double(q8[d]) * scale - q[d]) <= 0.5 * scale * (1 + 1e-5));
+  }
+  std::vector<float> zero(96, 0.0f);
+  CHECK(mk::quantize_query_row(zero.data(), 96, q8.data()) == 0.0f);
+  CHECK(std::all_of(q8.begin(), q8.end(), [](std::int8_t x) { return x == 0; }));
+  q[3] = std::numeric_limits<float>::quiet_NaN();
+  CHECK(std::isnan(mk::quantize_query_row(q.data(), 96, q8.data())));
+  q[3] = std::numeric_limits<float>::infinity();
+  CHECK(std::isnan(mk::quantize_query_row(q.data(), 96, q8.data())));
+}
+
 TEST_CASE("score_tile: the form chosen for a row count", "[microkernels][scores]") {
   constexpr Index L = mk::kLanes<float>;
   int dot_rows = 0, dot_packets = 0, outer = 0;

@@ -11,7 +11,9 @@
 // the register-blocked products of tile_gemm.hpp (where tile::kUsed: AVX-512) or Eigen's GEMM run on the caller's
 // K/V rows (16-bit, int8 and mixed-precision K/V widened one tile at a time), tile_gemm.hpp packing only the queries.
 // int8 K/V (KVCache<std::int8_t>) multiply raw rows; each tile's scores are then scaled by the K rows' scales, and
-// its probabilities (after the running sum took them) by the V rows' scales (scale_tile_rows). Key tiles
+// its probabilities (after the running sum took them) by the V rows' scales (scale_tile_rows). In decode, where the
+// item's rows allow (mk::int8_dot_rows), the queries are quantised to int8 per row and the scores are integer dot
+// products with the stored K bytes (int8_scores.hpp). Key tiles
 // that no row of an item can see (causal, window, key lengths) are never visited (the mask contract of masks.hpp).
 //
 // When there are few (b, g, query tile) items (decode: B * G small), the key range is also split
@@ -38,6 +40,7 @@
 #include "gqa/detail/warnings.hpp"
 
 #include "gqa/detail/assert.hpp"
+#include "gqa/detail/int8_scores.hpp"
 #include "gqa/detail/masks.hpp"
 #include "gqa/detail/microkernels.hpp"
 #include "gqa/detail/params.hpp"
@@ -171,12 +174,20 @@ struct Workspace {
   RowMatrix<Acc> v_buf;     // [k_tile, D]
   RowVector<Acc> row_max, row_sum, tile_max, shift, correction;  // [rows_max]
   RowVector<Acc> pattern;   // [2 * rows_max * lanes] column reductions and shifts of the flat score view (2 periods)
+  // int8 K, decode: qg quantised for the integer score kernels (int8_scores.hpp), where the item's rows allow it.
+  std::vector<std::int8_t> q8;           // [rows_max, D]
+  std::vector<float> q8_scale, q8_offset;  // [rows_max]
+  bool int8_scores = false;               // this item's scores take the integer kernels
 
   Workspace(const TilePlan& t, Index head_dim, bool widen)
       : qg(t.rows_max, head_dim), out(t.rows_max, head_dim), scores((t.k_tile + 63) / 64 * 64, t.rows_max),
         row_max(t.rows_max), row_sum(t.rows_max), tile_max(t.rows_max), shift(t.rows_max), correction(t.rows_max),
         pattern(2 * t.rows_max * mk::kLanes<Acc>) {
     if (t.small) q_small.resize(mk::packed_queries_size<Acc>(head_dim));
+    if (t.small) {  // padded rows: up to one packet of int32 sums more (int8_padded_rows)
+      const Index rows = t.rows_max + mk::kI8Lanes;
+      q8.resize(size_t(rows * head_dim)), q8_scale.resize(size_t(rows)), q8_offset.resize(size_t(rows));
+    }
     if (t.tile_gemm) q_panels.resize(tile::qt_panels_size<Acc>(t.rows_max, head_dim));
     if (widen && !t.small) {
       k_buf.resize(t.k_tile, head_dim);
@@ -301,6 +312,11 @@ void load_queries(const P& p, const TilePlan& t, const ItemCoords& c, Workspace<
   }
   if (t.small)
     mk::pack_queries<Acc, typename P::KVScalar>(ws.qg.data(), c.rows, D, ws.q_small.data());
+  if constexpr (std::is_same_v<typename P::KVScalar, std::int8_t> && std::is_same_v<Acc, float>) {
+    ws.int8_scores = t.small && mk::int8_dot_rows(c.rows, D);
+    if (ws.int8_scores)
+      mk::quantize_queries(ws.qg.data(), c.rows, D, ws.q8.data(), ws.q8_scale.data(), ws.q8_offset.data());
+  }
   if (t.tile_gemm) tile::pack_qt_panels(ws.qg.data(), c.rows, D, ws.q_panels.data());
   ws.out.topRows(c.rows).setZero();
   ws.row_max.head(c.rows).setConstant(-std::numeric_limits<Acc>::infinity());
@@ -346,6 +362,12 @@ void tile_scores(const TilePlan& t, const ItemCoords& c, const mk::KVRows<KVScal
   Acc* st = ws.scores.data() + at * c.rows;
   GQA_ASSERT(at == 0 || t.small);
   if (t.small) {
+    if constexpr (std::is_same_v<KVScalar, std::int8_t> && std::is_same_v<Acc, float>) {
+      if (ws.int8_scores) {
+        mk::score_tile_i8({ws.q8.data(), ws.q8_scale.data(), ws.q8_offset.data()}, c.rows, k, st);
+        return scale_tile_rows(st, k.count, c.rows, k.scale);
+      }
+    }
     mk::score_tile(ws.q_small.data(), c.rows, k, st);
   } else if (t.tile_gemm) {
     const mk::KVRows<Acc> kt = acc_rows(k, ws.k_buf);
