@@ -292,8 +292,8 @@ TEST_CASE("PagedKVCache errors name the argument and values, and leave the cache
 
 TEMPLATE_TEST_CASE("Paged decode equals the contiguous cache bitwise where the key split is the same",
                    "[paged]", float, gqa::bfloat16, gqa::half, std::int8_t) {
-  // Rows per KV head 1, 2, 4, 8, 16, 32 (H/G, Sq = 1): accumulate_pv's chunks of keys (2 per row, at least 8, at
-  // most 16 KiB of V: 64 keys at D = 64) end on every block boundary where the block is a multiple of the chunk,
+  // Rows per KV head 1, 2, 4, 8, 16, 32 (H/G, Sq = 1): accumulate_pv's chunks of keys (2 per row, at least 8, or 32
+  // for 16-bit and int8 V from 4 rows, at most 16 KiB of V: 64 keys at D = 64) end on every block boundary where the block is a multiple of the chunk,
   // so the products are the contiguous ones. Ragged lengths cross tiles (256 keys) and end inside blocks.
   const auto hg = GENERATE(std::pair<Index, Index>{4, 4}, std::pair<Index, Index>{8, 4},
                            std::pair<Index, Index>{16, 4}, std::pair<Index, Index>{16, 2},
