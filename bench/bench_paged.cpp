@@ -151,11 +151,12 @@ void bm_decode(benchmark::State& state, Shape s, int threads, Index block, const
   auto& setup = paged_setup<T>(s);
   gqa::AttentionOptions opt;
   opt.num_threads = threads;
-  auto step = [&] {
+  const auto [cache, ids] = block == 0 ? decltype(pool(setup, block, order)){} : pool(setup, block, order);
+  auto step = [&, cache = cache, ids = ids] {
     if (block == 0)
       gqa::attention(setup.q, setup.contiguous, setup.out, opt);
     else
-      gqa::attention(setup.q, *pool(setup, block, order).first, *pool(setup, block, order).second, setup.out, opt);
+      gqa::attention(setup.q, *cache, *ids, setup.out, opt);
   };
   step();  // warm-up
   WallClock clock;

@@ -36,8 +36,8 @@
 // thread stays busy. Results are bitwise independent of the thread count, and bitwise equal to a KVCache holding
 // the same tokens where the kernels split the keys the same way: for decode, where every block boundary is also a
 // boundary of accumulate_pv's chunks of keys (2 keys per query row of a KV head, at least 8, or 32 for a 16-bit or
-// int8 V from 4 rows, at most 16 KiB of V; e.g. any block_size that is a multiple of 32 for up to 16 rows), and always for chunked prefill, whose tiles are
-// gathered from the blocks and multiplied as a contiguous cache's.
+// int8 V from 4 rows, at most 16 KiB of V; e.g. any block_size that is a multiple of 32 for up to 16 rows), and
+// always for chunked prefill, whose tiles are gathered from the blocks and multiplied as a contiguous cache's.
 #pragma once
 
 #include "gqa/attention.hpp"

@@ -183,9 +183,9 @@ struct Workspace {
       : qg(t.rows_max, head_dim), out(t.rows_max, head_dim), scores((t.k_tile + 63) / 64 * 64, t.rows_max),
         row_max(t.rows_max), row_sum(t.rows_max), tile_max(t.rows_max), shift(t.rows_max), correction(t.rows_max),
         pattern(2 * t.rows_max * mk::kLanes<Acc>) {
-    if (t.small) q_small.resize(mk::packed_queries_size<Acc>(head_dim));
-    if (t.small) {  // padded rows: up to one packet of int32 sums more (int8_padded_rows)
-      const Index rows = t.rows_max + mk::kI8Lanes;
+    if (t.small) {
+      q_small.resize(mk::packed_queries_size<Acc>(head_dim));
+      const Index rows = t.rows_max + mk::kI8Lanes;  // padded rows: up to one packet of int32 sums more
       q8.resize(size_t(rows * head_dim)), q8_scale.resize(size_t(rows)), q8_offset.resize(size_t(rows));
     }
     if (t.tile_gemm) q_panels.resize(tile::qt_panels_size<Acc>(t.rows_max, head_dim));
@@ -618,15 +618,15 @@ void for_each_key_run(const P& p, const ItemKV<typename P::KVScalar>& kv, Index 
   }
   // A run: the keys of one block, and of the blocks after it while the table lists consecutive ids (whose rows
   // follow in the pool: a prompt appended at once), up to the tile's end.
-  const Index size = p.paged.block_size, end = kb + n;
-  const std::int32_t* table = kv.k_pages.table;
+  const Index end = kb + n;
+  const mk::PageMap<typename P::KVScalar>& pages = kv.k_pages;
   for (Index j = kb; j < end;) {
-    Index index = kv.k_pages.block_of(j);
-    const Index block = table[index], r = kv.k_pages.row_in_block(j);
-    Index m = std::min(size - r, end - j);
-    while (j + m < end && table[index + 1] == table[index] + 1) m = std::min(m + size, end - j), ++index;
-    if (kv.k_scale && j + m < hi && kv.k_pages.block_of(j + m) != index)  // the next run's block (of this item)
-      prefetch_scales(p, kv, table[kv.k_pages.block_of(j + m)]);
+    const Index m = pages.run_rows(j, end - j);
+    const Index block = pages.table[pages.block_of(j)], r = pages.row_in_block(j);
+    if (kv.k_scale && j + m < hi) {  // the next run's first block (of this item), if the run ends at a block's end
+      const Index next = pages.block_of(j + m);
+      if (next != pages.block_of(j + m - 1)) prefetch_scales(p, kv, pages.table[next]);
+    }
     const Index scale_at = block * p.paged.scale_block_stride + r;
     f(j - kb,
       Rows{kv.k_pages.row(j), p.k_stride_s, m, D, hi - j, kv.k_scale ? kv.k_scale + scale_at : nullptr, &kv.k_pages, j},

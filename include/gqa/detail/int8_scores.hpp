@@ -3,8 +3,8 @@
 //
 // The float path (microkernels.hpp) widens every int8 K element to float before its FMA: a sign extension and a
 // conversion per 16 elements on AVX-512, so int8 K costs more instructions per byte than bf16 and decode is no
-// longer bound by memory. Here q . k is an exact int32 sum of int8 products (|sum| <= 128 * 127 * D < 2^24 for
-// D <= 1024, so converting it to float is exact too), times the row's query scale; the caller applies the keys'
+// longer bound by memory. Here q . k is an exact int32 sum of int8 products, converted to float exactly while the
+// sum the instructions form is below 2^24 (VNNI: at most 255 * 127 * D, so D <= 512), times the row's query scale; the caller applies the keys'
 // scales to the scores as before (scale_tile_rows). The only new rounding is the query's: q_r ~= q8_r * qscale_r with
 // qscale_r = max_d |q_r[d]| / 127 and q8 = round-to-nearest-even(q / qscale) (quantize_query_row, which the tests
 // use to build their reference). A row that is not finite gets qscale NaN: its scores are NaN, as float's would be.
@@ -34,11 +34,15 @@ namespace detail {
 namespace mk {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(EIGEN_VECTORIZE_AVX512)
+#define GQA_DETAIL_I8_VNNI 1
 inline constexpr int kI8Lanes = 16, kI8Step = 64;  // int32 sums per packet, key bytes per step
+inline constexpr bool kI8UnsignedKeys = true;      // K's sign bit flipped; offset = 128 * sum(q8)
 #elif defined(__AVX2__)
 inline constexpr int kI8Lanes = 8, kI8Step = 32;
+inline constexpr bool kI8UnsignedKeys = false;
 #else
 inline constexpr int kI8Lanes = 0, kI8Step = 0;  // no integer path
+inline constexpr bool kI8UnsignedKeys = false;
 #endif
 
 /// Whether decode scores of `rows` query rows against int8 keys of D columns take the integer path.
@@ -91,11 +95,11 @@ inline void quantize_queries(const float* q, Index rows, Index D, std::int8_t* q
     scale[r] = quantize_query_row(q + r * D, D, q8 + r * D);
     std::int32_t sum = 0;
     for (Index d = 0; d < D; ++d) sum += q8[r * D + d];
-    offset[r] = kI8Step == 64 ? 128.0f * float(sum) : 0.0f;
+    offset[r] = kI8UnsignedKeys ? 128.0f * float(sum) : 0.0f;
   }
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(EIGEN_VECTORIZE_AVX512)
+#if defined(GQA_DETAIL_I8_VNNI)
 using I8Sums = __m512i;
 /// sums += the 16 four-byte dot products of the key bytes (sign bit flipped: unsigned) and the query bytes.
 EIGEN_STRONG_INLINE I8Sums i8_step(I8Sums sums, const std::int8_t* k, const std::int8_t* q) {

@@ -55,8 +55,8 @@ inline constexpr int kLanes = Eigen::internal::unpacket_traits<Packet<Acc>>::siz
 inline constexpr int kAccRegisters = 12;
 
 /// Where the rows of one KV head of a paged K or V (gqa::PagedKVCache) lie: key j is row j % block_size of block
-/// table[j / block_size], rows `row_stride` elements apart inside a block, blocks `block_stride` apart. The kernels read one block's rows at a
-/// time (KVRows); their prefetches follow the table into the next blocks.
+/// table[j / block_size], rows `row_stride` elements apart inside a block, blocks `block_stride` apart. The kernels
+/// read a run of consecutive blocks' rows at a time (KVRows); their prefetches follow the table into the next runs.
 template <typename Src>
 struct PageMap {
   const Src* head = nullptr;            // row 0 of this KV head in block 0 of the pool
@@ -75,6 +75,14 @@ struct PageMap {
   Index row_in_block(Index j) const noexcept { return shift >= 0 ? j & (block_size - 1) : j % block_size; }
   const Src* row(Index j) const noexcept {
     return head + Index(table[block_of(j)]) * block_stride + row_in_block(j) * row_stride;
+  }
+  /// Rows from key j on (up to `left`, all of which exist) that lie in one run of memory: to the end of j's block
+  /// and through the blocks after it while the table lists consecutive ids (rows D apart in a block, blocks
+  /// block_size rows apart in the pool, as PagedKVCache lays them out).
+  Index run_rows(Index j, Index left) const noexcept {
+    Index index = block_of(j), m = std::min(left, block_size - row_in_block(j));
+    while (m < left && table[index + 1] == table[index] + 1) m = std::min(left, m + block_size), ++index;
+    return m;
   }
 };
 
@@ -375,8 +383,8 @@ template <typename Src>
 inline constexpr Index prefetch_rows = std::is_same_v<Src, std::int8_t> ? 64 : kPrefetchRows;
 
 /// The prefetch distance for rows of Src in a paged K/V whose blocks ahead are not one run: at least 12 KiB of rows
-/// (48 bf16 rows at D = 128, three times prefetch_rows). A pool handed out in random order reads slower than one run of memory (the hardware
-/// prefetchers stop at every block; bench_paged's stream baseline of the same blocks), and prefetching further
+/// (48 bf16 rows at D = 128, three times prefetch_rows). A pool handed out in random order reads slower than one
+/// run of memory (the hardware prefetchers stop at every block; bench_paged's stream baseline of the same blocks), and prefetching further
 /// ahead wins part of that back: AMD EPYC Zen 5, bench_paged, blocks of 32 in random order, G = 32 / 8, 1 thread,
 /// paged / contiguous throughput, medians of 3 interleaved rounds, 16 -> 32 -> 48 rows: bf16 0.615 -> 0.676 ->
 /// 0.696 / 0.732 -> 0.854 -> 0.859, f16 0.588 -> 0.656 -> 0.665 / 0.725 -> 0.877 -> 0.883.
@@ -423,17 +431,17 @@ class LinePrefetcher {
       return LinePrefetcher(k.data + distance * k.stride, k.stride, rows, k.cols);
     const PageMap<Src>& pages = *k.pages;
     Index j = k.first + distance, left = rows;
-    if (consecutive_rows(pages, j, left) == left)  // one run of blocks: as in a contiguous cache
+    if (pages.run_rows(j, left) == left)  // one run of blocks: as in a contiguous cache
       return LinePrefetcher(pages.row(j), pages.row_stride, rows, k.cols);
     // The blocks ahead are elsewhere in the pool: further ahead, a range per run.
     distance = std::max(distance, paged_prefetch_rows<Src>(k.cols));
     rows = std::min(n, k.avail - distance);
     j = k.first + distance, left = rows;
     if (rows <= 0) return LinePrefetcher(k.data, k.stride, 0, k.cols);
-    Index m = consecutive_rows(pages, j, left);
+    Index m = pages.run_rows(j, left);
     LinePrefetcher lp(pages.row(j), pages.row_stride, m, k.cols);
     for (j += m, left -= m; left > 0 && lp.more_ < kMorePages; ++lp.more_) {
-      m = consecutive_rows(pages, j, left);
+      m = pages.run_rows(j, left);
       const char* lo = reinterpret_cast<const char*>(pages.row(j));
       lp.more_lo_[lp.more_] = lo;
       lp.more_hi_[lp.more_] = lo + m * lp.row_bytes_;
@@ -456,15 +464,6 @@ class LinePrefetcher {
   }
 
  private:
-  /// Rows from key j on (up to `left`, all of which exist) that lie in one run of memory: to the end of j's block
-  /// and through the blocks after it while the table lists consecutive ids (rows D apart in a block, blocks
-  /// block_size rows apart in the pool, as PagedKVCache lays them out).
-  static Index consecutive_rows(const PageMap<Src>& pages, Index j, Index left) {
-    Index index = pages.block_of(j), m = std::min(left, pages.block_size - pages.row_in_block(j));
-    while (m < left && pages.table[index + 1] == pages.table[index] + 1) m = std::min(left, m + pages.block_size), ++index;
-    return m;
-  }
-
   /// Moves to the next row of a strided run, or the next page; false when there is none.
   bool next_run() {
     if (rows_after_ > 0) {
